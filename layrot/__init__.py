@@ -1,2 +1,40 @@
-"""layrot: watch and steer layer rotation in running training jobs."""
+"""layrot: watch and steer layer rotation in running training jobs.
+
+PyTorch::
+
+    import layrot
+    handle = layrot.watch(model, optimizer, run="my-run")      # monitoring, one line
+    optimizer = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+Keras / TensorFlow: ``layrot.keras.RotationCallback``, ``layrot.keras.Layca`` and
+``layrot.tf.watch``. Framework modules load lazily, so ``import layrot`` (and the
+``layrot-agent`` CLI) never import torch or TensorFlow by themselves.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["watch", "Layca", "WatchHandle", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from layrot.hooks.layca_torch import Layca
+    from layrot.hooks.torch_watch import WatchHandle, watch
+
+_LAZY = {
+    "watch": ("layrot.hooks.torch_watch", "watch"),
+    "WatchHandle": ("layrot.hooks.torch_watch", "WatchHandle"),
+    "Layca": ("layrot.hooks.layca_torch", "Layca"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    if name in ("keras", "tf"):
+        return importlib.import_module(f"layrot.{name}")
+    raise AttributeError(f"module 'layrot' has no attribute {name!r}")

@@ -1,0 +1,97 @@
+"""Which parameters of a PyTorch model are *layers*, and in which order.
+
+A layer is a multiplicative weight: a trainable parameter with ndim >= 2
+(Linear, ConvNd, Embedding, custom modules' 2-D+ parameters). Biases and
+normalisation parameters are not layers. The order is the forward order,
+learned from the first forward pass (falling back to registration order).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import nn
+
+LayerSelector = Union[None, str, "re.Pattern[str]", Sequence[str], Callable[[str, nn.Parameter], bool]]
+
+
+def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Parameter, str]]:
+    """(name, parameter, owning module type) of the selected layers, registration order.
+
+    ``layers`` may be None (every trainable parameter with ndim >= 2), a regex
+    (string or compiled; ``re.search`` on parameter names), a sequence of exact
+    parameter names, or a predicate ``(name, param) -> bool``.
+    """
+    owners: dict[str, str] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = type(module).__name__
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if layers is None:
+        chosen = [(n, p) for n, p in named if p.ndim >= 2]
+    elif isinstance(layers, (str, re.Pattern)):
+        pattern = re.compile(layers) if isinstance(layers, str) else layers
+        chosen = [(n, p) for n, p in named if pattern.search(n)]
+    elif callable(layers):
+        chosen = [(n, p) for n, p in named if layers(n, p)]
+    else:
+        wanted = list(layers)
+        by_name = dict(named)
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise ValueError(f"layers not found among the model's trainable parameters: {unknown}")
+        chosen = [(n, by_name[n]) for n in wanted]
+    if not chosen:
+        raise ValueError("no layers selected: the model has no trainable parameter with ndim >= 2 "
+                         "matching `layers`")
+    return [(n, p, owners.get(n, "")) for n, p in chosen]
+
+
+class ForwardOrderRecorder:
+    """Records the order in which modules owning the given parameters first run.
+
+    Installs forward pre-hooks that remove themselves after the first forward
+    pass, so steady-state training pays nothing.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self._first_call: dict[str, int] = {}
+        self._handles = []
+        wanted = set(names)
+        self._by_module: dict[int, list[str]] = {}
+        for mod_name, module in model.named_modules():
+            owned = [f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)]
+            owned = [n for n in owned if n in wanted]
+            if owned:
+                self._by_module[id(module)] = owned
+                self._handles.append(module.register_forward_pre_hook(self._hook))
+        self._counter = 0
+
+    def _hook(self, module: nn.Module, args: object) -> None:
+        for name in self._by_module.get(id(module), ()):
+            if name not in self._first_call:
+                self._first_call[name] = self._counter
+                self._counter += 1
+
+    @property
+    def seen(self) -> bool:
+        return bool(self._first_call)
+
+    def order(self, names: Sequence[str]) -> list[int]:
+        """Permutation of ``names`` into forward order (unseen ones last, stable)."""
+        big = len(names) + len(self._first_call)
+        return sorted(range(len(names)), key=lambda i: (self._first_call.get(names[i], big), i))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def init_norms(params: Sequence[torch.Tensor]) -> list[float]:
+    """Exact ||w|| of each tensor in float64 (one host sync, at setup only)."""
+    if not params:
+        return []
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params])
+    return [float(v) for v in norms.cpu().tolist()]

@@ -1,0 +1,354 @@
+"""``layrot.watch``: the one hook line for PyTorch training jobs.
+
+After each reported optimizer step, the hook measures per layer, on the
+parameter's device and in a handful of foreach kernels:
+
+    ||w(t)||,  ||w(t) - w(0)||,  ||w(t) - w(t-1)||,  ||w(t-1)||
+
+and hands them, still on the device, to the background reporter. Distances
+come from differences, never dot products, so the collector can turn them into
+rotations and tiny step angles without cancellation. No host-device sync
+happens on the training thread; unreported steps cost at most one copy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord
+from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
+
+log = logging.getLogger("layrot.hooks.torch")
+
+_STATE_VERSION = 1
+
+
+def default_run_name() -> str:
+    """``LAYROT_RUN`` or ``<script>-<yyyymmdd-hhmmss>-<host>``."""
+    env = os.environ.get("LAYROT_RUN")
+    if env:
+        return env
+    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
+    return f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}"
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _DeviceValues:
+    """A (5, L) measurement on its way to the host (last row: loss)."""
+
+    __slots__ = ("_tensor", "_event", "_num_layers")
+
+    def __init__(self, tensor: torch.Tensor, num_layers: int) -> None:
+        self._event = None
+        self._num_layers = num_layers
+        if tensor.device.type == "cuda":
+            # One async device-to-host copy into pinned memory; the exporter
+            # thread waits on the event, never the training thread.
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._tensor = host
+        elif tensor.device.type == "cpu":
+            self._tensor = tensor
+        else:
+            self._tensor = tensor.to("cpu", non_blocking=True)
+
+    def _host(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tensor.numpy()
+
+    def values(self) -> np.ndarray:
+        return self._host()[:4, : self._num_layers]
+
+    def loss(self) -> float | None:
+        v = float(self._host()[4, 0])
+        return None if np.isnan(v) else v
+
+
+class WatchHandle:
+    """What ``layrot.watch`` returns: owns the hooks and the reporter.
+
+    Attributes:
+        run: the run id.
+        step: optimizer steps taken since watching began (continues after
+            ``load_state_dict``).
+        layer_names: layers in forward order (known after the first step).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        run: str | None = None,
+        every: int = 1,
+        layers: LayerSelector = None,
+        collector: str | None = None,
+        token: str | None = None,
+        control: bool = False,
+        meta: Mapping[str, str] | None = None,
+        reporter_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.run = run or default_run_name()
+        self.every = int(every)
+        self._collector = collector
+        self._token = token
+        self._meta = dict(meta or {})
+        self._reporter_options = dict(reporter_options or {})
+        self._optimizer = optimizer
+        self._layca = _as_layca(optimizer)
+        if control and self._layca is None:
+            raise ValueError("control=True needs a layrot.Layca optimizer (remote control sets Layca rates)")
+        self._control = control
+
+        chosen = candidate_layers(model, layers)
+        self._names = [n for n, _, _ in chosen]
+        self._params = [p for _, p, _ in chosen]
+        self._types = [t for _, _, t in chosen]
+        self._recorder = ForwardOrderRecorder(model, self._names)
+        with torch.no_grad():
+            self._w0 = [p.detach().clone() for p in self._params]
+            self._prev = [w.clone() for w in self._w0]
+        self._init_norms = init_norms(self._w0)
+        self._prev_norm: torch.Tensor | None = None
+        self._prev_valid = True
+        self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
+        self._loss: torch.Tensor | None = None
+        self.step = 0
+        self.reporter: Reporter | None = None
+        self._closed = False
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def stats(self) -> ReporterStats:
+        """Reporter counters (drops, acks, reconnects); zeros before the first step."""
+        return self.reporter.stats if self.reporter is not None else ReporterStats()
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Attach the current loss to the next reported step (no host sync)."""
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the collector acknowledged every reported step (or timeout)."""
+        return self.reporter.flush(timeout) if self.reporter is not None else True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Remove the hooks, flush what the collector can still take, stop threads."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        self._recorder.remove()
+        if self.reporter is not None:
+            self.reporter.close(timeout)
+
+    def __enter__(self) -> "WatchHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs so a resumed job continues its rotation curves."""
+        return {
+            "version": _STATE_VERSION,
+            "run": self.run,
+            "step": self.step,
+            "names": list(self._names),
+            "w0": [w.detach().clone() for w in self._w0],
+            "init_norms": list(self._init_norms),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore w(0) and the step count saved by :meth:`state_dict`."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported layrot watch state version {state.get('version')!r}")
+        names = list(state["names"])
+        index = {n: i for i, n in enumerate(names)}
+        missing = [n for n in self._names if n not in index]
+        if missing:
+            raise ValueError(f"checkpoint has no w(0) for layers {missing}")
+        with torch.no_grad():
+            for i, n in enumerate(self._names):
+                self._w0[i].copy_(state["w0"][index[n]].to(self._w0[i].device))
+        self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
+        self.step = int(state["step"])
+        if self.reporter is not None:
+            log.warning("layrot: load_state_dict after reporting began; the collector keeps the old layer norms")
+        self._prev_valid = False
+        self._prev_is_w0 = False  # w(t-1) is whatever the model holds before the next step
+
+    # ------------------------------------------------------------ hooks
+
+    def _finalize(self) -> None:
+        """Fix the forward order and open the reporter (first optimizer step)."""
+        order = self._recorder.order(self._names) if self._recorder.seen else list(range(len(self._names)))
+        self._recorder.remove()
+        for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms"):
+            seq = getattr(self, attr)
+            setattr(self, attr, [seq[i] for i in order])
+        if self._layca is not None:
+            self._layca.set_layer_order(list(zip(self._names, self._params)))
+        specs = [LayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(), module_type=t)
+                 for i, (n, p, nrm, t) in enumerate(zip(self._names, self._params, self._init_norms, self._types))]
+        rank, world = _dist_rank_world()
+        on_command = self._layca.submit_command if (self._control and self._layca is not None) else None
+        self.reporter = Reporter(
+            self.run, specs, collector=self._collector, token=self._token, framework="pytorch",
+            framework_version=torch.__version__, rank=rank, world_size=world, every=self.every,
+            layca=self._layca is not None, control=self._control, loss=True, meta=self._meta,
+            on_command=on_command, **self._reporter_options,
+        )
+        if self._control and self._layca is not None:
+            self._layca.add_command_listener(self._on_command_result)
+        p0 = self._params[0]
+        self._init_norm_t = torch.tensor(self._init_norms, dtype=torch.float64, device=p0.device)
+        self._nan = torch.full((1,), float("nan"), dtype=torch.float64, device=p0.device)
+
+    def _on_command_result(self, version: int, applied: bool, reason: str, step: int) -> None:
+        if self.reporter is not None:
+            if applied:
+                self.reporter.set_applied_version(version)
+            self.reporter.send_control_ack(version, applied, reason, step)
+
+    @torch.no_grad()
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.reporter is None and not self._closed:
+            self._finalize()
+        if not self._prev_valid:
+            torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
+            self._prev_norm = None
+            self._prev_valid = True
+            self._prev_is_w0 = False
+
+    @torch.no_grad()
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._closed or self.reporter is None:
+            return
+        self.step += 1
+        t = self.step
+        ws = [p.detach() for p in self._params]
+        if t % self.every == 0:
+            self._report(t, ws)
+        if (t + 1) % self.every == 0:
+            # Keep w(t) as next step's w(t-1); one copy, no sync.
+            torch._foreach_copy_(self._prev, ws)
+            self._prev_valid = True
+            self._prev_is_w0 = False
+        # else prev was consumed by the report; refreshed before the next report.
+
+    def _report(self, t: int, ws: list[torch.Tensor]) -> None:
+        f64 = torch.float64
+        norms = torch.stack(torch._foreach_norm(ws, 2, dtype=f64))
+        if self._prev_is_w0:
+            prev_norm = self._init_norm_t
+        elif self._prev_norm is not None:
+            prev_norm = self._prev_norm
+        else:
+            prev_norm = torch.stack(torch._foreach_norm(self._prev, 2, dtype=f64))
+        diff0 = torch._foreach_sub(ws, self._w0)
+        dist0 = torch.stack(torch._foreach_norm(diff0, 2, dtype=f64))
+        del diff0
+        torch._foreach_sub_(self._prev, ws)  # prev := w(t-1) - w(t); refilled below if needed
+        dstep = torch.stack(torch._foreach_norm(self._prev, 2, dtype=f64))
+        self._prev_valid = False
+        self._prev_is_w0 = False
+        loss = self._loss.to(norms.device, f64).reshape(1) if self._loss is not None else self._nan
+        self._loss = None
+        L = len(ws)
+        loss_row = torch.cat([loss, self._nan.expand(L - 1)])
+        packed = torch.stack([norms, dist0, dstep, prev_norm, loss_row])
+        # Next step's w(t-1) norm is this step's norm when it is reported next.
+        self._prev_norm = norms if (t + 1) % self.every == 0 else None
+        dv = _DeviceValues(packed, L)
+        rho = None
+        version = 0
+        if self._layca is not None:
+            rho = self._layca.current_rates()
+            version = self._layca.command_version
+        self.reporter.submit(StepRecord(step=t, time=time.time(), values=dv.values, loss=dv.loss,
+                                        rho=rho, command_version=version))
+
+
+def _as_layca(optimizer: Any) -> Any:
+    try:
+        from layrot.hooks.layca_torch import Layca
+    except Exception:
+        return None
+    return optimizer if isinstance(optimizer, Layca) else None
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run: str | None = None,
+    every: int = 1,
+    layers: LayerSelector = None,
+    collector: str | None = None,
+    *,
+    token: str | None = None,
+    control: bool = False,
+    meta: Mapping[str, str] | None = None,
+    reporter_options: Mapping[str, Any] | None = None,
+) -> WatchHandle:
+    """Stream per-layer rotation of ``model`` to the layrot collector.
+
+    Add one line after building the optimizer::
+
+        handle = layrot.watch(model, optimizer, run="resnet18-lr0.1")
+
+    Args:
+        model: the ``nn.Module`` being trained.
+        optimizer: any ``torch.optim.Optimizer`` (or a ``layrot.Layca``); the
+            hook runs right after its ``step()`` through the optimizer's step
+            hooks, so a step skipped by ``GradScaler`` is not a step, and with
+            gradient accumulation steps are optimizer steps.
+        run: run id shared by all ranks; default ``LAYROT_RUN`` or script+time+host.
+        every: report every N optimizer steps (unreported steps cost at most one copy).
+        layers: None (parameters with ndim >= 2), a regex, a list of names or a
+            predicate ``(name, param) -> bool``.
+        collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
+        token: bearer token if the collector requires one (``LAYROT_TOKEN``).
+        control: accept remote Layca rate commands (needs a ``layrot.Layca`` optimizer).
+        meta: free-form run metadata shown by the CLI.
+
+    Returns:
+        A :class:`WatchHandle` with ``close()``, ``state_dict()`` /
+        ``load_state_dict()``, ``observe_loss()`` and ``stats``. It also closes at exit.
+        If the collector is unreachable training goes on at full speed: one
+        warning, counted drops, reconnection with backoff.
+    """
+    return WatchHandle(model, optimizer, run=run, every=every, layers=layers, collector=collector,
+                       token=token, control=control, meta=meta, reporter_options=reporter_options)
