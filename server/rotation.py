@@ -1,0 +1,101 @@
+"""Stable float64 rotation math for the collector.
+
+The job sends *distances* (||w(t)||, ||w(t) - w(0)||, ||w(t) - w(t-1)||),
+never dot products: for the tiny angles of a single Layca step (cosine
+distance ~1e-7) a dot product has already lost every significant digit. From
+three side lengths the angle is computed with Kahan's formula for
+needle-like triangles (W. Kahan, "Miscalculating Area and Angles of a
+Needle-like Triangle", 2014), which keeps full relative accuracy down to
+angles far below 1e-7 rad, and the cosine distance as 2 sin^2(theta / 2),
+which has no cancellation either.
+
+Everything is vectorised: one call per quantity per batch, any broadcastable
+shapes, NaN out for NaN/Inf in, never an exception for bad numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "TRIANGLE_RTOL",
+    "triangle_angle",
+    "cosine_distance",
+    "rotation",
+    "step_angle",
+]
+
+# Side lengths measured on a device (often in float32) may violate the
+# triangle inequality by a few rounding errors of the longest side, typically
+# when the true angle is ~0 (pure scaling, e.g. weight decay) or ~pi. Such
+# violations up to this fraction of the longest side are clamped to the
+# degenerate triangle; larger ones mean the three numbers cannot come from
+# the same pair of vectors and give NaN.
+TRIANGLE_RTOL = 1e-3
+
+
+def triangle_angle(a: ArrayLike, b: ArrayLike, c: ArrayLike) -> np.ndarray:
+    """Angle (radians, in [0, pi]) opposite side ``c`` of the triangle with sides ``a, b, c``.
+
+    For vectors ``u, v`` with ``a = ||u||``, ``b = ||v||``, ``c = ||u - v||``
+    this is the angle between ``u`` and ``v``. Uses Kahan's stable formula
+    (sorted so ``a >= b``)::
+
+        mu = c - (a - b)   if b >= c   else   b - (a - c)
+        C  = 2 atan(sqrt(((a - b) + c) * mu / ((a + (b + c)) * ((a - c) + b))))
+
+    Conventions (all elementwise, never raising):
+
+    * NaN or Inf in any side -> NaN; a negative side -> NaN.
+    * ``a == b`` and ``c == 0`` (identical vectors, including two zero
+      vectors) -> 0.
+    * otherwise ``a == 0`` or ``b == 0`` (a zero vector has no direction) -> NaN.
+    * triangle inequality violated by at most ``TRIANGLE_RTOL * max(a, b, c)``
+      (rounding in the measured norms) -> clamped: 0 when ``c`` is too short,
+      pi when it is too long. Larger violations -> NaN.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        hi = np.maximum(a, b)  # NaN-propagating
+        lo = np.minimum(a, b)
+        a, b = hi, lo
+        mu = np.where(b >= c, c - (a - b), b - (a - c))
+        far = (a - c) + b  # < 0 when c > a + b
+        tol = TRIANGLE_RTOL * np.maximum(a, c)
+        bad = (mu < -tol) | (far < -tol)
+        mu = np.maximum(mu, 0.0)
+        far = np.maximum(far, 0.0)
+        num = ((a - b) + c) * mu
+        den = (a + (b + c)) * far
+        # num > 0 with den == 0 is the flat triangle with angle pi:
+        # sqrt(inf) -> atan(inf) = pi/2 -> pi, which is what we want.
+        ratio = np.where((num == 0.0) & (den == 0.0), 0.0, num / den)
+        angle = 2.0 * np.arctan(np.sqrt(ratio))
+        finite = np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
+        nonneg = (b >= 0.0) & (c >= 0.0)
+        same = (a == b) & (c == 0.0)
+        zero = b == 0.0  # b is the shorter side after sorting
+        angle = np.where(zero, np.nan, angle)
+        angle = np.where(same, 0.0, angle)
+        angle = np.where(finite & nonneg & ~bad, angle, np.nan)
+    return angle
+
+
+def cosine_distance(theta: ArrayLike) -> np.ndarray:
+    """Cosine distance ``1 - cos(theta)`` computed as ``2 sin^2(theta / 2)`` (no cancellation)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        s = np.sin(theta * 0.5)
+        return 2.0 * s * s
+
+
+def rotation(init_norm: ArrayLike, norm: ArrayLike, dist0: ArrayLike) -> np.ndarray:
+    """Layer rotation: cosine distance between w(0) and w(t) from ||w(0)||, ||w(t)||, ||w(t) - w(0)||."""
+    return cosine_distance(triangle_angle(init_norm, norm, dist0))
+
+
+def step_angle(norm_prev: ArrayLike, norm: ArrayLike, dstep: ArrayLike) -> np.ndarray:
+    """Angle (radians) rotated in one step from ||w(t-1)||, ||w(t)||, ||w(t) - w(t-1)||."""
+    return triangle_angle(norm_prev, norm, dstep)
