@@ -34,8 +34,8 @@ log = logging.getLogger("layrot.agent.reporter")
 
 DEFAULT_COLLECTOR = "localhost:50051"
 _STOP = object()
-# Rows of the (4, L) array a measurement resolves to, in this order.
-ROWS = ("norm", "dist0", "dstep", "norm_prev")
+# Rows of the (6, L) array a measurement resolves to, in this order (StepBatch fields).
+ROWS = ("norm", "dist0", "dstep", "norm_prev", "dot0", "dotstep")
 
 
 def collector_address(collector: str | None = None) -> str:
@@ -65,7 +65,7 @@ class StepRecord:
     """One reported step as the training thread hands it over.
 
     ``values`` resolves (on the exporter thread, where waiting is harmless) to a
-    float array of shape (4, L): rows norm, dist0, dstep, norm_prev. ``loss``
+    float array of shape (6, L) with the rows of ``ROWS``. ``loss``
     resolves to a float or None. Resolving may wait for the device.
     """
 
@@ -163,7 +163,7 @@ class Reporter:
         )
         self._queue: queue.Queue[StepRecord | object] = queue.Queue(maxsize=max_queue)
         self._max_unacked_bytes = max_unacked_bytes
-        per_step = 8 * max(1, self.num_layers) * 5 + 64
+        per_step = 8 * max(1, self.num_layers) * 7 + 64
         self._batch_steps = max(1, min(256, max_batch_bytes // per_step))
         self._flush_interval = flush_interval
         self._backoff = (backoff_initial, backoff_max)
@@ -294,8 +294,8 @@ class Reporter:
         for r in records:
             try:
                 values = np.asarray(_resolve(r.values), dtype=np.float64)
-                if values.shape != (4, L):
-                    raise ValueError(f"measurement shape {values.shape}, expected (4, {L})")
+                if values.shape != (len(ROWS), L):
+                    raise ValueError(f"measurement shape {values.shape}, expected ({len(ROWS)}, {L})")
                 loss = _resolve(r.loss)
             except Exception as exc:  # a broken measurement must not kill the exporter
                 self.stats.dropped_bad_values += 1
@@ -310,12 +310,13 @@ class Reporter:
             versions.append(r.command_version)
         if not rows:
             return
-        arr = np.stack(rows, axis=1)  # (4, S, L): one packed array per quantity
+        arr = np.stack(rows, axis=1)  # (6, S, L): one packed array per quantity
         with self._lock:
             self._seq += 1
             batch = pb.StepBatch(
                 seq=self._seq, steps=steps, times=times, num_layers=L,
                 norm=pack(arr[0]), dist0=pack(arr[1]), dstep=pack(arr[2]), norm_prev=pack(arr[3]),
+                dot0=pack(arr[4]), dotstep=pack(arr[5]),
                 rho=pack(np.stack(rhos)) if have_rho else b"",
                 loss=losses if have_loss else [],
                 command_version=versions if any(versions) else [],

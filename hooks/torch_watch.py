@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord
+from layrot.hooks.torch_distances import LayerDistances
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
 
 log = logging.getLogger("layrot.hooks.torch")
@@ -52,7 +53,7 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 class _DeviceValues:
-    """A (5, L) measurement on its way to the host (last row: loss)."""
+    """A (7, L) measurement on its way to the host (rows of ``REPORT_ROWS``, then loss)."""
 
     __slots__ = ("_tensor", "_event", "_num_layers")
 
@@ -78,10 +79,10 @@ class _DeviceValues:
         return self._tensor.numpy()
 
     def values(self) -> np.ndarray:
-        return self._host()[:4, : self._num_layers]
+        return self._host()[:6, : self._num_layers]
 
     def loss(self) -> float | None:
-        v = float(self._host()[4, 0])
+        v = float(self._host()[6, 0])
         return None if np.isnan(v) else v
 
 
@@ -234,6 +235,7 @@ class WatchHandle:
         if self._control and self._layca is not None:
             self._layca.add_command_listener(self._on_command_result)
         p0 = self._params[0]
+        self._distances = LayerDistances(self._params, self._w0, self._prev)
         self._init_norm_t = torch.tensor(self._init_norms, dtype=torch.float64, device=p0.device)
         self._nan = torch.full((1,), float("nan"), dtype=torch.float64, device=p0.device)
 
@@ -248,7 +250,7 @@ class WatchHandle:
         if self.reporter is None and not self._closed:
             self._finalize()
         if not self._prev_valid:
-            torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
+            self._distances.copy_prev()
             self._prev_norm = None
             self._prev_valid = True
             self._prev_is_w0 = False
@@ -259,39 +261,31 @@ class WatchHandle:
             return
         self.step += 1
         t = self.step
-        ws = [p.detach() for p in self._params]
         if t % self.every == 0:
-            self._report(t, ws)
-        if (t + 1) % self.every == 0:
+            self._report(t)
+        elif (t + 1) % self.every == 0:
             # Keep w(t) as next step's w(t-1); one copy, no sync.
-            torch._foreach_copy_(self._prev, ws)
+            self._distances.copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
-        # else prev was consumed by the report; refreshed before the next report.
+            self._prev_norm = None
 
-    def _report(self, t: int, ws: list[torch.Tensor]) -> None:
-        f64 = torch.float64
-        norms = torch.stack(torch._foreach_norm(ws, 2, dtype=f64))
+    def _report(self, t: int) -> None:
+        refresh = (t + 1) % self.every == 0
+        want_prev_norm = not self._prev_is_w0 and self._prev_norm is None
+        packed = self._distances.measure(want_prev_norm=want_prev_norm, refresh_prev=refresh)
         if self._prev_is_w0:
-            prev_norm = self._init_norm_t
+            packed[3] = self._init_norm_t
         elif self._prev_norm is not None:
-            prev_norm = self._prev_norm
-        else:
-            prev_norm = torch.stack(torch._foreach_norm(self._prev, 2, dtype=f64))
-        diff0 = torch._foreach_sub(ws, self._w0)
-        dist0 = torch.stack(torch._foreach_norm(diff0, 2, dtype=f64))
-        del diff0
-        torch._foreach_sub_(self._prev, ws)  # prev := w(t-1) - w(t); refilled below if needed
-        dstep = torch.stack(torch._foreach_norm(self._prev, 2, dtype=f64))
-        self._prev_valid = False
+            packed[3] = self._prev_norm
         self._prev_is_w0 = False
-        loss = self._loss.to(norms.device, f64).reshape(1) if self._loss is not None else self._nan
+        # With the buffer refreshed, next step's ||w(t-1)|| is this step's ||w||.
+        self._prev_valid = refresh
+        self._prev_norm = packed[0].clone() if refresh else None
+        loss = self._loss.to(packed.device, torch.float64).reshape(1) if self._loss is not None else self._nan
         self._loss = None
-        L = len(ws)
-        loss_row = torch.cat([loss, self._nan.expand(L - 1)])
-        packed = torch.stack([norms, dist0, dstep, prev_norm, loss_row])
-        # Next step's w(t-1) norm is this step's norm when it is reported next.
-        self._prev_norm = norms if (t + 1) % self.every == 0 else None
+        L = len(self._params)
+        packed = torch.cat([packed, torch.cat([loss, self._nan.expand(L - 1)]).unsqueeze(0)])
         dv = _DeviceValues(packed, L)
         rho = None
         version = 0

@@ -96,7 +96,7 @@ class Hello(_message.Message):
     def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., client_version: _Optional[str] = ..., every: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., applied_command_version: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class StepBatch(_message.Message):
-    __slots__ = ("seq", "steps", "times", "num_layers", "norm", "dist0", "dstep", "norm_prev", "rho", "loss", "command_version")
+    __slots__ = ("seq", "steps", "times", "num_layers", "norm", "dist0", "dstep", "norm_prev", "rho", "loss", "command_version", "dot0", "dotstep")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,8 @@ class StepBatch(_message.Message):
     RHO_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     COMMAND_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOT0_FIELD_NUMBER: _ClassVar[int]
+    DOTSTEP_FIELD_NUMBER: _ClassVar[int]
     seq: int
     steps: _containers.RepeatedScalarFieldContainer[int]
     times: _containers.RepeatedScalarFieldContainer[float]
@@ -119,7 +121,9 @@ class StepBatch(_message.Message):
     rho: bytes
     loss: _containers.RepeatedScalarFieldContainer[float]
     command_version: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[_Iterable[int]] = ..., times: _Optional[_Iterable[float]] = ..., num_layers: _Optional[int] = ..., norm: _Optional[bytes] = ..., dist0: _Optional[bytes] = ..., dstep: _Optional[bytes] = ..., norm_prev: _Optional[bytes] = ..., rho: _Optional[bytes] = ..., loss: _Optional[_Iterable[float]] = ..., command_version: _Optional[_Iterable[int]] = ...) -> None: ...
+    dot0: bytes
+    dotstep: bytes
+    def __init__(self, seq: _Optional[int] = ..., steps: _Optional[_Iterable[int]] = ..., times: _Optional[_Iterable[float]] = ..., num_layers: _Optional[int] = ..., norm: _Optional[bytes] = ..., dist0: _Optional[bytes] = ..., dstep: _Optional[bytes] = ..., norm_prev: _Optional[bytes] = ..., rho: _Optional[bytes] = ..., loss: _Optional[_Iterable[float]] = ..., command_version: _Optional[_Iterable[int]] = ..., dot0: _Optional[bytes] = ..., dotstep: _Optional[bytes] = ...) -> None: ...
 
 class ControlAck(_message.Message):
     __slots__ = ("version", "applied", "reason", "step")

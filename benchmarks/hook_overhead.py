@@ -1,0 +1,150 @@
+"""Hook overhead of ``layrot.watch`` on a ResNet-18-sized CNN, side by side in one run.
+
+Prints, for the collector up (a real ``layrot-agent serve`` in another process)
+and down (nothing listening):
+
+* training-step time with the hook over without, at every=1 and every=10;
+* the hook's report cost over one ``SGD(momentum=0.9).step()`` on the same
+  parameters (the device work a reported step adds, measured directly).
+
+Configurations are interleaved in rounds and summarised by medians, so drift
+in machine load hits all of them alike.
+
+    python benchmarks/hook_overhead.py            # about 6 minutes on 2 cores
+    python benchmarks/hook_overhead.py --quick    # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import ResNet18  # noqa: E402
+
+import layrot  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_collector(tmp: str) -> tuple[subprocess.Popen, str]:
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layrot.agent.cli", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(port),
+         "--metrics-host", "127.0.0.1", "--metrics-port", str(mport), "--db", os.path.join(tmp, "bench.db")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("collector did not start")
+
+
+def train_steps(model, opt, x, y, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=12, help="timed training steps per configuration and round")
+    ap.add_argument("--micro", type=int, default=30, help="repetitions of the report-cost microbenchmark")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.micro = 1, 3, 5
+
+    torch.manual_seed(0)
+    model = ResNet18()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.randint(0, 10, (32,))
+    n_params = sum(p.numel() for p in model.parameters())
+    train_steps(model, opt, x, y, 3)  # warm up allocator and kernels
+
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, up_addr = start_collector(tmp)
+        down_addr = f"127.0.0.1:{free_port()}"
+        try:
+            for label, addr in (("collector up", up_addr), ("collector down", down_addr)):
+                samples: dict[str, list[float]] = {"off": [], "every=1": [], "every=10": []}
+                for _ in range(args.rounds):
+                    for cfg in samples:
+                        handle = None
+                        if cfg != "off":
+                            handle = layrot.watch(model, opt, run=f"bench-{label.split()[1]}-{cfg}",
+                                                  every=int(cfg.split("=")[1]), collector=addr)
+                            train_steps(model, opt, x, y, 1)  # first step opens the session
+                        samples[cfg] += train_steps(model, opt, x, y, args.steps)
+                        if handle is not None:
+                            handle.close(timeout=2.0)
+                base = statistics.median(samples["off"])
+                results[label] = {
+                    "step_s_off": base,
+                    "ratio_every1": statistics.median(samples["every=1"]) / base,
+                    "ratio_every10": statistics.median(samples["every=10"]) / base,
+                }
+
+                # Report cost vs one SGD(momentum=0.9).step() on the same parameters.
+                handle = layrot.watch(model, opt, run=f"bench-micro-{label.split()[1]}", collector=addr)
+                train_steps(model, opt, x, y, 1)
+                dist = handle._distances
+                ref_opt = torch.optim.SGD(model.parameters(), lr=1e-12, momentum=0.9)
+                for p in model.parameters():
+                    p.grad = torch.randn_like(p)
+                hook_t, sgd_t = [], []
+                for _ in range(args.micro):
+                    t0 = time.perf_counter()
+                    handle._report(handle.step + 1)
+                    t1 = time.perf_counter()
+                    ref_opt.step()
+                    t2 = time.perf_counter()
+                    hook_t.append(t1 - t0)
+                    sgd_t.append(t2 - t1)
+                handle.close(timeout=2.0)
+                results[label]["report_s"] = statistics.median(hook_t)
+                results[label]["sgd_step_s"] = statistics.median(sgd_t)
+                results[label]["report_over_sgd"] = statistics.median(hook_t) / statistics.median(sgd_t)
+                _ = dist
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    if args.json:
+        print(json.dumps({"params": n_params, "threads": torch.get_num_threads(), "results": results}, indent=2))
+        return
+    print(f"ResNet-18-sized CNN: {n_params / 1e6:.1f} M parameters, batch 32, CPU, {torch.get_num_threads()} threads")
+    print(f"{'':16} {'step (off)':>11} {'every=1':>9} {'every=10':>9} {'report/SGD step':>16}")
+    for label, r in results.items():
+        print(f"{label:16} {r['step_s_off'] * 1e3:9.0f}ms {r['ratio_every1']:9.3f} {r['ratio_every10']:9.3f} "
+              f"{r['report_over_sgd']:16.2f}   ({r['report_s'] * 1e3:.1f} ms vs {r['sgd_step_s'] * 1e3:.1f} ms)")
+    print("targets: every=1 <= 1.03, every=10 <= 1.01, report/SGD step <= 1.5")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Collector ingest throughput: real gRPC clients over loopback.
+
+A real ``layrot-agent serve`` (history in SQLite and /metrics on) runs in its
+own process; client processes run one real ``layrot.agent.reporter.Reporter``
+per training run (20 runs of 200 layers by default) and keep them saturated.
+The figure is the sustained rate of layer-samples the collector stored and
+acknowledged, read from its own ``layrot_samples_ingested_total`` counter and
+checked against the acknowledgements the clients received.
+
+    python benchmarks/ingest.py                  # alerts as configured by default
+    python benchmarks/ingest.py --compare-alerts # alerts on vs off, one run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if not s.labels:
+                out[s.name] = s.value
+    return out
+
+
+def client(addr: str, runs: list[str], layers: int, seconds: float, result_q: "mp.Queue") -> None:
+    from layrot.agent.reporter import LayerSpec, Reporter, StepRecord
+
+    rng = np.random.default_rng(0)
+    specs = [LayerSpec(name=f"block{i}.weight", index=i, shape=(64, 64), init_norm=8.0, numel=4096)
+             for i in range(layers)]
+    reporters = [Reporter(run, specs, collector=addr, every=1, max_queue=8192) for run in runs]
+    base = np.abs(rng.normal(size=(6, layers))) + 1.0
+    base[0] = 8.0
+    base[3] = 8.0
+    deadline = time.monotonic() + seconds
+    step = [0] * len(reporters)
+    while time.monotonic() < deadline:
+        busy = True
+        for i, r in enumerate(reporters):
+            # Keep each reporter saturated without overflowing its queue.
+            if r._queue.qsize() < 2048 and r.unacked_steps < 20000:
+                busy = False
+                for _ in range(64):
+                    step[i] += 1
+                    r.submit(StepRecord(step=step[i], time=time.time(), values=base))
+        if busy:
+            time.sleep(0.002)
+    acked = sum(r.stats.acked_steps for r in reporters)
+    dropped = sum(r.stats.dropped for r in reporters)
+    for r in reporters:
+        r.close(timeout=5.0)
+    result_q.put({"acked_steps": acked, "dropped": dropped})
+
+
+def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, float]:
+    port, mport = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "layrot.agent.cli", "serve", "--grpc-host", "127.0.0.1",
+             "--grpc-port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", str(mport),
+             "--db", os.path.join(tmp, "ingest.db"), *extra_serve_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{mport}/metrics"
+            for _ in range(300):
+                try:
+                    scrape(url)
+                    break
+                except Exception:
+                    time.sleep(0.1)
+            runs = [f"ingest-{i:02d}" for i in range(args.runs)]
+            groups = [runs[i::args.procs] for i in range(args.procs)]
+            q: mp.Queue = mp.get_context("spawn").Queue()
+            ctx = mp.get_context("spawn")
+            procs = [ctx.Process(target=client, args=(f"127.0.0.1:{port}", g, args.layers,
+                                                      args.warmup + args.seconds + 1.0, q))
+                     for g in groups if g]
+            for p in procs:
+                p.start()
+            time.sleep(args.warmup)
+            m0, t0 = scrape(url), time.monotonic()
+            time.sleep(args.seconds)
+            m1, t1 = scrape(url), time.monotonic()
+            results = [q.get(timeout=120) for _ in procs]
+            for p in procs:
+                p.join(timeout=30)
+            key = "layrot_samples_ingested_total"
+            rate = (m1.get(key, 0) - m0.get(key, 0)) / (t1 - t0)
+            return {"samples_per_s": rate, "acked_steps": sum(r["acked_steps"] for r in results),
+                    "dropped": sum(r["dropped"] for r in results)}
+        finally:
+            serve.terminate()
+            serve.wait(timeout=30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=200)
+    ap.add_argument("--procs", type=int, default=2, help="client processes")
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument("--compare-alerts", action="store_true", help="also measure with --no-alerts and compare")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    results = {"default": measure(args, [])}
+    if args.compare_alerts:
+        results["alerts off"] = measure(args, ["--no-alerts"])
+        results["alerts on"] = measure(args, [])
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{args.runs} runs x {args.layers} layers, {args.procs} client processes, real gRPC over loopback, "
+          f"history + metrics on")
+    for label, r in results.items():
+        print(f"{label:12} {r['samples_per_s']:12,.0f} layer-samples/s   "
+              f"(acked {r['acked_steps']:,} steps, dropped {r['dropped']})")
+    if args.compare_alerts:
+        on, off = results["alerts on"]["samples_per_s"], results["alerts off"]["samples_per_s"]
+        print(f"alert evaluation cost: {max(0.0, off / on - 1) * 100:.1f} % of ingest time (on vs off)")
+    print("target: >= 500,000 layer-samples/s")
+
+
+if __name__ == "__main__":
+    main()
