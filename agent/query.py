@@ -1,0 +1,167 @@
+"""gRPC client of the collector's Query service (used by the CLI, usable from notebooks).
+
+>>> from layrot.agent.query import QueryClient          # doctest: +SKIP
+>>> with QueryClient("localhost:50051") as q:
+...     runs = q.list_runs()
+...     h = q.history("resnet-a")           # numpy arrays, (steps, layers)
+...     h.rotation[-1]                      # rotation of every layer at the last step
+
+Errors come out as ``CollectorError`` with a one-line, human message.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from layrot.proto import layrot_pb2 as pb
+from layrot.proto import layrot_pb2_grpc as pb_grpc
+
+DEFAULT_COLLECTOR = "localhost:50051"
+
+__all__ = ["DEFAULT_COLLECTOR", "CollectorError", "History", "QueryClient", "default_address"]
+
+
+def default_address() -> str:
+    """``$LAYROT_COLLECTOR`` or ``localhost:50051``."""
+    return os.environ.get("LAYROT_COLLECTOR") or DEFAULT_COLLECTOR
+
+
+class CollectorError(Exception):
+    """A query failed; ``str(exc)`` is a one-line explanation for humans."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class History:
+    """Per-step, per-layer history of one rank of a run; 2-D arrays are (steps, layers)."""
+
+    run: str
+    layer_names: list[str]
+    steps: np.ndarray
+    times: np.ndarray
+    loss: np.ndarray
+    rotation: np.ndarray
+    step_angle: np.ndarray
+    weight_norm: np.ndarray
+    rho: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    def __len__(self) -> int:
+        return int(self.steps.size)
+
+
+def _summary(s: pb.RunSummary) -> dict[str, Any]:
+    return {
+        "run": s.run, "framework": s.framework, "host": s.host, "world_size": s.world_size, "step": s.step,
+        "last_report": s.last_report or None, "first_report": s.first_report or None, "num_layers": s.num_layers,
+        "min_rotation": s.min_rotation, "mean_rotation": s.mean_rotation, "connected": s.connected,
+        "sessions": s.sessions, "layca": s.layca, "control": s.control, "meta": dict(s.meta),
+    }
+
+
+class QueryClient:
+    """Synchronous client of ``layrot.v1.Query``."""
+
+    def __init__(self, address: str | None = None, token: str | None = None, timeout: float = 10.0) -> None:
+        self.address = address or default_address()
+        self.token = token or None
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self._stub = pb_grpc.QueryStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "QueryClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def _metadata(self) -> list[tuple[str, str]] | None:
+        return [("authorization", f"Bearer {self.token}")] if self.token else None
+
+    def _error(self, exc: grpc.RpcError) -> CollectorError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            msg = (f"cannot reach the layrot collector at {self.address} (is 'layrot-agent serve' running? "
+                   "set --collector or LAYROT_COLLECTOR)")
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            msg = f"the collector at {self.address} did not answer within {self.timeout:g} s"
+        elif code == grpc.StatusCode.UNAUTHENTICATED:
+            msg = f"the collector at {self.address} refused the token: {details} (set --token or LAYROT_TOKEN)"
+        else:
+            msg = details or (code.name if code else "query failed")
+        return CollectorError(msg, code)
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """Every run the collector knows, as dicts (see ``RunSummary`` in the proto)."""
+        try:
+            resp = self._stub.ListRuns(pb.ListRunsRequest(), timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return [_summary(s) for s in resp.runs]
+
+    def get_run(self, run: str) -> dict[str, Any]:
+        """Summary plus ``layers``: per-layer newest state (rotation, step_angle, weight_norm, rho, ...)."""
+        try:
+            resp = self._stub.GetRun(pb.GetRunRequest(run=run), timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        out = _summary(resp.summary)
+        out["layers"] = [
+            {"index": lay.index, "name": lay.name, "shape": list(lay.shape), "init_norm": lay.init_norm,
+             "rotation": lay.rotation, "step_angle": lay.step_angle, "weight_norm": lay.weight_norm,
+             "rho": lay.rho, "step": lay.step}
+            for lay in resp.layers
+        ]
+        return out
+
+    def history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> History:
+        """Full history (inclusive step bounds; 0 = open) as numpy arrays."""
+        names: list[str] = []
+        steps, times, loss = [], [], []
+        cols: dict[str, list[bytes]] = {"rotation": [], "step_angle": [], "weight_norm": [], "rho": []}
+        n_layers = 0
+        try:
+            # No overall deadline: a long history may take a while to stream.
+            for chunk in self._stub.GetHistory(
+                    pb.HistoryRequest(run=run, since_step=since_step, until_step=until_step, rank=rank),
+                    metadata=self._metadata, wait_for_ready=False):
+                if chunk.layer_names:
+                    names = list(chunk.layer_names)
+                n_layers = chunk.num_layers or n_layers
+                steps.extend(chunk.steps)
+                times.extend(chunk.times)
+                loss.extend(chunk.loss)
+                for key in cols:
+                    cols[key].append(getattr(chunk, key))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        S = len(steps)
+        L = n_layers or len(names)
+
+        def arr(key: str) -> np.ndarray:
+            data = b"".join(cols[key])
+            if S == 0 or L == 0:
+                return np.empty((S, L))
+            return np.frombuffer(data, dtype="<f8").reshape(S, L)
+
+        return History(
+            run=run, layer_names=names, steps=np.asarray(steps, dtype=np.int64),
+            times=np.asarray(times, dtype=np.float64), loss=np.asarray(loss, dtype=np.float64),
+            rotation=arr("rotation"), step_angle=arr("step_angle"), weight_norm=arr("weight_norm"), rho=arr("rho"))

@@ -1,0 +1,228 @@
+"""The collector daemon: gRPC ingest + query + health, ``/metrics``, history store.
+
+``Collector`` runs embedded (tests, demo, benchmarks: ``with Collector(...) as c``)
+or as the daemon behind ``layrot-agent serve`` (``serve_forever``). The gRPC
+server is a grpc.aio server on its own asyncio loop in a background thread;
+the history store has its own writer thread; ``/metrics`` its own HTTP thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from layrot.proto import layrot_pb2_grpc as pb_grpc
+from layrot.server.ingest import IngestServicer
+from layrot.server.metrics import LayrotCollector, MetricsServer
+from layrot.server.query import QueryServicer
+from layrot.server.state import CollectorState
+from layrot.server.store import Store
+
+log = logging.getLogger("layrot.server.app")
+
+# Largest message the collector accepts (16 MiB): a StepBatch of S steps x L
+# layers is ~32*S*L bytes, so this allows e.g. 500 steps x 1000 layers.
+# Bigger messages are refused by gRPC itself (RESOURCE_EXHAUSTED); senders
+# split their batches well below this.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+INGEST_SERVICE = "layrot.v1.Ingest"
+QUERY_SERVICE = "layrot.v1.Query"
+
+
+class Collector:
+    """An embeddable layrot collector.
+
+    >>> with Collector(db_path="/tmp/layrot.db") as c:   # doctest: +SKIP
+    ...     print(c.grpc_address, c.metrics_url)
+
+    ``grpc_port=0`` / ``metrics_port=0`` pick free ports; ``metrics_port=None``
+    disables ``/metrics``. ``token`` protects ingest and write calls
+    (``authorization: Bearer <token>`` metadata); read queries stay open.
+    Runs silent for more than ``run_ttl`` seconds (and not connected) leave
+    ``/metrics``; their history stays.
+    """
+
+    def __init__(self, grpc_host: str = "127.0.0.1", grpc_port: int = 0, metrics_host: str = "127.0.0.1",
+                 metrics_port: int | None = 0, db_path: str | Path = "layrot.db", token: str | None = None,
+                 run_ttl: float = 86400.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.grpc_host = grpc_host
+        self.grpc_port = grpc_port
+        self.metrics_host = metrics_host
+        self.metrics_port = metrics_port
+        self.db_path = str(db_path)
+        self.token = token or None
+        self.run_ttl = run_ttl
+        self.max_message_bytes = max_message_bytes
+        self.state = CollectorState()
+        self.store: Store | None = None
+        self.ingest: IngestServicer | None = None
+        self.health: health_aio.HealthServicer | None = None
+        self.metrics: MetricsServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._stop_future: asyncio.Future | None = None
+        self._running = False
+
+    # ------------------------------------------------------------ addresses
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` to dial (``127.0.0.1`` when bound to all interfaces)."""
+        host = self.grpc_host
+        if host in ("", "0.0.0.0", "[::]", "::"):
+            host = "127.0.0.1"
+        elif ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics`` (None when metrics are disabled)."""
+        return self.metrics.url if self.metrics is not None else None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "Collector":
+        """Open the store, restore history, start serving; returns once listening."""
+        if self._running:
+            return self
+        if self.db_path != ":memory:":
+            Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.db_path)
+        self.state = CollectorState()
+        self.state.restore(self.store.load_runs())
+        self.ingest = IngestServicer(self.state, self.store, self.token)
+        try:
+            if self.metrics_port is not None:
+                self.metrics = MetricsServer(LayrotCollector(self.state, self.store, self.run_ttl),
+                                             self.metrics_host, self.metrics_port)
+                self.metrics_port = self.metrics.port
+            self._ready.clear()
+            self._thread = threading.Thread(target=self._thread_main, name="layrot-collector", daemon=True)
+            self._thread.start()
+            self._ready.wait()
+            if self._error is not None:
+                raise RuntimeError(f"collector failed to start: {self._error}") from self._error
+        except BaseException:
+            self._cleanup_side_services()
+            raise
+        self._running = True
+        log.info("collector listening: grpc %s, metrics %s, db %s", self.grpc_address, self.metrics_url,
+                 self.db_path)
+        return self
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        # Executor for history reads (SQLite connections are per thread).
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=4, thread_name_prefix="layrot-query"))
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # surfaced to start()
+            if not self._ready.is_set():
+                self._error = exc
+            else:
+                log.exception("collector loop crashed")
+        finally:
+            self._ready.set()
+            try:
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
+                self._stopped.set()
+
+    async def _serve(self) -> None:
+        assert self.ingest is not None and self.store is not None
+        loop = asyncio.get_running_loop()
+        self.ingest.loop = loop
+        self._stop_future = loop.create_future()
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            # Detect dead peers (killed jobs behind NAT) so sessions do not linger as "connected".
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
+        pb_grpc.add_IngestServicer_to_server(self.ingest, server)
+        pb_grpc.add_QueryServicer_to_server(QueryServicer(self.state, self.store, self.token), server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        port = server.add_insecure_port(f"{self.grpc_host}:{self.grpc_port}")
+        if not port:
+            raise RuntimeError(f"cannot bind gRPC to {self.grpc_host}:{self.grpc_port}")
+        self.grpc_port = port
+        await server.start()
+        for service in ("", INGEST_SERVICE, QUERY_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self._ready.set()
+        grace = await self._stop_future
+        await self.health.enter_graceful_shutdown()
+        # End sessions ourselves first: each gets its final Ack and a clean
+        # end of stream, so jobs reconnect instead of seeing an abort.
+        await self.ingest.close_all(timeout=min(5.0, grace if grace is not None else 5.0))
+        await server.stop(grace)
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """Stop serving (``grace`` seconds for open calls), flush and close the store."""
+        if not self._running:
+            return
+        self._running = False
+        loop = self.loop
+        if loop is not None and self._stop_future is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: self._stop_future.done() or self._stop_future.set_result(grace))
+        if self._thread is not None:
+            self._thread.join((grace or 0) + 15)
+        self._cleanup_side_services()
+        log.info("collector stopped")
+
+    def _cleanup_side_services(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and block until SIGTERM/SIGINT, then stop cleanly (store flushed)."""
+        self.start()
+        done = threading.Event()
+
+        def _signal(signum: int, frame: Any) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            done.set()
+
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[sig] = signal.signal(sig, _signal)
+            except ValueError:  # not the main thread: rely on stop() from elsewhere
+                pass
+        try:
+            while not done.is_set() and not self._stopped.is_set():
+                done.wait(0.5)
+        finally:
+            self.stop()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> "Collector":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

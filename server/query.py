@@ -1,0 +1,133 @@
+"""The ``Query`` service: runs, per-layer state and history for the CLI, dashboards and controllers.
+
+Reads the in-memory state for current values and the history store (on
+executor threads with their own SQLite connections) for history, so a large
+export never stalls ingest.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+
+from layrot.proto import layrot_pb2 as pb
+from layrot.proto import layrot_pb2_grpc as pb_grpc
+from layrot.server.ingest import check_token
+from layrot.server.state import CollectorState, RunState
+from layrot.server.store import Store
+
+log = logging.getLogger("layrot.server.query")
+
+# Steps per HistoryChunk: 2000 steps x 100 layers x 4 arrays x 8 B = 6.4 MB,
+# well under the default 16 MiB message limit for models up to ~250 layers.
+CHUNK_STEPS = 2000
+MAX_CHUNK_BYTES = 12 * 1024 * 1024
+
+NAN = float("nan")
+
+
+def run_summary(rs: RunState) -> pb.RunSummary:
+    """RunSummary of a run from the in-memory state."""
+    snap = rs.primary()
+    mn, mean = rs.summary_stats()
+    return pb.RunSummary(
+        run=rs.run, framework=rs.framework, host=rs.host, world_size=rs.world_size,
+        step=snap.step if snap else 0, last_report=rs.last_report or 0.0, num_layers=rs.num_layers,
+        min_rotation=mn, mean_rotation=mean, connected=rs.connected, sessions=len(rs.sessions),
+        layca=bool(rs.capabilities.get("layca")), control=bool(rs.capabilities.get("control")),
+        first_report=rs.first_report or 0.0, meta=rs.meta)
+
+
+class QueryServicer(pb_grpc.QueryServicer):
+    """Read queries; control and alert calls arrive in later versions."""
+
+    def __init__(self, state: CollectorState, store: Store, token: str | None = None) -> None:
+        self.state = state
+        self.store = store
+        self.token = token
+
+    async def _run(self, name: str, context: grpc.aio.ServicerContext) -> RunState:
+        rs = self.state.runs.get(name)
+        if rs is None:
+            known = len(self.state.runs)
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"unknown run {name!r} (the collector knows {known} run{'s' if known != 1 else ''};"
+                                " list them with 'layrot-agent runs')")
+        return rs  # type: ignore[return-value]
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+        runs = sorted(self.state.snapshot_runs(), key=lambda r: r.run)
+        return pb.ListRunsResponse(runs=[run_summary(rs) for rs in runs])
+
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.RunDetail:
+        rs = await self._run(request.run, context)
+        snap = rs.primary()
+        layers = []
+        for i, lay in enumerate(rs.layers):
+            if snap is not None:
+                vals = dict(rotation=float(snap.rotation[i]), step_angle=float(snap.step_angle[i]),
+                            weight_norm=float(snap.weight_norm[i]),
+                            rho=NAN if snap.rho is None else float(snap.rho[i]), step=snap.step)
+            else:
+                vals = dict(rotation=NAN, step_angle=NAN, weight_norm=NAN, rho=NAN, step=0)
+            layers.append(pb.LayerState(name=lay.name, index=lay.index, shape=lay.shape, init_norm=lay.init_norm,
+                                        **vals))
+        return pb.RunDetail(summary=run_summary(rs), layers=layers)
+
+    async def GetHistory(self, request: pb.HistoryRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.HistoryChunk]:
+        rs = await self._run(request.run, context)
+        loop = asyncio.get_running_loop()
+        L = max(1, rs.num_layers)
+        limit = max(1, min(CHUNK_STEPS, MAX_CHUNK_BYTES // (4 * 8 * L)))
+        after = int(request.since_step) - 1 if request.since_step > 0 else -1
+        until = int(request.until_step) if request.until_step > 0 else 2**63 - 1
+        nan_row = np.full(L, np.nan).tobytes()
+        first = True
+        while True:
+            rows = await loop.run_in_executor(None, self.store.history_page, rs.run_id, request.rank, after,
+                                              until, limit)
+            if not rows and not first:
+                return
+            chunk = pb.HistoryChunk(
+                num_layers=rs.num_layers,
+                steps=[r[0] for r in rows],
+                times=[r[1] if r[1] is not None else NAN for r in rows],
+                loss=[r[2] if r[2] is not None else NAN for r in rows],
+                rotation=b"".join(r[3] for r in rows),
+                step_angle=b"".join(r[4] for r in rows),
+                weight_norm=b"".join(r[5] for r in rows),
+                rho=b"".join(r[6] if r[6] is not None else nan_row for r in rows),
+            )
+            if first:
+                chunk.layer_names.extend(rs.names)
+                first = False
+            yield chunk
+            if len(rows) < limit:
+                return
+            after = rows[-1][0]
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext, what: str, write: bool = False) -> None:
+        if write and not check_token(context, self.token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{what} is not implemented by this collector version yet")
+
+    async def SetControl(self, request, context):  # noqa: D102 - later task
+        await self._unimplemented(context, "SetControl (remote rate control)", write=True)
+
+    async def GetControl(self, request, context):  # noqa: D102
+        await self._unimplemented(context, "GetControl (remote rate control)")
+
+    async def ListAlerts(self, request, context):  # noqa: D102
+        await self._unimplemented(context, "ListAlerts (abrupt rotation alerts)")
+
+    async def WatchAlerts(self, request, context):  # noqa: D102
+        await self._unimplemented(context, "WatchAlerts (abrupt rotation alerts)")
+        yield pb.Alert()  # pragma: no cover - makes this an async generator like the real one
+
+    async def SetThresholds(self, request, context):  # noqa: D102
+        await self._unimplemented(context, "SetThresholds (alert thresholds)", write=True)

@@ -1,0 +1,206 @@
+"""In-memory state of the collector: runs, their layer tables, newest values, live sessions.
+
+Mutated only on the asyncio loop thread (ingest, query). The metrics thread
+reads it concurrently: structural changes (new runs) happen under ``lock``,
+and the newest values of a rank are an immutable ``Snapshot`` replaced in
+one assignment, so a scrape never sees half an update.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from layrot.server.store import LayerRecord, RunRecord
+
+log = logging.getLogger("layrot.server.state")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Newest reported values of one rank of a run (arrays are per layer, forward order)."""
+
+    rank: int
+    step: int
+    time: float
+    loss: float
+    rotation: np.ndarray
+    step_angle: np.ndarray
+    weight_norm: np.ndarray
+    rho: np.ndarray | None  # None without Layca
+
+
+# Marker objects in a session's outbox (see LiveSession).
+ACK = object()
+END = object()
+
+
+class LiveSession:
+    """One open Ingest.Session stream: the control plane's handle on a training process.
+
+    ``outbox`` holds messages for the job (``CollectorMessage``) plus the
+    ``ACK`` / ``END`` markers; the ingest handler drains it onto the stream.
+    Use ``send`` from the loop thread or ``send_threadsafe`` from others.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, peer: str = "") -> None:
+        self.loop = loop
+        self.peer = peer
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.run: RunState | None = None
+        self.rank = 0
+        self.world_size = 1
+        self.session_id = ""
+        self.pid = 0
+        self.host = ""
+        self.capabilities: dict[str, bool] = {}
+        self.applied_command_version = 0
+        self.init_norm: np.ndarray | None = None
+        self.num_layers = 0
+        # ack bookkeeping (loop thread only)
+        self.committed_seq = 0
+        self.sent_seq = 0
+        self.inflight = 0
+        self.ack_queued = False
+        self.closing = False
+        self.said_goodbye = False
+        self.ended_by_collector = False
+        self.drained = asyncio.Event()
+
+    def send(self, message: Any) -> None:
+        """Queue a CollectorMessage (e.g. a RateCommand) for the job. Loop thread only."""
+        self.outbox.put_nowait(message)
+
+    def send_threadsafe(self, message: Any) -> None:
+        """Queue a CollectorMessage from any thread."""
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, message)
+
+    def committed(self, seq: int) -> None:
+        """Called on the loop thread after a commit that contains this session's batch ``seq``."""
+        if seq > self.committed_seq:
+            self.committed_seq = seq
+        self.inflight -= 1
+        if self.committed_seq > self.sent_seq and not self.ack_queued:
+            self.ack_queued = True
+            self.outbox.put_nowait(ACK)
+        if self.closing and self.inflight <= 0:
+            self.drained.set()
+
+
+class RunState:
+    """One run: identity, layer table, newest values per rank, live sessions, counters."""
+
+    def __init__(self, rec: RunRecord) -> None:
+        self.run_id = rec.run_id
+        self.run = rec.run
+        self.framework = rec.framework
+        self.framework_version = rec.framework_version
+        self.host = rec.host
+        self.world_size = rec.world_size
+        self.every = rec.every
+        self.capabilities = dict(rec.capabilities)
+        self.meta = dict(rec.meta)
+        self.created = rec.created
+        self.first_report = rec.first_report
+        self.last_report = rec.last_seen
+        self.nonfinite = rec.nonfinite
+        self.layers: list[LayerRecord] = list(rec.layers)
+        self.names = [lay.name for lay in self.layers]
+        self.init_norm = np.array([lay.init_norm for lay in self.layers], dtype=np.float64)
+        self.last: dict[int, Snapshot] = {}
+        self.sessions: set[LiveSession] = set()
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.control_acks: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def connected(self) -> bool:
+        """True while at least one session of the run is open."""
+        return bool(self.sessions)
+
+    def primary(self) -> Snapshot | None:
+        """Newest values of the lowest reporting rank (rank 0 in practice).
+
+        Per-run numbers use one rank; combining sharded ranks is future work.
+        """
+        last = self.last
+        if not last:
+            return None
+        return last[min(last)]
+
+    def update(self, snap: Snapshot) -> None:
+        """Keep the newest step per rank (a resent older batch does not move it back)."""
+        cur = self.last.get(snap.rank)
+        if cur is None or snap.step >= cur.step:
+            self.last[snap.rank] = snap
+
+    def summary_stats(self) -> tuple[float, float]:
+        """(min, mean) rotation over layers of the primary rank, ignoring NaN; NaN when unknown."""
+        snap = self.primary()
+        if snap is None:
+            return float("nan"), float("nan")
+        rot = snap.rotation
+        ok = rot[np.isfinite(rot)]
+        if ok.size == 0:
+            return float("nan"), float("nan")
+        return float(ok.min()), float(ok.mean())
+
+
+@dataclass
+class CollectorState:
+    """All runs plus collector-wide counters."""
+
+    runs: dict[str, RunState] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    samples_ingested: int = 0
+    steps_ingested: int = 0
+    sessions_opened: int = 0
+    sessions_active: int = 0
+    sessions_lost: int = 0
+    rejected: collections.Counter = field(default_factory=collections.Counter)
+    next_run_id: int = 1
+
+    def restore(self, records: list[RunRecord]) -> None:
+        """Load runs from the history store (after a restart)."""
+        with self.lock:
+            for rec in records:
+                rs = RunState(rec)
+                if rec.last_row is not None and rec.layers:
+                    step, t, loss, rot, ang, wn, rho = rec.last_row
+                    rs.last[rec.last_rank or 0] = Snapshot(
+                        rank=rec.last_rank or 0, step=int(step), time=float(t or 0.0),
+                        loss=float("nan") if loss is None else float(loss),
+                        rotation=np.frombuffer(rot, dtype="<f8"), step_angle=np.frombuffer(ang, dtype="<f8"),
+                        weight_norm=np.frombuffer(wn, dtype="<f8"),
+                        rho=None if rho is None else np.frombuffer(rho, dtype="<f8"),
+                    )
+                self.runs[rec.run] = rs
+                self.next_run_id = max(self.next_run_id, rec.run_id + 1)
+        log.info("restored %d runs from the history store", len(records))
+
+    def add_run(self, rec: RunRecord) -> RunState:
+        """Register a new run (loop thread)."""
+        rs = RunState(rec)
+        with self.lock:
+            self.runs[rec.run] = rs
+            self.next_run_id = max(self.next_run_id, rec.run_id + 1)
+        return rs
+
+    def reject(self, reason: str, run: RunState | None = None) -> None:
+        """Count a rejected message (by reason, and per run when known)."""
+        self.rejected[reason] += 1
+        if run is not None:
+            run.rejected[reason] += 1
+
+    def snapshot_runs(self) -> list[RunState]:
+        """A stable list of runs for readers on other threads."""
+        with self.lock:
+            return list(self.runs.values())
