@@ -1,0 +1,361 @@
+"""``layrot-agent``: run the collector, query runs, export history, draw curves, run the demo.
+
+Commands that talk to a collector take ``--collector ADDR`` (or
+``$LAYROT_COLLECTOR``, default ``localhost:50051``) and ``--token`` (or
+``$LAYROT_TOKEN``). Errors print one line and exit with status 1.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any, Callable, Iterator, TextIO
+
+import click
+
+from layrot.agent.query import DEFAULT_COLLECTOR, CollectorError, History, QueryClient
+
+log = logging.getLogger("layrot.agent.cli")
+
+EXPORT_FIELDS = ("run", "step", "layer", "layer_index", "rotation", "step_angle", "weight_norm", "rho")
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def collector_options(fn: Callable) -> Callable:
+    """--collector and --token, shared by every command that talks to a collector."""
+    fn = click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True,
+                      help="Bearer token of the collector (only needed for write calls when it runs with --token).")(fn)
+    fn = click.option("--collector", "collector", envvar="LAYROT_COLLECTOR", default=DEFAULT_COLLECTOR,
+                      show_default=True, show_envvar=True, metavar="ADDR",
+                      help="Collector gRPC address host:port.")(fn)
+    return fn
+
+
+def _client(collector: str, token: str | None) -> QueryClient:
+    return QueryClient(collector, token)
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-safe number: NaN/Inf become null."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _fmt(x: float | None, spec: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def _age(t: float | None, now: float) -> str:
+    if not t:
+        return "never"
+    d = max(0.0, now - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if d >= size:
+            return f"{d / size:.0f}{unit} ago"
+    return f"{d:.0f}s ago"
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return _num(obj)
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(_jsonable(obj), indent=2, allow_nan=False))
+
+
+# ---------------------------------------------------------------- group
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="Logging level (logs go to stderr).")
+@click.version_option(package_name="layrot", prog_name="layrot-agent")
+def cli(log_level: str) -> None:
+    """layrot: watch and steer layer rotation in running training jobs.
+
+    \b
+    Start a collector, point training jobs at it, then look at the runs:
+      layrot-agent serve --db /var/lib/layrot/layrot.db
+      layrot-agent runs
+      layrot-agent show my-run
+      layrot-agent export my-run --format csv -o my-run.csv
+      layrot-agent curves my-run -o my-run.png
+    Or see everything end to end on a small model:
+      layrot-agent demo
+    """
+    logging.basicConfig(level=getattr(logging, log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------- serve
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--grpc-host", default="0.0.0.0", show_default=True, help="Interface for gRPC (ingest + queries).")
+@click.option("--grpc-port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
+@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="Interface for Prometheus /metrics.")
+@click.option("--metrics-port", default=9400, show_default=True, type=int,
+              help="Port of Prometheus /metrics (0 = any free port).")
+@click.option("--db", "db", default="./layrot.db", show_default=True, type=click.Path(dir_okay=False),
+              help="SQLite history database (created if missing; history survives restarts).")
+@click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True,
+              help="Require 'authorization: Bearer TOKEN' for ingest and write calls (reads stay open).")
+@click.option("--run-ttl", default=86400.0, show_default=True, type=float,
+              help="Seconds after its last report that a disconnected run leaves /metrics (history is kept).")
+def serve(grpc_host: str, grpc_port: int, metrics_host: str, metrics_port: int, db: str, token: str | None,
+          run_ttl: float) -> None:
+    """Run the collector daemon: gRPC ingest and queries, /metrics, history store.
+
+    Stops cleanly on SIGTERM / Ctrl-C (pending history is flushed).
+    Messages larger than 16 MiB are refused.
+
+    \b
+    Examples:
+      layrot-agent serve
+      layrot-agent serve --grpc-port 50051 --metrics-port 9400 --db /data/layrot.db
+      LAYROT_TOKEN=s3cret layrot-agent serve --grpc-host 0.0.0.0
+    """
+    from layrot.server.app import Collector  # the daemon's dependencies only load here
+
+    collector = Collector(grpc_host=grpc_host, grpc_port=grpc_port, metrics_host=metrics_host,
+                          metrics_port=metrics_port, db_path=db, token=token, run_ttl=run_ttl)
+    try:
+        collector.start()
+    except Exception as exc:
+        raise click.ClickException(f"cannot start the collector: {exc}") from None
+    click.echo(f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
+               f"db {db}{', token required' if token else ''}", err=True)
+    collector.serve_forever()
+
+
+# ---------------------------------------------------------------- runs / show
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@collector_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def runs(collector: str, token: str | None, as_json: bool) -> None:
+    """List the runs the collector knows.
+
+    \b
+    Examples:
+      layrot-agent runs
+      layrot-agent runs --collector collector.internal:50051 --json
+    """
+    try:
+        with _client(collector, token) as q:
+            items = q.list_runs()
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _echo_json(items)
+        return
+    if not items:
+        click.echo(f"no runs yet on {collector}")
+        return
+    now = time.time()
+    rows = [[r["run"], r["framework"] or "-", str(r["step"]), str(r["num_layers"]), _fmt(r["min_rotation"]),
+             _fmt(r["mean_rotation"]), "yes" if r["connected"] else "no", _age(r["last_report"], now)]
+            for r in items]
+    click.echo(_table(["RUN", "FRAMEWORK", "STEP", "LAYERS", "MIN ROT", "MEAN ROT", "CONNECTED", "LAST REPORT"],
+                      rows, right={2, 3, 4, 5}))
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("run")
+@collector_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def show(run: str, collector: str, token: str | None, as_json: bool) -> None:
+    """Show the newest per-layer state of RUN.
+
+    Rotation is the cosine distance of each layer's weights to their
+    initialization (0 = unchanged, 1 = orthogonal); the step angle is the
+    rotation within the last reported optimizer step.
+
+    \b
+    Examples:
+      layrot-agent show resnet-a
+      layrot-agent show resnet-a --json | jq '.layers[] | .rotation'
+    """
+    try:
+        with _client(collector, token) as q:
+            detail = q.get_run(run)
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _echo_json(detail)
+        return
+    now = time.time()
+    click.echo(f"run {detail['run']}  framework {detail['framework'] or '-'}  host {detail['host'] or '-'}  "
+               f"step {detail['step']}  layers {detail['num_layers']}  "
+               f"{'connected' if detail['connected'] else 'disconnected'}  "
+               f"last report {_age(detail['last_report'], now)}")
+    rows = []
+    for lay in detail["layers"]:
+        ang = lay["step_angle"]
+        rows.append([str(lay["index"]), lay["name"], "x".join(str(s) for s in lay["shape"]) or "-",
+                     _fmt(lay["rotation"]), _fmt(ang), _fmt(math.degrees(ang) if math.isfinite(ang) else None),
+                     _fmt(lay["weight_norm"]), _fmt(lay["rho"])])
+    click.echo(_table(["INDEX", "LAYER", "SHAPE", "ROTATION", "STEP ANGLE (RAD)", "(DEG)", "WEIGHT NORM", "RHO"],
+                      rows, right={0, 3, 4, 5, 6, 7}))
+
+
+# ---------------------------------------------------------------- export
+def export_records(h: History) -> Iterator[dict[str, Any]]:
+    """One record per (step, layer): the keys of ``EXPORT_FIELDS``, NaN as None."""
+    steps = h.steps.tolist()
+    rot, ang, wn, rho = (a.tolist() for a in (h.rotation, h.step_angle, h.weight_norm, h.rho))
+    names = h.layer_names
+    for s, step in enumerate(steps):
+        for i, name in enumerate(names):
+            yield {"run": h.run, "step": step, "layer": name, "layer_index": i, "rotation": _num(rot[s][i]),
+                   "step_angle": _num(ang[s][i]), "weight_norm": _num(wn[s][i]), "rho": _num(rho[s][i])}
+
+
+def _write_json(records: Iterator[dict[str, Any]], out: TextIO) -> None:
+    out.write("[")
+    first = True
+    for rec in records:
+        out.write("\n  " if first else ",\n  ")
+        out.write(json.dumps(rec, allow_nan=False))
+        first = False
+    out.write("\n]\n" if not first else "]\n")
+
+
+def _write_csv(records: Iterator[dict[str, Any]], out: TextIO) -> None:
+    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for rec in records:
+        writer.writerow({k: ("" if v is None else v) for k, v in rec.items()})
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("run")
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True,
+              help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default="-",
+              help="Output file (default: stdout).")
+@click.option("--since-step", type=click.IntRange(min=0), default=0, help="First step to export (inclusive).")
+@click.option("--until-step", type=click.IntRange(min=0), default=0, help="Last step to export (inclusive; 0 = end).")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True, help="Which rank's rows.")
+@collector_options
+def export(run: str, fmt: str, output: str, since_step: int, until_step: int, rank: int, collector: str,
+           token: str | None) -> None:
+    """Export the per-step, per-layer history of RUN as JSON or CSV.
+
+    One record per step and layer with the fields run, step (optimizer step,
+    1 after the first), layer, layer_index (0 = input side), rotation (cosine
+    distance to initialization), step_angle (radians), weight_norm and rho
+    (Layca rate; null/empty without Layca). Non-finite values are null
+    (JSON) or empty (CSV).
+
+    \b
+    Examples:
+      layrot-agent export resnet-a --format csv -o resnet-a.csv
+      layrot-agent export resnet-a --since-step 1000 --until-step 2000 > part.json
+    """
+    try:
+        with _client(collector, token) as q:
+            h = q.history(run, since_step=since_step, until_step=until_step, rank=rank)
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    writer = _write_json if fmt == "json" else _write_csv
+    with click.open_file(output, "w", encoding="utf-8") as out:
+        writer(export_records(h), out)
+    if output != "-":
+        click.echo(f"wrote {len(h) * h.num_layers} records ({len(h)} steps x {h.num_layers} layers) to {output}",
+                   err=True)
+
+
+# ---------------------------------------------------------------- curves
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("run")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="Image file to write (.png, .svg, .pdf).")
+@click.option("--log-x", is_flag=True, help="Logarithmic step axis (shows the first steps better).")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True, help="Which rank's rows.")
+@collector_options
+def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token: str | None) -> None:
+    """Draw the layer rotation curves of RUN (the paper's figure).
+
+    x: optimizer step; y: cosine distance between each layer's weights and
+    their initialization; one line per layer coloured from the input side
+    (dark) to the output side (bright). The best-generalizing runs in the
+    paper bring every layer close to 1.
+
+    \b
+    Examples:
+      layrot-agent curves resnet-a -o resnet-a.png
+      layrot-agent curves resnet-a -o resnet-a.svg --log-x
+    """
+    from layrot.agent.curves import plot_layer_rotation_curves
+
+    try:
+        with _client(collector, token) as q:
+            h = q.history(run, rank=rank)
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    if len(h) == 0:
+        raise click.ClickException(f"run {run!r} has no reported steps yet")
+    try:
+        plot_layer_rotation_curves(h.steps, h.rotation, h.layer_names, output,
+                                   title=f"Layer rotation curves: {run}", log_x=log_x)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot write {output}: {exc}") from None
+    click.echo(f"wrote {output} ({h.num_layers} layers, {len(h)} steps)", err=True)
+
+
+# ---------------------------------------------------------------- demo
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Training steps.")
+@click.option("--every", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Report every N optimizer steps.")
+@click.option("--out", "out", default=None, type=click.Path(file_okay=False),
+              help="Directory for the demo's outputs (curves, export); default: a temporary directory.")
+@click.option("--serve/--no-serve", default=False, show_default=True,
+              help="Keep the embedded collector running after training (Ctrl-C to stop).")
+def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
+    """Train a small real model with the hook, end to end, on an embedded collector.
+
+    \b
+    Examples:
+      layrot-agent demo
+      layrot-agent demo --steps 1000 --out ./demo-out --serve
+    """
+    try:
+        from layrot.agent.demo import run_demo
+    except ImportError as exc:
+        raise click.ClickException(f"the demo needs PyTorch and scikit-learn ({exc}); "
+                                   "pip install 'layrot[torch,demo]'") from None
+    run_demo(steps=steps, every=every, out=out, serve=serve)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``layrot-agent``."""
+    try:
+        cli.main(args=argv, prog_name="layrot-agent")
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
