@@ -231,7 +231,8 @@ class Reporter:
         # Let the exporter finish the batch it may be holding.
         time.sleep(min(self._flush_interval * 1.5, max(0.0, deadline - time.monotonic())))
         with self._lock:
-            while self._unacked and self.stats.connected:
+            # Waits through a reconnect too: what is unacknowledged is resent then.
+            while self._unacked:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

@@ -20,8 +20,9 @@ def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tup
     """(name, parameter, owning module type) of the selected layers, registration order.
 
     ``layers`` may be None (every trainable parameter with ndim >= 2), a regex
-    (string or compiled; ``re.search`` on parameter names), a sequence of exact
-    parameter names, or a predicate ``(name, param) -> bool``.
+    (string or compiled; ``re.search`` on parameter names) or a predicate
+    ``(name, param) -> bool``, both filtering those ndim >= 2 parameters, or a
+    sequence of exact parameter names (any trainable parameter, even 1-D).
     """
     owners: dict[str, str] = {}
     for mod_name, module in model.named_modules():
@@ -32,9 +33,9 @@ def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tup
         chosen = [(n, p) for n, p in named if p.ndim >= 2]
     elif isinstance(layers, (str, re.Pattern)):
         pattern = re.compile(layers) if isinstance(layers, str) else layers
-        chosen = [(n, p) for n, p in named if pattern.search(n)]
+        chosen = [(n, p) for n, p in named if p.ndim >= 2 and pattern.search(n)]
     elif callable(layers):
-        chosen = [(n, p) for n, p in named if layers(n, p)]
+        chosen = [(n, p) for n, p in named if p.ndim >= 2 and layers(n, p)]
     else:
         wanted = list(layers)
         by_name = dict(named)

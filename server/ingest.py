@@ -321,11 +321,21 @@ class IngestServicer(pb_grpc.IngestServicer):
             dstep = unpack(b.dstep, S, L)
             norm_prev = unpack(b.norm_prev, S, L)
             rho = unpack(b.rho, S, L) if b.rho else None
+            dot0 = unpack(b.dot0, S, L) if b.dot0 else None
+            dotstep = unpack(b.dotstep, S, L) if b.dotstep else None
         except ValueError as exc:
             raise SessionReject("bad_batch", f"bad array size: {exc}") from None
 
-        rotation = rot.rotation(sess.init_norm[None, :], norm, dist0)
-        angle = rot.step_angle(norm_prev, norm, dstep)
+        # With the radial dots the angles are well conditioned even for mostly
+        # radial steps; without them (older or minimal clients) use the triangle.
+        if dot0 is not None:
+            rotation = rot.cosine_distance(rot.radial_angle(sess.init_norm[None, :], dist0, dot0))
+        else:
+            rotation = rot.rotation(sess.init_norm[None, :], norm, dist0)
+        if dotstep is not None:
+            angle = rot.radial_angle(norm_prev, dstep, dotstep)
+        else:
+            angle = rot.step_angle(norm_prev, norm, dstep)
         bad = ~(np.isfinite(norm) & np.isfinite(dist0) & np.isfinite(dstep) & np.isfinite(norm_prev))
         nonfinite = int(np.count_nonzero(bad))
 
