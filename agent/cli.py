@@ -7,6 +7,7 @@ Commands that talk to a collector take ``--collector ADDR`` (or
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -273,17 +274,32 @@ def export(run: str, fmt: str, output: str, since_step: int, until_step: int, ra
       layrot-agent export resnet-a --format csv -o resnet-a.csv
       layrot-agent export resnet-a --since-step 1000 --until-step 2000 > part.json
     """
-    try:
+    writer = _write_json if fmt == "json" else _write_csv
+    counts = {"steps": 0, "layers": 0}
+
+    def records() -> Iterator[dict[str, Any]]:
+        # Stream chunk by chunk: constant memory however long the run is.
         with _client(collector, token) as q:
-            h = q.history(run, since_step=since_step, until_step=until_step, rank=rank)
+            for part in q.iter_history(run, since_step=since_step, until_step=until_step, rank=rank):
+                counts["steps"] += len(part)
+                counts["layers"] = part.num_layers
+                yield from export_records(part)
+
+    stream = records()
+    try:
+        # Pull the first record before opening the output, so an unreachable
+        # collector or unknown run leaves no empty file behind.
+        head = list(itertools.islice(stream, 1))
     except CollectorError as exc:
         raise click.ClickException(str(exc)) from None
-    writer = _write_json if fmt == "json" else _write_csv
-    with click.open_file(output, "w", encoding="utf-8") as out:
-        writer(export_records(h), out)
+    try:
+        with click.open_file(output, "w", encoding="utf-8") as out:
+            writer(itertools.chain(head, stream), out)
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
     if output != "-":
-        click.echo(f"wrote {len(h) * h.num_layers} records ({len(h)} steps x {h.num_layers} layers) to {output}",
-                   err=True)
+        click.echo(f"wrote {counts['steps'] * counts['layers']} records ({counts['steps']} steps x "
+                   f"{counts['layers']} layers) to {output}", err=True)
 
 
 # ---------------------------------------------------------------- curves
@@ -342,7 +358,7 @@ def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
       layrot-agent demo --steps 1000 --out ./demo-out --serve
     """
     try:
-        from layrot.agent.demo import run_demo
+        from layrot.demo import run_demo
     except ImportError as exc:
         raise click.ClickException(f"the demo needs PyTorch and scikit-learn ({exc}); "
                                    "pip install 'layrot[torch,demo]'") from None

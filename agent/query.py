@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 import numpy as np
@@ -131,37 +131,41 @@ class QueryClient:
         ]
         return out
 
-    def history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> History:
-        """Full history (inclusive step bounds; 0 = open) as numpy arrays."""
+    def iter_history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> Iterator[History]:
+        """History in chunks (<= ~2000 steps each) as they stream in: constant memory for any run length."""
         names: list[str] = []
-        steps, times, loss = [], [], []
-        cols: dict[str, list[bytes]] = {"rotation": [], "step_angle": [], "weight_norm": [], "rho": []}
-        n_layers = 0
         try:
             # No overall deadline: a long history may take a while to stream.
             for chunk in self._stub.GetHistory(
                     pb.HistoryRequest(run=run, since_step=since_step, until_step=until_step, rank=rank),
-                    metadata=self._metadata, wait_for_ready=False):
+                    metadata=self._metadata):
                 if chunk.layer_names:
                     names = list(chunk.layer_names)
-                n_layers = chunk.num_layers or n_layers
-                steps.extend(chunk.steps)
-                times.extend(chunk.times)
-                loss.extend(chunk.loss)
-                for key in cols:
-                    cols[key].append(getattr(chunk, key))
+                S, L = len(chunk.steps), chunk.num_layers or len(names)
+
+                def arr(data: bytes) -> np.ndarray:
+                    return np.frombuffer(data, dtype="<f8").reshape(S, L) if S and L else np.empty((S, L))
+
+                yield History(
+                    run=run, layer_names=names, steps=np.asarray(chunk.steps, dtype=np.int64),
+                    times=np.asarray(chunk.times, dtype=np.float64), loss=np.asarray(chunk.loss, dtype=np.float64),
+                    rotation=arr(chunk.rotation), step_angle=arr(chunk.step_angle),
+                    weight_norm=arr(chunk.weight_norm), rho=arr(chunk.rho))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
-        S = len(steps)
-        L = n_layers or len(names)
 
-        def arr(key: str) -> np.ndarray:
-            data = b"".join(cols[key])
-            if S == 0 or L == 0:
-                return np.empty((S, L))
-            return np.frombuffer(data, dtype="<f8").reshape(S, L)
+    def history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> History:
+        """Full history (inclusive step bounds; 0 = open) as numpy arrays."""
+        parts = list(self.iter_history(run, since_step, until_step, rank))
+        names = parts[0].layer_names if parts else []
+        L = len(names)
 
-        return History(
-            run=run, layer_names=names, steps=np.asarray(steps, dtype=np.int64),
-            times=np.asarray(times, dtype=np.float64), loss=np.asarray(loss, dtype=np.float64),
-            rotation=arr("rotation"), step_angle=arr("step_angle"), weight_norm=arr("weight_norm"), rho=arr("rho"))
+        def cat(key: str, two_d: bool = True) -> np.ndarray:
+            arrays = [getattr(p, key) for p in parts]
+            if not arrays:
+                return np.empty((0, L)) if two_d else np.empty(0)
+            return np.concatenate(arrays, axis=0)
+
+        return History(run=run, layer_names=names, steps=cat("steps", False).astype(np.int64),
+                       times=cat("times", False), loss=cat("loss", False), rotation=cat("rotation"),
+                       step_angle=cat("step_angle"), weight_norm=cat("weight_norm"), rho=cat("rho"))

@@ -137,6 +137,24 @@ def test_export_csv_and_step_bounds(fed):
                                                      rel=1e-12)
 
 
+def test_export_streams_long_runs_in_chunks(collector, ingest, sim_job, tmp_path):
+    job = sim_job(run="long", layer_sizes=(4, 6), step_angle=1e-3)
+    s = ingest(collector)
+    s.send(job.hello())
+    for _ in range(5):
+        s.send(job.batch(1000))
+    s.wait_ack(5)
+    out = tmp_path / "long.csv"
+    r = run_cli("export", "long", "--format", "csv", "-o", str(out), "--collector", collector.grpc_address)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5000 * 2
+    assert [int(x["step"]) for x in rows[::2]] == list(range(1, 5001))
+    got = np.array([float(x["rotation"]) for x in rows]).reshape(5000, 2)
+    np.testing.assert_allclose(got, job.truth_array("rotation"), rtol=1e-12)
+    assert "10000 records (5000 steps x 2 layers)" in r.output
+
+
 def png_size(path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
@@ -203,11 +221,15 @@ def test_unreachable_collector_is_one_clean_line(cmd, tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [["show", "ghost"], ["export", "ghost"], ["curves", "ghost", "-o", "g.png"]])
-def test_unknown_run_is_one_clean_line(collector, cmd):
+def test_unknown_run_is_one_clean_line(collector, cmd, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if cmd[0] == "export":
+        cmd = cmd + ["-o", "ghost.json"]
     r = CliRunner().invoke(cli, cmd + ["--collector", collector.grpc_address])
     assert r.exit_code == 1
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown run 'ghost'" in lines[0]
+    assert not list(tmp_path.glob("ghost*"))  # no empty or partial output file left behind
 
 
 def test_demo_passes_options_through(monkeypatch):
