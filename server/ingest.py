@@ -337,6 +337,9 @@ class IngestServicer(pb_grpc.IngestServicer):
         else:
             angle = rot.step_angle(norm_prev, norm, dstep)
         bad = ~(np.isfinite(norm) & np.isfinite(dist0) & np.isfinite(dstep) & np.isfinite(norm_prev))
+        for extra in (dot0, dotstep):
+            if extra is not None:
+                bad |= ~np.isfinite(extra)
         nonfinite = int(np.count_nonzero(bad))
 
         stride = L * 8
@@ -344,6 +347,8 @@ class IngestServicer(pb_grpc.IngestServicer):
         ang_b = angle.tobytes()
         raw_norm, raw_d0, raw_ds, raw_np = b.norm, b.dist0, b.dstep, b.norm_prev
         raw_rho = b.rho if rho is not None else None
+        raw_dot0 = b.dot0 if dot0 is not None else None
+        raw_dotstep = b.dotstep if dotstep is not None else None
         losses = list(b.loss) if len(b.loss) else [None] * S
         versions = list(b.command_version) if len(b.command_version) else [None] * S
         run_id, rank = sess.run.run_id, sess.rank  # type: ignore[union-attr]
@@ -357,7 +362,8 @@ class IngestServicer(pb_grpc.IngestServicer):
                 loss = None
             rows.append((run_id, rank, steps_l[i], times_l[i], loss, versions[i], rot_b[lo:hi], ang_b[lo:hi],
                          raw_norm[lo:hi], None if raw_rho is None else raw_rho[lo:hi], raw_d0[lo:hi],
-                         raw_ds[lo:hi], raw_np[lo:hi]))
+                         raw_ds[lo:hi], raw_np[lo:hi], None if raw_dot0 is None else raw_dot0[lo:hi],
+                         None if raw_dotstep is None else raw_dotstep[lo:hi]))
         last = int(np.argmax(steps))
         loss_last = losses[last]
         snap = Snapshot(

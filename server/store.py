@@ -79,6 +79,8 @@ CREATE TABLE IF NOT EXISTS steps (
     dist0           BLOB,        -- raw inputs, kept so rotations can be recomputed
     dstep           BLOB,
     norm_prev       BLOB,
+    dot0            BLOB,        -- (w(t) - w(0)).w(0), NULL when the job sends norms only
+    dotstep         BLOB,        -- (w(t) - w(t-1)).w(t-1), idem
     PRIMARY KEY (run_id, rank, step)
 );
 CREATE TABLE IF NOT EXISTS control_acks (
@@ -95,7 +97,7 @@ CREATE TABLE IF NOT EXISTS control_acks (
 
 INSERT_STEP = (
     "INSERT OR REPLACE INTO steps (run_id, rank, step, time, loss, command_version, rotation, step_angle,"
-    " weight_norm, rho, dist0, dstep, norm_prev) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " weight_norm, rho, dist0, dstep, norm_prev, dot0, dotstep) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 # Upper bound of rows per transaction, so one commit never holds callbacks

@@ -197,6 +197,8 @@ class SimJob:
     rank: int = 0
     world_size: int = 1
     layca: bool = False
+    dots: bool = False      # also send the radial dots (dot0, dotstep)
+    float32: bool = False   # round what is sent to float32, as a device measuring in float32 would
     w0: list[np.ndarray] = field(init=False)
     w: list[np.ndarray] = field(init=False)
     step: int = field(init=False, default=0)
@@ -242,6 +244,8 @@ class SimJob:
             "dstep": np.array([np.linalg.norm(x - p) for x, p in zip(new, prev)]),
             "norm_prev": np.array([np.linalg.norm(p) for p in prev]),
             "rho": np.full(len(new), np.tan(angle)),
+            "dot0": np.array([(x - x0) @ x0 for x, x0 in zip(new, self.w0)]),
+            "dotstep": np.array([(x - p) @ p for x, p in zip(new, prev)]),
         }
         self.truth[t] = {
             "rotation": np.array([ref_cosine_distance(x0, x) for x, x0 in zip(new, self.w0)]),
@@ -261,11 +265,15 @@ class SimJob:
     def batch_for(self, steps: list[int], seq: int, loss: bool = True) -> pb.StepBatch:
         """A StepBatch for already simulated ``steps`` (e.g. a resend)."""
         def col(key: str) -> bytes:
-            return pack(np.stack([self.raw[s][key] for s in steps]))
+            values = np.stack([self.raw[s][key] for s in steps])
+            if self.float32:
+                values = values.astype(np.float32).astype(np.float64)
+            return pack(values)
         return pb.StepBatch(
             seq=seq, steps=steps, times=[self.t0 + s * 1e-3 for s in steps], num_layers=len(self.layer_sizes),
             norm=col("norm"), dist0=col("dist0"), dstep=col("dstep"), norm_prev=col("norm_prev"),
-            rho=col("rho") if self.layca else b"", loss=[1.0 / s for s in steps] if loss else [])
+            rho=col("rho") if self.layca else b"", loss=[1.0 / s for s in steps] if loss else [],
+            dot0=col("dot0") if self.dots else b"", dotstep=col("dotstep") if self.dots else b"")
 
     def truth_array(self, key: str, steps: list[int] | None = None) -> np.ndarray:
         steps = steps or sorted(self.truth)

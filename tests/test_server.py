@@ -98,6 +98,31 @@ def test_tiny_rotations_are_exact(collector, ingest, sim_job, angle):
     assert h.rotation[0, 0] == pytest.approx(2 * math.sin(angle / 2) ** 2, rel=1e-6)
 
 
+def test_radial_dots_keep_float32_measurements_accurate(collector, ingest, sim_job):
+    """Steps as radial as they are tangential (weight decay), measured in float32: the dots save the angle."""
+    kw = dict(step_angle=1e-4, scale=1 - 1e-4, layer_sizes=(4096,), float32=True, seed=5)
+    with_dots = sim_job(run="dots", dots=True, **kw)
+    norms_only = sim_job(run="norms", dots=False, **kw)
+    for job in (with_dots, norms_only):
+        s = open_job(ingest, collector, job)
+        s.send(job.batch(3))
+        s.wait_ack(1)
+    with QueryClient(collector.grpc_address) as q:
+        h_dots, h_norms = q.history("dots"), q.history("norms")
+    truth = with_dots.truth_array("step_angle")
+    np.testing.assert_array_equal(truth, norms_only.truth_array("step_angle"))  # same trajectory
+    err_dots = np.abs(h_dots.step_angle / truth - 1).max()
+    err_norms = np.abs(h_norms.step_angle / truth - 1).max()
+    assert err_dots < 1e-5
+    assert err_norms > 1e-5  # the triangle from float32 norms alone cannot do this
+    np.testing.assert_allclose(h_dots.rotation, with_dots.truth_array("rotation"), rtol=1e-4)
+    conn = sqlite3.connect(collector.db_path)
+    stored = conn.execute("SELECT dot0, dotstep FROM steps JOIN runs ON runs.id = run_id WHERE run = 'dots'"
+                          " ORDER BY step").fetchall()
+    conn.close()
+    assert len(stored) == 3 and all(a is not None and b is not None for a, b in stored)
+
+
 def test_nan_and_inf_are_stored_and_counted(collector, ingest, sim_job):
     job = sim_job(run="diverged", layer_sizes=(10, 20, 30))
     s = open_job(ingest, collector, job)
@@ -326,6 +351,8 @@ def _bad_batches(job):
         "command_version length": mutate(command_version=[1, 2, 3]),
         "step zero": mutate(steps=[0, 1]),
         "nan time": mutate(times=[float("nan"), 1.0]),
+        "short dot0": mutate(dot0=b"\0" * 8),
+        "odd dotstep": mutate(dotstep=b"\0" * (8 * 2 * L + 8)),
     }
 
 
