@@ -128,7 +128,9 @@ class WatchHandle:
         self._names = [n for n, _, _ in chosen]
         self._params = [p for _, p, _ in chosen]
         self._types = [t for _, _, t in chosen]
-        self._recorder = ForwardOrderRecorder(model, self._names)
+        # Names of every parameter, so Layca's own layer set can be put in forward order too.
+        self._name_of = {id(p): n for n, p in model.named_parameters()}
+        self._recorder = ForwardOrderRecorder(model, list(self._name_of.values()))
         with torch.no_grad():
             self._w0 = [p.detach().clone() for p in self._params]
             self._prev = [w.clone() for w in self._w0]
@@ -215,13 +217,17 @@ class WatchHandle:
 
     def _finalize(self) -> None:
         """Fix the forward order and open the reporter (first optimizer step)."""
-        order = self._recorder.order(self._names) if self._recorder.seen else list(range(len(self._names)))
+        everything = list(self._name_of.values())
+        self._forward_rank = ({everything[i]: r for r, i in enumerate(self._recorder.order(everything))}
+                              if self._recorder.seen else {})
         self._recorder.remove()
+        order = self._in_forward_order(self._names)
         for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms"):
             seq = getattr(self, attr)
             setattr(self, attr, [seq[i] for i in order])
+        self._rho_index = None
         if self._layca is not None:
-            self._layca.set_layer_order(list(zip(self._names, self._params)))
+            self._order_layca()
         specs = [LayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(), module_type=t)
                  for i, (n, p, nrm, t) in enumerate(zip(self._names, self._params, self._init_norms, self._types))]
         rank, world = _dist_rank_world()
@@ -238,6 +244,24 @@ class WatchHandle:
         self._distances = LayerDistances(self._params, self._w0, self._prev)
         self._init_norm_t = torch.tensor(self._init_norms, dtype=torch.float64, device=p0.device)
         self._nan = torch.full((1,), float("nan"), dtype=torch.float64, device=p0.device)
+
+    def _order_layca(self) -> None:
+        """Give Layca the forward order and names of its layers, and map its rates to ours."""
+        layca = self._layca
+        lparams = list(layca.layers)
+        lnames = [self._name_of.get(id(p), name) for p, name in zip(lparams, layca.layer_names)]
+        order = self._in_forward_order(lnames)
+        try:
+            layca.set_layer_order([(lnames[i], lparams[i]) for i in order])
+        except ValueError as exc:  # never crash a training step over naming
+            log.warning("layrot: cannot give Layca the model's layer order (%s); it keeps its own", exc)
+        pos = {n: i for i, n in enumerate(layca.layer_names)}
+        idx = [pos.get(n, -1) for n in self._names]
+        self._rho_index = None if idx == list(range(len(idx))) and len(pos) == len(idx) else np.array(idx)
+
+    def _in_forward_order(self, names: list[str]) -> list[int]:
+        """Permutation putting ``names`` in forward order (unseen last, registration order kept)."""
+        return sorted(range(len(names)), key=lambda i: (self._forward_rank.get(names[i], len(self._forward_rank)), i))
 
     def _on_command_result(self, version: int, applied: bool, reason: str, step: int) -> None:
         if self.reporter is not None:
@@ -291,6 +315,8 @@ class WatchHandle:
         version = 0
         if self._layca is not None:
             rho = self._layca.current_rates()
+            if self._rho_index is not None:  # Layca covers other layers than the hook
+                rho = np.where(self._rho_index >= 0, rho[np.maximum(self._rho_index, 0)], np.nan)
             version = self._layca.command_version
         self.reporter.submit(StepRecord(step=t, time=time.time(), values=dv.values, loss=dv.loss,
                                         rho=rho, command_version=version))

@@ -35,10 +35,10 @@ def _model() -> Any:
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10),
     )
 
 
@@ -68,7 +68,7 @@ def run_demo(steps: int = 300, every: int = 1, out: str | None = None, serve: bo
         g = torch.Generator().manual_seed(1)
         losses: list[float] = []
         t0 = time.perf_counter()
-        with click.progressbar(length=steps, label=f"training {run}", show_pos=True,
+        with click.progressbar(length=steps, label="training", show_pos=True,
                                item_show_func=lambda _: f"loss {losses[-1]:.3f}" if losses else "") as bar:
             for step in range(steps):
                 idx = torch.randint(0, len(ytr), (batch_size,), generator=g)
@@ -78,7 +78,7 @@ def run_demo(steps: int = 300, every: int = 1, out: str | None = None, serve: bo
                 handle.observe_loss(loss)
                 opt.step()
                 if step % 10 == 0 or step == steps - 1:
-                    losses.append(float(loss))  # a host sync the hook itself never makes
+                    losses.append(float(loss.detach()))  # a host sync for the bar; the hook makes none
                 bar.update(1, None)
         train_s = time.perf_counter() - t0
         handle.flush(10.0)
@@ -106,7 +106,9 @@ def run_demo(steps: int = 300, every: int = 1, out: str | None = None, serve: bo
                        f"{np.degrees(lay['step_angle']):10.4f}deg {lay['weight_norm']:8.3f}")
         click.echo(f"\nlayer rotation curves: {png}")
         click.echo(f"metrics:               {collector.metrics_url}")
-        click.echo(f"try:                   layrot-agent show {run} --collector {collector.grpc_address}")
+        if not serve:
+            click.echo("(the embedded collector stops now; rerun with --serve to keep /metrics and the "
+                       "query API up, e.g. for `layrot-agent show RUN --collector ADDR`)")
         result = {"run": run, "png": str(png), "metrics_url": collector.metrics_url, "accuracy": acc,
                   "layers": detail["layers"], "steps": handle.step, "train_seconds": train_s}
         if serve:
