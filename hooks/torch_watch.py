@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord
-from layrot.hooks.torch_distances import LayerDistances
+from layrot.hooks.torch_distances import LayerDistances, wire_rows
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
 
 log = logging.getLogger("layrot.hooks.torch")
@@ -53,13 +53,15 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 class _DeviceValues:
-    """A (7, L) measurement on its way to the host (rows of ``REPORT_ROWS``, then loss)."""
+    """A measurement on its way to the host: (5, L) = ``DEVICE_ROWS`` then the loss."""
 
-    __slots__ = ("_tensor", "_event", "_num_layers")
+    __slots__ = ("_tensor", "_event", "_num_layers", "_init_norms", "_prev_is_w0")
 
-    def __init__(self, tensor: torch.Tensor, num_layers: int) -> None:
+    def __init__(self, tensor: torch.Tensor, num_layers: int, init_norms: np.ndarray, prev_is_w0: bool) -> None:
         self._event = None
         self._num_layers = num_layers
+        self._init_norms = init_norms
+        self._prev_is_w0 = prev_is_w0
         if tensor.device.type == "cuda":
             # One async device-to-host copy into pinned memory; the exporter
             # thread waits on the event, never the training thread.
@@ -79,10 +81,10 @@ class _DeviceValues:
         return self._tensor.numpy()
 
     def values(self) -> np.ndarray:
-        return self._host()[:6, : self._num_layers]
+        return wire_rows(self._host()[:4, : self._num_layers], self._init_norms, self._prev_is_w0)
 
     def loss(self) -> float | None:
-        v = float(self._host()[6, 0])
+        v = float(self._host()[4, 0])
         return None if np.isnan(v) else v
 
 
@@ -135,7 +137,6 @@ class WatchHandle:
             self._w0 = [p.detach().clone() for p in self._params]
             self._prev = [w.clone() for w in self._w0]
         self._init_norms = init_norms(self._w0)
-        self._prev_norm: torch.Tensor | None = None
         self._prev_valid = True
         self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
         self._loss: torch.Tensor | None = None
@@ -242,7 +243,7 @@ class WatchHandle:
             self._layca.add_command_listener(self._on_command_result)
         p0 = self._params[0]
         self._distances = LayerDistances(self._params, self._w0, self._prev)
-        self._init_norm_t = torch.tensor(self._init_norms, dtype=torch.float64, device=p0.device)
+        self._init_norms_np = np.asarray(self._init_norms, dtype=np.float64)
         self._nan = torch.full((1,), float("nan"), dtype=torch.float64, device=p0.device)
 
     def _order_layca(self) -> None:
@@ -275,7 +276,6 @@ class WatchHandle:
             self._finalize()
         if not self._prev_valid:
             self._distances.copy_prev()
-            self._prev_norm = None
             self._prev_valid = True
             self._prev_is_w0 = False
 
@@ -292,25 +292,18 @@ class WatchHandle:
             self._distances.copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
-            self._prev_norm = None
 
     def _report(self, t: int) -> None:
         refresh = (t + 1) % self.every == 0
-        want_prev_norm = not self._prev_is_w0 and self._prev_norm is None
-        packed = self._distances.measure(want_prev_norm=want_prev_norm, refresh_prev=refresh)
-        if self._prev_is_w0:
-            packed[3] = self._init_norm_t
-        elif self._prev_norm is not None:
-            packed[3] = self._prev_norm
+        rows = self._distances.measure(refresh_prev=refresh)
+        prev_is_w0 = self._prev_is_w0
         self._prev_is_w0 = False
-        # With the buffer refreshed, next step's ||w(t-1)|| is this step's ||w||.
         self._prev_valid = refresh
-        self._prev_norm = packed[0].clone() if refresh else None
-        loss = self._loss.to(packed.device, torch.float64).reshape(1) if self._loss is not None else self._nan
+        loss = self._loss.to(rows.device, torch.float64).reshape(1) if self._loss is not None else self._nan
         self._loss = None
         L = len(self._params)
-        packed = torch.cat([packed, torch.cat([loss, self._nan.expand(L - 1)]).unsqueeze(0)])
-        dv = _DeviceValues(packed, L)
+        packed = torch.cat([rows, torch.cat([loss, self._nan.expand(L - 1)]).unsqueeze(0)])
+        dv = _DeviceValues(packed, L, self._init_norms_np, prev_is_w0)
         rho = None
         version = 0
         if self._layca is not None:
