@@ -34,6 +34,9 @@ log = logging.getLogger("layrot.server.app")
 # split their batches well below this.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+# New calls gRPC may queue before the handler loop picks them up (default 1000).
+MAX_PENDING_CALLS = 65536
+
 INGEST_SERVICE = "layrot.v1.Ingest"
 QUERY_SERVICE = "layrot.v1.Query"
 
@@ -156,6 +159,11 @@ class Collector:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC core cancels calls beyond 1000 not yet picked up by the
+            # server; a collector restart makes every job reconnect at once,
+            # so allow a large backlog of new sessions.
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ])
         pb_grpc.add_IngestServicer_to_server(self.ingest, server)
         pb_grpc.add_QueryServicer_to_server(QueryServicer(self.state, self.store, self.token), server)
