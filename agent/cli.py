@@ -346,7 +346,7 @@ def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token:
 @click.option("--every", default=1, show_default=True, type=click.IntRange(min=1),
               help="Report every N optimizer steps.")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
-              help="Directory for the demo's outputs (curves, export); default: a temporary directory.")
+              help="Directory for the demo's outputs (history db, curves); default: ./layrot-demo.")
 @click.option("--serve/--no-serve", default=False, show_default=True,
               help="Keep the embedded collector running after training (Ctrl-C to stop).")
 def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
