@@ -26,7 +26,7 @@ from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import unpack
 from layrot.server import rotation as rot
-from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot
+from layrot.server.state import ACK, END, CollectorState, LiveSession, Snapshot
 from layrot.server.store import LayerRecord, RunRecord, Store, insert_run_sql
 
 log = logging.getLogger("layrot.server.ingest")

@@ -324,10 +324,6 @@ class Store:
                     " WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT 1", (rec.run_id, rank)).fetchone()
         return out
 
-    def max_run_id(self) -> int:
-        """Highest run id in use (0 for an empty db)."""
-        return self.reader().execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0]
-
     def history_page(self, run_id: int, rank: int, after_step: int, until_step: int, limit: int) -> list[tuple]:
         """Rows (step, time, loss, rotation, step_angle, weight_norm, rho) with after_step < step <= until_step."""
         return self.reader().execute(

@@ -250,7 +250,6 @@ def test_serve_daemon_runs_and_stops_cleanly_on_sigterm(tmp_path, ingest, sim_jo
     import signal
     import subprocess
     import sys
-    import time
 
     db = tmp_path / "daemon" / "layrot.db"
     proc = subprocess.Popen(
