@@ -35,7 +35,7 @@ MAX_RUN_NAME = 200
 # When the writer thread falls this far behind, stop reading from the
 # streams: gRPC flow control then pushes back to the jobs, whose bounded
 # queues drop (fail open) instead of the collector growing without limit.
-MAX_PENDING_ROWS = 200_000
+MAX_PENDING_SAMPLES = 2_000_000  # layer-samples, ~9 float64 each stored: ~150 MB of queued rows
 # How long a closing session waits for its last commits before ending anyway.
 DRAIN_TIMEOUT = 10.0
 
@@ -97,14 +97,16 @@ class IngestServicer(pb_grpc.IngestServicer):
     """The Ingest service on a grpc.aio server."""
 
     def __init__(self, state: CollectorState, store: Store, token: str | None = None,
-                 max_pending_rows: int = MAX_PENDING_ROWS) -> None:
+                 max_pending_samples: int = MAX_PENDING_SAMPLES) -> None:
         self.state = state
         self.store = store
         self.token = token
-        self.max_pending_rows = max_pending_rows
+        self.max_pending_samples = max_pending_samples
+        self.pending_samples = 0  # accepted, not yet committed (loop thread only)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: set[LiveSession] = set()
         store.on_commit = self._on_commit_thread
+        store.on_failure = self._on_failure_thread
 
     # ------------------------------------------------------------ commits -> acks
     def _on_commit_thread(self, tokens: list[Any]) -> None:
@@ -115,9 +117,32 @@ class IngestServicer(pb_grpc.IngestServicer):
             except RuntimeError:  # loop closed during shutdown: nobody left to ack
                 pass
 
-    @staticmethod
-    def _on_commit(tokens: list[Any]) -> None:
-        for sess, seq in tokens:
+    def _on_failure_thread(self, tokens: list[Any]) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._on_failure, tokens)
+            except RuntimeError:
+                pass
+
+    def _on_failure(self, tokens: list[Any]) -> None:
+        # Not stored, so not acknowledged: the job keeps these batches and
+        # resends them on its next session. Tell it why.
+        for sess, seq, _n_steps, n_samples in tokens:
+            self.pending_samples -= n_samples
+            sess.inflight -= 1
+            sess.send(pb.CollectorMessage(error=pb.SessionError(
+                code="store_error", seq=seq, message="the collector could not store this batch; resend it later")))
+            if sess.closing and sess.inflight <= 0:
+                sess.drained.set()
+
+    def _on_commit(self, tokens: list[Any]) -> None:
+        state = self.state
+        for sess, seq, n_steps, n_samples in tokens:
+            # Counted here, not on receipt: "ingested" means stored.
+            state.steps_ingested += n_steps
+            state.samples_ingested += n_samples
+            self.pending_samples -= n_samples
             sess.committed(seq)
 
     # ------------------------------------------------------------ the stream
@@ -173,7 +198,7 @@ class IngestServicer(pb_grpc.IngestServicer):
                     self._hello(msg.hello, sess)
                     continue
                 if kind == "steps":
-                    while self.store.pending_rows > self.max_pending_rows:
+                    while self.pending_samples > self.max_pending_samples:
                         await asyncio.sleep(0.005)
                     self._batch(msg.steps, sess)
                 elif kind == "control_ack":
@@ -277,11 +302,10 @@ class IngestServicer(pb_grpc.IngestServicer):
             # Acknowledge it anyway (after everything queued before it): a
             # malformed batch stays malformed, resending it would loop forever.
             sess.inflight += 1
-            self.store.barrier((sess, b.seq))
+            self.store.barrier((sess, b.seq, 0, 0))
             return
-        state = self.state
-        state.samples_ingested += n_steps * sess.num_layers
-        state.steps_ingested += n_steps
+        n_samples = n_steps * sess.num_layers
+        self.pending_samples += n_samples
         if nonfinite:
             rs.nonfinite += nonfinite
         if rs.first_report is None:
@@ -293,7 +317,7 @@ class IngestServicer(pb_grpc.IngestServicer):
         sess.inflight += 1
         self.store.submit_rows(rows)
         self.store.submit("UPDATE runs SET last_seen=?, nonfinite=? WHERE id=?",
-                          (rs.last_report, rs.nonfinite, rs.run_id), token=(sess, b.seq))
+                          (rs.last_report, rs.nonfinite, rs.run_id), token=(sess, b.seq, n_steps, n_samples))
 
     def _decode(self, b: pb.StepBatch, sess: LiveSession) -> tuple[list[tuple], Snapshot, int, int]:
         L = sess.num_layers

@@ -103,9 +103,9 @@ class LayrotCollector(Collector):
         yield from (rotation, angle, norm, rho, step, last, nlayers, rmin, rmean, connected, info, nonfinite)
 
         st = self.state
-        yield CounterMetricFamily("layrot_samples_ingested", "Layer samples (steps x layers) accepted",
+        yield CounterMetricFamily("layrot_samples_ingested", "Layer samples (steps x layers) stored in the history",
                                   value=st.samples_ingested)
-        yield CounterMetricFamily("layrot_steps_ingested", "Steps (per rank) accepted", value=st.steps_ingested)
+        yield CounterMetricFamily("layrot_steps_ingested", "Steps (per rank) stored in the history", value=st.steps_ingested)
         rejected = CounterMetricFamily("layrot_messages_rejected", "Messages rejected, by reason", labels=["reason"])
         for reason, n in sorted(dict(st.rejected).items()):
             rejected.add_metric([reason], n)

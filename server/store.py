@@ -154,12 +154,15 @@ class Store:
     """The history database. Thread-safe ``submit*`` calls; reads on per-thread connections.
 
     ``on_commit(tokens)`` is called from the writer thread after each commit
-    with the tokens of the items it contained, in submission order.
+    with the tokens of the items it contained, in submission order;
+    ``on_failure(tokens)`` after a transaction that failed and was rolled back.
     """
 
-    def __init__(self, path: str, on_commit: Callable[[list[Any]], None] | None = None) -> None:
+    def __init__(self, path: str, on_commit: Callable[[list[Any]], None] | None = None,
+                 on_failure: Callable[[list[Any]], None] | None = None) -> None:
         self.path = str(path)
         self.on_commit = on_commit
+        self.on_failure = on_failure
         self.errors = 0
         self.commits = 0
         self._pending = 0
@@ -280,13 +283,14 @@ class Store:
                     pass
             with self._lock:
                 self._pending -= nrows
-            if ok and self.on_commit is not None:
+            callback = self.on_commit if ok else self.on_failure
+            if callback is not None:
                 tokens = [it.token for it in items if it.token is not None]
                 if tokens:
                     try:
-                        self.on_commit(tokens)
+                        callback(tokens)
                     except Exception:
-                        log.exception("on_commit callback failed")
+                        log.exception("store callback failed")
             for it in items:
                 if it.done is not None:
                     it.done.set()
