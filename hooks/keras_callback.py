@@ -1,0 +1,187 @@
+"""``layrot.keras.RotationCallback``: layer rotation monitoring for ``model.fit``.
+
+::
+
+    model.fit(x, y, callbacks=[layrot.keras.RotationCallback(run="cnn-sgd")])
+
+The callback observes each optimizer step when Keras hands control back to
+Python *before the next batch* (``on_train_batch_begin``), before validation
+(``on_test_begin``) and at the end of each epoch and of training. At that point
+the step's weights are final, while ``on_train_batch_end`` may run late on a
+Keras worker thread (it is not overridden, so Keras keeps dispatching batch-end
+callbacks asynchronously). The measurement itself is ``tf.watch``'s: one
+compiled function on the device per reported step, handed to the background
+reporter without waiting for it.
+
+The step's loss comes from the model's loss tracker (the increment of its
+running total), so reporting it costs no host sync either.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import keras
+
+from layrot.agent.reporter import ReporterStats
+from layrot.hooks.tf_watch import LayerSelector, TFWatchHandle
+
+log = logging.getLogger("layrot.hooks.keras")
+
+
+class RotationCallback(keras.callbacks.Callback):
+    """Streams per-layer rotation of the model being fitted to the layrot collector.
+
+    Args:
+        run: run id; default ``LAYROT_RUN`` or script+time+host.
+        every: report every N optimizer steps.
+        layers: None (trainable variables with ndim >= 2, in
+            ``model.trainable_variables`` order: layer order for Sequential and
+            functional models), a regex on variable paths, a list of paths or a
+            predicate ``(name, variable) -> bool``.
+        collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
+        control: accept remote rate commands for the model's ``layrot.keras.Layca``
+            optimizer; they apply at the next batch boundary and are acknowledged.
+        token: bearer token if the collector requires one (``LAYROT_TOKEN``).
+        meta: free-form run metadata shown by the CLI.
+        loss: report each step's training loss (from the model's loss tracker).
+
+    Steps continue from the optimizer's ``iterations`` at the first ``fit`` (so a
+    resumed model keeps its step numbers) and across later ``fit`` calls. w(0) is
+    the weights at the first ``fit``; :meth:`state` / :meth:`load_state` carry it
+    across a restart. With ``steps_per_execution > 1`` steps are observed per
+    execution and the step angle spans the execution.
+    """
+
+    def __init__(self, run: str | None = None, every: int = 1, layers: LayerSelector = None,
+                 collector: str | None = None, control: bool = False, token: str | None = None, *,
+                 meta: Mapping[str, str] | None = None, loss: bool = True,
+                 reporter_options: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.run = run
+        self.every = int(every)
+        self.layers = layers
+        self.collector = collector
+        self.control = bool(control)
+        self.token = token
+        self.meta = dict(meta or {})
+        self.report_loss = bool(loss)
+        self.reporter_options = dict(reporter_options or {})
+        self.handle: TFWatchHandle | None = None
+        self._model_id: int | None = None
+        self._state: Mapping[str, Any] | None = None
+        self._inflight = False
+        self._spe = 1
+        self._iter_mark = 0
+
+    # ------------------------------------------------------------ public API
+    @property
+    def layer_names(self) -> list[str]:
+        """Monitored layers (known from the first ``fit``)."""
+        return self.handle.layer_names if self.handle is not None else []
+
+    @property
+    def stats(self) -> ReporterStats:
+        """Reporter counters (drops, acks, reconnects)."""
+        return self.handle.stats if self.handle is not None else ReporterStats()
+
+    @property
+    def step_count(self) -> int:
+        return self.handle.step_count if self.handle is not None else 0
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the collector acknowledged every reported step (or timeout)."""
+        return self.handle.flush(timeout) if self.handle is not None else True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop reporting (also happens at interpreter exit)."""
+        if self.handle is not None:
+            self.handle.close(timeout)
+
+    def state(self) -> dict[str, Any]:
+        """w(0), step count and layer names, for a checkpoint (numpy arrays and Python values)."""
+        if self.handle is None:
+            raise RuntimeError("nothing to save before the first fit")
+        return self.handle.state()
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state` (now, or at the start of the next ``fit``)."""
+        if self.handle is not None:
+            self.handle.load_state(state)
+        else:
+            self._state = state
+
+    # ------------------------------------------------------------ Keras hooks
+    def _ensure_handle(self) -> TFWatchHandle:
+        model = self.model
+        if self.handle is not None and self._model_id == id(model):
+            return self.handle
+        if self.handle is not None:
+            log.warning("layrot: RotationCallback reused with another model; starting a new report")
+            self.handle.close()
+        optimizer = getattr(model, "optimizer", None)
+        start = 0
+        if optimizer is not None:
+            try:
+                start = int(optimizer.iterations.numpy())
+            except Exception:
+                start = 0
+        tracker = None
+        if self.report_loss:
+            lt = getattr(model, "_loss_tracker", None)
+            if lt is not None and hasattr(lt, "total") and hasattr(lt, "count"):
+                tracker = (lt.total, lt.count)
+        self.handle = TFWatchHandle(model, optimizer=optimizer, run=self.run, every=self.every, layers=self.layers,
+                                    collector=self.collector, token=self.token, control=self.control,
+                                    meta=self.meta, reporter_options=self.reporter_options,
+                                    loss_tracker=tracker, start_step=start)
+        self._model_id = id(model)
+        if self._state is not None:
+            state, self._state = self._state, None
+            self.handle.load_state(state)
+        return self.handle
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        handle = self._ensure_handle()
+        self._inflight = False
+        self._spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if self._spe > 1:
+            self._iter_mark = int(self.model.optimizer.iterations.numpy())
+        if handle._layca is not None:
+            handle._layca.step_boundary(handle.step_count + 1)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if self.handle is not None:
+            self.handle.reset_loss()  # Keras just reset its loss tracker
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        handle = self.handle
+        if handle is None:
+            return
+        if self._inflight:
+            self._observe()
+        elif handle._layca is not None:
+            handle._layca.step_boundary(handle.step_count + 1)
+        self._inflight = True
+
+    def on_test_begin(self, logs: Any = None) -> None:
+        self._observe()  # validation inside fit: the last step's weights and loss are final now
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self._observe()
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._observe()
+
+    def _observe(self) -> None:
+        if not self._inflight or self.handle is None:
+            return
+        self._inflight = False
+        if self._spe == 1:
+            n = 1
+        else:
+            now = int(self.model.optimizer.iterations.numpy())
+            n, self._iter_mark = now - self._iter_mark, now
+        self.handle.step(n)

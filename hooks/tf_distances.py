@@ -1,0 +1,240 @@
+"""Per-layer norms and distances on the device, for the TensorFlow / Keras hooks.
+
+One compiled ``tf.function`` per report computes, for every layer,
+
+    ||w(t)||, ||w(t) - w(0)||, ||w(t) - w(t-1)||, ||w(t-1)||,
+    (w(t) - w(0)).w(0), (w(t) - w(t-1)).w(t-1)
+
+(the rows of :data:`layrot.agent.reporter.ROWS`) plus the step's loss, and
+optionally refreshes the w(t-1) copy to w(t) in the same call. It returns one
+(7, L) float64 tensor that stays on the device until the reporter's background
+thread calls ``.numpy()``: the training thread never waits for it.
+
+Cost model: in TensorFlow a small model's measurement is dominated by op
+dispatch (an elementwise op on a 100 k-element tensor costs as much as the
+arithmetic of ten), so the graph uses the fewest full-size ops per layer: two
+differences, three fused sums of squares (``L2Loss``) and two dot products
+(``MatMul``); ||w(t-1)|| is remembered from the previous measurement instead of
+recomputed. A packed all-layers layout and XLA were both measured slower.
+
+Precision: the differences are formed in the weights' dtype (w(t) - w(t-1) is
+exact for small steps by Sterbenz's lemma); TensorFlow's full reductions sum
+pairwise, so sums of squares keep ~5e-8 relative accuracy at millions of
+elements (measured; a sequential float32 sum drifts to 1e-5), and the dots'
+error stays ~1e-8 of ||dw|| ||w||, which is what the collector's radial
+correction needs (see ``torch_distances``). Half-precision weights are widened
+to float32 first; results are float64.
+
+The loss of the reported step comes from either an explicit tensor argument
+(``tf.watch``'s ``observe_loss``) or a Keras ``Mean`` loss tracker
+(``model._loss_tracker``: ``total`` and ``count`` accumulate loss x batch size
+over the epoch, so the step's loss is the increment since the previous step).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+def as_tf_variable(v: Any) -> tf.Variable:
+    """The ``tf.Variable`` behind a Keras 3 ``keras.Variable`` (or ``v`` itself)."""
+    try:
+        import keras
+
+        if isinstance(v, keras.Variable):
+            return v.value
+    except Exception:  # pragma: no cover - keras absent
+        pass
+    if isinstance(v, tf.Variable):
+        return v
+    raise TypeError(f"expected a tf.Variable or keras.Variable, got {type(v).__name__}")
+
+
+def variable_name(v: Any) -> str:
+    """Display name: Keras 3 ``path`` ("model/dense/kernel"), else the TF name without ":0"."""
+    path = getattr(v, "path", None)
+    if isinstance(path, str) and path:
+        return path
+    name = getattr(v, "name", "") or "variable"
+    return name[:-2] if name.endswith(":0") else name
+
+
+def variable_names(variables: Sequence[Any]) -> list[str]:
+    """Names for all of a model's variables, stable across ``model.save`` / ``load_model``.
+
+    Keras prefixes variable paths with the model's name when layers are built
+    inside the model ("cnn/dense/kernel") but not when a loaded model rebuilds
+    them ("dense/kernel"), so a leading component shared by every variable is
+    dropped as long as each name keeps at least two components. Duplicates get
+    "#index". The hooks and Layca name layers with this same rule, so their
+    layer tables agree.
+    """
+    names = [variable_name(v) for v in variables]
+    parts = [n.split("/") for n in names]
+    if parts and all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1:
+        names = ["/".join(p[1:]) for p in parts]
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            names[i] = f"{n}#{i}"
+        seen.add(names[i])
+    return names
+
+
+def _work_dtype(dtype: tf.DType) -> tf.DType:
+    return dtype if dtype in (tf.float32, tf.float64) else tf.float32
+
+
+class TFLayerDistances:
+    """Device-side measurement of fixed weight variables against w(0) and w(t-1).
+
+    Args:
+        variables: the layer variables (``tf.Variable`` or ``keras.Variable``), layer order.
+        loss_tracker: optional ``(total, count)`` variables of a Keras ``Mean`` loss tracker.
+        jit_compile: compile the measurement with XLA (default off: on CPU XLA's
+            per-call cost exceeded the whole measurement for small models).
+
+    ``w0`` and ``prev`` (non-trainable variables on each layer's device) start as
+    the current weights.
+    """
+
+    def __init__(self, variables: Sequence[Any], loss_tracker: tuple[Any, Any] | None = None,
+                 jit_compile: bool | None = None) -> None:
+        self.params = [as_tf_variable(v) for v in variables]
+        if not self.params:
+            raise ValueError("no layers to measure")
+        self.num_layers = len(self.params)
+        with tf.init_scope():
+            self.w0: list[tf.Variable] = []
+            self.prev: list[tf.Variable] = []
+            for i, p in enumerate(self.params):
+                with tf.device(p.device):
+                    value = tf.identity(p.read_value())
+                    self.w0.append(tf.Variable(value, trainable=False, name=f"layrot_w0_{i}"))
+                    self.prev.append(tf.Variable(value, trainable=False, name=f"layrot_prev_{i}"))
+            with tf.device(self.params[0].device):
+                # ||w(t-1)||^2, known from the measurement or copy that set w(t-1).
+                self.prev_norm2 = tf.Variable(self._norms2(self.params), trainable=False,
+                                              name="layrot_prev_norm2")
+            self._tracker = None
+            if loss_tracker is not None:
+                self._tracker = tuple(as_tf_variable(v) for v in loss_tracker)
+                # (total, count) at the previous step; zeroed when Keras resets its metrics.
+                self._tracker_prev = tf.Variable(tf.zeros([2], tf.float64), trainable=False,
+                                                 name="layrot_loss_prev")
+            self._nan = tf.constant(math.nan, dtype=tf.float64)
+        self.jit_compile = bool(jit_compile)
+        # Python-static variants: calls without arguments are the cheapest to dispatch.
+        self._measure_fns = {
+            (refresh, with_loss): tf.function(
+                functools.partial(self._measure, refresh=refresh) if with_loss
+                else functools.partial(self._measure, None, refresh=refresh),
+                jit_compile=self.jit_compile, autograph=False)
+            for refresh in (False, True) for with_loss in (False, True)
+        }
+        self._concrete_fns: dict[bool, Any] = {}
+        self._copy_fn = tf.function(self._copy_prev, autograph=False)
+        self._copy_concrete: Any = None
+
+    # ------------------------------------------------------------ graph bodies
+    @staticmethod
+    def _read(v: tf.Variable) -> tf.Tensor:
+        x = v.read_value()
+        return x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+
+    @staticmethod
+    def _dot(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        # reduce_sum sums pairwise (unlike MatMul's blocked accumulation, also slower here).
+        return tf.reduce_sum(x * y)
+
+    def _norms2(self, params: Sequence[tf.Variable]) -> tf.Tensor:
+        return tf.cast(tf.stack([self._dot(x, x) for x in (self._read(p) for p in params)]), tf.float64)
+
+    def _loss(self, loss: tf.Tensor | None, refresh: bool) -> tf.Tensor:
+        if self._tracker is None:
+            return self._nan if loss is None else tf.reshape(tf.cast(loss, tf.float64), [])
+        total, count = (tf.cast(v.read_value(), tf.float64) for v in self._tracker)
+        prev = self._tracker_prev.read_value()
+        dc = count - prev[1]
+        step_loss = tf.where(dc > 0, (total - prev[0]) / tf.where(dc > 0, dc, 1.0), self._nan)
+        if refresh:
+            self._tracker_prev.assign(tf.stack([total, count]))
+        return step_loss
+
+    def _measure(self, loss: tf.Tensor | None, refresh: bool) -> tf.Tensor:
+        n2, d02, ds2, p0, ps, current = [], [], [], [], [], []
+        for p, a, b in zip(self.params, self.w0, self.prev):
+            w = self._read(p)
+            x0 = self._read(a)
+            xp = self._read(b)
+            d0 = w - x0
+            ds = w - xp
+            n2.append(self._dot(w, w))
+            d02.append(self._dot(d0, d0))
+            ds2.append(self._dot(ds, ds))
+            p0.append(self._dot(d0, x0))
+            ps.append(self._dot(ds, xp))
+            current.append(w)
+        sums = tf.cast(tf.stack([tf.stack(n2), tf.stack(d02), tf.stack(ds2), tf.stack(p0), tf.stack(ps)]),
+                       tf.float64)  # (5, L): float32 pairwise sums are carried in float64 from here
+        sq = tf.sqrt(tf.concat([sums[:3], self.prev_norm2.read_value()[None, :]], axis=0))
+        out = tf.concat([sq, sums[3:]], axis=0)  # (6, L)
+        if refresh:
+            # Auto control dependencies order these writes after the reads above.
+            for b, w in zip(self.prev, current):
+                b.assign(tf.cast(w, b.dtype))
+            self.prev_norm2.assign(sums[0])
+        step_loss = self._loss(loss, refresh)
+        loss_row = tf.concat([tf.reshape(step_loss, [1]), tf.fill([self.num_layers - 1], self._nan)], axis=0)
+        return tf.concat([out, loss_row[None, :]], axis=0)
+
+    def _copy_prev(self) -> None:
+        for b, p in zip(self.prev, self.params):
+            b.assign(p.read_value())
+        self.prev_norm2.assign(self._norms2(self.params))
+        if self._tracker is not None:
+            total, count = (tf.cast(v.read_value(), tf.float64) for v in self._tracker)
+            self._tracker_prev.assign(tf.stack([total, count]))
+
+    # ------------------------------------------------------------ host API
+    def measure(self, refresh_prev: bool, loss: Any = None) -> tf.Tensor:
+        """(7, L) float64 tensor on the device: the reporter's six rows, then the loss in [6, 0].
+
+        With ``refresh_prev`` the w(t-1) copy holds w(t) afterwards. No host sync.
+        """
+        if loss is None or self._tracker is not None:
+            return self._concrete(bool(refresh_prev))()
+        if not isinstance(loss, tf.Tensor):
+            loss = tf.constant(float(loss), tf.float64)
+        return self._measure_fns[(bool(refresh_prev), True)](loss)
+
+    def _concrete(self, refresh: bool) -> Any:
+        # Calling the traced graph directly skips tf.function's signature binding
+        # and cache lookup (~50 us per call on a small CPU).
+        fn = self._concrete_fns.get(refresh)
+        if fn is None:
+            fn = self._concrete_fns[refresh] = self._measure_fns[(refresh, False)].get_concrete_function()
+        return fn
+
+    def copy_prev(self) -> None:
+        """w(t-1) := w(t) for every layer (and the loss tracker snapshot). No host sync."""
+        if self._copy_concrete is None:
+            self._copy_concrete = self._copy_fn.get_concrete_function()
+        self._copy_concrete()
+
+    def reset_loss_tracker(self) -> None:
+        """Keras reset its metrics (a new epoch): the previous totals are zero again."""
+        if self._tracker is not None:
+            self._tracker_prev.assign(tf.zeros([2], tf.float64))
+
+    def w0_values(self) -> list[np.ndarray]:
+        """w(0) per layer as numpy arrays (layer order); one host copy."""
+        return [a.numpy().copy() for a in self.w0]
+
+    def set_w0(self, values: Sequence[Any]) -> None:
+        """Replace w(0) (resume from a checkpoint); values in layer order."""
+        for a, v in zip(self.w0, values):
+            a.assign(tf.cast(v, a.dtype))

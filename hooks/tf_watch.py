@@ -1,0 +1,392 @@
+"""``layrot.tf.watch``: layer rotation monitoring for TensorFlow / Keras custom training loops.
+
+Call ``handle.step()`` once after every optimizer step (after
+``optimizer.apply_gradients``, outside any ``tf.function``)::
+
+    handle = layrot.tf.watch(model, run="my-run")
+    for x, y in data:
+        loss = train_step(x, y)          # a tf.function that applies gradients
+        handle.observe_loss(loss)        # optional, no host sync
+        handle.step()
+
+On a reported step one compiled ``tf.function`` measures every layer on the
+device (``tf_distances``) and the resulting tensor goes to the background
+reporter, which is the only place that waits for it. On the step before a
+report the w(t-1) copy is refreshed; every other step costs a Python counter.
+
+Layers are the trainable variables with ndim >= 2 (kernels, embeddings), in the
+order of ``model.trainable_variables``: layer order for Sequential and functional
+models (the order layers are called in), attribute-assignment order for
+subclassed models. ``RotationCallback`` (``layrot.keras``) drives the same
+handle from ``model.fit``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord
+from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
+
+log = logging.getLogger("layrot.hooks.tf")
+
+_STATE_VERSION = 1
+
+LayerSelector = Union[None, str, "re.Pattern[str]", Sequence[str], Callable[[str, Any], bool]]
+
+
+def default_run_name() -> str:
+    """``LAYROT_RUN`` or ``<script>-<yyyymmdd-hhmmss>-<host>`` (the PyTorch hook's rule, without torch)."""
+    env = os.environ.get("LAYROT_RUN")
+    if env:
+        return env
+    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
+    return f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}"
+
+
+def _owner_types(target: Any) -> dict[int, str]:
+    """id(tf.Variable) -> class name of the innermost Keras layer owning it."""
+    owners: dict[int, str] = {}
+    flatten = getattr(target, "_flatten_layers", None)
+    if flatten is None:
+        return owners
+    try:
+        layers = list(flatten(include_self=True, recursive=True))
+    except Exception:
+        return owners
+    for layer in layers:  # parents come before children, so the innermost layer wins
+        for v in getattr(layer, "_trainable_variables", []) or []:
+            try:
+                owners[id(as_tf_variable(v))] = type(layer).__name__
+            except TypeError:
+                pass
+    return owners
+
+
+def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple[str, Any, str]]:
+    """(name, variable, owning layer type) of the selected layers, in the target's order.
+
+    ``target`` is a Keras model / layer, a ``tf.Module`` or a sequence of variables.
+    ``layers`` may be None (trainable variables with ndim >= 2), a regex
+    (``re.search`` on names: Keras variable paths such as ``"dense/kernel"``, without
+    the model-name prefix, see :func:`~layrot.hooks.tf_distances.variable_names`),
+    a sequence of exact names, or a predicate ``(name, variable) -> bool``.
+    """
+    if isinstance(target, (list, tuple)):
+        variables = list(target)
+        owners: dict[int, str] = {}
+    elif hasattr(target, "trainable_variables"):
+        variables = list(target.trainable_variables)
+        owners = _owner_types(target)
+    else:
+        raise TypeError(f"watch a Keras model, a tf.Module or a list of variables, got {type(target).__name__}")
+    variables = [v for v in variables if getattr(v, "trainable", True)]
+    named = list(zip(variable_names(variables), variables))
+    if layers is None:
+        chosen = [(n, v) for n, v in named if len(v.shape) >= 2]
+    elif isinstance(layers, (str, re.Pattern)):
+        pattern = re.compile(layers) if isinstance(layers, str) else layers
+        chosen = [(n, v) for n, v in named if pattern.search(n)]
+    elif callable(layers):
+        chosen = [(n, v) for n, v in named if layers(n, v)]
+    else:
+        wanted = list(layers)
+        by_name = dict(named)
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise ValueError(f"layers not found among the trainable variables: {unknown}")
+        chosen = [(n, by_name[n]) for n in wanted]
+    if not chosen:
+        raise ValueError("no layers selected: no trainable variable with ndim >= 2 matches `layers` "
+                         "(is the model built? call it once or pass input shapes)")
+    return [(n, v, owners.get(id(as_tf_variable(v)), "")) for n, v in chosen]
+
+
+class _HostValues:
+    """A (7, L) device measurement; the exporter thread pulls it to the host once."""
+
+    __slots__ = ("_tensor", "_host", "_num_layers")
+
+    def __init__(self, tensor: tf.Tensor, num_layers: int) -> None:
+        self._tensor = tensor
+        self._host: np.ndarray | None = None
+        self._num_layers = num_layers
+
+    def _get(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self._tensor.numpy()
+            self._tensor = None  # type: ignore[assignment]
+        return self._host
+
+    def values(self) -> np.ndarray:
+        return self._get()[:6, : self._num_layers]
+
+    def loss(self) -> float | None:
+        v = float(self._get()[6, 0])
+        return None if np.isnan(v) else v
+
+
+def _as_layca(optimizer: Any) -> Any:
+    try:
+        from layrot.hooks.layca_keras import Layca
+    except Exception:  # pragma: no cover - keras absent
+        return None
+    return optimizer if isinstance(optimizer, Layca) else None
+
+
+class TFWatchHandle:
+    """What ``layrot.tf.watch`` returns: owns the device measurement and the reporter.
+
+    Attributes:
+        run: the run id.
+        step_count: optimizer steps counted so far (restored by :meth:`load_state`).
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        optimizer: Any = None,
+        run: str | None = None,
+        every: int = 1,
+        layers: LayerSelector = None,
+        collector: str | None = None,
+        token: str | None = None,
+        control: bool = False,
+        meta: Mapping[str, str] | None = None,
+        reporter_options: Mapping[str, Any] | None = None,
+        loss_tracker: tuple[Any, Any] | None = None,
+        start_step: int = 0,
+        jit_compile: bool | None = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.run = run or default_run_name()
+        self.every = int(every)
+        self._collector = collector
+        self._token = token
+        self._meta = dict(meta or {})
+        self._reporter_options = dict(reporter_options or {})
+        if optimizer is None:
+            optimizer = getattr(target, "optimizer", None)
+        self._layca = _as_layca(optimizer)
+        if control and self._layca is None:
+            raise ValueError("control=True needs a layrot.keras.Layca optimizer (remote control sets Layca rates)")
+        self._control = control
+        chosen = candidate_variables(target, layers)
+        self._names = [n for n, _, _ in chosen]
+        self._vars = [v for _, v, _ in chosen]
+        self._types = [t for _, _, t in chosen]
+        self._dist = TFLayerDistances(self._vars, loss_tracker=loss_tracker, jit_compile=jit_compile)
+        self._init_norms = [float(np.linalg.norm(w.astype(np.float64).ravel())) for w in self._dist.w0_values()]
+        self._loss: Any = None
+        self._rho_index: np.ndarray | None = None
+        self._multi_warned = False
+        self.step_count = int(start_step)
+        self.reporter: Reporter | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ public API
+    @property
+    def layer_names(self) -> list[str]:
+        """Monitored layers, layer order (Keras variable paths without the model-name prefix)."""
+        return list(self._names)
+
+    @property
+    def stats(self) -> ReporterStats:
+        """Reporter counters (drops, acks, reconnects); zeros before the first step."""
+        return self.reporter.stats if self.reporter is not None else ReporterStats()
+
+    def observe_loss(self, loss: Any) -> None:
+        """Attach the current loss (a tensor or float) to the next reported step; no host sync."""
+        self._loss = loss
+
+    def step(self, n: int = 1) -> None:
+        """Count ``n`` optimizer steps just taken (call after ``apply_gradients``; eager code only).
+
+        ``n > 1`` (several steps inside one ``tf.function`` call) reports at this call
+        only, and the step angle then spans those steps.
+        """
+        if not tf.executing_eagerly():
+            raise RuntimeError("handle.step() runs outside tf.function: call it after your compiled train step")
+        if self._closed:
+            return
+        if self.reporter is None:
+            self._open()
+        n = int(n)
+        if n < 1:
+            return
+        if n > 1 and not self._multi_warned:
+            self._multi_warned = True
+            log.warning("layrot: %d optimizer steps between two observations (steps_per_execution > 1?); "
+                        "step angles span them; use steps_per_execution=1 for single-step angles", n)
+        t0 = self.step_count
+        t = t0 + n
+        self.step_count = t
+        report = t // self.every > t0 // self.every
+        # With multi-step calls the next observation may be the next report: keep w(t) then.
+        refresh = (t + 1) % self.every == 0 or self._multi_warned
+        if report:
+            self._report(t, refresh)
+        elif refresh:
+            self._dist.copy_prev()
+        self._loss = None
+        if self._layca is not None:
+            self._layca.step_boundary(t + 1)
+
+    def reset_loss(self) -> None:
+        """The loss tracker was reset (Keras does it at every epoch start)."""
+        self._dist.reset_loss_tracker()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the collector acknowledged every reported step (or timeout)."""
+        return self.reporter.flush(timeout) if self.reporter is not None else True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush what the collector can still take and stop the reporter's threads."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._layca is not None and self._control:
+            try:
+                self._layca.remove_command_listener(self._on_command_result)
+            except ValueError:
+                pass
+        if self.reporter is not None:
+            self.reporter.close(timeout)
+
+    def __enter__(self) -> "TFWatchHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs so a resumed job continues its rotation curves (numpy only)."""
+        return {
+            "version": _STATE_VERSION,
+            "run": self.run,
+            "step": self.step_count,
+            "names": list(self._names),
+            "w0": self._dist.w0_values(),
+            "init_norms": list(self._init_norms),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore w(0) and the step count saved by :meth:`state` (before the next step)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported layrot watch state version {state.get('version')!r}")
+        index = {n: i for i, n in enumerate(state["names"])}
+        missing = [n for n in self._names if n not in index]
+        if missing and len(state["names"]) == len(self._names) and all(
+                tuple(np.shape(w)) == tuple(v.shape) for w, v in zip(state["w0"], self._vars)):
+            # Same layers under other names (e.g. paths rebuilt by keras.models.load_model).
+            log.info("layrot: restoring w(0) by position: saved layers %s, now %s", state["names"], self._names)
+            index = {n: i for i, n in enumerate(self._names)}
+        elif missing:
+            raise ValueError(f"the saved state has no w(0) for layers {missing}")
+        self._dist.set_w0([state["w0"][index[n]] for n in self._names])
+        self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
+        self.step_count = int(state["step"])
+        self._dist.copy_prev()  # w(t-1) for the next step is what the model holds now
+        if self.reporter is not None:
+            log.warning("layrot: load_state after reporting began; the collector keeps the old layer norms")
+
+    # ------------------------------------------------------------ internals
+    def _open(self) -> None:
+        specs = [LayerSpec(name=n, index=i, shape=tuple(int(d) for d in v.shape), init_norm=nrm,
+                           numel=int(np.prod(v.shape)), module_type=t)
+                 for i, (n, v, nrm, t) in enumerate(zip(self._names, self._vars, self._init_norms, self._types))]
+        meta = dict(self._meta)
+        try:
+            import keras
+
+            meta.setdefault("keras", keras.__version__)
+        except Exception:  # pragma: no cover
+            pass
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        on_command = self._layca.submit_command if (self._control and self._layca is not None) else None
+        self.reporter = Reporter(
+            self.run, specs, collector=self._collector, token=self._token, framework="tensorflow",
+            framework_version=tf.__version__, rank=rank, world_size=world, every=self.every,
+            layca=self._layca is not None, control=self._control, loss=True, meta=meta,
+            on_command=on_command, **self._reporter_options,
+        )
+        if self._control and self._layca is not None:
+            self._layca.add_command_listener(self._on_command_result)
+
+    def _on_command_result(self, version: int, applied: bool, reason: str, step: int) -> None:
+        if self.reporter is not None:
+            if applied:
+                self.reporter.set_applied_version(version)
+            self.reporter.send_control_ack(version, applied, reason, step)
+
+    def _rates(self, t: int) -> np.ndarray | None:
+        layca = self._layca
+        if layca is None or not layca.built:
+            return None
+        if self._rho_index is None:
+            where = {n: i for i, n in enumerate(layca.layer_names)}
+            self._rho_index = np.array([where.get(n, -1) for n in self._names], dtype=np.int64)
+        rates = layca.rates_at(t)
+        out = np.full(len(self._names), np.nan)
+        ok = self._rho_index >= 0
+        out[ok] = rates[self._rho_index[ok]]
+        return out
+
+    def _report(self, t: int, refresh: bool) -> None:
+        packed = self._dist.measure(refresh_prev=refresh, loss=self._loss)
+        hv = _HostValues(packed, len(self._names))
+        rho = self._rates(t)
+        version = self._layca.command_version if self._layca is not None else 0
+        self.reporter.submit(StepRecord(step=t, time=time.time(), values=hv.values, loss=hv.loss,  # type: ignore
+                                        rho=rho, command_version=version))
+
+
+def watch(
+    model_or_variables: Any,
+    run: str | None = None,
+    every: int = 1,
+    layers: LayerSelector = None,
+    collector: str | None = None,
+    token: str | None = None,
+    control: bool = False,
+    *,
+    optimizer: Any = None,
+    meta: Mapping[str, str] | None = None,
+    reporter_options: Mapping[str, Any] | None = None,
+) -> TFWatchHandle:
+    """Stream per-layer rotation of a TensorFlow / Keras model from a custom training loop.
+
+    Args:
+        model_or_variables: a Keras model or layer, a ``tf.Module``, or a list of variables.
+        run: run id shared by all ranks; default ``LAYROT_RUN`` or script+time+host.
+        every: report every N optimizer steps (unreported steps cost a counter,
+            the step before a report one on-device copy).
+        layers: None (trainable variables with ndim >= 2), a regex on variable
+            paths, a list of paths or a predicate ``(name, variable) -> bool``.
+        collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
+        token: bearer token if the collector requires one (``LAYROT_TOKEN``).
+        control: accept remote Layca rate commands; needs a ``layrot.keras.Layca``
+            optimizer (``optimizer=`` or the model's compiled optimizer).
+        optimizer: the optimizer in use, when it is not ``model.optimizer``.
+        meta: free-form run metadata shown by the CLI.
+
+    Returns:
+        A :class:`TFWatchHandle`: call ``.step()`` after each optimizer step; it
+        has ``observe_loss()``, ``flush()``, ``close()``, ``stats``, ``layer_names``,
+        ``state()`` / ``load_state()``. An unreachable collector never slows or
+        stops training: one warning, counted drops, reconnection with backoff.
+    """
+    return TFWatchHandle(model_or_variables, optimizer=optimizer, run=run, every=every, layers=layers,
+                         collector=collector, token=token, control=control, meta=meta,
+                         reporter_options=reporter_options)
