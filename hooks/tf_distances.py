@@ -12,10 +12,11 @@ thread calls ``.numpy()``: the training thread never waits for it.
 
 Cost model: in TensorFlow a small model's measurement is dominated by op
 dispatch (an elementwise op on a 100 k-element tensor costs as much as the
-arithmetic of ten), so the graph uses the fewest full-size ops per layer: two
-differences, three fused sums of squares (``L2Loss``) and two dot products
-(``MatMul``); ||w(t-1)|| is remembered from the previous measurement instead of
-recomputed. A packed all-layers layout and XLA were both measured slower.
+arithmetic of ten), so the graph uses few full-size ops per layer: two
+differences and five product sums; ||w(t-1)|| is remembered from the
+measurement (or copy) that set w(t-1) instead of being recomputed. Measured
+and rejected as slower on CPU: float64 casts of the weights, a packed
+all-layers buffer with segment sums, MatMul dots, ``L2Loss`` and XLA.
 
 Precision: the differences are formed in the weights' dtype (w(t) - w(t-1) is
 exact for small steps by Sterbenz's lemma); TensorFlow's full reductions sum
@@ -38,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
+
 
 def as_tf_variable(v: Any) -> tf.Variable:
     """The ``tf.Variable`` behind a Keras 3 ``keras.Variable`` (or ``v`` itself)."""
