@@ -22,7 +22,8 @@ from layrot.proto import layrot_pb2_grpc as pb_grpc
 
 DEFAULT_COLLECTOR = "localhost:50051"
 
-__all__ = ["DEFAULT_COLLECTOR", "CollectorError", "History", "QueryClient", "default_address"]
+__all__ = ["DEFAULT_COLLECTOR", "CollectorError", "History", "QueryClient", "command_dict", "control_status_dict",
+           "default_address"]
 
 
 def default_address() -> str:
@@ -169,3 +170,62 @@ class QueryClient:
         return History(run=run, layer_names=names, steps=cat("steps", False).astype(np.int64),
                        times=cat("times", False), loss=cat("loss", False), rotation=cat("rotation"),
                        step_angle=cat("step_angle"), weight_norm=cat("weight_norm"), rho=cat("rho"))
+
+    # ------------------------------------------------------------ control plane
+    def set_control(self, run: str, command: pb.RateCommand) -> dict[str, Any]:
+        """Send a RateCommand for ``run`` (the collector assigns its version); returns the new status.
+
+        Needs the collector's token when it runs with one. The job applies the
+        command at its next step boundary; poll :meth:`get_control` for its answer.
+        """
+        try:
+            resp = self._stub.SetControl(pb.SetControlRequest(run=run, command=command), timeout=self.timeout,
+                                         metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return control_status_dict(resp)
+
+    def get_control(self, run: str) -> dict[str, Any]:
+        """Control status of ``run``: requested command, applied version/step, rejection, rates, audit."""
+        try:
+            resp = self._stub.GetControl(pb.GetControlRequest(run=run), timeout=self.timeout,
+                                         metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return control_status_dict(resp)
+
+
+def command_dict(cmd: pb.RateCommand) -> dict[str, Any]:
+    """A RateCommand as plain Python (an AdaptCopy table as its extent, not its bytes)."""
+    out: dict[str, Any] = {
+        "version": cmd.version, "run": cmd.run, "mode": cmd.mode or "layca", "alpha": cmd.alpha,
+        "schedule": None, "multipliers": list(cmd.multipliers), "layer_multipliers": dict(cmd.layer_multipliers),
+        "table": None, "reason": cmd.reason, "issued_by": cmd.issued_by, "issued_at": cmd.issued_at or None,
+        "controller": cmd.controller, "step_offset": cmd.step_offset,
+    }
+    if cmd.HasField("schedule"):
+        s = cmd.schedule
+        out["schedule"] = {"rho0": s.rho0, "kind": s.kind or "constant", "milestones": list(s.milestones),
+                           "factor": s.factor, "total_steps": s.total_steps, "rho_min": s.rho_min}
+    if cmd.HasField("table"):
+        t = cmd.table
+        n = len(t.rates) // (8 * t.num_layers) if t.num_layers else 0
+        out["table"] = {"start_step": t.start_step, "num_layers": t.num_layers, "num_steps": n}
+    return out
+
+
+def control_status_dict(st: pb.ControlStatus) -> dict[str, Any]:
+    """A ControlStatus as plain Python (see the proto for the fields)."""
+    return {
+        "run": st.run,
+        "requested": command_dict(st.requested) if st.requested.version else None,
+        "requested_version": st.requested.version,
+        "applied_version": st.applied_version,
+        "applied_step": st.applied_step,
+        "rejected_reason": st.rejected_reason,
+        "layer_names": list(st.layer_names),
+        "requested_rho": list(st.requested_rho),
+        "applied_rho": list(st.applied_rho),
+        "audit": [{"version": a.version, "time": a.time, "who": a.who, "what": a.what, "event": a.event,
+                   "step": a.step, "reason": a.reason} for a in st.audit],
+    }

@@ -25,6 +25,7 @@ import numpy as np
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import unpack
+from layrot.server import control
 from layrot.server import rotation as rot
 from layrot.server.state import ACK, END, CollectorState, LiveSession, Snapshot
 from layrot.server.store import LayerRecord, RunRecord, Store, insert_run_sql
@@ -107,6 +108,8 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.sessions: set[LiveSession] = set()
         store.on_commit = self._on_commit_thread
         store.on_failure = self._on_failure_thread
+        # Control plane (server/control.py): commands, their delivery and audit.
+        self.control = control.attach(state, store)
 
     # ------------------------------------------------------------ commits -> acks
     def _on_commit_thread(self, tokens: list[Any]) -> None:
@@ -288,6 +291,7 @@ class IngestServicer(pb_grpc.IngestServicer):
         rs.sessions.add(sess)
         log.info("session opened: run=%s rank=%d/%d pid=%d host=%s peer=%s", rs.run, sess.rank, sess.world_size,
                  sess.pid, sess.host, sess.peer)
+        self.control.on_hello(sess)
 
     # ------------------------------------------------------------ StepBatch
     def _batch(self, b: pb.StepBatch, sess: LiveSession) -> None:
@@ -412,6 +416,7 @@ class IngestServicer(pb_grpc.IngestServicer):
             "INSERT INTO control_acks (run_id, rank, session_id, version, applied, reason, step, time)"
             " VALUES (?,?,?,?,?,?,?,?)",
             (rs.run_id, sess.rank, sess.session_id, ack.version, int(ack.applied), ack.reason, ack.step, entry["time"]))
+        self.control.on_ack(sess, ack)
 
     # ------------------------------------------------------------ shutdown
     async def close_all(self, timeout: float = 5.0) -> None:

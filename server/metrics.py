@@ -31,6 +31,36 @@ log = logging.getLogger("layrot.server.metrics")
 LAYER_LABELS = ["run", "layer", "index"]
 
 
+def control_families(runs: list) -> Iterator[Metric]:
+    """Control plane metrics: requested rates and command versions (server/control.py).
+
+    ``layrot_layer_rho_requested`` is the current command evaluated at the run's
+    newest reported step; it is absent when the collector cannot know the rates
+    (no command, mode "off", or a command without a schedule).
+    """
+    requested = GaugeMetricFamily("layrot_layer_rho_requested",
+                                  "Layca per-layer rate the current control command asks for at the run's newest step",
+                                  labels=LAYER_LABELS)
+    version = GaugeMetricFamily("layrot_run_command_version_requested",
+                                "Version of the run's current control command (0 = none)", labels=["run"])
+    applied = GaugeMetricFamily("layrot_run_command_version_applied",
+                                "Newest control command version the job acknowledged as applied (0 = none)",
+                                labels=["run"])
+    for rs in runs:
+        rc = getattr(rs, "control", None)
+        if rc is None or rc.current is None:
+            continue
+        version.add_metric([rs.run], rc.version)
+        applied.add_metric([rs.run], rc.applied_state()[0])
+        snap = rs.primary()
+        rates = rc.requested_rates(snap.step if snap is not None else 1)
+        if rates is None:
+            continue
+        for i, (name, r) in enumerate(zip(rs.names, rates.tolist())):
+            requested.add_metric([rs.run, name, str(i)], r)
+    yield from (requested, version, applied)
+
+
 class LayrotCollector(Collector):
     """Metric families over a ``CollectorState`` (see module docstring for names)."""
 
@@ -59,7 +89,8 @@ class LayrotCollector(Collector):
                                   "Angle the layer's weights rotated in the last reported optimizer step",
                                   labels=LAYER_LABELS)
         norm = GaugeMetricFamily("layrot_layer_weight_norm", "L2 norm of the layer's weights", labels=LAYER_LABELS)
-        rho = GaugeMetricFamily("layrot_layer_rho", "Layca per-layer rotation rate of the last reported step",
+        rho = GaugeMetricFamily("layrot_layer_rho_applied",
+                                "Layca per-layer rotation rate the job applied at the last reported step",
                                 labels=LAYER_LABELS)
         step = GaugeMetricFamily("layrot_run_step", "Newest reported optimizer step", labels=["run"])
         last = GaugeMetricFamily("layrot_run_last_report_timestamp_seconds",
@@ -101,6 +132,7 @@ class LayrotCollector(Collector):
                 if rho_l is not None and not math.isnan(rho_l[i]):
                     rho.add_metric(labels, rho_l[i])
         yield from (rotation, angle, norm, rho, step, last, nlayers, rmin, rmean, connected, info, nonfinite)
+        yield from control_families(self.visible_runs())
 
         st = self.state
         yield CounterMetricFamily("layrot_samples_ingested", "Layer samples (steps x layers) stored in the history",

@@ -15,6 +15,7 @@ import numpy as np
 
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
+from layrot.server.control import ControlRefused, client_who
 from layrot.server.ingest import check_token
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store import Store
@@ -116,11 +117,27 @@ class QueryServicer(pb_grpc.QueryServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"{what} is not implemented by this collector version yet")
 
-    async def SetControl(self, request, context):  # noqa: D102 - later task
-        await self._unimplemented(context, "SetControl (remote rate control)", write=True)
+    # ------------------------------------------------------------ control (server/control.py)
+    async def SetControl(self, request: pb.SetControlRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ControlStatus:
+        """Version, store and push a RateCommand to the run's live sessions; returns the new status."""
+        if not check_token(context, self.token):
+            self.state.reject("unauthenticated_control")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
+        rs = await self._run(request.run, context)
+        plane = self.state.control
+        who = client_who(request.command.issued_by, context.peer())
+        try:
+            plane.set_command(rs, request.command, who)
+        except ControlRefused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return plane.status(rs)
 
-    async def GetControl(self, request, context):  # noqa: D102
-        await self._unimplemented(context, "GetControl (remote rate control)")
+    async def GetControl(self, request: pb.GetControlRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ControlStatus:
+        """Requested vs applied command of a run, per-layer rates, audit trail."""
+        rs = await self._run(request.run, context)
+        return self.state.control.status(rs)
 
     async def ListAlerts(self, request, context):  # noqa: D102
         await self._unimplemented(context, "ListAlerts (abrupt rotation alerts)")

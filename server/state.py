@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from layrot.server.control import RunControl
 from layrot.server.store import LayerRecord, RunRecord
 
 log = logging.getLogger("layrot.server.state")
@@ -116,6 +117,8 @@ class RunState:
         self.sessions: set[LiveSession] = set()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.control_acks: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
+        # Control plane: current command, per-rank answers, audit (server/control.py).
+        self.control = RunControl()
 
     @property
     def num_layers(self) -> int:
@@ -167,6 +170,8 @@ class CollectorState:
     sessions_lost: int = 0
     rejected: collections.Counter = field(default_factory=collections.Counter)
     next_run_id: int = 1
+    # The collector's ControlPlane (server/control.py), set when ingest starts.
+    control: Any = None
 
     def restore(self, records: list[RunRecord]) -> None:
         """Load runs from the history store (after a restart)."""

@@ -93,6 +93,29 @@ CREATE TABLE IF NOT EXISTS control_acks (
     step       INTEGER,
     time       REAL
 );
+-- Control plane (server/control.py): every RateCommand as sent, and the audit trail.
+CREATE TABLE IF NOT EXISTS commands (
+    run_id     INTEGER NOT NULL,
+    version    INTEGER NOT NULL,
+    time       REAL,
+    issued_by  TEXT,
+    controller TEXT,
+    command    BLOB,             -- serialized layrot.v1.RateCommand
+    PRIMARY KEY (run_id, version)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id  INTEGER NOT NULL,
+    version INTEGER,
+    time    REAL,
+    who     TEXT,
+    what    TEXT,
+    event   TEXT,                -- requested | sent | applied | rejected
+    step    INTEGER,
+    reason  TEXT,
+    rank    INTEGER
+);
+CREATE INDEX IF NOT EXISTS audit_run ON audit (run_id, id);
 """
 
 INSERT_STEP = (

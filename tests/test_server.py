@@ -272,7 +272,7 @@ def test_history_survives_restart(collector_factory, ingest, sim_job, tmp_path):
     np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-9)
     m = scrape(c2)
     assert value(m, "layrot_run_step", run="persist") == 7
-    assert value(m, "layrot_layer_rho", run="persist", index=0) == pytest.approx(np.tan(job.step_angle))
+    assert value(m, "layrot_layer_rho_applied", run="persist", index=0) == pytest.approx(np.tan(job.step_angle))
     # The job reconnects to the restarted collector and goes on.
     s2 = open_job(ingest, c2, job)
     s2.send(job.batch(2))
@@ -477,7 +477,7 @@ def test_metrics_names_labels_values(collector, ingest, sim_job):
             i = int(labels["index"])
             assert labels["layer"] == job.names[i]
             assert v == pytest.approx(truth[key][i], rel=1e-9)
-    assert len(m["layrot_layer_rho"]) == L
+    assert len(m["layrot_layer_rho_applied"]) == L
     assert value(m, "layrot_run_step", run="metrics") == 4
     assert value(m, "layrot_run_layers", run="metrics") == L
     assert value(m, "layrot_run_rotation_min", run="metrics") == pytest.approx(truth["rotation"].min(), rel=1e-9)
@@ -503,7 +503,7 @@ def test_no_rho_metric_without_layca(collector, ingest, sim_job):
     s.send(job.batch(1))
     s.wait_ack(1)
     m = scrape(collector)
-    assert m.get("layrot_layer_rho", []) == []
+    assert m.get("layrot_layer_rho_applied", []) == []
     with QueryClient(collector.grpc_address) as q:
         assert all(math.isnan(x["rho"]) for x in q.get_run("plain")["layers"])
 
@@ -561,8 +561,8 @@ def test_unknown_run_is_not_found(collector):
 
 def test_control_and_alert_calls_are_unimplemented_for_now(collector):
     stub = pb_grpc.QueryStub(grpc.insecure_channel(collector.grpc_address))
-    for call, req in ((stub.SetControl, pb.SetControlRequest(run="x")), (stub.GetControl, pb.GetControlRequest()),
-                      (stub.ListAlerts, pb.ListAlertsRequest()), (stub.SetThresholds, pb.SetThresholdsRequest())):
+    # SetControl / GetControl are implemented (tests/test_control.py).
+    for call, req in ((stub.ListAlerts, pb.ListAlertsRequest()), (stub.SetThresholds, pb.SetThresholdsRequest())):
         with pytest.raises(grpc.RpcError) as e:
             call(req)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not implemented" in e.value.details()
@@ -594,5 +594,6 @@ def test_token_required_for_ingest_and_writes_not_reads(collector_factory, inges
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as e:
         stub.SetControl(pb.SetControlRequest(run="auth"), metadata=[("authorization", "Bearer s3cret")])
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # Past the token check; refused because this job did not opt in to control.
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "opt in" in e.value.details()
     assert value(scrape(c), "layrot_messages_rejected_total", reason="unauthenticated") == 2

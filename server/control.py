@@ -1,0 +1,332 @@
+"""The collector's control plane: versioned RateCommands per run, delivery, acks, audit.
+
+A run has at most one *current* command. ``SetControl`` gives it the next
+version of the run, stores it, and pushes it on every open, control-capable
+session of the run; a session that (re)connects gets the current command
+again right after its Hello. Delivery is at least once: the job's Layca
+answers a repeated version with its earlier result and changes nothing, so a
+resend after a reconnect never applies a command twice.
+
+The job is the authority on what it runs: it validates every command (finite
+numbers, its own ``rho_max``, known layer names) and acknowledges the version
+it applied or the reason it refused. The collector records those answers and
+keeps an audit trail (requested / sent / applied / rejected, who, when,
+what, at which step), in memory for status queries and in the history store
+for restarts.
+
+Everything here runs on the collector's asyncio loop thread, except
+``RunControl.requested_rates`` which the metrics thread calls: it only reads
+attributes that are replaced in one assignment.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import sqlite3
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from layrot.hooks.rates import RateRule, rule_from_command, validate_command
+from layrot.proto import layrot_pb2 as pb
+
+if TYPE_CHECKING:  # imported for type hints only: state.py imports this module
+    from layrot.server.state import CollectorState, LiveSession, RunState
+    from layrot.server.store import Store
+
+log = logging.getLogger("layrot.server.control")
+
+# Audit entries kept in memory per run (all of them are in the store).
+AUDIT_KEEP = 1000
+# Newest audit entries returned by GetControl.
+STATUS_AUDIT = 200
+# The collector does not know a job's rho_max; requested rates are computed
+# for display only, so any finite bound that accepts every sane command works.
+_DISPLAY_RHO_MAX = 1e300
+
+INSERT_COMMAND = ("INSERT OR REPLACE INTO commands (run_id, version, time, issued_by, controller, command)"
+                  " VALUES (?,?,?,?,?,?)")
+INSERT_AUDIT = ("INSERT INTO audit (run_id, version, time, who, what, event, step, reason, rank)"
+                " VALUES (?,?,?,?,?,?,?,?,?)")
+
+
+class ControlRefused(Exception):
+    """SetControl cannot be accepted for this run (e.g. the job did not opt in)."""
+
+
+def describe_command(cmd: pb.RateCommand) -> str:
+    """One human-readable line for a RateCommand (audit trails, logs, CLI)."""
+    mode = cmd.mode or "layca"
+    if mode == "off":
+        return "off: back to the job's own Layca settings"
+    parts = [f"mode={mode}", f"alpha={cmd.alpha:g}"]
+    if cmd.HasField("schedule"):
+        s = cmd.schedule
+        kind = s.kind or "constant"
+        parts.append(f"rho0={s.rho0:g} schedule={kind}")
+        if kind == "step":
+            parts.append(f"milestones={[float(m) if m < 1 else int(m) for m in s.milestones]} factor={s.factor:g}")
+        if s.total_steps:
+            parts.append(f"total_steps={s.total_steps}")
+        if kind == "cosine":
+            parts.append(f"rho_min={s.rho_min:g}")
+    else:
+        parts.append("schedule=job's own")
+    if len(cmd.multipliers):
+        m = np.asarray(cmd.multipliers, dtype=np.float64)
+        parts.append(f"multipliers[{m.size}] min={m.min():.3g} max={m.max():.3g}")
+    if cmd.layer_multipliers:
+        items = sorted(cmd.layer_multipliers.items())
+        shown = ", ".join(f"{k}={v:g}" for k, v in items[:4])
+        parts.append(f"layers {{{shown}{', ...' if len(items) > 4 else ''}}}")
+    if cmd.HasField("table"):
+        t = cmd.table
+        n = len(t.rates) // (8 * t.num_layers) if t.num_layers else 0
+        parts.append(f"table steps {t.start_step}..{t.start_step + max(n, 1) - 1} ({n} x {t.num_layers})")
+    if cmd.step_offset:
+        parts.append(f"step_offset={cmd.step_offset}")
+    if cmd.controller:
+        parts.append(f"controller={cmd.controller}")
+    return " ".join(parts)
+
+
+def _requested_rule(cmd: pb.RateCommand, names: list[str]) -> RateRule | None:
+    """The rule a command asks for, if the collector can know it (not for "off" or no schedule)."""
+    if (cmd.mode or "layca") == "off" or not cmd.HasField("schedule"):
+        return None
+    if validate_command(cmd, names, _DISPLAY_RHO_MAX) is not None:
+        return None
+    try:
+        return rule_from_command(cmd, names, RateRule(tuple(names)))
+    except Exception:
+        return None
+
+
+class RunControl:
+    """Control state of one run: current command, per-rank answers, recent audit."""
+
+    def __init__(self) -> None:
+        self.last_version = 0                       # highest version assigned (or seen from a job)
+        self.current: pb.RateCommand | None = None  # the command in force on the collector's side
+        self.rule: RateRule | None = None           # its rule, for requested rates
+        self.applied: dict[int, tuple[int, int, float]] = {}   # rank -> (version, step, time)
+        self.rejected: dict[int, tuple[int, str]] = {}         # rank -> (version, reason)
+        self.audit: collections.deque[pb.AuditEntry] = collections.deque(maxlen=AUDIT_KEEP)
+
+    @property
+    def version(self) -> int:
+        """Version of the current command (0 = none)."""
+        return self.current.version if self.current is not None else 0
+
+    def applied_state(self) -> tuple[int, int]:
+        """(version, first step) applied by the lowest rank that answered; (0, 0) if none."""
+        if not self.applied:
+            return 0, 0
+        v, step, _ = self.applied[min(self.applied)]
+        return v, step
+
+    def rejected_reason(self) -> str:
+        """Why the current version was refused (first rank that refused it), else ''."""
+        v = self.version
+        for rank in sorted(self.rejected):
+            rv, reason = self.rejected[rank]
+            if rv == v and v > 0:
+                return reason or "rejected"
+        return ""
+
+    def requested_rates(self, step: int) -> np.ndarray | None:
+        """Per-layer rates the current command asks for at ``step`` (None when unknown)."""
+        rule = self.rule
+        if rule is None:
+            return None
+        return rule.rates(max(int(step), 1))
+
+
+class ControlPlane:
+    """Commands, delivery and audit for every run of one collector (loop thread)."""
+
+    def __init__(self, state: "CollectorState", store: "Store") -> None:
+        self.state = state
+        self.store = store
+
+    # ------------------------------------------------------------ restore
+    def restore(self) -> None:
+        """Load current commands, per-rank answers and recent audit from the store."""
+        try:
+            self._restore(self.store.reader())
+        except sqlite3.Error:  # an old db without the tables: nothing to restore
+            log.exception("control plane: cannot restore commands from the history store")
+
+    def _restore(self, conn: sqlite3.Connection) -> None:
+        by_id = {rs.run_id: rs for rs in self.state.runs.values()}
+        n = 0
+        for run_id, version, blob in conn.execute(
+                "SELECT run_id, version, command FROM commands c WHERE version ="
+                " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)"):
+            rs = by_id.get(run_id)
+            if rs is None:
+                continue
+            cmd = pb.RateCommand()
+            cmd.ParseFromString(blob)
+            rc = rs.control
+            rc.current = cmd
+            rc.rule = _requested_rule(cmd, rs.names)
+            rc.last_version = max(rc.last_version, int(version))
+            n += 1
+        for run_id, rank, version, step, t in conn.execute(
+                "SELECT run_id, rank, version, step, time FROM audit a WHERE event = 'applied' AND id ="
+                " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"):
+            rs = by_id.get(run_id)
+            if rs is not None:
+                rs.control.applied[int(rank)] = (int(version), int(step or 0), float(t or 0.0))
+        for run_id, rank, version, reason in conn.execute(
+                "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
+                " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"):
+            rs = by_id.get(run_id)
+            if rs is not None:
+                rs.control.rejected[int(rank)] = (int(version), reason or "")
+        for rs in by_id.values():
+            rows = conn.execute(
+                "SELECT version, time, who, what, event, step, reason FROM audit WHERE run_id = ?"
+                " ORDER BY id DESC LIMIT ?", (rs.run_id, AUDIT_KEEP)).fetchall()
+            for version, t, who, what, event, step, reason in reversed(rows):
+                rs.control.audit.append(pb.AuditEntry(version=version or 0, time=t or 0.0, who=who or "",
+                                                      what=what or "", event=event or "", step=step or 0,
+                                                      reason=reason or ""))
+        if n:
+            log.info("control plane: restored the current command of %d runs", n)
+
+    # ------------------------------------------------------------ audit
+    def _audit(self, rs: "RunState", version: int, event: str, who: str, what: str = "", step: int = 0,
+               reason: str = "", rank: int | None = None) -> None:
+        entry = pb.AuditEntry(version=version, time=time.time(), who=who, what=what, event=event, step=step,
+                              reason=reason)
+        rs.control.audit.append(entry)
+        self.store.submit(INSERT_AUDIT, (rs.run_id, version, entry.time, who, what, event, step, reason, rank))
+
+    @staticmethod
+    def _job_who(sess: "LiveSession") -> str:
+        return f"job rank {sess.rank} (pid {sess.pid}@{sess.host or '?'})"
+
+    # ------------------------------------------------------------ SetControl
+    @staticmethod
+    def controllable(rs: "RunState") -> bool:
+        """True when the run opted in to remote control (now or in its first Hello)."""
+        if rs.capabilities.get("control"):
+            return True
+        return any(s.capabilities.get("control") for s in rs.sessions)
+
+    def set_command(self, rs: "RunState", cmd: pb.RateCommand, who: str) -> pb.RateCommand:
+        """Version, store and push a command for ``rs``; returns the stored command.
+
+        Raises ControlRefused when the run did not opt in to remote control.
+        The command's content is checked by the job, not here (only the job
+        knows its ``rho_max``), so a bad command is stored, sent, refused by the
+        job with a reason, and shows up as rejected in the status.
+        """
+        if not self.controllable(rs):
+            raise ControlRefused(
+                f"run {rs.run!r} did not opt in to remote control: start it with "
+                "layrot.watch(model, optimizer, run=..., control=True) and a layrot.Layca optimizer")
+        rc = rs.control
+        stored = pb.RateCommand()
+        stored.CopyFrom(cmd)
+        rc.last_version += 1
+        stored.version = rc.last_version
+        stored.run = rs.run
+        stored.issued_at = time.time()
+        if not stored.issued_by:
+            stored.issued_by = who
+        if not stored.controller:
+            stored.controller = "off" if stored.mode == "off" else "manual"
+        rc.current = stored
+        rc.rule = _requested_rule(stored, rs.names)
+        self.store.submit(INSERT_COMMAND, (rs.run_id, stored.version, stored.issued_at, stored.issued_by,
+                                           stored.controller, stored.SerializeToString()))
+        what = describe_command(stored)
+        self._audit(rs, stored.version, "requested", who, what, reason=stored.reason)
+        log.info("control: run %s version %d requested by %s: %s", rs.run, stored.version, who, what)
+        for sess in list(rs.sessions):
+            self._push(rs, sess, stored, "")
+        return stored
+
+    def _push(self, rs: "RunState", sess: "LiveSession", cmd: pb.RateCommand, reason: str) -> None:
+        if not sess.capabilities.get("control") or sess.closing:
+            return
+        sess.send(pb.CollectorMessage(rate_command=cmd))
+        self._audit(rs, cmd.version, "sent", f"collector -> {self._job_who(sess)}", reason=reason, rank=sess.rank)
+
+    # ------------------------------------------------------------ session events
+    def on_hello(self, sess: "LiveSession") -> None:
+        """A session opened: re-send the run's current command if the job takes commands."""
+        rs = sess.run
+        if rs is None:
+            return
+        rc = rs.control
+        # A job that ran a version this collector never assigned (lost db):
+        # continue above it, or the job would refuse new commands as stale.
+        if sess.applied_command_version > rc.last_version:
+            rc.last_version = sess.applied_command_version
+        if rc.current is not None and rc.current.version > 0:
+            self._push(rs, sess, rc.current, "re-sent on (re)connect")
+
+    def on_ack(self, sess: "LiveSession", ack: pb.ControlAck) -> None:
+        """The job answered a command: record applied/rejected and audit it."""
+        rs = sess.run
+        if rs is None:
+            return
+        rc = rs.control
+        who = self._job_who(sess)
+        if ack.applied:
+            prev = rc.applied.get(sess.rank)
+            if prev is None or ack.version >= prev[0]:
+                rc.applied[sess.rank] = (int(ack.version), int(ack.step), time.time())
+            old = rc.rejected.get(sess.rank)
+            if old is not None and old[0] <= ack.version:
+                del rc.rejected[sess.rank]
+            self._audit(rs, ack.version, "applied", who, step=ack.step, rank=sess.rank)
+        else:
+            rc.rejected[sess.rank] = (int(ack.version), ack.reason)
+            self._audit(rs, ack.version, "rejected", who, step=ack.step, reason=ack.reason or "rejected",
+                        rank=sess.rank)
+        if ack.version > rc.last_version:
+            rc.last_version = int(ack.version)
+
+    # ------------------------------------------------------------ status
+    def status(self, rs: "RunState", audit_limit: int = STATUS_AUDIT) -> pb.ControlStatus:
+        """ControlStatus of a run: requested vs applied, per-layer rates, newest audit entries."""
+        rc = rs.control
+        applied_version, applied_step = rc.applied_state()
+        out = pb.ControlStatus(run=rs.run, applied_version=applied_version, applied_step=applied_step,
+                               rejected_reason=rc.rejected_reason(), layer_names=rs.names)
+        if rc.current is not None:
+            out.requested.CopyFrom(rc.current)
+        audit = list(rc.audit)[-audit_limit:] if audit_limit > 0 else []
+        out.audit.extend(audit)
+        snap = rs.primary()
+        step = snap.step if snap is not None else 1
+        req = rc.requested_rates(step)
+        if req is not None:
+            out.requested_rho.extend(req.tolist())
+        if snap is not None and snap.rho is not None:
+            out.applied_rho.extend(float(x) for x in snap.rho)
+        return out
+
+
+def attach(state: "CollectorState", store: "Store") -> ControlPlane:
+    """Create the control plane of a collector, restore it, and hang it on ``state.control``."""
+    plane = ControlPlane(state, store)
+    plane.restore()
+    state.control = plane  # type: ignore[attr-defined]
+    return plane
+
+
+def client_who(request_who: str, peer: str) -> str:
+    """'issued_by (peer)' for the audit trail; the token is shared, so issued_by is self-declared."""
+    who = request_who.strip() or "unknown"
+    return f"{who} from {peer}" if peer else who
+
+
+__all__ = ["AUDIT_KEEP", "ControlPlane", "ControlRefused", "RunControl", "attach", "client_who",
+           "describe_command"]
