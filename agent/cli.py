@@ -365,6 +365,10 @@ def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
     run_demo(steps=steps, every=every, out=out, serve=serve)
 
 
+from layrot.agent.control_cli import control_group  # noqa: E402 - attached after the commands above
+cli.add_command(control_group)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``layrot-agent``."""
     try:

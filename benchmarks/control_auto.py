@@ -1,0 +1,242 @@
+"""``control auto`` on a small real task vs plain SGD at its best learning rate.
+
+Task: scikit-learn's bundled 8x8 digits (1500 train / 297 test images), a CNN
+with BatchNorm (5 layers: three convolutions, two linear layers).
+
+- auto: SGD momentum 0.9 wrapped in ``layrot.Layca`` (rho0 = 3^-3, x0.2 decays at
+  80/90/97 % of training), watched with ``control=True``, steered by the real
+  ``layrot-agent control auto`` CLI process through an embedded collector.
+- plain SGD momentum 0.9 with the same step decays, learning rates swept; the
+  best is the one with the highest test accuracy (ties: the larger rotation).
+
+Rotations are the cosine distance of each layer's weights to their
+initialization, computed here in float64 from the weights (independently of
+the collector). Prints per-layer rotations, the median and minimum, and test
+accuracy of both.
+
+    python benchmarks/control_auto.py [--steps 1000] [--lrs 0.01,0.03,0.1,0.3] [--interval 0.1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+BATCH = 64
+MILESTONES = (0.8, 0.9, 0.97)
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits, scaled to [0, 1], a fixed 1500 / 297 split."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1500], perm[1500:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """Conv(1->32, 5x5) - Conv(32->32) - pool - Conv(32->32) - pool - Linear(128->64) - Linear(64->10), BN after convs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def layer_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.ndim >= 2]
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """1 - cos(a, b) as |a^ - b^|^2 / 2 in float64 (no cancellation)."""
+    u = a.detach().double().flatten()
+    v = b.detach().double().flatten()
+    d = torch.linalg.vector_norm(u / u.norm() - v / v.norm())
+    return float(0.5 * d * d)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    model.train()
+    return acc
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, data: tuple, seed: int = 1,
+          sched: Any = None, every_step: Any = None, observe: Any = None) -> None:
+    xtr, ytr = data[0], data[1]
+    g = torch.Generator().manual_seed(seed)
+    for t in range(1, steps + 1):
+        idx = torch.randint(0, len(ytr), (BATCH,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+        loss.backward()
+        if observe is not None:
+            observe(loss)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if every_step is not None:
+            every_step(t)
+
+
+def run_sgd(lr: float, steps: int, data: tuple, seed: int = 0) -> dict[str, Any]:
+    """Plain SGD momentum 0.9 with x0.2 decays at 80/90/97 %: final rotations and test accuracy."""
+    model = make_model(seed)
+    w0 = [p.detach().clone() for p in layer_params(model)]
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * steps) for m in MILESTONES], 0.2)
+    train(model, opt, steps, data, sched=sched)
+    rot = [cosine_distance(a, b) for a, b in zip(w0, layer_params(model))]
+    return {"lr": lr, "rotation": rot, "acc": accuracy(model, data[2], data[3])}
+
+
+def make_auto_job(address: str, run: str, steps: int, seed: int = 0) -> tuple[nn.Module, Any, Any, list]:
+    """The controlled job: Layca(SGD momentum 0.9) at 3^-3 with the step decays, watch(control=True)."""
+    import layrot
+    from layrot.hooks.rates import RhoSchedule
+
+    model = make_model(seed)
+    w0 = [p.detach().clone() for p in layer_params(model)]
+    schedule = RhoSchedule(rho0=3 ** -3, kind="step", milestones=MILESTONES, total_steps=steps)
+    # rho_max 1.0: the controller itself stays below its own --rho-max (0.5).
+    opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), schedule=schedule, rho_max=1.0)
+    handle = layrot.watch(model, opt, run=run, collector=address, control=True,
+                          reporter_options={"flush_interval": 0.02})
+    return model, opt, handle, w0
+
+
+def run_auto_inline(address: str, run: str, steps: int, data: tuple, tick_every: int = 10,
+                    seed: int = 0, **controller: Any) -> dict[str, Any]:
+    """The auto controller ticked from the training loop every ``tick_every`` steps (deterministic timing).
+
+    Measurements and commands still travel through the real collector: the
+    controller reads rotations with GetRun and sends commands with SetControl.
+    """
+    from layrot.agent.query import QueryClient
+    from layrot.controllers.auto import AutoController
+
+    model, opt, handle, w0 = make_auto_job(address, run, steps, seed)
+    q = QueryClient(address)
+    ctl = AutoController(q, run, steps, **controller)
+
+    def every_step(t: int) -> None:
+        if t % tick_every == 0 and t < steps:
+            handle.flush()  # the controller sees the rotations of step t
+            if ctl.tick(q.get_run(run)) is not None:
+                # Deterministic timing: the command governs step t + 1 exactly.
+                deadline = time.monotonic() + 5.0
+                while handle.stats.commands_received < len(ctl.versions) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+
+    try:
+        train(model, opt, steps, data, every_step=every_step, observe=handle.observe_loss)
+        handle.flush()
+    finally:
+        handle.close()
+        q.close()
+    rot = [cosine_distance(a, b) for a, b in zip(w0, layer_params(model))]
+    return {"rotation": rot, "acc": accuracy(model, data[2], data[3]), "versions": len(ctl.versions),
+            "multipliers": None if ctl.multipliers is None else ctl.multipliers.tolist()}
+
+
+def run_auto_cli(address: str, run: str, steps: int, data: tuple, interval: float, seed: int = 0,
+                 step_sleep: float = 0.0) -> dict[str, Any]:
+    """The real ``layrot-agent control auto`` process steering a job trained here."""
+    model, opt, handle, w0 = make_auto_job(address, run, steps, seed)
+    cmd = [sys.executable, "-m", "layrot.agent.cli", "control", "auto", run, "--target", "1.0",
+           "--total-steps", str(steps), "--interval", str(interval), "--collector", address, "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.perf_counter()
+
+        def every_step(t: int) -> None:
+            if step_sleep:
+                time.sleep(step_sleep)
+
+        train(model, opt, steps, data, every_step=every_step, observe=handle.observe_loss)
+        handle.flush()
+        train_s = time.perf_counter() - t0
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        handle.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"control auto failed ({proc.returncode}): {err.strip()[-2000:]}")
+    summary = json.loads(out)
+    rot = [cosine_distance(a, b) for a, b in zip(w0, layer_params(model))]
+    return {"rotation": rot, "acc": accuracy(model, data[2], data[3]), "versions": len(summary["versions"]),
+            "multipliers": summary["multipliers"], "stopped": summary["reason"], "train_s": train_s,
+            "collector_rotation": summary["rotation"]}
+
+
+def best_sgd(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Highest test accuracy; ties go to the larger median rotation (the stronger baseline)."""
+    return max(results, key=lambda r: (round(r["acc"], 6), float(np.median(r["rotation"]))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lrs", default="0.01,0.03,0.1,0.3")
+    ap.add_argument("--interval", type=float, default=0.1, help="seconds between controller updates")
+    ap.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per training step (slower job)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inline", action="store_true",
+                    help="tick the controller from the training loop instead of the CLI process")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from layrot.server.app import Collector
+
+    data = digits()
+    with tempfile.TemporaryDirectory() as tmp:
+        with Collector(grpc_port=0, metrics_port=None, db_path=Path(tmp) / "auto.db") as c:
+            t0 = time.perf_counter()
+            if args.inline:
+                auto = run_auto_inline(c.grpc_address, "auto", args.steps, data, seed=args.seed)
+            else:
+                auto = run_auto_cli(c.grpc_address, "auto", args.steps, data, args.interval, seed=args.seed,
+                                    step_sleep=args.step_sleep)
+            auto_s = time.perf_counter() - t0
+    sgd = [run_sgd(float(lr), args.steps, data, seed=args.seed) for lr in args.lrs.split(",")]
+    best = best_sgd(sgd)
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        rot = np.asarray(r["rotation"])
+        return (f"{name:<22} acc {r['acc']:.4f}  median {np.median(rot):.3f}  min {rot.min():.3f}  "
+                f"[{', '.join(f'{x:.3f}' for x in rot)}]")
+
+    print(f"digits CNN, {args.steps} steps, batch {BATCH}, torch threads {args.threads}, seed {args.seed}")
+    print(row("Layca + control auto", auto))
+    print(f"{'':<22} {auto['versions']} commands"
+          + (f", stopped: {auto['stopped']}; training {auto['train_s']:.1f} s" if "stopped" in auto else "")
+          + f"; total {auto_s:.1f} s")
+    if auto.get("multipliers"):
+        print(f"{'':<22} final multipliers [{', '.join(f'{m:.2f}' for m in auto['multipliers'])}]")
+    for r in sgd:
+        print(row(f"SGD lr={r['lr']:g}" + (" (best)" if r is best else ""), r))
+    ok = min(auto["rotation"]) >= 0.9 and float(np.median(best["rotation"])) < float(np.median(auto["rotation"]))
+    print(f"claim (every auto layer >= 0.9, best SGD median lower): {'holds' if ok else 'DOES NOT HOLD'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
