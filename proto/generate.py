@@ -18,15 +18,17 @@ GENERATED = ("layrot_pb2.py", "layrot_pb2_grpc.py", "layrot_pb2.pyi")
 
 def generate(out_dir: Path) -> None:
     """Write the generated modules into ``out_dir``."""
-    from grpc_tools import protoc  # dev-only dependency
     import importlib.resources
+    import subprocess
 
-    include = str(importlib.resources.files("grpc_tools") / "_proto")
+    include = str(importlib.resources.files("grpc_tools") / "_proto")  # dev-only dependency
     with tempfile.TemporaryDirectory() as tmp:
         # Map this folder to the virtual path layrot/proto so the generated
         # imports read "from layrot.proto import layrot_pb2".
+        # protoc runs in its own process: its bundled C++ protobuf must not meet
+        # whatever extension modules the calling process has loaded.
         args = [
-            "protoc",
+            sys.executable, "-m", "grpc_tools.protoc",
             f"-I{include}",
             f"-Ilayrot/proto={HERE}",
             f"--python_out={tmp}",
@@ -34,8 +36,9 @@ def generate(out_dir: Path) -> None:
             f"--grpc_python_out={tmp}",
             f"layrot/proto/{PROTO}",
         ]
-        if protoc.main(args) != 0:
-            raise SystemExit("protoc failed")
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"protoc failed: {done.stderr.strip()}")
         for name in GENERATED:
             (out_dir / name).write_text((Path(tmp) / "layrot" / "proto" / name).read_text())
 
