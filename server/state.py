@@ -172,6 +172,8 @@ class CollectorState:
     next_run_id: int = 1
     # The collector's ControlPlane (server/control.py), set when ingest starts.
     control: Any = None
+    # The collector's AlertEngine (server/alerts.py), set at start; None in bare states.
+    alerts: Any = None
 
     def restore(self, records: list[RunRecord]) -> None:
         """Load runs from the history store (after a restart)."""

@@ -83,6 +83,27 @@ CREATE TABLE IF NOT EXISTS steps (
     dotstep         BLOB,        -- (w(t) - w(t-1)).w(t-1), idem
     PRIMARY KEY (run_id, rank, step)
 );
+-- Alert engine (server/alerts.py): every alert raised, and per-run threshold overrides.
+CREATE TABLE IF NOT EXISTS alerts (
+    id          INTEGER PRIMARY KEY,
+    run         TEXT NOT NULL,
+    layer       TEXT,            -- '' for run-level alerts
+    step        INTEGER,
+    kind        TEXT,            -- abrupt_rotation | divergence | stalled | rejections
+    severity    TEXT,            -- warning | critical
+    angle       REAL,            -- radians, NULL when not an angle alert
+    baseline    REAL,
+    time        REAL,            -- unix seconds at which the collector raised it
+    message     TEXT,
+    loss_before REAL,
+    loss_after  REAL
+);
+CREATE INDEX IF NOT EXISTS alerts_run ON alerts (run, id);
+CREATE TABLE IF NOT EXISTS alert_thresholds (
+    run       TEXT PRIMARY KEY,
+    overrides TEXT,              -- json of the fields SetThresholds set for this run
+    updated   REAL
+);
 CREATE TABLE IF NOT EXISTS control_acks (
     run_id     INTEGER NOT NULL,
     rank       INTEGER,
