@@ -13,13 +13,15 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from layrot.proto import layrot_pb2_grpc as pb_grpc
+from layrot.server.alertmanager import AlertmanagerPusher
+from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
 from layrot.server.ingest import IngestServicer
 from layrot.server.metrics import LayrotCollector, MetricsServer
 from layrot.server.query import QueryServicer
@@ -56,7 +58,10 @@ class Collector:
 
     def __init__(self, grpc_host: str = "127.0.0.1", grpc_port: int = 0, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = 0, db_path: str | Path = "layrot.db", token: str | None = None,
-                 run_ttl: float = 86400.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 run_ttl: float = 86400.0, max_message_bytes: int = MAX_MESSAGE_BYTES, alerts: bool = True,
+                 thresholds: Thresholds | Mapping[str, Any] | None = None,
+                 alertmanager_url: str | Sequence[str] | None = None, alert_quiet: float = 300.0,
+                 alert_resend: float = 60.0) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
         self.metrics_host = metrics_host
@@ -65,6 +70,15 @@ class Collector:
         self.token = token or None
         self.run_ttl = run_ttl
         self.max_message_bytes = max_message_bytes
+        # Alerts (server/alerts.py, server/alertmanager.py): see _start_alerts.
+        self.alerts_enabled = alerts
+        self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds(**dict(thresholds or {}))
+        urls = [alertmanager_url] if isinstance(alertmanager_url, str) else list(alertmanager_url or ())
+        self.alertmanager_urls = [u for u in urls if u]
+        self.alert_quiet = alert_quiet
+        self.alert_resend = alert_resend
+        self.alert_engine: AlertEngine | None = None
+        self._pushers: list[AlertmanagerPusher] = []
         self.state = CollectorState()
         self.store: Store | None = None
         self.ingest: IngestServicer | None = None
@@ -106,6 +120,7 @@ class Collector:
         self.state = CollectorState()
         self.state.restore(self.store.load_runs())
         self.ingest = IngestServicer(self.state, self.store, self.token)
+        self._start_alerts()
         try:
             if self.metrics_port is not None:
                 self.metrics = MetricsServer(LayrotCollector(self.state, self.store, self.run_ttl),
@@ -177,8 +192,11 @@ class Collector:
         for service in ("", INGEST_SERVICE, QUERY_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        alert_timer = self._start_alert_timer()
         self._ready.set()
         grace = await self._stop_future
+        if alert_timer is not None:
+            alert_timer.cancel()
         await self.health.enter_graceful_shutdown()
         # End sessions ourselves first: each gets its final Ack and a clean
         # end of stream, so jobs reconnect instead of seeing an abort.
@@ -199,12 +217,38 @@ class Collector:
         log.info("collector stopped")
 
     def _cleanup_side_services(self) -> None:
+        self._stop_alerts()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    # ------------------------------------------------------------ alerts
+    def _start_alerts(self) -> None:
+        """Alert hub (memory, store, counters, pushers) and engine on the fresh state."""
+        assert self.store is not None
+        self._pushers = [AlertmanagerPusher(u, quiet=self.alert_quiet, resend=self.alert_resend).start()
+                         for u in self.alertmanager_urls]
+        hub = AlertHub(self.store, self._pushers)
+        hub.restore()
+        engine = AlertEngine(hub, self.thresholds, enabled=self.alerts_enabled)
+        engine.restore_thresholds()
+        self.alert_engine = self.state.alerts = engine
+        if self._pushers:
+            log.info("pushing alerts to Alertmanager: %s", ", ".join(p.url for p in self._pushers))
+
+    def _start_alert_timer(self) -> asyncio.Task | None:
+        """The engine's timer (late losses, stalled runs, rejection bursts) on the collector loop."""
+        if self.alert_engine is None:
+            return None
+        return asyncio.get_running_loop().create_task(self.alert_engine.run_timer(self.state))
+
+    def _stop_alerts(self) -> None:
+        for p in self._pushers:
+            p.close()
+        self._pushers = []
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until SIGTERM/SIGINT, then stop cleanly (store flushed)."""

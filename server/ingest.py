@@ -369,6 +369,9 @@ class IngestServicer(pb_grpc.IngestServicer):
             if extra is not None:
                 bad |= ~np.isfinite(extra)
         nonfinite = int(np.count_nonzero(bad))
+        alerts = self.state.alerts
+        if alerts is not None and alerts.enabled:  # alert engine (server/alerts.py): vectorised, never raises
+            alerts.observe(sess.run, sess.rank, steps, angle, bad, rho, b.loss)
 
         stride = L * 8
         rot_b = rotation.tobytes()

@@ -153,6 +153,8 @@ class LayrotCollector(Collector):
                                     value=self.store.pending_rows)
             yield CounterMetricFamily("layrot_store_errors", "Failed history store transactions",
                                       value=self.store.errors)
+        if st.alerts is not None:  # layrot_alerts_total{run,layer,kind,severity} etc. (server/alerts.py)
+            yield from st.alerts.hub.metric_families(rs.run for rs in self.visible_runs())
 
 
 class _Server(ThreadingWSGIServer):

@@ -139,12 +139,44 @@ class QueryServicer(pb_grpc.QueryServicer):
         rs = await self._run(request.run, context)
         return self.state.control.status(rs)
 
-    async def ListAlerts(self, request, context):  # noqa: D102
-        await self._unimplemented(context, "ListAlerts (abrupt rotation alerts)")
+    # ------------------------------------------------------------ alerts (server/alerts.py)
+    async def _alert_hub(self, context: grpc.aio.ServicerContext):
+        engine = self.state.alerts
+        if engine is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector has no alert engine")
+        return engine
 
-    async def WatchAlerts(self, request, context):  # noqa: D102
-        await self._unimplemented(context, "WatchAlerts (abrupt rotation alerts)")
-        yield pb.Alert()  # pragma: no cover - makes this an async generator like the real one
+    async def ListAlerts(self, request: pb.ListAlertsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListAlertsResponse:
+        """Kept alerts (oldest first) of one run or all, newer than ``since``, the newest ``limit`` (0 = all)."""
+        engine = await self._alert_hub(context)
+        return pb.ListAlertsResponse(alerts=engine.hub.list(request.run, request.limit, request.since))
 
-    async def SetThresholds(self, request, context):  # noqa: D102
-        await self._unimplemented(context, "SetThresholds (alert thresholds)", write=True)
+    async def WatchAlerts(self, request: pb.ListAlertsRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Alert]:
+        """The newest ``limit`` kept alerts newer than ``since`` (none if limit is 0), then each new alert live."""
+        engine = await self._alert_hub(context)
+        try:
+            async for alert in engine.hub.watch(request.run, request.limit, request.since):
+                yield alert
+        except OverflowError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    async def SetThresholds(self, request: pb.SetThresholdsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.Thresholds:
+        """Change a run's thresholds (run "" = collector defaults); returns the effective ones.
+
+        Per field: 0 keeps the current value (all zero = just read them), a
+        negative value goes back to the default, anything else sets it.
+        """
+        if not check_token(context, self.token):
+            self.state.reject("unauthenticated_thresholds")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
+        engine = await self._alert_hub(context)
+        if not engine.enabled:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "alerts are disabled on this collector (it runs with --no-alerts)")
+        try:
+            return engine.set_thresholds(request.run, request.thresholds).to_pb()
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad thresholds: {exc}")
