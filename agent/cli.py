@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 import click
 
+from layrot.agent.alerts_cli import alerts_command, serve_alert_options
 from layrot.agent.query import DEFAULT_COLLECTOR, CollectorError, History, QueryClient
 
 log = logging.getLogger("layrot.agent.cli")
@@ -124,8 +125,9 @@ def cli(log_level: str) -> None:
               help="Require 'authorization: Bearer TOKEN' for ingest and write calls (reads stay open).")
 @click.option("--run-ttl", default=86400.0, show_default=True, type=float,
               help="Seconds after its last report that a disconnected run leaves /metrics (history is kept).")
+@serve_alert_options
 def serve(grpc_host: str, grpc_port: int, metrics_host: str, metrics_port: int, db: str, token: str | None,
-          run_ttl: float) -> None:
+          run_ttl: float, alert_options: dict[str, Any]) -> None:
     """Run the collector daemon: gRPC ingest and queries, /metrics, history store.
 
     Stops cleanly on SIGTERM / Ctrl-C (pending history is flushed).
@@ -136,11 +138,12 @@ def serve(grpc_host: str, grpc_port: int, metrics_host: str, metrics_port: int, 
       layrot-agent serve
       layrot-agent serve --grpc-port 50051 --metrics-port 9400 --db /data/layrot.db
       LAYROT_TOKEN=s3cret layrot-agent serve --grpc-host 0.0.0.0
+      layrot-agent serve --alertmanager http://alertmanager:9093 --alert-abs-angle 0.25
     """
     from layrot.server.app import Collector  # the daemon's dependencies only load here
 
     collector = Collector(grpc_host=grpc_host, grpc_port=grpc_port, metrics_host=metrics_host,
-                          metrics_port=metrics_port, db_path=db, token=token, run_ttl=run_ttl)
+                          metrics_port=metrics_port, db_path=db, token=token, run_ttl=run_ttl, **alert_options)
     try:
         collector.start()
     except Exception as exc:
@@ -365,6 +368,7 @@ def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
     run_demo(steps=steps, every=every, out=out, serve=serve)
 
 
+cli.add_command(alerts_command)
 from layrot.agent.control_cli import control_group  # noqa: E402 - attached after the commands above
 cli.add_command(control_group)
 

@@ -62,6 +62,14 @@ class History:
         return int(self.steps.size)
 
 
+def alert_dict(a: pb.Alert) -> dict[str, Any]:
+    """An Alert as plain Python: run, layer, step, kind, severity, angle and baseline (radians), time
+    (unix seconds), message, loss_before, loss_after; NaN where unknown."""
+    return {"run": a.run, "layer": a.layer, "step": a.step, "kind": a.kind, "severity": a.severity,
+            "angle": a.angle, "baseline": a.baseline, "time": a.time, "message": a.message,
+            "loss_before": a.loss_before, "loss_after": a.loss_after}
+
+
 def _summary(s: pb.RunSummary) -> dict[str, Any]:
     return {
         "run": s.run, "framework": s.framework, "host": s.host, "world_size": s.world_size, "step": s.step,
@@ -108,6 +116,57 @@ class QueryClient:
         else:
             msg = details or (code.name if code else "query failed")
         return CollectorError(msg, code)
+
+    # ------------------------------------------------------------ alerts
+    def list_alerts(self, run: str | None = None, limit: int = 0, since: float = 0.0) -> list[dict[str, Any]]:
+        """Alerts the collector keeps (oldest first), as dicts (see :func:`alert_dict`).
+
+        ``run`` None = every run; ``since`` unix seconds; ``limit`` the newest N (0 = all kept).
+        """
+        try:
+            resp = self._stub.ListAlerts(pb.ListAlertsRequest(run=run or "", limit=limit, since=since),
+                                         timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return [alert_dict(a) for a in resp.alerts]
+
+    def watch_alerts(self, run: str | None = None, since: float = 0.0, backlog: int = 0) -> Iterator[dict[str, Any]]:
+        """Alerts as the collector raises them, forever (until the caller stops iterating or the collector goes).
+
+        First the newest ``backlog`` kept alerts with time >= ``since``. Close the
+        generator (or break out of the loop) to end the stream.
+        """
+        call = self._stub.WatchAlerts(pb.ListAlertsRequest(run=run or "", limit=backlog, since=since),
+                                      metadata=self._metadata)
+        try:
+            for a in call:
+                yield alert_dict(a)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise self._error(exc) from None
+        finally:
+            call.cancel()
+
+    def set_thresholds(self, run: str | None = None, **values: float) -> dict[str, Any]:
+        """Set alert thresholds of ``run`` (None = collector defaults); returns the effective thresholds.
+
+        Keyword arguments: abs_angle, k, window, warmup, stall_seconds, min_angle.
+        Omitted fields keep their value, a negative value goes back to the default,
+        no argument at all just reads them. Needs the token when the collector has one.
+        """
+        bad = set(values) - set(pb.Thresholds.DESCRIPTOR.fields_by_name)
+        if bad:
+            raise ValueError(f"unknown threshold(s) {sorted(bad)}; known: "
+                             f"{sorted(pb.Thresholds.DESCRIPTOR.fields_by_name)}")
+        try:
+            resp = self._stub.SetThresholds(
+                pb.SetThresholdsRequest(run=run or "", thresholds=pb.Thresholds(**{k: v for k, v in values.items()
+                                                                                    if v is not None})),
+                timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return {f.name: getattr(resp, f.name) for f in pb.Thresholds.DESCRIPTOR.fields}
 
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run the collector knows, as dicts (see ``RunSummary`` in the proto)."""
