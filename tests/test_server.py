@@ -559,15 +559,6 @@ def test_unknown_run_is_not_found(collector):
         q.get_run("nope")
 
 
-def test_control_and_alert_calls_are_unimplemented_for_now(collector):
-    stub = pb_grpc.QueryStub(grpc.insecure_channel(collector.grpc_address))
-    # SetControl / GetControl are implemented (tests/test_control.py).
-    for call, req in ((stub.ListAlerts, pb.ListAlertsRequest()), (stub.SetThresholds, pb.SetThresholdsRequest())):
-        with pytest.raises(grpc.RpcError) as e:
-            call(req)
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not implemented" in e.value.details()
-
-
 # ---------------------------------------------------------------- health and auth
 def test_health_serving(collector):
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(collector.grpc_address))
