@@ -13,81 +13,22 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 import click
 
 from layrot.agent.alerts_cli import alerts_command, serve_alert_options
-from layrot.agent.query import DEFAULT_COLLECTOR, CollectorError, History, QueryClient
+from layrot.agent.grafana import grafana_group
+from layrot.agent.cli_common import (
+    CONTEXT_SETTINGS, age as _age, client as _client, collector_options, echo_json as _echo_json, fmt as _fmt,
+    num as _num, table as _table,
+)
+from layrot.agent.control_cli import control_group
+from layrot.agent.query import CollectorError, History
 
 log = logging.getLogger("layrot.agent.cli")
 
 EXPORT_FIELDS = ("run", "step", "layer", "layer_index", "rotation", "step_angle", "weight_norm", "rho")
-
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def collector_options(fn: Callable) -> Callable:
-    """--collector and --token, shared by every command that talks to a collector."""
-    fn = click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True,
-                      help="Bearer token of the collector (only needed for write calls when it runs with --token).")(fn)
-    fn = click.option("--collector", "collector", envvar="LAYROT_COLLECTOR", default=DEFAULT_COLLECTOR,
-                      show_default=True, show_envvar=True, metavar="ADDR",
-                      help="Collector gRPC address host:port.")(fn)
-    return fn
-
-
-def _client(collector: str, token: str | None) -> QueryClient:
-    return QueryClient(collector, token)
-
-
-def _num(x: float | None) -> float | None:
-    """JSON-safe number: NaN/Inf become null."""
-    if x is None or not math.isfinite(x):
-        return None
-    return float(x)
-
-
-def _fmt(x: float | None, spec: str = ".4g") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return format(x, spec)
-
-
-def _age(t: float | None, now: float) -> str:
-    if not t:
-        return "never"
-    d = max(0.0, now - t)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if d >= size:
-            return f"{d / size:.0f}{unit} ago"
-    return f"{d:.0f}s ago"
-
-
-def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return _num(obj)
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(_jsonable(obj), indent=2, allow_nan=False))
-
 
 # ---------------------------------------------------------------- group
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -369,7 +310,7 @@ def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
 
 
 cli.add_command(alerts_command)
-from layrot.agent.control_cli import control_group  # noqa: E402 - attached after the commands above
+cli.add_command(grafana_group)
 cli.add_command(control_group)
 
 

@@ -8,7 +8,6 @@ validates it, applies it at its next step boundary and acknowledges the version.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -17,60 +16,12 @@ from typing import Any
 
 import click
 
-from layrot.agent.query import DEFAULT_COLLECTOR, CollectorError, QueryClient
+from layrot.agent.cli_common import (
+    CONTEXT_SETTINGS, client as _client, collector_options, echo_json as _echo_json, fmt as _fmt, table as _table,
+)
+from layrot.agent.query import CollectorError, QueryClient
 
 __all__ = ["control_group"]
-
-# The helpers below mirror agent/cli.py's. They are not imported from there:
-# cli.py attaches this group at its end, so under ``python -m layrot.agent.cli``
-# importing it back would be circular.
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def collector_options(fn: Any) -> Any:
-    """--collector and --token (same names, defaults and environment variables as the other commands)."""
-    fn = click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True,
-                      help="Bearer token of the collector (needed for control when it runs with --token).")(fn)
-    fn = click.option("--collector", "collector", envvar="LAYROT_COLLECTOR", default=DEFAULT_COLLECTOR,
-                      show_default=True, show_envvar=True, metavar="ADDR",
-                      help="Collector gRPC address host:port.")(fn)
-    return fn
-
-
-def _fmt(x: float | None, spec: str = ".4g") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return format(x, spec)
-
-
-def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(_jsonable(obj), indent=2, allow_nan=False))
-
-
-def _client(collector: str, token: str | None) -> QueryClient:
-    return QueryClient(collector, token)
 
 
 def _fail(exc: Exception) -> click.ClickException:
