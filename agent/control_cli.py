@@ -271,13 +271,17 @@ def _stop_on_signals() -> threading.Event:
                    " rates can wreck training).")
 @click.option("--min-mult", type=float, default=0.25, show_default=True,
               help="Smallest multiplier (how much a layer ahead of the reference is slowed).")
+@click.option("--loss-guard", type=float, default=0.75, show_default=True,
+              help="Back off when the job's smoothed training loss climbs above this fraction of its initial"
+                   " loss (needs handle.observe_loss in the job; 0 = off).")
 @click.option("--interval", type=float, default=5.0, show_default=True, help="Seconds between updates.")
 @click.option("--wait", "wait", type=float, default=60.0, show_default=True,
               help="Seconds to wait for the run to appear.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @collector_options
 def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: float, milestones: str, factor: float,
-             reach: float, rho_max: float, min_mult: float, interval: float, wait: float, as_json: bool,
+             reach: float, rho_max: float, min_mult: float, loss_guard: float, interval: float, wait: float,
+             as_json: bool,
              collector: str, token: str | None) -> None:
     """Closed loop: steer per-layer multipliers so every layer of RUN reaches --target.
 
@@ -303,7 +307,8 @@ def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: floa
     try:
         with _client(collector, token) as q:
             ctl = AutoController(q, run, total_steps, target=target, reach=reach, rho0=rho0, alpha=alpha,
-                                 milestones=ms, factor=factor, rho_max=rho_max, min_mult=min_mult)
+                                 milestones=ms, factor=factor, rho_max=rho_max, min_mult=min_mult,
+                                 loss_guard=loss_guard)
             summary = ctl.run_loop(interval=interval, wait=wait, stop=stop, echo=echo)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -313,8 +318,8 @@ def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: floa
         _echo_json(summary)
     else:
         rot = ", ".join(_fmt(r, ".3f") for r in summary["rotation"])
-        click.echo(f"stopped: {summary['reason']}; {len(summary['versions'])} commands sent; "
-                   f"rotations [{rot}]")
+        click.echo(f"stopped: {summary['reason']}; {len(summary['versions'])} commands sent, "
+                   f"{summary['backoffs']} loss-guard back-offs; rotations [{rot}]")
 
 
 @control_group.command("copy", context_settings=CONTEXT_SETTINGS)

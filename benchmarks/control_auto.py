@@ -153,7 +153,8 @@ def run_auto_inline(address: str, run: str, steps: int, data: tuple, tick_every:
         q.close()
     rot = [cosine_distance(a, b) for a, b in zip(w0, layer_params(model))]
     return {"rotation": rot, "acc": accuracy(model, data[2], data[3]), "versions": len(ctl.versions),
-            "multipliers": None if ctl.multipliers is None else ctl.multipliers.tolist()}
+            "multipliers": None if ctl.multipliers is None else ctl.multipliers.tolist(),
+            "backoffs": ctl.policy.backoffs if ctl.policy is not None else 0}
 
 
 def run_auto_cli(address: str, run: str, steps: int, data: tuple, interval: float, seed: int = 0,
@@ -182,9 +183,15 @@ def run_auto_cli(address: str, run: str, steps: int, data: tuple, interval: floa
         raise RuntimeError(f"control auto failed ({proc.returncode}): {err.strip()[-2000:]}")
     summary = json.loads(out)
     rot = [cosine_distance(a, b) for a, b in zip(w0, layer_params(model))]
+    from layrot.agent.query import QueryClient
+
+    with QueryClient(address) as q:
+        loss = q.history(run).loss
     return {"rotation": rot, "acc": accuracy(model, data[2], data[3]), "versions": len(summary["versions"]),
             "multipliers": summary["multipliers"], "stopped": summary["reason"], "train_s": train_s,
-            "collector_rotation": summary["rotation"]}
+            "backoffs": summary["backoffs"],
+            "collector_rotation": summary["rotation"],
+            "loss_by_tenth": [float(np.nanmean(x)) for x in np.array_split(loss, 10)]}
 
 
 def best_sgd(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -226,9 +233,11 @@ def main() -> None:
 
     print(f"digits CNN, {args.steps} steps, batch {BATCH}, torch threads {args.threads}, seed {args.seed}")
     print(row("Layca + control auto", auto))
-    print(f"{'':<22} {auto['versions']} commands"
+    print(f"{'':<22} {auto['versions']} commands, {auto.get('backoffs', 0)} loss-guard back-offs"
           + (f", stopped: {auto['stopped']}; training {auto['train_s']:.1f} s" if "stopped" in auto else "")
           + f"; total {auto_s:.1f} s")
+    if "loss_by_tenth" in auto:
+        print(f"{'':<22} training loss by tenth of training [{', '.join(f'{x:.3f}' for x in auto['loss_by_tenth'])}]")
     if auto.get("multipliers"):
         print(f"{'':<22} final multipliers [{', '.join(f'{m:.2f}' for m in auto['multipliers'])}]")
     for r in sgd:

@@ -21,11 +21,16 @@ small layer only bounces around its current region however large its rate
 (measured on a digits CNN: the first convolution stalled near 0.85 at 23
 degrees per step when boosted from 30 % of training on, and reached 0.96-0.98
 when boosted from the start). The cap matters: at rho_max 0.5 some seeds of
-that CNN died (constant predictions); 0.4 is the default. The controller runs as a loop in
-the operator's process (``layrot-agent control auto``), reads rotations through
-the collector's Query service and sends commands through SetControl; it keeps
-no state on the collector and can be stopped and restarted at any time (it
-restarts from multipliers 1 and catches up within a few updates).
+that CNN died (constant predictions); 0.4 is the default. Even at 0.4 a run
+can die (2 of 8 CLI runs on that CNN), so a loss guard backs every multiplier
+off while the job's training loss climbs back towards its initial value (see
+:meth:`AutoPolicy.observe_loss`); none of the 6 runs measured with it died.
+
+The controller runs as a loop in the operator's process (``layrot-agent
+control auto``): it reads rotations (GetRun) and losses (GetHistory) through
+the collector's Query service and sends commands through SetControl. It keeps
+no state on the collector; stopped and restarted, it starts again from
+multipliers 1 (the job keeps the last command meanwhile).
 """
 from __future__ import annotations
 
@@ -61,6 +66,9 @@ class AutoPolicy:
         kp, ki: proportional and integral gains (on log multipliers).
         min_mult: smallest multiplier (how far a leading layer is slowed down).
         max_mult: largest multiplier, per layer or one for all.
+        loss_guard: back off (halve every multiplier's integral part) when the mean
+            training loss since the previous update climbs back above this fraction
+            of the first such mean (the loss of the untrained network); 0 disables it.
     """
 
     num_layers: int
@@ -71,8 +79,13 @@ class AutoPolicy:
     ki: float = 40.0
     min_mult: float = 0.25
     max_mult: np.ndarray | float = 10.0
+    loss_guard: float = 0.75
     integral: np.ndarray = field(init=False)
     last_step: int = field(init=False, default=0)
+    first_loss: float = field(init=False, default=math.nan)
+    loss_ema: float = field(init=False, default=math.nan)
+    _armed: bool = field(init=False, default=False, repr=False)
+    backoffs: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -92,6 +105,37 @@ class AutoPolicy:
         """D(x): the rotation the layers should have at ``step``."""
         x = min(1.0, max(0, step) / (self.reach * self.total_steps))
         return self.target * math.sqrt(x)
+
+    def observe_loss(self, loss: float) -> bool:
+        """Feed the mean training loss since the previous update; True when the policy backed off.
+
+        Rotating layers fast shakes the network and the loss rises while it does;
+        that is expected. A loss climbing back towards that of the untrained network
+        means the rates are destroying what was learned (measured: a digits CNN
+        driven by this controller without the guard died in 2 of 8 runs, its loss
+        stuck at ln 10), so every multiplier's integral part is halved, at every
+        update, until the loss (smoothed over updates) is back under ``loss_guard``
+        times the first one.
+        A guard relative to the best loss instead fires on ordinary noise once the
+        loss is small, and starves the controller.
+        """
+        if self.loss_guard <= 0 or not math.isfinite(loss):
+            return False
+        if math.isnan(self.first_loss):
+            self.first_loss = loss  # the untrained network's loss is the reference, not the EMA's start
+            return False
+        # Smoothed over a few updates: a dying run's loss climbs for many steps,
+        # while single noisy windows must not cost the laggards their progress.
+        self.loss_ema = loss if math.isnan(self.loss_ema) else 0.7 * self.loss_ema + 0.3 * loss
+        limit = self.loss_guard * self.first_loss
+        if not self._armed:  # only a loss that fell below the limit can climb back above it
+            self._armed = self.loss_ema <= limit
+            return False
+        if self.loss_ema > limit:
+            self.integral = np.maximum(self.integral - math.log(2.0), self._log_lo)
+            self.backoffs += 1
+            return True
+        return False
 
     def update(self, step: int, rotation: np.ndarray) -> np.ndarray:
         """New multipliers from the rotations measured at ``step`` (NaN = unknown, no change)."""
@@ -119,13 +163,16 @@ class AutoController:
         rho_max: the largest per-step rate the controller may ask (<= the job's rho_max).
         min_change: send a new command only when some multiplier moved by more
             than this fraction (fewer versions, shorter audit trail).
+        loss_guard: see :class:`AutoPolicy`; it needs the job to report its loss
+            (``handle.observe_loss(loss)``), else it stays inactive.
     """
 
     def __init__(self, client: QueryClient, run: str, total_steps: int, *, target: float = 1.0,
                  reach: float = 0.2, kp: float = 3.0, ki: float = 40.0, min_mult: float = 0.25,
                  rho0: float = 3.0 ** -3, alpha: float = 0.0,
                  milestones: tuple[float, ...] = (0.8, 0.9, 0.97), factor: float = 0.2,
-                 rho_max: float = 0.4, min_change: float = 0.02, issued_by: str | None = None) -> None:
+                 rho_max: float = 0.4, min_change: float = 0.02, loss_guard: float = 0.75,
+                 issued_by: str | None = None) -> None:
         self.client = client
         self.run = run
         self.total_steps = int(total_steps)
@@ -136,13 +183,15 @@ class AutoController:
         if rho0 <= 0 or rho0 > rho_max:
             raise ValueError(f"rho0 must be in (0, rho_max={rho_max:g}], got {rho0:g}")
         self.policy_args = dict(total_steps=self.total_steps, target=target, reach=reach, kp=kp, ki=ki,
-                                min_mult=min_mult)
+                                min_mult=min_mult, loss_guard=loss_guard)
         self.min_change = float(min_change)
         self.issued_by = issued_by or issuer()
         self.policy: AutoPolicy | None = None
         self.multipliers: np.ndarray | None = None
         self.versions: list[int] = []
         self.updates = 0
+        self._loss_from = 0
+        self._last_loss = math.nan
 
     def _make_policy(self, num_layers: int) -> AutoPolicy:
         profile = alpha_profile(self.alpha, num_layers)
@@ -160,6 +209,20 @@ class AutoController:
         return profile_command(alpha=self.alpha, schedule=self.schedule, multipliers=multipliers.tolist(),
                                reason=reason, controller="auto", issued_by=self.issued_by)
 
+    def window_loss(self, step: int) -> float:
+        """Mean training loss the job reported since the previous update (NaN without losses)."""
+        if self.policy is None or self.policy.loss_guard <= 0 or step <= self._loss_from:
+            return math.nan
+        try:
+            loss = self.client.history(self.run, since_step=self._loss_from + 1, until_step=step).loss
+        except CollectorError as exc:
+            log.warning("auto: cannot read the loss: %s", exc)
+            return math.nan
+        self._loss_from = step
+        ok = loss[np.isfinite(loss)]
+        self._last_loss = float(ok.mean()) if ok.size else math.nan
+        return self._last_loss
+
     def tick(self, detail: dict) -> int | None:
         """One control update from a ``get_run`` result; returns the version sent, or None."""
         layers = detail["layers"]
@@ -167,11 +230,16 @@ class AutoController:
             self.policy = self._make_policy(len(layers))
         step = int(detail["step"])
         rotation = np.array([lay["rotation"] for lay in layers], dtype=np.float64)
+        backed_off = self.policy.observe_loss(self.window_loss(step))
         m = self.policy.update(step, rotation)
         self.updates += 1
         if self.multipliers is not None and np.all(np.abs(m / self.multipliers - 1.0) <= self.min_change):
             return None
-        status = self.client.set_control(self.run, self.command(m, step, rotation))
+        cmd = self.command(m, step, rotation)
+        if backed_off:
+            cmd.reason += (f"; loss {self._last_loss:.3g} > {self.policy.loss_guard:g} x initial "
+                           f"{self.policy.first_loss:.3g}: backing off")
+        status = self.client.set_control(self.run, cmd)
         self.multipliers = m
         version = int(status["requested_version"])
         self.versions.append(version)
@@ -215,5 +283,6 @@ class AutoController:
             seen_connected = seen_connected or bool(detail["connected"])
         rotation = [lay["rotation"] for lay in detail["layers"]]
         return {"run": self.run, "reason": reason, "step": int(detail["step"]), "updates": self.updates,
+                "backoffs": self.policy.backoffs if self.policy is not None else 0,
                 "versions": list(self.versions), "rotation": rotation,
                 "multipliers": None if self.multipliers is None else self.multipliers.tolist()}
