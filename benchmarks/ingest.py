@@ -108,8 +108,14 @@ def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, 
                 p.join(timeout=30)
             key = "layrot_samples_ingested_total"
             rate = (m1.get(key, 0) - m0.get(key, 0)) / (t1 - t0)
+            # Cross-check the counter against what the history store really holds.
+            m2 = scrape(url)
+            import sqlite3
+            with sqlite3.connect(os.path.join(tmp, "ingest.db")) as db:
+                stored = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0] * args.layers
             return {"samples_per_s": rate, "acked_steps": sum(r["acked_steps"] for r in results),
-                    "dropped": sum(r["dropped"] for r in results)}
+                    "dropped": sum(r["dropped"] for r in results),
+                    "stored_samples": stored, "counted_samples": m2.get(key, 0)}
         finally:
             serve.terminate()
             serve.wait(timeout=30)
@@ -137,7 +143,8 @@ def main() -> None:
           f"history + metrics on")
     for label, r in results.items():
         print(f"{label:12} {r['samples_per_s']:12,.0f} layer-samples/s   "
-              f"(acked {r['acked_steps']:,} steps, dropped {r['dropped']})")
+              f"(store holds {r['stored_samples']:,} samples, counter {r['counted_samples']:,.0f}; "
+              f"clients: {r['acked_steps']:,} steps acked, {r['dropped']:,} left unacked at close)")
     if args.compare_alerts:
         on, off = results["alerts on"]["samples_per_s"], results["alerts off"]["samples_per_s"]
         print(f"alert evaluation cost: {max(0.0, off / on - 1) * 100:.1f} % of ingest time (on vs off)")
