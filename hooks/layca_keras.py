@@ -50,8 +50,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from layrot.hooks.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule,
-                                rule_from_command, validate_command)
+from layrot.hooks.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule,
+                                notify_listeners, resolve_commands)
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
 from layrot.proto import layrot_pb2
 
@@ -465,24 +465,10 @@ class Layca(keras.optimizers.Optimizer):
         the base rule and the rule in force, version 0. Returns it.
         """
         if rule is None:
-            changes: dict[str, Any] = {"version": 0, "table": None, "step_offset": 0}
-            if mode is not None:
-                changes["mode"] = mode
-            if alpha is not None:
-                changes["alpha"] = alpha
-            if rho is not None and schedule is not None:
-                raise ValueError("pass rho or schedule, not both")
-            if rho is not None:
-                changes["schedule"] = RhoSchedule(rho0=rho)
-            if schedule is not None:
-                changes["schedule"] = schedule
-            if multipliers is not None:
-                changes["multipliers"] = tuple(multipliers)
-            if layer_multipliers is not None:
-                changes["layer_multipliers"] = dict(layer_multipliers)
             if not self.built and (multipliers is not None or layer_multipliers is not None):
                 raise ValueError("per-layer multipliers need the layers: build the optimizer first")
-            rule = self._base_rule.replace(**changes)
+            rule = edited_rule(self._base_rule, mode=mode, alpha=alpha, rho=rho, schedule=schedule,
+                               multipliers=multipliers, layer_multipliers=layer_multipliers)
         if tuple(rule.layer_names) != self._names:
             raise ValueError("the rule's layer names differ from the optimizer's layers")
         if not self.built and rule.schedule.rho0 > self._rho_max:
@@ -585,47 +571,14 @@ class Layca(keras.optimizers.Optimizer):
                 self._dev.pending.assign(0)
         if not pending:
             return
-        pending.sort(key=lambda c: c.version)
-        newest = pending[-1]
-        results: list[tuple[int, bool, str, int]] = [
-            (c.version, False, f"superseded by version {newest.version} before a step boundary", step)
-            for c in pending[:-1]]
-        last = self._last_result
-        if last is not None and newest.version < last[0]:
-            results.append((newest.version, False, f"stale: version {newest.version} is older than "
-                            f"version {last[0]} already handled", step))
-        elif last is not None and newest.version == last[0] and newest.version > 0:
-            results.append(last)  # a re-sent command: repeat its answer, change nothing
-        else:
-            reason = validate_command(newest, self._names, self._rho_max, base=self._base_rule)
-            rule = None
-            if reason is None:
-                try:
-                    rule = rule_from_command(newest, self._names, self._base_rule)
-                except Exception as e:  # validate_command should have caught it
-                    reason = f"invalid command: {e}"
-            if rule is not None:
-                with self._cmd_lock:
-                    self._rule = rule
-                    with tf.init_scope():
-                        self._upload_rule()
-                logger.info("Layca: applied command version %d at step %d: %s",
-                            newest.version, step, rule.describe())
-                result = (newest.version, True, "", step)
-            else:
-                logger.warning("Layca: rejected command version %d: %s", newest.version, reason)
-                result = (newest.version, False, str(reason), step)
-            self._last_result = result
-            results.append(result)
-        listeners = list(self._listeners)
-        if self.on_command_result is not None:
-            listeners.append(self.on_command_result)
-        for r in results:
-            for fn in listeners:
-                try:
-                    fn(*r)
-                except Exception:  # a broken listener must not stop training
-                    logger.exception("Layca: command listener failed")
+        rule, results, self._last_result = resolve_commands(
+            pending, step, self._last_result, self._names, self._rho_max, self._base_rule)
+        if rule is not None:
+            with self._cmd_lock:
+                self._rule = rule
+                with tf.init_scope():
+                    self._upload_rule()
+        notify_listeners(results, [*self._listeners, self.on_command_result])
 
     def _py_boundary(self, step: tf.Tensor) -> tf.Tensor:
         try:

@@ -41,13 +41,13 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from layrot.hooks.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, rule_from_command,
-                                validate_command)
+from layrot.hooks.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule,
+                                notify_listeners, resolve_commands)
 from layrot.proto import layrot_pb2
 
 __all__ = ["Layca", "CommandListener"]
@@ -466,22 +466,8 @@ class Layca(torch.optim.Optimizer):
         both the base rule and the rule in force, with version 0. Returns it.
         """
         if rule is None:
-            changes: dict[str, Any] = {"version": 0, "table": None, "step_offset": 0}
-            if mode is not None:
-                changes["mode"] = mode
-            if alpha is not None:
-                changes["alpha"] = alpha
-            if rho is not None and schedule is not None:
-                raise ValueError("pass rho or schedule, not both")
-            if rho is not None:
-                changes["schedule"] = RhoSchedule(rho0=rho)
-            if schedule is not None:
-                changes["schedule"] = schedule
-            if multipliers is not None:
-                changes["multipliers"] = tuple(multipliers)
-            if layer_multipliers is not None:
-                changes["layer_multipliers"] = dict(layer_multipliers)
-            rule = self._base_rule.replace(**changes)
+            rule = edited_rule(self._base_rule, mode=mode, alpha=alpha, rho=rho, schedule=schedule,
+                               multipliers=multipliers, layer_multipliers=layer_multipliers)
         if tuple(rule.layer_names) != self._names:
             raise ValueError("the rule's layer names differ from the optimizer's layers")
         self._check_rho_max(rule)
@@ -520,45 +506,11 @@ class Layca(torch.optim.Optimizer):
     def _process_commands(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        step = self._step + 1
-        pending.sort(key=lambda c: c.version)
-        newest = pending[-1]
-        results: list[tuple[int, bool, str, int]] = [
-            (c.version, False, f"superseded by version {newest.version} before a step boundary", step)
-            for c in pending[:-1]]
-        last = self._last_result
-        if last is not None and newest.version < last[0]:
-            results.append((newest.version, False, f"stale: version {newest.version} is older than "
-                            f"version {last[0]} already handled", step))
-        elif last is not None and newest.version == last[0] and newest.version > 0:
-            results.append(last)  # a re-sent command: repeat its answer, change nothing
-        else:
-            reason = validate_command(newest, self._names, self._rho_max, base=self._base_rule)
-            rule = None
-            if reason is None:
-                try:
-                    rule = rule_from_command(newest, self._names, self._base_rule)
-                except Exception as e:  # validate_command should have caught it
-                    reason = f"invalid command: {e}"
-            if rule is not None:
-                self._install_rule(rule)
-                logger.info("Layca: applied command version %d at step %d: %s",
-                            newest.version, step, rule.describe())
-                result = (newest.version, True, "", step)
-            else:
-                logger.warning("Layca: rejected command version %d: %s", newest.version, reason)
-                result = (newest.version, False, str(reason), step)
-            self._last_result = result
-            results.append(result)
-        listeners = list(self._listeners)
-        if self.on_command_result is not None:
-            listeners.append(self.on_command_result)
-        for r in results:
-            for fn in listeners:
-                try:
-                    fn(*r)
-                except Exception:  # a broken listener must not stop training
-                    logger.exception("Layca: command listener failed")
+        rule, results, self._last_result = resolve_commands(
+            pending, self._step + 1, self._last_result, self._names, self._rho_max, self._base_rule)
+        if rule is not None:
+            self._install_rule(rule)
+        notify_listeners(results, [*self._listeners, self.on_command_result])
 
     # ------------------------------------------------------------ device state
     def _use_foreach(self, params: list[torch.Tensor]) -> bool:

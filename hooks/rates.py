@@ -15,6 +15,7 @@ Steps are optimizer steps counted from 1 (the first step is step 1).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -22,6 +23,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from layrot.proto import layrot_pb2
+
+_log = logging.getLogger("layrot.hooks.layca")
 
 __all__ = [
     "MODES",
@@ -34,6 +37,9 @@ __all__ = [
     "RateRule",
     "validate_command",
     "rule_from_command",
+    "resolve_commands",
+    "notify_listeners",
+    "edited_rule",
 ]
 
 MODES = ("layca", "lars")
@@ -525,3 +531,87 @@ def rule_from_command(cmd: "layrot_pb2.RateCommand", layer_names: Sequence[str],
     return RateRule(layer_names=names, mode=mode, alpha=cmd.alpha, schedule=schedule,
                     multipliers=tuple(cmd.multipliers), layer_multipliers=dict(cmd.layer_multipliers),
                     table=table, step_offset=cmd.step_offset, version=cmd.version)
+
+
+# ---------------------------------------------------------------- step-boundary decisions
+# Shared by the PyTorch and Keras Layca: what a job does with the commands that
+# arrived since its last step, and how a local set_rule() edits its own rule.
+
+CommandResult = tuple  # (version, applied, reason, step)
+
+
+def resolve_commands(pending: Sequence["layrot_pb2.RateCommand"], step: int,
+                     last_result: CommandResult | None, layer_names: Sequence[str], rho_max: float,
+                     base: RateRule) -> tuple[RateRule | None, list[CommandResult], CommandResult | None]:
+    """Decide the queued commands at a step boundary.
+
+    The newest version is validated and applied or rejected; older queued ones
+    are answered "superseded", a version older than the last one handled
+    "stale", and a repeat of the last one gets its earlier answer (a command the
+    collector re-sends after a reconnect is never applied twice). Returns the
+    new rule (None = rates unchanged), the results to tell listeners, and the
+    new last result.
+    """
+    pending = sorted(pending, key=lambda c: c.version)
+    newest = pending[-1]
+    results: list[CommandResult] = [
+        (c.version, False, f"superseded by version {newest.version} before a step boundary", step)
+        for c in pending[:-1]]
+    if last_result is not None and newest.version < last_result[0]:
+        results.append((newest.version, False, f"stale: version {newest.version} is older than "
+                        f"version {last_result[0]} already handled", step))
+        return None, results, last_result
+    if last_result is not None and newest.version == last_result[0] and newest.version > 0:
+        results.append(last_result)  # a re-sent command: repeat its answer, change nothing
+        return None, results, last_result
+    reason = validate_command(newest, layer_names, rho_max, base=base)
+    rule = None
+    if reason is None:
+        try:
+            rule = rule_from_command(newest, layer_names, base)
+        except Exception as e:  # validate_command should have caught it
+            reason = f"invalid command: {e}"
+    if rule is not None:
+        _log.info("Layca: applied command version %d at step %d: %s", newest.version, step, rule.describe())
+        result: CommandResult = (newest.version, True, "", step)
+    else:
+        _log.warning("Layca: rejected command version %d: %s", newest.version, reason)
+        result = (newest.version, False, str(reason), step)
+    results.append(result)
+    return rule, results, result
+
+
+def notify_listeners(results: Iterable[CommandResult], listeners: Iterable) -> None:
+    """Call every listener with every result; a broken listener never stops training."""
+    listeners = [fn for fn in listeners if fn is not None]
+    for r in results:
+        for fn in listeners:
+            try:
+                fn(*r)
+            except Exception:
+                _log.exception("Layca: command listener failed")
+
+
+def edited_rule(base: RateRule, *, mode: str | None = None, alpha: float | None = None, rho: float | None = None,
+                schedule: RhoSchedule | None = None, multipliers: Sequence[float] | None = None,
+                layer_multipliers: Mapping[str, float] | None = None) -> RateRule:
+    """``base`` with the given fields changed, as the job's own rule (version 0, no table).
+
+    ``rho`` sets a constant schedule; pass it or ``schedule``, not both.
+    """
+    changes: dict = {"version": 0, "table": None, "step_offset": 0}
+    if mode is not None:
+        changes["mode"] = mode
+    if alpha is not None:
+        changes["alpha"] = alpha
+    if rho is not None and schedule is not None:
+        raise ValueError("pass rho or schedule, not both")
+    if rho is not None:
+        changes["schedule"] = RhoSchedule(rho0=rho)
+    if schedule is not None:
+        changes["schedule"] = schedule
+    if multipliers is not None:
+        changes["multipliers"] = tuple(multipliers)
+    if layer_multipliers is not None:
+        changes["layer_multipliers"] = dict(layer_multipliers)
+    return base.replace(**changes)
