@@ -15,12 +15,13 @@ import os
 import queue
 import random
 import socket
+import sys
 import threading
 import time
 import uuid
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import grpc
@@ -36,6 +37,15 @@ DEFAULT_COLLECTOR = "localhost:50051"
 _STOP = object()
 # Rows of the (6, L) array a measurement resolves to, in this order (StepBatch fields).
 ROWS = ("norm", "dist0", "dstep", "norm_prev", "dot0", "dotstep")
+
+
+def default_run_name() -> str:
+    """``LAYROT_RUN`` or ``<script>-<yyyymmdd-hhmmss>-<host>``: the run id when the job names none."""
+    env = os.environ.get("LAYROT_RUN")
+    if env:
+        return env
+    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
+    return f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}"
 
 
 def collector_address(collector: str | None = None) -> str:
@@ -213,6 +223,12 @@ class Reporter:
             else:
                 # Delivered at the next (re)connect; only the newest few matter.
                 self._pending_acks = (self._pending_acks + [msg])[-16:]
+
+    def command_result(self, version: int, applied: bool, reason: str, step: int) -> None:
+        """Layca command listener: acknowledge the result and announce the version on reconnect."""
+        if applied:
+            self.set_applied_version(version)
+        self.send_control_ack(version, applied, reason, step)
 
     def set_applied_version(self, version: int) -> None:
         """Version announced in Hello on the next reconnect."""

@@ -25,15 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
 
 log = logging.getLogger("layrot.hooks.tf")
@@ -41,15 +39,6 @@ log = logging.getLogger("layrot.hooks.tf")
 _STATE_VERSION = 1
 
 LayerSelector = Union[None, str, "re.Pattern[str]", Sequence[str], Callable[[str, Any], bool]]
-
-
-def default_run_name() -> str:
-    """``LAYROT_RUN`` or ``<script>-<yyyymmdd-hhmmss>-<host>`` (the PyTorch hook's rule, without torch)."""
-    env = os.environ.get("LAYROT_RUN")
-    if env:
-        return env
-    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
-    return f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}"
 
 
 def _owner_types(target: Any) -> dict[int, str]:
@@ -255,9 +244,9 @@ class TFWatchHandle:
         if self._closed:
             return
         self._closed = True
-        if self._layca is not None and self._control:
+        if self._layca is not None and self._control and self.reporter is not None:
             try:
-                self._layca.remove_command_listener(self._on_command_result)
+                self._layca.remove_command_listener(self.reporter.command_result)
             except ValueError:
                 pass
         if self.reporter is not None:
@@ -322,13 +311,7 @@ class TFWatchHandle:
             on_command=on_command, **self._reporter_options,
         )
         if self._control and self._layca is not None:
-            self._layca.add_command_listener(self._on_command_result)
-
-    def _on_command_result(self, version: int, applied: bool, reason: str, step: int) -> None:
-        if self.reporter is not None:
-            if applied:
-                self.reporter.set_applied_version(version)
-            self.reporter.send_control_ack(version, applied, reason, step)
+            self._layca.add_command_listener(self.reporter.command_result)
 
     def _rates(self, t: int) -> np.ndarray | None:
         layca = self._layca

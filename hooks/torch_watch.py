@@ -14,31 +14,20 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
 from layrot.hooks.torch_distances import LayerDistances, wire_rows
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
 
 log = logging.getLogger("layrot.hooks.torch")
 
 _STATE_VERSION = 1
-
-
-def default_run_name() -> str:
-    """``LAYROT_RUN`` or ``<script>-<yyyymmdd-hhmmss>-<host>``."""
-    env = os.environ.get("LAYROT_RUN")
-    if env:
-        return env
-    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
-    return f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}"
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -240,7 +229,7 @@ class WatchHandle:
             on_command=on_command, **self._reporter_options,
         )
         if self._control and self._layca is not None:
-            self._layca.add_command_listener(self._on_command_result)
+            self._layca.add_command_listener(self.reporter.command_result)
         p0 = self._params[0]
         self._distances = LayerDistances(self._params, self._w0, self._prev)
         self._init_norms_np = np.asarray(self._init_norms, dtype=np.float64)
@@ -263,12 +252,6 @@ class WatchHandle:
     def _in_forward_order(self, names: list[str]) -> list[int]:
         """Permutation putting ``names`` in forward order (unseen last, registration order kept)."""
         return sorted(range(len(names)), key=lambda i: (self._forward_rank.get(names[i], len(self._forward_rank)), i))
-
-    def _on_command_result(self, version: int, applied: bool, reason: str, step: int) -> None:
-        if self.reporter is not None:
-            if applied:
-                self.reporter.set_applied_version(version)
-            self.reporter.send_control_ack(version, applied, reason, step)
 
     @torch.no_grad()
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

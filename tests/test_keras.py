@@ -520,11 +520,14 @@ def test_remote_control_set_during_fit(collector):
     summary = query.get_run("keras-control")
     cb.close()
     assert version >= 1 and status["applied_version"] == version and not status["rejected_reason"]
-    # acknowledged for step 7: the first batch after the one during which it arrived
-    assert status["applied_step"] == 7 and opt.command_version == version
+    # It arrived during batch 6; Keras may already be running batch 7 when the command
+    # reaches Layca, so it governs from step 7 or 8, and the acknowledgement says which.
+    # What must hold exactly: the rates and the angles switch at the acknowledged step.
+    s_ack = status["applied_step"]
+    assert s_ack in (7, 8) and opt.command_version == version
     assert summary["layca"] and summary["control"]
     new = 0.06 * eq1(-0.5, 4)
-    expected_rho = np.array([np.full(4, 0.03) if t < 7 else new for t in range(1, 17)])
+    expected_rho = np.array([np.full(4, 0.03) if t < s_ack else new for t in range(1, 17)])
     np.testing.assert_allclose(hist.rho, expected_rho, rtol=1e-12)  # reported rates, per step
     check_angle_law(saver.w0, saver.saved, KERNELS, lambda t: expected_rho[t - 1])  # what the weights did
 
