@@ -110,7 +110,7 @@ def run_sgd(lr: float, steps: int, data: tuple, seed: int = 0) -> dict[str, Any]
 def make_auto_job(address: str, run: str, steps: int, seed: int = 0) -> tuple[nn.Module, Any, Any, list]:
     """The controlled job: Layca(SGD momentum 0.9) at 3^-3 with the step decays, watch(control=True)."""
     import layrot
-    from layrot.hooks.rates import RhoSchedule
+    from layrot.proto.rates import RhoSchedule
 
     model = make_model(seed)
     w0 = [p.detach().clone() for p in layer_params(model)]

@@ -86,7 +86,7 @@ def main() -> None:
 
     from layrot.agent.query import QueryClient
     from layrot.controllers.profile import profile_command
-    from layrot.hooks.rates import alpha_profile
+    from layrot.proto.rates import alpha_profile
     from layrot.server.app import Collector
 
     run = "latency"

@@ -46,7 +46,7 @@ import numpy as np
 from layrot.agent.query import CollectorError, QueryClient
 from layrot.controllers.profile import issuer, profile_command
 from layrot.controllers.runs import wait_for_run
-from layrot.hooks.rates import RhoSchedule, alpha_profile
+from layrot.proto.rates import RhoSchedule, alpha_profile
 from layrot.proto import layrot_pb2 as pb
 
 log = logging.getLogger("layrot.controllers.auto")

@@ -1,6 +1,6 @@
 """Static rate profiles: RateCommands from an alpha / rho(t) description (``control set``).
 
-The command is checked here with the same rules the job uses (``layrot.hooks.rates``,
+The command is checked here with the same rules the job uses (``layrot.proto.rates``,
 numpy only), so a typo fails in the operator's terminal instead of as a
 rejection from the job. The job still validates everything itself: it alone
 knows its ``rho_max`` and its layer names.
@@ -12,7 +12,7 @@ import math
 import socket
 from typing import Iterable, Mapping, Sequence
 
-from layrot.hooks.rates import DEFAULT_RHO0, MODES, SCHEDULE_KINDS, RhoSchedule, alpha_profile
+from layrot.proto.rates import DEFAULT_RHO0, MODES, SCHEDULE_KINDS, RhoSchedule, alpha_profile
 from layrot.proto import layrot_pb2 as pb
 
 __all__ = ["issuer", "parse_floats", "parse_layer_multipliers", "schedule_from_args", "profile_command",

@@ -11,7 +11,7 @@ optimizer proposes for each layer's weights ``w`` and
 so the angle between ``w(t-1)`` and ``w(t)`` is exactly ``arctan(rho_l(t))``.
 ``mode="lars"`` (Appendix A.4) does operations 2 and 3 only and caps the per-step
 growth of ``||w||`` at ``1e-4 * ||w(0)||``. The math is the PyTorch Layca's
-(``layca_torch``); the rate rules are shared (``layrot.hooks.rates``).
+(``layca_torch``); the rate rules are shared (``layrot.proto.rates``).
 
 How it runs: the base optimizer does its own update (momentum, Adam moments,
 weight decay, clipping...), Layca reads the step back as ``w_new - w_old`` (``w_old``
@@ -50,7 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from layrot.hooks.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule,
+from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule,
                                 notify_listeners, resolve_commands)
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
 from layrot.proto import layrot_pb2
@@ -157,7 +157,7 @@ class Layca(keras.optimizers.Optimizer):
         rho: initial global rate rho(0) (the paper's best: 3**-3). Ignored when
             ``schedule`` is given (then leave it at its default or equal to ``schedule.rho0``).
         alpha: Eq. 1 profile parameter in [-1, 1] (< 0 favours the first layers).
-        schedule: a :class:`~layrot.hooks.rates.RhoSchedule` (default: constant ``rho``).
+        schedule: a :class:`~layrot.proto.rates.RhoSchedule` (default: constant ``rho``).
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
         rho_max: the largest rate any rule may produce; remote commands above it are
             refused (1.0 = 45 degrees per step).
@@ -531,7 +531,7 @@ class Layca(keras.optimizers.Optimizer):
         """Queue a RateCommand; thread-safe (call it from any thread).
 
         At the next step boundary the newest queued command is validated
-        (:func:`~layrot.hooks.rates.validate_command`) and applied or rejected;
+        (:func:`~layrot.proto.rates.validate_command`) and applied or rejected;
         older queued ones are reported as superseded, versions older than the last
         one handled as stale, and a repeat of the last one gets its earlier answer.
         Listeners get ``(version, applied, reason, step)``. A rejected command

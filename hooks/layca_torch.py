@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from layrot.hooks.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule,
+from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule,
                                 notify_listeners, resolve_commands)
 from layrot.proto import layrot_pb2
 
@@ -193,7 +193,7 @@ class Layca(torch.optim.Optimizer):
             ``schedule`` is given (then it must be left at its default or equal
             ``schedule.rho0``).
         alpha: Eq. 1 profile parameter in [-1, 1] (< 0 favours first layers).
-        schedule: a :class:`~layrot.hooks.rates.RhoSchedule` (default constant ``rho``).
+        schedule: a :class:`~layrot.proto.rates.RhoSchedule` (default constant ``rho``).
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
         layers: which parameters are layers (multiplicative weights): None for every
             trainable parameter with ``ndim >= 2`` in the optimizer's order (the
@@ -486,7 +486,7 @@ class Layca(torch.optim.Optimizer):
         """Queue a RateCommand; thread-safe (call it from any thread).
 
         At the start of the next ``step()`` the newest queued command is validated
-        (:func:`~layrot.hooks.rates.validate_command`) and applied or rejected;
+        (:func:`~layrot.proto.rates.validate_command`) and applied or rejected;
         older queued ones are reported as superseded, versions older than the last
         one handled as stale, and a repeat of the last one gets its earlier answer.
         Listeners get ``(version, applied, reason, step)``.

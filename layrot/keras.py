@@ -14,6 +14,6 @@ from __future__ import annotations
 
 from layrot.hooks.keras_callback import RotationCallback
 from layrot.hooks.layca_keras import Layca
-from layrot.hooks.rates import RateRule, RhoSchedule
+from layrot.proto.rates import RateRule, RhoSchedule
 
 __all__ = ["RotationCallback", "Layca", "RhoSchedule", "RateRule"]

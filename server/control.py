@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from layrot.hooks.rates import RateRule, rule_from_command, validate_command
+from layrot.proto.rates import RateRule, rule_from_command, validate_command
 from layrot.proto import layrot_pb2 as pb
 
 if TYPE_CHECKING:  # imported for type hints only: state.py imports this module

@@ -25,7 +25,7 @@ from torch import nn
 import layrot
 from layrot.agent.cli import cli
 from layrot.agent.query import CollectorError, QueryClient
-from layrot.hooks.rates import RhoSchedule
+from layrot.proto.rates import RhoSchedule
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import pack

@@ -33,7 +33,7 @@ RTOL = 1e-4  # Layca's angle is exact to float32 rounding of the weights (~1e-6)
 
 # ---------------------------------------------------------------- independent formulas
 def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 multipliers (independent of layrot.hooks.rates)."""
+    """The paper's Eq. 1 multipliers (independent of layrot.proto.rates)."""
     if L == 1:
         return np.ones(1)
     return np.array([(1 - alpha) ** (5 * (L - 1 - l) / (L - 1)) if alpha > 0 else (1 + alpha) ** (5 * l / (L - 1))

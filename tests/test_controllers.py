@@ -24,7 +24,7 @@ from layrot.controllers.adaptcopy import AdaptCopy, recorded_rates
 from layrot.controllers.auto import AutoController, AutoPolicy
 from layrot.controllers.profile import (off_command, parse_floats, parse_layer_multipliers, profile_command,
                                         schedule_from_args)
-from layrot.hooks.rates import RateRule, validate_command
+from layrot.proto.rates import RateRule, validate_command
 from layrot.proto import layrot_pb2 as pb
 from reference import angle, cosine_distance
 from test_control import IN, Job, eq1
@@ -41,7 +41,7 @@ def test_profile_command_is_what_the_job_computes():
     names = ["a", "b", "c"]
     assert validate_command(cmd, names, rho_max=1.0) is None
     rule = RateRule(tuple(names))
-    from layrot.hooks.rates import rule_from_command
+    from layrot.proto.rates import rule_from_command
 
     got = rule_from_command(cmd, names, rule)
     for t, k in ((1, 0), (50, 0), (51, 1), (75, 1), (76, 2), (1000, 2)):

@@ -23,7 +23,7 @@ keras = pytest.importorskip("keras")
 import layrot.keras  # noqa: E402
 import layrot.tf  # noqa: E402
 from layrot.agent.query import QueryClient  # noqa: E402
-from layrot.hooks.rates import RhoSchedule  # noqa: E402
+from layrot.proto.rates import RhoSchedule  # noqa: E402
 from layrot.proto import layrot_pb2  # noqa: E402
 from reference import angle, cosine_distance, rel_err  # noqa: E402
 
@@ -149,7 +149,7 @@ def reference(w0: dict, saved: list[dict], names: list[str], steps: list[int]):
 
 
 def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 multipliers, written out independently of layrot.hooks.rates."""
+    """The paper's Eq. 1 multipliers, written out independently of layrot.proto.rates."""
     if L == 1:
         return np.ones(1)
     if alpha > 0:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 from layrot.hooks.layca_torch import Layca
-from layrot.hooks.rates import RhoSchedule
+from layrot.proto.rates import RhoSchedule
 from layrot.proto import layrot_pb2
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 32
@@ -23,7 +23,7 @@ IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 32
 # ---------------------------------------------------------------- helpers
 
 def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 multipliers, independently of layrot.hooks.rates."""
+    """The paper's Eq. 1 multipliers, independently of layrot.proto.rates."""
     if L == 1:
         return np.ones(1)
     out = []

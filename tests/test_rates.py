@@ -1,4 +1,4 @@
-"""Rate rules (hooks/rates.py) against the paper's formulas written out independently here."""
+"""Rate rules (proto/rates.py) against the paper's formulas written out independently here."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from layrot.hooks.rates import (RateRule, RateTable, RhoSchedule, alpha_profile, rule_from_command,
+from layrot.proto.rates import (RateRule, RateTable, RhoSchedule, alpha_profile, rule_from_command,
                                 validate_command)
 from layrot.proto import layrot_pb2
 

@@ -11,6 +11,11 @@ Layca optimizers share one definition of the paper's rules:
   ``RateCommand`` into a rule, refusing anything that could hurt the job.
 
 Steps are optimizer steps counted from 1 (the first step is step 1).
+
+It lives beside the wire protocol because it defines what a ``RateCommand``
+means: the job (hooks), the collector (requested-rate metrics) and the
+controllers all read commands through it, and it depends on nothing but numpy
+and the generated messages.
 """
 from __future__ import annotations
 
