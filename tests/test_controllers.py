@@ -189,7 +189,10 @@ def test_adaptcopy_replays_recorded_rates_in_windows(collector, jobs_cp):
     assert ac.done and len(ac.versions) >= S // 8 - 2  # windows of 16 steps, re-sent at half use
     assert st["requested"]["controller"] == "copy" and st["applied_version"] == ac.versions[-1]
     first = min(t for t, v in job.versions.items() if v > 0)
-    assert first <= 4
+    # The job does not wait for the command (fail open), so how many steps pass
+    # before it arrives depends on the machine's load; it must land inside the
+    # first window, and from then on every step must follow the table exactly.
+    assert first <= 16
     steps = range(first, S + 1)
     assert all(job.sources[t] == "table" for t in steps)
     want = np.array([recorded.step_angle[t - 1] for t in steps])          # the collector's measurement
