@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,31 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from collector_proc import free_port, start_collector  # noqa: E402
 from models import ResNet18  # noqa: E402
 
 import layrot  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_collector(tmp: str) -> tuple[subprocess.Popen, str]:
-    port, mport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "layrot.agent.cli", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-host", "127.0.0.1", "--metrics-port", str(mport), "--db", os.path.join(tmp, "bench.db")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"127.0.0.1:{port}"
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("collector did not start")
 
 
 def train_steps(model, opt, x, y, n: int) -> list[float]:

@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,8 @@ import urllib.request
 
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from collector_proc import free_port  # noqa: E402
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -1,0 +1,32 @@
+"""A real ``layrot-agent serve`` in its own process, for the benchmarks."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_collector(tmp: str) -> tuple[subprocess.Popen, str]:
+    """Start the collector with its history in ``tmp``; returns (process, gRPC address)."""
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layrot.agent.cli", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(port),
+         "--metrics-host", "127.0.0.1", "--metrics-port", str(mport), "--db", os.path.join(tmp, "bench.db")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("collector did not start")
