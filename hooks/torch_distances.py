@@ -18,9 +18,14 @@ by ||w|| / ||ds||. A dot of the small difference with the weights has error
 relative to ||ds|| ||w||, so the collector can split each difference into
 radial and tangential parts without cancellation.
 
-Two paths, chosen per layer:
+Three paths, chosen per layer:
 
-* **Blocked** (CPU, contiguous float32/float64): one pass over cache-sized
+* **Fused** (CPU, contiguous float32/float64, when the ``_fused_report`` C
+  kernel was built at install): one multithreaded sweep over all layers that
+  reads w, w(0), w(t-1) once, writes w(t-1) once and accumulates the four sums
+  in float64 from exactly widened inputs. Memory-bound like the optimizer step
+  itself (see ``benchmarks/hook_overhead.py`` for its cost against one).
+* **Blocked** (CPU without the kernel, or ``LAYROT_FUSED=0``): one pass over cache-sized
   blocks; w, w(0) and w(t-1) are read from memory once and w(t-1) written
   once, near the minimum traffic for these quantities. Sums use BLAS ``dot``
   per block: a block is small enough that float32 accumulation stays ~1e-7
@@ -31,10 +36,16 @@ Two paths, chosen per layer:
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+import logging
+import os
 from typing import Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger("layrot.hooks.torch_distances")
 
 BLOCK = 1 << 19  # elements per block: 2 MiB of float32; w, w(0), w(t-1) blocks stay in cache
 
@@ -44,6 +55,34 @@ DEVICE_ROWS = ("dist0_sq", "dot0", "dstep_sq", "dotstep_w")
 
 def _blockable(p: torch.Tensor) -> bool:
     return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
+
+
+_FUSED: ctypes.CDLL | None | bool = False  # False: not looked for yet
+
+
+def fused_kernel() -> ctypes.CDLL | None:
+    """The C report kernel (``hooks/_fused_report.c``), or None when it was not built or is disabled.
+
+    Set ``LAYROT_FUSED=0`` to use the ATen blocked path instead (benchmarks compare both).
+    """
+    global _FUSED
+    if _FUSED is False:
+        _FUSED = None
+        if os.environ.get("LAYROT_FUSED", "1") != "0":
+            spec = importlib.util.find_spec("layrot.hooks._fused_report")
+            if spec is None or not spec.origin:
+                log.info("fused report kernel not built (no C compiler at install?): using the ATen path")
+            else:
+                try:
+                    lib = ctypes.CDLL(spec.origin)
+                    fn = lib.layrot_fused_report
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+                    _FUSED = lib
+                except (OSError, AttributeError) as exc:
+                    log.warning("fused report kernel %s failed to load (%s): using the ATen path", spec.origin, exc)
+    return _FUSED or None
 
 
 def wire_rows(device_rows: np.ndarray, init_norms: np.ndarray, prev_is_w0: bool = False) -> np.ndarray:
@@ -62,25 +101,57 @@ def wire_rows(device_rows: np.ndarray, init_norms: np.ndarray, prev_is_w0: bool 
 
 
 class LayerDistances:
-    """Measures distances for fixed lists of parameters and their w(0), w(t-1) buffers."""
+    """Measures distances for fixed lists of parameters and their w(0), w(t-1) buffers.
+
+    ``fused=False`` keeps CPU layers on the ATen blocked pass (for comparisons);
+    by default they go through the C kernel when it was built.
+    """
 
     def __init__(self, params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
-                 prev: Sequence[torch.Tensor], block: int = BLOCK) -> None:
+                 prev: Sequence[torch.Tensor], block: int = BLOCK, fused: bool = True) -> None:
         self.params = [p.detach() for p in params]
         self.w0 = list(w0)
         self.prev = list(prev)
         self.block = block
         self.num_layers = len(self.params)
         self.device = self.params[0].device if self.params else torch.device("cpu")
+        self._fused_ok = fused  # False: the ATen blocked pass even where the kernel is available
         self._build()
 
     def _build(self) -> None:
         self._ptrs = [p.data_ptr() for p in self.params]
-        blocked = [i for i, p in enumerate(self.params) if _blockable(p)]
-        blocked_set = set(blocked)
-        self._foreach_idx = [i for i in range(self.num_layers) if i not in blocked_set]
-        self._blocked_idx = blocked
+        cpu = [i for i, p in enumerate(self.params)
+               if _blockable(p) and all(_blockable(t) and t.dtype == p.dtype for t in (self.w0[i], self.prev[i]))]
+        cpu_set = set(cpu)
+        self._foreach_idx = [i for i in range(self.num_layers) if i not in cpu_set]
+        self._fused_idx: list[int] = []
+        self._blocked_idx: list[int] = []
         self._blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if cpu and self._fused_ok and fused_kernel() is not None:
+            self._fused_idx = cpu
+            self._build_fused()
+        else:
+            self._build_blocked(cpu)
+        self._fused_pos = torch.tensor(self._fused_idx, dtype=torch.long, device=self.device)
+        self._blocked_pos = torch.tensor(self._blocked_idx, dtype=torch.long, device=self.device)
+        self._foreach_pos = torch.tensor(self._foreach_idx, dtype=torch.long, device=self.device)
+
+    def _build_fused(self) -> None:
+        idx = self._fused_idx
+        n = len(idx)
+
+        def ptrs(ts: Sequence[torch.Tensor]) -> ctypes.Array:
+            return (ctypes.c_void_p * n)(*[ts[i].data_ptr() for i in idx])
+
+        # The pointer tables live as long as the views they point into (rebuilt
+        # by _check_storage when parameters move).
+        self._fused_args = (ptrs(self.params), ptrs(self.w0), ptrs(self.prev),
+                            np.array([self.params[i].numel() for i in idx], dtype=np.int64),
+                            np.array([self.params[i].dtype == torch.float64 for i in idx], dtype=np.int32))
+
+    def _build_blocked(self, blocked: list[int]) -> None:
+        self._blocked_idx = blocked
+        self._blocks = []
         seg: list[int] = []
         scratch: dict[torch.dtype, torch.Tensor] = {}
         for j, i in enumerate(blocked):
@@ -98,8 +169,6 @@ class LayerDistances:
         self._acc = {dt: torch.zeros(4, n, dtype=dt, device=self.device) for dt in (torch.float32, torch.float64)}
         is64 = [blk[0].dtype == torch.float64 for blk in self._blocks]
         self._is64 = torch.tensor(is64, device=self.device) if any(is64) else None
-        self._blocked_pos = torch.tensor(blocked, dtype=torch.long, device=self.device)
-        self._foreach_pos = torch.tensor(self._foreach_idx, dtype=torch.long, device=self.device)
 
     def _check_storage(self) -> None:
         # Parameters moved or re-allocated (model.to(), FSDP re-sharding): rebuild views.
@@ -119,13 +188,43 @@ class LayerDistances:
         its content is unspecified (consumed as scratch).
         """
         self._check_storage()
-        if not self._foreach_idx:
-            return self._measure_blocked(refresh_prev)
+        parts = []
+        if self._fused_idx:
+            rows = self._measure_fused(refresh_prev)
+            if rows is None:  # the kernel could not get memory or threads: the ATen pass needs neither
+                self._fused_ok = False
+                self._build()
+                return self.measure(refresh_prev)
+            parts.append((self._fused_pos, rows))
+        if self._blocked_idx:
+            parts.append((self._blocked_pos, self._measure_blocked(refresh_prev)))
+        if self._foreach_idx:
+            parts.append((self._foreach_pos, self._measure_foreach(refresh_prev)))
+        if len(parts) == 1 and parts[0][1].shape[1] == self.num_layers:
+            return parts[0][1]
         out = torch.empty((4, self.num_layers), dtype=torch.float64, device=self.device)
-        if self._blocks:
-            out.index_copy_(1, self._blocked_pos, self._measure_blocked(refresh_prev))
-        out.index_copy_(1, self._foreach_pos, self._measure_foreach(refresh_prev))
+        for pos, rows in parts:
+            out.index_copy_(1, pos, rows)
         return out
+
+    def _measure_fused(self, refresh_prev: bool) -> torch.Tensor | None:
+        w, w0, prev, numel, is64 = self._fused_args
+        out = torch.empty((4, len(self._fused_idx)), dtype=torch.float64)
+        # ctypes drops the GIL for the call: the reporter thread keeps running.
+        rc = fused_kernel().layrot_fused_report(  # type: ignore[union-attr]
+            len(self._fused_idx), w, w0, prev, numel.ctypes.data, is64.ctypes.data, int(refresh_prev),
+            torch.get_num_threads(), out.data_ptr())
+        if rc != 0:
+            log.warning("fused report kernel failed (%d); using the ATen path from now on", rc)
+            return None
+        return out
+
+    @property
+    def path(self) -> str:
+        """Which implementation measures the layers: "fused", "blocked", "foreach" or a mix ("fused+foreach")."""
+        names = [n for n, idx in (("fused", self._fused_idx), ("blocked", self._blocked_idx),
+                                  ("foreach", self._foreach_idx)) if idx]
+        return "+".join(names) or "none"
 
     def _measure_blocked(self, refresh_prev: bool) -> torch.Tensor:
         dot, sub = torch.dot, torch.sub
