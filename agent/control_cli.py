@@ -206,8 +206,9 @@ def status_cmd(run: str, audit_n: int, as_json: bool, collector: str, token: str
     else:
         what = next((a["what"] for a in reversed(st["audit"])
                      if a["event"] == "requested" and a["version"] == req["version"]), "")
+        at = f", from step {req['apply_at_step']} on every rank" if req.get("apply_at_step") else ""
         click.echo(f"run {run}: requested version {req['version']} by {req['issued_by'] or '?'} "
-                   f"({req['controller'] or 'manual'}): {what}")
+                   f"({req['controller'] or 'manual'}{at}): {what}")
         if req["reason"]:
             click.echo(f"  reason: {req['reason']}")
     applied = st["applied_version"]
@@ -215,6 +216,19 @@ def status_cmd(run: str, audit_n: int, as_json: bool, collector: str, token: str
                + ("" if req is None or applied == req["version"] else "  [requested version not applied]"))
     if st["rejected_reason"]:
         click.echo(f"REJECTED by the job: {st['rejected_reason']}")
+    ranks = st.get("ranks", [])
+    if len(ranks) > 1 or any(r["late"] for r in ranks):
+        for r in ranks:
+            if r["applied_version"]:
+                when = (f"late at step {r['applied_step']} (wanted {r['wanted_step']})" if r["late"]
+                        else f"at step {r['applied_step']}")
+                line = f"version {r['applied_version']} applied {when}"
+            else:
+                line = "no command applied"
+            if r["rejected_version"]:
+                line += f"; rejected version {r['rejected_version']}: {r['rejected_reason']}"
+            state = f"step {r['step']}" + ("" if r["connected"] else ", disconnected")
+            click.echo(f"  rank {r['rank']} ({state}): {line}")
     names = st["layer_names"]
     reqr, appr = st["requested_rho"], st["applied_rho"]
     if names and (reqr or appr):
