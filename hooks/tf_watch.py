@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
+from layrot.hooks.layer_rule import LayerSelector, select_layers
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
 
 log = logging.getLogger("layrot.hooks.tf")
 
 _STATE_VERSION = 1
 
-LayerSelector = Union[None, str, "re.Pattern[str]", Sequence[str], Callable[[str, Any], bool]]
 
 
 def _owner_types(target: Any) -> dict[int, str]:
@@ -64,10 +63,10 @@ def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple
     """(name, variable, owning layer type) of the selected layers, in the target's order.
 
     ``target`` is a Keras model / layer, a ``tf.Module`` or a sequence of variables.
-    ``layers`` may be None (trainable variables with ndim >= 2), a regex
-    (``re.search`` on names: Keras variable paths such as ``"dense/kernel"``, without
-    the model-name prefix, see :func:`~layrot.hooks.tf_distances.variable_names`),
-    a sequence of exact names, or a predicate ``(name, variable) -> bool``.
+    ``layers``: the shared rule of :mod:`layrot.hooks.layer_rule` (None, a regex or
+    predicate ``(name, variable) -> bool`` on the ndim >= 2 variables, or exact names).
+    Names are Keras variable paths such as ``"dense/kernel"``, without the model-name
+    prefix, see :func:`~layrot.hooks.tf_distances.variable_names`.
     """
     if isinstance(target, (list, tuple)):
         variables = list(target)
@@ -79,23 +78,12 @@ def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple
         raise TypeError(f"watch a Keras model, a tf.Module or a list of variables, got {type(target).__name__}")
     variables = [v for v in variables if getattr(v, "trainable", True)]
     named = list(zip(variable_names(variables), variables))
-    if layers is None:
-        chosen = [(n, v) for n, v in named if len(v.shape) >= 2]
-    elif isinstance(layers, (str, re.Pattern)):
-        pattern = re.compile(layers) if isinstance(layers, str) else layers
-        chosen = [(n, v) for n, v in named if pattern.search(n)]
-    elif callable(layers):
-        chosen = [(n, v) for n, v in named if layers(n, v)]
-    else:
-        wanted = list(layers)
-        by_name = dict(named)
-        unknown = [n for n in wanted if n not in by_name]
-        if unknown:
-            raise ValueError(f"layers not found among the trainable variables: {unknown}")
-        chosen = [(n, by_name[n]) for n in wanted]
-    if not chosen:
-        raise ValueError("no layers selected: no trainable variable with ndim >= 2 matches `layers` "
-                         "(is the model built? call it once or pass input shapes)")
+    try:
+        chosen = select_layers(named, lambda v: len(v.shape), layers, "trainable variables")
+    except ValueError as exc:
+        if not named:
+            raise ValueError(f"{exc} (is the model built? call it once or pass input shapes)") from None
+        raise
     return [(n, v, owners.get(id(as_tf_variable(v)), "")) for n, v in chosen]
 
 

@@ -7,45 +7,26 @@ learned from the first forward pass (falling back to registration order).
 """
 from __future__ import annotations
 
-import re
-from typing import Callable, Sequence, Union
+from typing import Sequence
 
 import torch
 from torch import nn
 
-LayerSelector = Union[None, str, "re.Pattern[str]", Sequence[str], Callable[[str, nn.Parameter], bool]]
+from layrot.hooks.layer_rule import LayerSelector, select_layers
 
 
 def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Parameter, str]]:
     """(name, parameter, owning module type) of the selected layers, registration order.
 
-    ``layers`` may be None (every trainable parameter with ndim >= 2), a regex
-    (string or compiled; ``re.search`` on parameter names) or a predicate
-    ``(name, param) -> bool``, both filtering those ndim >= 2 parameters, or a
-    sequence of exact parameter names (any trainable parameter, even 1-D).
+    ``layers``: see :mod:`layrot.hooks.layer_rule` (None, a regex or predicate on
+    the ndim >= 2 parameters, or exact parameter names).
     """
     owners: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         for p_name, _ in module.named_parameters(recurse=False):
             owners[f"{mod_name}.{p_name}" if mod_name else p_name] = type(module).__name__
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if layers is None:
-        chosen = [(n, p) for n, p in named if p.ndim >= 2]
-    elif isinstance(layers, (str, re.Pattern)):
-        pattern = re.compile(layers) if isinstance(layers, str) else layers
-        chosen = [(n, p) for n, p in named if p.ndim >= 2 and pattern.search(n)]
-    elif callable(layers):
-        chosen = [(n, p) for n, p in named if p.ndim >= 2 and layers(n, p)]
-    else:
-        wanted = list(layers)
-        by_name = dict(named)
-        unknown = [n for n in wanted if n not in by_name]
-        if unknown:
-            raise ValueError(f"layers not found among the model's trainable parameters: {unknown}")
-        chosen = [(n, by_name[n]) for n in wanted]
-    if not chosen:
-        raise ValueError("no layers selected: the model has no trainable parameter with ndim >= 2 "
-                         "matching `layers`")
+    chosen = select_layers(named, lambda p: p.ndim, layers, "model's trainable parameters")
     return [(n, p, owners.get(n, "")) for n, p in chosen]
 
 

@@ -369,13 +369,16 @@ def test_layer_selection_and_errors():
     addr = f"127.0.0.1:{free_port()}"
     h1 = layrot.tf.watch(model, collector=addr)
     assert h1.layer_names == ["enc/kernel", "head/kernel"]  # biases and norm scales are not layers
+    # The layer rule of PyTorch: a regex filters the ndim >= 2 weights; exact names pick anything.
     h2 = layrot.tf.watch(model, layers=r"head", collector=addr)
-    assert h2.layer_names == ["head/kernel", "head/bias"]
-    h3 = layrot.tf.watch(model, layers=["enc/kernel"], collector=addr)
-    assert h3.layer_names == ["enc/kernel"]
+    assert h2.layer_names == ["head/kernel"]
+    h3 = layrot.tf.watch(model, layers=["enc/kernel", "head/bias"], collector=addr)
+    assert h3.layer_names == ["enc/kernel", "head/bias"]
     h4 = layrot.tf.watch(model.trainable_variables, layers=lambda n, v: n.endswith("kernel"), collector=addr)
     assert h4.layer_names == ["enc/kernel", "head/kernel"]
-    for h in (h1, h2, h3, h4):
+    h5 = layrot.tf.watch(model, layers=lambda n, v: n.startswith("head"), collector=addr)
+    assert h5.layer_names == ["head/kernel"]
+    for h in (h1, h2, h3, h4, h5):
         h.close()
     with pytest.raises(ValueError, match="not found"):
         layrot.tf.watch(model, layers=["nope"], collector=addr)
