@@ -57,6 +57,21 @@ def _blockable(p: torch.Tensor) -> bool:
     return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
 
 
+def _dense_layout(p: torch.Tensor) -> bool:
+    """Contiguous or channels-last: one dense run of memory starting at data_ptr()."""
+    if p.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(p.ndim)
+    return fmt is not None and p.is_contiguous(memory_format=fmt)
+
+
+def _fusable(p: torch.Tensor, w0: torch.Tensor, prev: torch.Tensor) -> bool:
+    # The kernel walks the three as flat arrays, element i with element i: any
+    # dense layout works as long as all three share it (clone() preserves it).
+    return (all(t.device.type == "cpu" and t.dtype == p.dtype and _dense_layout(t) for t in (p, w0, prev))
+            and p.dtype in (torch.float32, torch.float64) and p.stride() == w0.stride() == prev.stride())
+
+
 _FUSED: ctypes.CDLL | None | bool = False  # False: not looked for yet
 
 
@@ -120,18 +135,18 @@ class LayerDistances:
 
     def _build(self) -> None:
         self._ptrs = [p.data_ptr() for p in self.params]
-        cpu = [i for i, p in enumerate(self.params)
-               if _blockable(p) and all(_blockable(t) and t.dtype == p.dtype for t in (self.w0[i], self.prev[i]))]
-        cpu_set = set(cpu)
-        self._foreach_idx = [i for i in range(self.num_layers) if i not in cpu_set]
         self._fused_idx: list[int] = []
         self._blocked_idx: list[int] = []
         self._blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        if cpu and self._fused_ok and fused_kernel() is not None:
-            self._fused_idx = cpu
-            self._build_fused()
+        if self._fused_ok and fused_kernel() is not None:
+            self._fused_idx = [i for i in range(self.num_layers) if _fusable(self.params[i], self.w0[i], self.prev[i])]
+            if self._fused_idx:
+                self._build_fused()
         else:
-            self._build_blocked(cpu)
+            self._build_blocked([i for i, p in enumerate(self.params) if _blockable(p) and all(
+                _blockable(t) and t.dtype == p.dtype for t in (self.w0[i], self.prev[i]))])
+        taken = set(self._fused_idx) | set(self._blocked_idx)
+        self._foreach_idx = [i for i in range(self.num_layers) if i not in taken]
         self._fused_pos = torch.tensor(self._fused_idx, dtype=torch.long, device=self.device)
         self._blocked_pos = torch.tensor(self._blocked_idx, dtype=torch.long, device=self.device)
         self._foreach_pos = torch.tensor(self._foreach_idx, dtype=torch.long, device=self.device)

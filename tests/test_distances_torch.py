@@ -87,6 +87,18 @@ def test_mixed_paths_fill_every_column():
         assert torch.equal(w, b)
 
 
+def test_channels_last_layers_take_the_fused_path():
+    ws, w0, prev = make_layers()
+    ws[1], w0[1], prev[1] = (t.contiguous(memory_format=torch.channels_last) for t in (ws[1], w0[1], prev[1]))
+    assert not ws[1].is_contiguous()
+    ref = reference(ws, w0, prev)
+    dist = LayerDistances(ws, w0, prev)
+    assert dist.path == "fused"
+    got = dist.measure(refresh_prev=True).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+    assert torch.equal(prev[1], ws[1])
+
+
 def test_wire_rows_recover_norms_exactly():
     ws, w0, prev = make_layers(torch.float64)
     rows = wire_rows(LayerDistances(ws, w0, prev).measure(False).numpy(),
