@@ -260,7 +260,7 @@ def command_dict(cmd: pb.RateCommand) -> dict[str, Any]:
         "version": cmd.version, "run": cmd.run, "mode": cmd.mode or "layca", "alpha": cmd.alpha,
         "schedule": None, "multipliers": list(cmd.multipliers), "layer_multipliers": dict(cmd.layer_multipliers),
         "table": None, "reason": cmd.reason, "issued_by": cmd.issued_by, "issued_at": cmd.issued_at or None,
-        "controller": cmd.controller, "step_offset": cmd.step_offset,
+        "controller": cmd.controller, "step_offset": cmd.step_offset, "apply_at_step": cmd.apply_at_step,
     }
     if cmd.HasField("schedule"):
         s = cmd.schedule
@@ -287,4 +287,8 @@ def control_status_dict(st: pb.ControlStatus) -> dict[str, Any]:
         "applied_rho": list(st.applied_rho),
         "audit": [{"version": a.version, "time": a.time, "who": a.who, "what": a.what, "event": a.event,
                    "step": a.step, "reason": a.reason} for a in st.audit],
+        "ranks": [{"rank": r.rank, "applied_version": r.applied_version, "applied_step": r.applied_step,
+                   "wanted_step": r.wanted_step, "late": r.late, "rejected_version": r.rejected_version,
+                   "rejected_reason": r.rejected_reason, "step": r.step, "connected": r.connected}
+                  for r in st.ranks],
     }

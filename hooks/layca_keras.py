@@ -51,7 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule,
-                                notify_listeners, resolve_commands)
+                                notify_listeners, resolve_commands, split_due)
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
 from layrot.proto import layrot_pb2
 
@@ -530,7 +530,8 @@ class Layca(keras.optimizers.Optimizer):
     def submit_command(self, cmd: "layrot_pb2.RateCommand") -> None:
         """Queue a RateCommand; thread-safe (call it from any thread).
 
-        At the next step boundary the newest queued command is validated
+        At the next step boundary (or the one before its ``apply_at_step``, see
+        :func:`~layrot.proto.rates.split_due`) the newest queued command is validated
         (:func:`~layrot.proto.rates.validate_command`) and applied or rejected;
         older queued ones are reported as superseded, versions older than the last
         one handled as stale, and a repeat of the last one gets its earlier answer.
@@ -571,8 +572,20 @@ class Layca(keras.optimizers.Optimizer):
                 self._dev.pending.assign(0)
         if not pending:
             return
-        rule, results, self._last_result = resolve_commands(
-            pending, step, self._last_result, self._names, self._rho_max, self._base_rule)
+        # Commands whose apply_at_step is ahead wait in the queue (the graph keeps
+        # calling back while they do; only multi-rank jobs get such commands).
+        due, held, results = split_due(pending, step)
+        if held:
+            with self._cmd_lock:
+                self._pending[:0] = held
+                if self._dev is not None:
+                    self._dev.pending.assign(1)
+        if not due:
+            notify_listeners(results, [*self._listeners, self.on_command_result])
+            return
+        rule, answers, self._last_result = resolve_commands(
+            due, step, self._last_result, self._names, self._rho_max, self._base_rule)
+        results += answers
         if rule is not None:
             with self._cmd_lock:
                 self._rule = rule

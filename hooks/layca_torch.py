@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule,
-                                notify_listeners, resolve_commands)
+                                notify_listeners, resolve_commands, split_due)
 from layrot.proto import layrot_pb2
 
 __all__ = ["Layca", "CommandListener"]
@@ -281,6 +281,10 @@ class Layca(torch.optim.Optimizer):
 
         self._lock = threading.Lock()
         self._pending: list[layrot_pb2.RateCommand] = []
+        # First step whose boundary must look at _pending: 0 after a new command
+        # arrives, else the earliest apply_at_step of the held ones (one int
+        # compare per step while commands wait for their step).
+        self._pending_due = 0
         self._last_result: tuple[int, bool, str, int] | None = None
         self._listeners: list[CommandListener] = []
         self.on_command_result: CommandListener | None = None
@@ -339,6 +343,7 @@ class Layca(torch.optim.Optimizer):
         self._listeners = []
         self.on_command_result = None
         self._pending = []
+        self._pending_due = 0
         self._patch_step_function()
 
     # ------------------------------------------------------------ layers
@@ -485,16 +490,19 @@ class Layca(torch.optim.Optimizer):
     def submit_command(self, cmd: "layrot_pb2.RateCommand") -> None:
         """Queue a RateCommand; thread-safe (call it from any thread).
 
-        At the start of the next ``step()`` the newest queued command is validated
-        (:func:`~layrot.proto.rates.validate_command`) and applied or rejected;
-        older queued ones are reported as superseded, versions older than the last
-        one handled as stale, and a repeat of the last one gets its earlier answer.
+        A command is handled at the step boundary before its ``apply_at_step``
+        (held until then; 0 or a step already passed = the next ``step()``): it is
+        validated (:func:`~layrot.proto.rates.validate_command`) and applied or
+        rejected. Older queued ones that it overrides are reported as superseded
+        (:func:`~layrot.proto.rates.split_due`), versions older than the last one
+        handled as stale, and a repeat of the last one gets its earlier answer.
         Listeners get ``(version, applied, reason, step)``.
         """
         copy = layrot_pb2.RateCommand()
         copy.CopyFrom(cmd)
         with self._lock:
             self._pending.append(copy)
+            self._pending_due = 0
 
     def add_command_listener(self, fn: CommandListener) -> None:
         """Call ``fn(version, applied, reason, step)`` for every command result."""
@@ -504,12 +512,20 @@ class Layca(torch.optim.Optimizer):
         self._listeners.remove(fn)
 
     def _process_commands(self) -> None:
+        t = self._step + 1
         with self._lock:
             pending, self._pending = self._pending, []
-        rule, results, self._last_result = resolve_commands(
-            pending, self._step + 1, self._last_result, self._names, self._rho_max, self._base_rule)
-        if rule is not None:
-            self._install_rule(rule)
+        due, held, results = split_due(pending, t)
+        with self._lock:
+            # Commands that arrived meanwhile are looked at next step (due 0).
+            self._pending_due = 0 if self._pending else min((int(c.apply_at_step) for c in held), default=0)
+            self._pending[:0] = held
+        if due:
+            rule, answers, self._last_result = resolve_commands(
+                due, t, self._last_result, self._names, self._rho_max, self._base_rule)
+            results += answers
+            if rule is not None:
+                self._install_rule(rule)
         notify_listeners(results, [*self._listeners, self.on_command_result])
 
     # ------------------------------------------------------------ device state
@@ -558,7 +574,7 @@ class Layca(torch.optim.Optimizer):
         Pending control commands are handled first (this is the step boundary).
         Returns the closure's loss like any optimizer.
         """
-        if self._pending:
+        if self._pending and self._step + 1 >= self._pending_due:
             self._process_commands()
         if not self._layer_index:
             loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()

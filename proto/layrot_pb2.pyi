@@ -188,7 +188,7 @@ class RateTable(_message.Message):
     def __init__(self, start_step: _Optional[int] = ..., num_layers: _Optional[int] = ..., rates: _Optional[bytes] = ...) -> None: ...
 
 class RateCommand(_message.Message):
-    __slots__ = ("version", "run", "mode", "alpha", "schedule", "multipliers", "layer_multipliers", "table", "reason", "issued_by", "issued_at", "controller", "step_offset")
+    __slots__ = ("version", "run", "mode", "alpha", "schedule", "multipliers", "layer_multipliers", "table", "reason", "issued_by", "issued_at", "controller", "step_offset", "apply_at_step")
     class LayerMultipliersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class RateCommand(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_FIELD_NUMBER: _ClassVar[int]
     STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    APPLY_AT_STEP_FIELD_NUMBER: _ClassVar[int]
     version: int
     run: str
     mode: str
@@ -222,7 +223,8 @@ class RateCommand(_message.Message):
     issued_at: float
     controller: str
     step_offset: int
-    def __init__(self, version: _Optional[int] = ..., run: _Optional[str] = ..., mode: _Optional[str] = ..., alpha: _Optional[float] = ..., schedule: _Optional[_Union[RhoSchedule, _Mapping]] = ..., multipliers: _Optional[_Iterable[float]] = ..., layer_multipliers: _Optional[_Mapping[str, float]] = ..., table: _Optional[_Union[RateTable, _Mapping]] = ..., reason: _Optional[str] = ..., issued_by: _Optional[str] = ..., issued_at: _Optional[float] = ..., controller: _Optional[str] = ..., step_offset: _Optional[int] = ...) -> None: ...
+    apply_at_step: int
+    def __init__(self, version: _Optional[int] = ..., run: _Optional[str] = ..., mode: _Optional[str] = ..., alpha: _Optional[float] = ..., schedule: _Optional[_Union[RhoSchedule, _Mapping]] = ..., multipliers: _Optional[_Iterable[float]] = ..., layer_multipliers: _Optional[_Mapping[str, float]] = ..., table: _Optional[_Union[RateTable, _Mapping]] = ..., reason: _Optional[str] = ..., issued_by: _Optional[str] = ..., issued_at: _Optional[float] = ..., controller: _Optional[str] = ..., step_offset: _Optional[int] = ..., apply_at_step: _Optional[int] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ()
@@ -378,7 +380,7 @@ class AuditEntry(_message.Message):
     def __init__(self, version: _Optional[int] = ..., time: _Optional[float] = ..., who: _Optional[str] = ..., what: _Optional[str] = ..., event: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ControlStatus(_message.Message):
-    __slots__ = ("run", "requested", "applied_version", "applied_step", "rejected_reason", "audit", "layer_names", "requested_rho", "applied_rho")
+    __slots__ = ("run", "requested", "applied_version", "applied_step", "rejected_reason", "audit", "layer_names", "requested_rho", "applied_rho", "ranks")
     RUN_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -388,6 +390,7 @@ class ControlStatus(_message.Message):
     LAYER_NAMES_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_RHO_FIELD_NUMBER: _ClassVar[int]
     APPLIED_RHO_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     run: str
     requested: RateCommand
     applied_version: int
@@ -397,7 +400,30 @@ class ControlStatus(_message.Message):
     layer_names: _containers.RepeatedScalarFieldContainer[str]
     requested_rho: _containers.RepeatedScalarFieldContainer[float]
     applied_rho: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, run: _Optional[str] = ..., requested: _Optional[_Union[RateCommand, _Mapping]] = ..., applied_version: _Optional[int] = ..., applied_step: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., audit: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., layer_names: _Optional[_Iterable[str]] = ..., requested_rho: _Optional[_Iterable[float]] = ..., applied_rho: _Optional[_Iterable[float]] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankControl]
+    def __init__(self, run: _Optional[str] = ..., requested: _Optional[_Union[RateCommand, _Mapping]] = ..., applied_version: _Optional[int] = ..., applied_step: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., audit: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., layer_names: _Optional[_Iterable[str]] = ..., requested_rho: _Optional[_Iterable[float]] = ..., applied_rho: _Optional[_Iterable[float]] = ..., ranks: _Optional[_Iterable[_Union[RankControl, _Mapping]]] = ...) -> None: ...
+
+class RankControl(_message.Message):
+    __slots__ = ("rank", "applied_version", "applied_step", "wanted_step", "late", "rejected_version", "rejected_reason", "step", "connected")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    WANTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REASON_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    applied_version: int
+    applied_step: int
+    wanted_step: int
+    late: bool
+    rejected_version: int
+    rejected_reason: str
+    step: int
+    connected: bool
+    def __init__(self, rank: _Optional[int] = ..., applied_version: _Optional[int] = ..., applied_step: _Optional[int] = ..., wanted_step: _Optional[int] = ..., late: _Optional[bool] = ..., rejected_version: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., step: _Optional[int] = ..., connected: _Optional[bool] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("run", "layer", "step", "kind", "severity", "angle", "baseline", "time", "message", "loss_before", "loss_after")

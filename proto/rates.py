@@ -42,6 +42,7 @@ __all__ = [
     "RateRule",
     "validate_command",
     "rule_from_command",
+    "split_due",
     "resolve_commands",
     "notify_listeners",
     "edited_rule",
@@ -545,13 +546,51 @@ def rule_from_command(cmd: "layrot_pb2.RateCommand", layer_names: Sequence[str],
 CommandResult = tuple  # (version, applied, reason, step)
 
 
+def split_due(pending: Sequence["layrot_pb2.RateCommand"], step: int
+              ) -> tuple[list["layrot_pb2.RateCommand"], list["layrot_pb2.RateCommand"], list[CommandResult]]:
+    """Which queued commands the boundary before ``step`` handles, and which wait.
+
+    A command governs from ``max(apply_at_step, step)`` (``apply_at_step`` 0 =
+    the next boundary). Walking from the newest version down, a command is kept
+    only if it takes effect strictly before every newer one kept so far;
+    otherwise a newer command replaces it before it took effect (answered
+    "superseded"). Kept commands whose step has come are *due* (at most one:
+    the newest due), the others are *held* until their step. So two ranks that
+    hold the same commands switch at the same steps whatever order and moment
+    the commands reached them in; a held command is not dropped because a newer
+    one that starts later arrived. Repeated copies of a version count once.
+    Returns (due, held, results for superseded commands).
+    """
+    step = int(step)
+    by_version: dict[int, "layrot_pb2.RateCommand"] = {}
+    for c in pending:
+        by_version[c.version] = c  # the last copy received wins (a re-send is identical)
+    due: list = []
+    held: list = []
+    results: list[CommandResult] = []
+    earliest = None      # effective step of the newest kept command, walking down
+    newer = 0
+    for v in sorted(by_version, reverse=True):
+        c = by_version[v]
+        eff = max(int(c.apply_at_step), step)
+        if earliest is not None and eff >= earliest:
+            results.append((v, False, f"superseded by version {newer} before it took effect", step))
+            continue
+        earliest, newer = eff, v
+        (due if eff == step else held).append(c)
+    results.reverse()  # oldest first, like resolve_commands
+    return due, held[::-1], results
+
+
 def resolve_commands(pending: Sequence["layrot_pb2.RateCommand"], step: int,
                      last_result: CommandResult | None, layer_names: Sequence[str], rho_max: float,
                      base: RateRule) -> tuple[RateRule | None, list[CommandResult], CommandResult | None]:
-    """Decide the queued commands at a step boundary.
+    """Decide the queued commands at the boundary before ``step``.
 
-    The newest version is validated and applied or rejected; older queued ones
-    are answered "superseded", a version older than the last one handled
+    Call it with the *due* commands of :func:`split_due` (it ignores
+    ``apply_at_step``: whatever it gets governs from ``step``). The newest
+    version is validated and applied or rejected; older queued ones are
+    answered "superseded", a version older than the last one handled
     "stale", and a repeat of the last one gets its earlier answer (a command the
     collector re-sends after a reconnect is never applied twice). Returns the
     new rule (None = rates unchanged), the results to tell listeners, and the
@@ -577,6 +616,12 @@ def resolve_commands(pending: Sequence["layrot_pb2.RateCommand"], step: int,
         except Exception as e:  # validate_command should have caught it
             reason = f"invalid command: {e}"
     if rule is not None:
+        wanted = int(newest.apply_at_step)
+        if 0 < wanted < step:
+            # The operator's command still wins, but ranks that got it in time
+            # switched at ``wanted``: data-parallel replicas now differ.
+            _log.warning("Layca: command version %d arrived after its step %d; applied late at step %d",
+                         newest.version, wanted, step)
         _log.info("Layca: applied command version %d at step %d: %s", newest.version, step, rule.describe())
         result: CommandResult = (newest.version, True, "", step)
     else:

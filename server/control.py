@@ -14,6 +14,18 @@ keeps an audit trail (requested / sent / applied / rejected, who, when,
 what, at which step), in memory for status queries and in the history store
 for restarts.
 
+Multi-rank jobs. Layca runs on every rank of a data-parallel job after the
+gradients are all-reduced, so the replicas stay identical only if every rank
+switches rates at the same step; a command that reached rank 0 before step 120
+and rank 1 after it would make them diverge for the rest of training, silently.
+So for a run with more than one rank the collector stamps each command with
+``apply_at_step`` = (highest step any rank reported) + a lead (see
+:func:`command_lead`), every rank holds the command until the boundary before
+that step, and a rank that gets it too late (a slow link, a reconnect) still
+applies it at its next boundary and is recorded as *late*: per rank in the
+status, in the audit trail and in ``layrot_control_late_total{run}``.
+Single-rank runs keep ``apply_at_step`` 0 (the next boundary, lowest latency).
+
 Everything here runs on the collector's asyncio loop thread, except
 ``RunControl.requested_rates`` which the metrics thread calls: it only reads
 attributes that are replaced in one assignment.
@@ -22,9 +34,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import re
 import sqlite3
+import statistics
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
@@ -45,6 +60,27 @@ STATUS_AUDIT = 200
 # for display only, so any finite bound that accepts every sane command works.
 _DISPLAY_RHO_MAX = 1e300
 
+# ---- the lead of a multi-rank command (see command_lead)
+# Steps added whatever the timing: a rank may be mid-step when the command
+# arrives (it can only switch at its next boundary), data-parallel ranks drift
+# a step or so apart between collectives, and rounding.
+MIN_LEAD_STEPS = 4
+# Collector -> every rank: the gRPC push, the job's connection thread getting
+# the GIL from a busy training thread, a loaded host. Loopback takes
+# milliseconds; a second covers a loaded 2-core machine and a WAN link, and
+# costs multi-rank commands that much latency, nothing else.
+DELIVERY_SECONDS = 1.0
+# A newest report older than this is a paused job (evaluation, checkpoint) or
+# a clock skew between job and collector, not a report in flight: extrapolating
+# further would only delay the command.
+MAX_REPORT_AGE = 10.0
+# Steps/s assumed before a run has two reports to measure its speed from.
+FALLBACK_STEP_RATE = 100.0
+# Newest reported steps of a rank the step rate is measured over.
+RATE_REPORTS = 64
+# apply_at_step of past versions kept in memory, to tell late acknowledgements.
+APPLY_AT_KEEP = 4096
+
 INSERT_COMMAND = ("INSERT OR REPLACE INTO commands (run_id, version, time, issued_by, controller, command)"
                   " VALUES (?,?,?,?,?,?)")
 INSERT_AUDIT = ("INSERT INTO audit (run_id, version, time, who, what, event, step, reason, rank)"
@@ -59,7 +95,8 @@ def describe_command(cmd: pb.RateCommand) -> str:
     """One human-readable line for a RateCommand (audit trails, logs, CLI)."""
     mode = cmd.mode or "layca"
     if mode == "off":
-        return "off: back to the job's own Layca settings"
+        at = f" from step {cmd.apply_at_step}" if cmd.apply_at_step else ""
+        return f"off: back to the job's own Layca settings{at}"
     parts = [f"mode={mode}", f"alpha={cmd.alpha:g}"]
     if cmd.HasField("schedule"):
         s = cmd.schedule
@@ -86,9 +123,66 @@ def describe_command(cmd: pb.RateCommand) -> str:
         parts.append(f"table steps {t.start_step}..{t.start_step + max(n, 1) - 1} ({n} x {t.num_layers})")
     if cmd.step_offset:
         parts.append(f"step_offset={cmd.step_offset}")
+    if cmd.apply_at_step:
+        parts.append(f"apply_at_step={cmd.apply_at_step}")
     if cmd.controller:
         parts.append(f"controller={cmd.controller}")
     return " ".join(parts)
+
+
+def step_rate(rows: Sequence[tuple[int, float]]) -> float | None:
+    """Training speed in steps/s from reported ``(step, time)`` rows of one rank, or None.
+
+    The median over consecutive reports of (steps between them) / (seconds
+    between them): a pause (evaluation, checkpoint) in the window does not drag
+    it down, so the lead it gives errs long, never short. Both times come from
+    the job's own clock, so clock skew against the collector does not matter.
+    """
+    pts = sorted((int(st), float(t)) for st, t in rows if t is not None and math.isfinite(t))
+    rates = [(s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in zip(pts, pts[1:]) if s1 > s0 and t1 > t0]
+    return float(statistics.median(rates)) if rates else None
+
+
+def command_lead(rate: float | None, report_age: float, every: int) -> int:
+    """Steps between the highest reported step and ``apply_at_step`` of a multi-rank command.
+
+    ``lead = MIN_LEAD_STEPS + every + ceil(rate * (clamp(report_age, 0, MAX_REPORT_AGE) + DELIVERY_SECONDS))``
+
+    - ``rate * report_age``: the ranks kept training since their newest report
+      was measured (``report_age`` = now - that report's time: the batching
+      delay, reports every ``every`` steps, anything queued on the way);
+    - ``rate * DELIVERY_SECONDS``: steps they take while the command travels
+      to every rank;
+    - ``every``: one more report interval, for a rank whose report is still
+      in flight or a rate measured slow (a job clock ahead of the collector's
+      makes ``report_age`` read short);
+    - ``MIN_LEAD_STEPS``: mid-step arrival, rank drift and rounding.
+
+    Too short a lead makes a rank late (the replicas diverge, and it shows);
+    too long only delays the switch, by about ``lead / rate`` seconds (1 s plus
+    a report interval for a job that reports promptly). ``rate`` None (fewer
+    than two reports yet) assumes ``FALLBACK_STEP_RATE``.
+    """
+    r = rate if rate is not None and math.isfinite(rate) and rate > 0 else FALLBACK_STEP_RATE
+    age = min(max(float(report_age), 0.0), MAX_REPORT_AGE) if math.isfinite(report_age) else MAX_REPORT_AGE
+    return MIN_LEAD_STEPS + max(1, int(every)) + math.ceil(r * (age + DELIVERY_SECONDS))
+
+
+_WANTED = re.compile(r"wanted step (\d+)")
+
+
+class Applied(NamedTuple):
+    """A rank's newest applied command: version, first step it governs, when, the step it asked for."""
+
+    version: int
+    step: int
+    time: float
+    wanted: int = 0  # the command's apply_at_step (0 = the next boundary, or unknown)
+
+    @property
+    def late(self) -> bool:
+        """The command arrived after its apply_at_step and governs from a later step."""
+        return 0 < self.wanted < self.step
 
 
 def _requested_rule(cmd: pb.RateCommand, names: list[str]) -> RateRule | None:
@@ -110,9 +204,11 @@ class RunControl:
         self.last_version = 0                       # highest version assigned (or seen from a job)
         self.current: pb.RateCommand | None = None  # the command in force on the collector's side
         self.rule: RateRule | None = None           # its rule, for requested rates
-        self.applied: dict[int, tuple[int, int, float]] = {}   # rank -> (version, step, time)
+        self.applied: dict[int, Applied] = {}                  # rank -> newest applied
         self.rejected: dict[int, tuple[int, str]] = {}         # rank -> (version, reason)
         self.audit: collections.deque[pb.AuditEntry] = collections.deque(maxlen=AUDIT_KEEP)
+        self.apply_at: collections.OrderedDict[int, int] = collections.OrderedDict()  # version -> apply_at_step
+        self.late_total = 0                                    # late applications (Prometheus counter)
 
     @property
     def version(self) -> int:
@@ -123,8 +219,21 @@ class RunControl:
         """(version, first step) applied by the lowest rank that answered; (0, 0) if none."""
         if not self.applied:
             return 0, 0
-        v, step, _ = self.applied[min(self.applied)]
-        return v, step
+        a = self.applied[min(self.applied)]
+        return a.version, a.step
+
+    def remember_apply_at(self, version: int, step: int) -> None:
+        """Keep a command's apply_at_step, to tell a late acknowledgement of it."""
+        self.apply_at[int(version)] = int(step)
+        self.apply_at.move_to_end(int(version))
+        while len(self.apply_at) > APPLY_AT_KEEP:
+            self.apply_at.popitem(last=False)
+
+    def wanted_step(self, version: int) -> int:
+        """apply_at_step of ``version`` (0 when it had none or is no longer known)."""
+        if self.current is not None and self.current.version == version:
+            return int(self.current.apply_at_step)
+        return self.apply_at.get(int(version), 0)
 
     def rejected_reason(self) -> str:
         """Why the current version was refused (first rank that refused it), else ''."""
@@ -173,13 +282,17 @@ class ControlPlane:
             rc.current = cmd
             rc.rule = _requested_rule(cmd, rs.names)
             rc.last_version = max(rc.last_version, int(version))
+            rc.remember_apply_at(cmd.version, cmd.apply_at_step)
             n += 1
-        for run_id, rank, version, step, t in conn.execute(
-                "SELECT run_id, rank, version, step, time FROM audit a WHERE event = 'applied' AND id ="
+        for run_id, rank, version, step, t, reason in conn.execute(
+                "SELECT run_id, rank, version, step, time, reason FROM audit a WHERE event = 'applied' AND id ="
                 " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"):
             rs = by_id.get(run_id)
             if rs is not None:
-                rs.control.applied[int(rank)] = (int(version), int(step or 0), float(t or 0.0))
+                # A late (or early) application records the step it wanted in its audit reason.
+                m = _WANTED.search(reason or "")
+                wanted = int(m.group(1)) if m else rs.control.wanted_step(int(version))
+                rs.control.applied[int(rank)] = Applied(int(version), int(step or 0), float(t or 0.0), wanted)
         for run_id, rank, version, reason in conn.execute(
                 "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
                 " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"):
@@ -240,6 +353,10 @@ class ControlPlane:
             stored.issued_by = who
         if not stored.controller:
             stored.controller = "off" if stored.mode == "off" else "manual"
+        if self.multi_rank(rs):
+            # Never earlier than the client asked for, never sooner than every rank can get it.
+            stored.apply_at_step = max(stored.apply_at_step, self.apply_step(rs, stored.issued_at))
+        rc.remember_apply_at(stored.version, stored.apply_at_step)
         rc.current = stored
         rc.rule = _requested_rule(stored, rs.names)
         self.store.submit(INSERT_COMMAND, (rs.run_id, stored.version, stored.issued_at, stored.issued_by,
@@ -250,6 +367,40 @@ class ControlPlane:
         for sess in list(rs.sessions):
             self._push(rs, sess, stored, "")
         return stored
+
+    @staticmethod
+    def multi_rank(rs: "RunState") -> bool:
+        """True when the run has (or announced) more than one rank."""
+        if rs.world_size > 1 or len(rs.last) > 1:
+            return True
+        return len({s.rank for s in rs.sessions}) > 1
+
+    def apply_step(self, rs: "RunState", now: float) -> int:
+        """``apply_at_step`` for a multi-rank command issued at ``now``: newest step + :func:`command_lead`."""
+        last = dict(rs.last)
+        newest = max(last.values(), key=lambda snap: snap.step) if last else None
+        if newest is None:
+            rate, age, top = None, 0.0, 0
+        else:
+            rate = self._step_rate(rs, newest.rank)
+            age, top = now - newest.time, newest.step
+        lead = command_lead(rate, age, rs.every)
+        log.info("control: run %s has %d ranks: apply at step %d = newest step %d + lead %d (rate %s steps/s, "
+                 "newest report %.2f s old, every %d)", rs.run, max(rs.world_size, len(last)), top + lead, top, lead,
+                 "unknown" if rate is None else f"{rate:.3g}", age, rs.every)
+        return top + lead
+
+    def _step_rate(self, rs: "RunState", rank: int) -> float | None:
+        # A primary-key range read of a few dozen rows: ~0.1 ms on the loop thread,
+        # once per SetControl of a multi-rank run.
+        try:
+            rows = self.store.reader().execute(
+                "SELECT step, time FROM steps WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT ?",
+                (rs.run_id, rank, RATE_REPORTS)).fetchall()
+        except sqlite3.Error:
+            log.exception("control plane: cannot read the step history of run %s", rs.run)
+            return None
+        return step_rate(rows)
 
     def _push(self, rs: "RunState", sess: "LiveSession", cmd: pb.RateCommand, reason: str) -> None:
         if not sess.capabilities.get("control") or sess.closing:
@@ -279,13 +430,30 @@ class ControlPlane:
         rc = rs.control
         who = self._job_who(sess)
         if ack.applied:
+            now = Applied(int(ack.version), int(ack.step), time.time(), rc.wanted_step(ack.version))
             prev = rc.applied.get(sess.rank)
-            if prev is None or ack.version >= prev[0]:
-                rc.applied[sess.rank] = (int(ack.version), int(ack.step), time.time())
+            # A re-sent command is answered again with its first result: count a late one once.
+            repeat = prev is not None and (prev.version, prev.step) == (now.version, now.step)
+            if prev is None or ack.version >= prev.version:
+                rc.applied[sess.rank] = now
             old = rc.rejected.get(sess.rank)
             if old is not None and old[0] <= ack.version:
                 del rc.rejected[sess.rank]
-            self._audit(rs, ack.version, "applied", who, step=ack.step, rank=sess.rank)
+            reason = ""
+            if now.late:
+                reason = f"late (wanted step {now.wanted})"
+                if not repeat:
+                    rc.late_total += 1
+                    log.warning("control: run %s rank %d applied version %d late at step %d (wanted %d)", rs.run,
+                                sess.rank, now.version, now.step, now.wanted)
+            elif now.step < now.wanted:
+                # Only a job that does not hold commands does this (a layrot client older than apply_at_step).
+                reason = f"early (wanted step {now.wanted}): the job does not hold commands, upgrade layrot"
+                if not repeat:
+                    log.warning("control: run %s rank %d applied version %d at step %d, before its step %d: "
+                                "the job's layrot does not hold commands; its ranks may now differ", rs.run,
+                                sess.rank, now.version, now.step, now.wanted)
+            self._audit(rs, ack.version, "applied", who, step=ack.step, reason=reason, rank=sess.rank)
         else:
             rc.rejected[sess.rank] = (int(ack.version), ack.reason)
             self._audit(rs, ack.version, "rejected", who, step=ack.step, reason=ack.reason or "rejected",
@@ -311,6 +479,28 @@ class ControlPlane:
             out.requested_rho.extend(req.tolist())
         if snap is not None and snap.rho is not None:
             out.applied_rho.extend(float(x) for x in snap.rho)
+        out.ranks.extend(self.rank_states(rs))
+        return out
+
+    @staticmethod
+    def rank_states(rs: "RunState") -> list[pb.RankControl]:
+        """Per-rank control state, lowest rank first (every rank heard of: answered, reported or connected)."""
+        rc = rs.control
+        last = dict(rs.last)
+        connected = {s.rank for s in rs.sessions}
+        out = []
+        for rank in sorted(set(rc.applied) | set(rc.rejected) | set(last) | connected):
+            e = pb.RankControl(rank=rank, connected=rank in connected)
+            a = rc.applied.get(rank)
+            if a is not None:
+                e.applied_version, e.applied_step, e.wanted_step, e.late = a.version, a.step, a.wanted, a.late
+            r = rc.rejected.get(rank)
+            if r is not None:
+                e.rejected_version, e.rejected_reason = r[0], r[1] or "rejected"
+            snap = last.get(rank)
+            if snap is not None:
+                e.step = snap.step
+            out.append(e)
         return out
 
 
@@ -328,5 +518,5 @@ def client_who(request_who: str, peer: str) -> str:
     return f"{who} from {peer}" if peer else who
 
 
-__all__ = ["AUDIT_KEEP", "ControlPlane", "ControlRefused", "RunControl", "attach", "client_who",
-           "describe_command"]
+__all__ = ["AUDIT_KEEP", "Applied", "ControlPlane", "ControlRefused", "RunControl", "attach", "client_who",
+           "command_lead", "describe_command", "step_rate"]

@@ -32,7 +32,7 @@ LAYER_LABELS = ["run", "layer", "index"]
 
 
 def control_families(runs: list) -> Iterator[Metric]:
-    """Control plane metrics: requested rates and command versions (server/control.py).
+    """Control plane metrics: requested rates, command versions, late applications (server/control.py).
 
     ``layrot_layer_rho_requested`` is the current command evaluated at the run's
     newest reported step; it is absent when the collector cannot know the rates
@@ -46,19 +46,24 @@ def control_families(runs: list) -> Iterator[Metric]:
     applied = GaugeMetricFamily("layrot_run_command_version_applied",
                                 "Newest control command version the job acknowledged as applied (0 = none)",
                                 labels=["run"])
+    late = CounterMetricFamily("layrot_control_late",
+                               "Control commands a rank applied after their apply_at_step (they arrived too late:"
+                               " the replicas of a data-parallel job switched at different steps and now differ)",
+                               labels=["run"])
     for rs in runs:
         rc = getattr(rs, "control", None)
         if rc is None or rc.current is None:
             continue
         version.add_metric([rs.run], rc.version)
         applied.add_metric([rs.run], rc.applied_state()[0])
+        late.add_metric([rs.run], rc.late_total)
         snap = rs.primary()
         rates = rc.requested_rates(snap.step if snap is not None else 1)
         if rates is None:
             continue
         for i, (name, r) in enumerate(zip(rs.names, rates.tolist())):
             requested.add_metric([rs.run, name, str(i)], r)
-    yield from (requested, version, applied)
+    yield from (requested, version, applied, late)
 
 
 class LayrotCollector(Collector):
