@@ -42,7 +42,6 @@ import base64
 import json
 import logging
 import math
-import re
 import threading
 from typing import Any, Callable, Sequence
 
@@ -52,6 +51,7 @@ import tensorflow as tf
 
 from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule,
                                 notify_listeners, resolve_commands, split_due)
+from layrot.hooks.layer_rule import select_layers
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
 from layrot.proto import layrot_pb2
 
@@ -164,7 +164,8 @@ class Layca(keras.optimizers.Optimizer):
         layers: which variables are layers: None for every trainable variable with
             ndim >= 2 (kernels, embeddings) in the order the optimizer is built with
             (``model.trainable_variables``: layer order for Sequential and functional
-            models), a regex on variable paths, or a list of paths.
+            models), a regex on variable paths (filtering those ndim >= 2 variables), or a
+            list of exact paths; the rule of :mod:`layrot.hooks.layer_rule`.
 
     Steps are counted by the base optimizer's ``iterations`` (step 1 is the first).
     Memory: none beyond the base optimizer (the old weights are a read snapshot).
@@ -280,20 +281,9 @@ class Layca(keras.optimizers.Optimizer):
                     self._dev.pending.assign(1)
 
     def _select_layers(self, var_list: list) -> tuple[list, list[str]]:
-        sel = self._layers_arg
         trainable = [v for v in var_list if getattr(v, "trainable", True)]
         named = list(zip(variable_names(trainable), trainable))
-        if sel is None:
-            chosen = [(n, v) for n, v in named if len(v.shape) >= 2]
-        elif isinstance(sel, str):
-            pat = re.compile(sel)
-            chosen = [(n, v) for n, v in named if pat.search(n)]
-        else:
-            by_name = dict(named)
-            missing = [n for n in sel if n not in by_name]
-            if missing:
-                raise ValueError(f"Layca layers not found among the trainable variables: {missing}")
-            chosen = [(n, by_name[n]) for n in sel]
+        chosen = select_layers(named, lambda v: len(v.shape), self._layers_arg, "trainable variables (Layca)")
         return [v for _, v in chosen], [n for n, _ in chosen]
 
     # ------------------------------------------------------------ serialisation
