@@ -55,8 +55,10 @@ def _report_set(st: dict[str, Any], version: int, waited: bool, as_json: bool) -
         click.echo(f"applied by the job from step {st['applied_step']}")
     elif waited:
         sent = any(a["event"] == "sent" and a["version"] == version for a in st["audit"])
-        click.echo("not acknowledged yet: " + ("the job applies it at its next optimizer step" if sent else
-                                                "no live session; the job gets it when it (re)connects"))
+        req = st.get("requested") or {}
+        at = req.get("apply_at_step") if req.get("version") == version else 0
+        when = f"every rank applies it at step {at}" if at else "the job applies it at its next optimizer step"
+        click.echo("not acknowledged yet: " + (when if sent else "no live session; the job gets it when it (re)connects"))
 
 
 # ---------------------------------------------------------------- group
@@ -114,6 +116,8 @@ def set_cmd(run: str, alpha: float, rho0: float, kind: str | None, milestones: s
     The job validates the command (finite, rates <= its rho_max, known layer
     names), applies it at its next optimizer step and acknowledges it; a
     rejected command changes nothing and its reason shows in 'control status'.
+    In a multi-rank job the collector names the step (a little ahead of the
+    ranks) at which every rank switches, so replicas stay identical.
 
     \b
     Examples:
