@@ -28,3 +28,12 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     return np.abs(got - want) / np.abs(want)
+
+
+def eq1(alpha: float, L: int) -> np.ndarray:
+    """The paper's Eq. 1 layer multipliers, term by term (independent of layrot.proto.rates)."""
+    if L == 1:
+        return np.ones(1)
+    if alpha > 0:
+        return np.array([(1 - alpha) ** (5 * (L - 1 - l) / (L - 1)) for l in range(L)])
+    return np.array([(1 + alpha) ** (5 * l / (L - 1)) for l in range(L)])

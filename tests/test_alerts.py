@@ -12,14 +12,12 @@ import json
 import math
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import layrot
@@ -34,6 +32,7 @@ from dataclasses import replace
 from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
 from layrot.server.state import RunState
 from layrot.server.store import LayerRecord, RunRecord
+from metrics_text import scrape
 
 DIGITS: tuple | None = None
 
@@ -148,15 +147,6 @@ def feed(engine: AlertEngine, rs: RunState, angles: np.ndarray, sizes, rho=None,
 
 def abrupt(alerts) -> list:
     return [a for a in alerts if (a["kind"] if isinstance(a, dict) else a.kind) == "abrupt_rotation"]
-
-
-def scrape(url: str) -> dict[str, list]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    out: dict[str, list] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
 
 
 def wait_for(fn, timeout: float, interval: float = 0.01):

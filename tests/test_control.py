@@ -8,9 +8,7 @@ the rates the paper's formulas give, written out independently here.
 """
 from __future__ import annotations
 
-import math
 import time
-import urllib.request
 from typing import Any, Callable
 
 import grpc
@@ -18,28 +16,20 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import layrot
 from layrot.agent.cli import cli
 from layrot.agent.query import CollectorError, QueryClient
 from layrot.proto import layrot_pb2 as pb
-from reference import angle
+from reference import angle, eq1
+from metrics_text import scrape
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 32
 RTOL = 1e-4  # Layca's angle is exact to float32 rounding of the weights (~1e-6)
 
 
 # ---------------------------------------------------------------- independent formulas
-def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 multipliers (independent of layrot.proto.rates)."""
-    if L == 1:
-        return np.ones(1)
-    return np.array([(1 - alpha) ** (5 * (L - 1 - l) / (L - 1)) if alpha > 0 else (1 + alpha) ** (5 * l / (L - 1))
-                     for l in range(L)])
-
-
 # ---------------------------------------------------------------- a real controllable job
 class Job:
     """A real Layca(SGD momentum 0.9) training job with watch(control=True); weights saved every step.
@@ -140,15 +130,6 @@ def jobs():
     yield make
     for j in made:
         j.close()
-
-
-def scrape(collector) -> dict[str, list]:
-    text = urllib.request.urlopen(collector.metrics_url, timeout=5).read().decode()
-    out: dict[str, list] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
 
 
 def per_layer(samples: dict, name: str, run: str, names: list[str]) -> np.ndarray:

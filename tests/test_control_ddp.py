@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,14 +42,6 @@ OLD_RHO, OLD_ALPHA = 0.05, 0.5
 NEW_RHO, NEW_ALPHA = 0.03, -0.3
 AFTER = 30             # steps every rank trains after it switched
 WORKER_SECONDS = 150.0  # the ranks agree to stop after this long whatever happened
-
-
-def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 multipliers (independent of layrot.proto.rates)."""
-    if L == 1:
-        return np.ones(1)
-    return np.array([(1 - alpha) ** (5 * (L - 1 - l) / (L - 1)) if alpha > 0 else (1 + alpha) ** (5 * l / (L - 1))
-                     for l in range(L)])
 
 
 # ---------------------------------------------------------------- a real Layca job (one rank)
@@ -198,22 +189,14 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
 # ---------------------------------------------------------------- tests
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from layrot.agent.cli import cli  # noqa: E402
 from layrot.agent.query import QueryClient  # noqa: E402
 from layrot.proto import layrot_pb2 as pb  # noqa: E402
 from layrot.proto.rates import split_due  # noqa: E402
 from layrot.server import control as ctl  # noqa: E402
-
-
-def scrape(collector: Any) -> dict[str, list]:
-    text = urllib.request.urlopen(collector.metrics_url, timeout=5).read().decode()
-    out: dict[str, list] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
+from reference import eq1
+from metrics_text import scrape
 
 
 def cli_json(*args: str) -> dict:

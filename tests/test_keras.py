@@ -25,7 +25,7 @@ import layrot.tf  # noqa: E402
 from layrot.agent.query import QueryClient  # noqa: E402
 from layrot.proto.rates import RhoSchedule  # noqa: E402
 from layrot.proto import layrot_pb2  # noqa: E402
-from reference import angle, cosine_distance, rel_err  # noqa: E402
+from reference import angle, cosine_distance, eq1, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
@@ -146,15 +146,6 @@ def reference(w0: dict, saved: list[dict], names: list[str], steps: list[int]):
         ang.append([angle(prev[n], cur[n]) for n in names])
         nrm.append([np.linalg.norm(cur[n]) for n in names])
     return np.array(rot), np.array(ang), np.array(nrm)
-
-
-def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 multipliers, written out independently of layrot.proto.rates."""
-    if L == 1:
-        return np.ones(1)
-    if alpha > 0:
-        return np.array([(1 - alpha) ** (5 * (L - 1 - l) / (L - 1)) for l in range(L)])
-    return np.array([(1 + alpha) ** (5 * l / (L - 1)) for l in range(L)])
 
 
 def check_angle_law(w0, saved, names, expected_rates, rtol=TOL):

@@ -16,24 +16,12 @@ from torch import nn
 from layrot.hooks.layca_torch import Layca
 from layrot.proto.rates import RhoSchedule
 from layrot.proto import layrot_pb2
+from reference import eq1
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 32
 
 
 # ---------------------------------------------------------------- helpers
-
-def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 multipliers, independently of layrot.proto.rates."""
-    if L == 1:
-        return np.ones(1)
-    out = []
-    for l in range(L):
-        if alpha > 0:
-            out.append((1 - alpha) ** (5 * (L - 1 - l) / (L - 1)))
-        else:
-            out.append((1 + alpha) ** (5 * l / (L - 1)))
-    return np.array(out)
-
 
 def angle(a: np.ndarray, b: np.ndarray) -> float:
     """Angle between two vectors, stable for tiny angles (float64)."""

@@ -10,19 +10,7 @@ from hypothesis import given, settings, strategies as st
 from layrot.proto.rates import (RateRule, RateTable, RhoSchedule, alpha_profile, rule_from_command,
                                 validate_command)
 from layrot.proto import layrot_pb2
-
-
-def eq1(alpha: float, L: int) -> list[float]:
-    """The paper's Eq. 1, term by term in plain Python."""
-    if L == 1:
-        return [1.0]
-    out = []
-    for l in range(L):
-        if alpha > 0:
-            out.append((1 - alpha) ** (5 * (L - 1 - l) / (L - 1)))
-        else:
-            out.append((1 + alpha) ** (5 * l / (L - 1)))
-    return out
+from reference import eq1
 
 
 NAMES = [f"layer{i}" for i in range(6)]

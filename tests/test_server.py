@@ -10,28 +10,17 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from layrot.agent.query import CollectorError, QueryClient
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import pack
-
-
-def scrape(collector) -> dict[str, list]:
-    """/metrics as {sample name: [(labels, value), ...]}."""
-    text = urllib.request.urlopen(collector.metrics_url, timeout=5).read().decode()
-    out: dict[str, list] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
+from metrics_text import scrape
 
 
 def value(samples: dict, name: str, **labels) -> float | None:
