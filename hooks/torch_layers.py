@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from layrot.hooks.layer_rule import LayerSelector, select_layers
+from layrot.hooks.torch_shards import module_type_name
 
 
 def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Parameter, str]]:
@@ -24,7 +25,7 @@ def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tup
     owners: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         for p_name, _ in module.named_parameters(recurse=False):
-            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = type(module).__name__
+            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module_type_name(module)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     chosen = select_layers(named, lambda p: p.ndim, layers, "model's trainable parameters")
     return [(n, p, owners.get(n, "")) for n, p in chosen]

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
+from layrot.agent.reporter import Reporter, ReporterStats, StepRecord, default_run_name
 from layrot.hooks.torch_distances import LayerDistances, wire_rows
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
+from layrot.hooks.torch_shards import PendingSums, ShardedLayerSpec, ShardGroups, reject_sharded_layca
 
 log = logging.getLogger("layrot.hooks.torch")
 
@@ -42,12 +43,18 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 class _DeviceValues:
-    """A measurement on its way to the host: (5, L) = ``DEVICE_ROWS`` then the loss."""
+    """A measurement on its way to the host: (5, L) = ``DEVICE_ROWS`` then the loss.
 
-    __slots__ = ("_tensor", "_event", "_num_layers", "_init_norms", "_prev_is_w0")
+    ``pending``: in-flight all-reduces of the sharded layers' columns (FSDP),
+    waited for here on the reporter thread.
+    """
 
-    def __init__(self, tensor: torch.Tensor, num_layers: int, init_norms: np.ndarray, prev_is_w0: bool) -> None:
+    __slots__ = ("_tensor", "_event", "_num_layers", "_init_norms", "_prev_is_w0", "_pending")
+
+    def __init__(self, tensor: torch.Tensor, num_layers: int, init_norms: np.ndarray, prev_is_w0: bool,
+                 pending: PendingSums | None = None) -> None:
         self._event = None
+        self._pending = pending
         self._num_layers = num_layers
         self._init_norms = init_norms
         self._prev_is_w0 = prev_is_w0
@@ -67,7 +74,11 @@ class _DeviceValues:
     def _host(self) -> np.ndarray:
         if self._event is not None:
             self._event.synchronize()
-        return self._tensor.numpy()
+        host = self._tensor.numpy()
+        if self._pending is not None:
+            self._pending.apply(host)
+            self._pending = None
+        return host
 
     def values(self) -> np.ndarray:
         return wire_rows(self._host()[:4, : self._num_layers], self._init_norms, self._prev_is_w0)
@@ -121,11 +132,17 @@ class WatchHandle:
         self._types = [t for _, _, t in chosen]
         # Names of every parameter, so Layca's own layer set can be put in forward order too.
         self._name_of = {id(p): n for n, p in model.named_parameters()}
-        self._recorder = ForwardOrderRecorder(model, list(self._name_of.values()))
+        if self._layca is not None:
+            reject_sharded_layca(self._layca.layers, lambda p: self._name_of.get(id(p), "?"))
+        # FSDP2 layers: w(0), w(t-1) and the measurement are the rank's local shard.
+        self._shards = ShardGroups(self._params, self._names)
         with torch.no_grad():
-            self._w0 = [p.detach().clone() for p in self._params]
+            self._w0 = [w.clone() for w in self._shards.local_views()]
             self._prev = [w.clone() for w in self._w0]
-        self._init_norms = init_norms(self._w0)
+        self._sharded = list(self._shards.sharded)
+        self._init_norms = (self._shards.global_init_norms(self._w0, self.every) if self._shards.any
+                            else init_norms(self._w0))
+        self._recorder = ForwardOrderRecorder(model, list(self._name_of.values()))
         self._prev_valid = True
         self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
         self._loss: torch.Tensor | None = None
@@ -182,6 +199,9 @@ class WatchHandle:
             "names": list(self._names),
             "w0": [w.detach().clone() for w in self._w0],
             "init_norms": list(self._init_norms),
+            "sharded": list(self._sharded),
+            "rank": _dist_rank_world()[0],
+            "world_size": _dist_rank_world()[1],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -193,6 +213,7 @@ class WatchHandle:
         missing = [n for n in self._names if n not in index]
         if missing:
             raise ValueError(f"checkpoint has no w(0) for layers {missing}")
+        self._shards.check_resume(self._names, self._w0, state, index, _dist_rank_world())
         with torch.no_grad():
             for i, n in enumerate(self._names):
                 self._w0[i].copy_(state["w0"][index[n]].to(self._w0[i].device))
@@ -212,14 +233,17 @@ class WatchHandle:
                               if self._recorder.seen else {})
         self._recorder.remove()
         order = self._in_forward_order(self._names)
-        for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms"):
+        for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded"):
             seq = getattr(self, attr)
             setattr(self, attr, [seq[i] for i in order])
         self._rho_index = None
         if self._layca is not None:
             self._order_layca()
-        specs = [LayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(), module_type=t)
-                 for i, (n, p, nrm, t) in enumerate(zip(self._names, self._params, self._init_norms, self._types))]
+        # Shapes, numel and norms are the whole layer's (a DTensor's shape is global).
+        specs = [ShardedLayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(),
+                                  module_type=t, sharded=sh)
+                 for i, (n, p, nrm, t, sh) in enumerate(zip(self._names, self._params, self._init_norms,
+                                                            self._types, self._sharded))]
         rank, world = _dist_rank_world()
         on_command = self._layca.submit_command if (self._control and self._layca is not None) else None
         self.reporter = Reporter(
@@ -231,7 +255,8 @@ class WatchHandle:
         if self._control and self._layca is not None:
             self._layca.add_command_listener(self.reporter.command_result)
         p0 = self._params[0]
-        self._distances = LayerDistances(self._params, self._w0, self._prev)
+        self._shards = ShardGroups(self._params, self._names)  # forward order from here on
+        self._distances = LayerDistances(self._shards.local_views(), self._w0, self._prev)
         self._init_norms_np = np.asarray(self._init_norms, dtype=np.float64)
         self._nan = torch.full((1,), float("nan"), dtype=torch.float64, device=p0.device)
 
@@ -258,6 +283,7 @@ class WatchHandle:
         if self.reporter is None and not self._closed:
             self._finalize()
         if not self._prev_valid:
+            self._check_shards()
             self._distances.copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
@@ -268,6 +294,8 @@ class WatchHandle:
             return
         self.step += 1
         t = self.step
+        if self._shards.any and (t % self.every == 0 or (t + 1) % self.every == 0):
+            self._check_shards()
         if t % self.every == 0:
             self._report(t)
         elif (t + 1) % self.every == 0:
@@ -276,9 +304,16 @@ class WatchHandle:
             self._prev_valid = True
             self._prev_is_w0 = False
 
+    def _check_shards(self) -> None:
+        # FSDP re-allocates a local shard on model.to() or assign-loads: measure the new storage.
+        if self._shards.any and self._shards.moved():
+            self._distances = LayerDistances(self._shards.refresh(), self._w0, self._prev)
+
     def _report(self, t: int) -> None:
         refresh = (t + 1) % self.every == 0
         rows = self._distances.measure(refresh_prev=refresh)
+        # Sharded layers: one async all-reduce of their partial sums; the reporter thread waits.
+        pending = self._shards.reduce_async(rows)
         prev_is_w0 = self._prev_is_w0
         self._prev_is_w0 = False
         self._prev_valid = refresh
@@ -286,7 +321,7 @@ class WatchHandle:
         self._loss = None
         L = len(self._params)
         packed = torch.cat([rows, torch.cat([loss, self._nan.expand(L - 1)]).unsqueeze(0)])
-        dv = _DeviceValues(packed, L, self._init_norms_np, prev_is_w0)
+        dv = _DeviceValues(packed, L, self._init_norms_np, prev_is_w0, pending)
         rho = None
         version = 0
         if self._layca is not None:
@@ -333,6 +368,10 @@ def watch(
             gradient accumulation steps are optimizer steps.
         run: run id shared by all ranks; default ``LAYROT_RUN`` or script+time+host.
         every: report every N optimizer steps (unreported steps cost at most one copy).
+            FSDP2 (``fully_shard``): call ``watch`` on every rank after sharding,
+            with the same ``every`` everywhere (checked at setup): each reported
+            step all-reduces a (4, L) float64 tensor of partial sums over the
+            shard group, so every rank reports whole-layer values.
         layers: None (parameters with ndim >= 2), a regex, a list of names or a
             predicate ``(name, param) -> bool``.
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
