@@ -53,6 +53,7 @@ from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, 
                                 notify_listeners, resolve_commands, split_due)
 from layrot.hooks.layer_rule import select_layers
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
+from layrot.hooks.layca_rule_view import RuleView
 from layrot.proto import layrot_pb2
 
 __all__ = ["Layca", "CommandListener"]
@@ -146,7 +147,7 @@ _HOST_ATTRS = frozenset({
 })
 
 @keras.saving.register_keras_serializable(package="layrot", name="Layca")
-class Layca(keras.optimizers.Optimizer):
+class Layca(keras.optimizers.Optimizer, RuleView):
     """Layca around a Keras optimizer; itself a ``keras.optimizers.Optimizer``.
 
     Args:
@@ -396,29 +397,6 @@ class Layca(keras.optimizers.Optimizer):
         return list(self._layer_vars)
 
     @property
-    def rule(self) -> RateRule:
-        """The rule in force (it governs the next step)."""
-        return self._rule
-
-    @property
-    def base_rule(self) -> RateRule:
-        """The job's own rule (constructor / set_rule); ``mode="off"`` commands return to it."""
-        return self._base_rule
-
-    @property
-    def command_version(self) -> int:
-        """Version of the RateCommand in force (0 = the job's own settings)."""
-        return self._rule.version
-
-    @property
-    def rho_max(self) -> float:
-        return self._rho_max
-
-    @property
-    def mode(self) -> str:
-        return self._rule.mode
-
-    @property
     def init_norms(self) -> np.ndarray | None:
         """||w(0)|| per layer (float64), or None before build."""
         return None if self._w0n is None else self._w0n.copy()
@@ -427,10 +405,6 @@ class Layca(keras.optimizers.Optimizer):
     def step_count(self) -> int:
         """Optimizer steps taken (reads the device counter)."""
         return int(self.iterations.numpy())
-
-    def rates_at(self, step: int) -> np.ndarray:
-        """rho_l for optimizer step ``step`` under the rule in force (float64, layer order)."""
-        return self._rule.rates(step)
 
     def current_rates(self, step: int | None = None) -> np.ndarray:
         """rho_l of the step just run (``step`` if given, else the optimizer's step count,

@@ -48,6 +48,7 @@ import torch
 
 from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule,
                                 notify_listeners, resolve_commands, split_due)
+from layrot.hooks.layca_rule_view import RuleView
 from layrot.proto import layrot_pb2
 
 __all__ = ["Layca", "CommandListener"]
@@ -183,7 +184,7 @@ class _Group:
         return torch.stack(out).to(self.sd)
 
 
-class Layca(torch.optim.Optimizer):
+class Layca(torch.optim.Optimizer, RuleView):
     """Layca around any ``torch.optim.Optimizer``; itself a ``torch.optim.Optimizer``.
 
     Args:
@@ -408,36 +409,9 @@ class Layca(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ rates
     @property
-    def rule(self) -> RateRule:
-        """The rule in force (it governs the next step)."""
-        return self._rule
-
-    @property
-    def base_rule(self) -> RateRule:
-        """The job's own rule (constructor / set_rule); ``mode="off"`` commands return to it."""
-        return self._base_rule
-
-    @property
-    def command_version(self) -> int:
-        """Version of the RateCommand in force (0 = the job's own settings)."""
-        return self._rule.version
-
-    @property
-    def rho_max(self) -> float:
-        return self._rho_max
-
-    @property
-    def mode(self) -> str:
-        return self._rule.mode
-
-    @property
     def step_count(self) -> int:
         """Optimizer steps taken through Layca (the last step's number; 0 before the first)."""
         return self._step
-
-    def rates_at(self, step: int) -> np.ndarray:
-        """rho_l for optimizer step ``step`` under the rule in force (float64, layer order)."""
-        return self._rule.rates(step)
 
     def current_rates(self) -> np.ndarray:
         """rho_l applied at the step just run (``step_count``), under the rule that
