@@ -174,7 +174,9 @@ class ShardGroups:
                         torch.tensor(idx, dtype=torch.long, device=self.params[idx[0]].device),
                         torch.device(self.params[idx[0]].device_mesh.device_type))  # type: ignore[attr-defined]
                        for pg, idx in groups.values()]
-        self._ptrs = [self._storage(i) for i in range(len(self.params))]
+        self._sharded_params = [p for p, sh in zip(self.params, self.sharded) if sh]
+        self._shapes = [tuple(v.shape) for v in self.local_views()]
+        self._ptrs = self._storage()
 
     @property
     def any(self) -> bool:
@@ -184,22 +186,24 @@ class ShardGroups:
         """Each layer's local data (the shard for sharded layers, the tensor itself otherwise)."""
         return [local_view(p) for p in self.params]
 
-    def _storage(self, i: int) -> tuple[int, tuple[int, ...]]:
-        v = local_view(self.params[i]) if self.sharded[i] else None
-        return (v.data_ptr(), tuple(v.shape)) if v is not None else (0, ())
+    def _storage(self) -> list[int]:
+        return [p._local_tensor.data_ptr() for p in self._sharded_params]  # type: ignore[attr-defined]
 
     def moved(self) -> bool:
-        """True when FSDP re-allocated a local shard since the views were taken (``model.to``, assign loads)."""
-        return any(self.sharded[i] and self._storage(i) != self._ptrs[i] for i in range(len(self.params)))
+        """True when FSDP re-allocated a local shard since the views were taken (``model.to``, assign loads).
+
+        Cheap (one pointer per sharded layer): the hook asks on every step that touches the buffers.
+        """
+        return bool(self._sharded_params) and self._storage() != self._ptrs
 
     def refresh(self) -> list[torch.Tensor]:
         """New local views after :meth:`moved`; raises if a shard's shape changed (re-sharded)."""
-        now = [self._storage(i) for i in range(len(self.params))]
-        changed = [i for i in range(len(now)) if now[i][1] != self._ptrs[i][1]]
+        views = self.local_views()
+        changed = [i for i, (v, w) in enumerate(zip(views, self._shapes)) if tuple(v.shape) != w]
         if changed:
             raise ValueError(f"local shard shapes changed for layers {changed}: the job was re-sharded")
-        self._ptrs = now
-        return self.local_views()
+        self._ptrs = self._storage()
+        return views
 
     def global_init_norms(self, local_w0: Sequence[torch.Tensor], every: int) -> list[float]:
         """||w(0)|| of every whole layer; one blocking all-reduce per shard group (setup only).
@@ -239,7 +243,9 @@ class ShardGroups:
         for pg, cols, cols_t, device in self.groups:
             part = rows.index_select(1, cols_t)  # a fresh tensor: nothing else writes it while in flight
             if part.device != device:
-                part = part.to(device, non_blocking=True)
+                # (CPU-offloaded shards on an NCCL mesh, or the reverse.) A non-blocking copy to
+                # the host could still be landing when gloo reads it.
+                part = part.to(device, non_blocking=device.type != "cpu")
             parts.append((dist.all_reduce(part, group=pg, async_op=True), part, cols))
         return PendingSums(parts)
 

@@ -63,6 +63,7 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--hsdp", action="store_true", help="2-D mesh (replicate=1, shard=world): HSDP placements")
     a = ap.parse_args(argv)
 
     from datetime import timedelta
@@ -78,7 +79,8 @@ def worker_main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world,
                             timeout=timedelta(seconds=WORKER_TIMEOUT))
-    mesh = init_device_mesh("cpu", (a.world,))
+    mesh = (init_device_mesh("cpu", (1, a.world), mesh_dim_names=("replicate", "shard")) if a.hsdp
+            else init_device_mesh("cpu", (a.world,)))
     torch.manual_seed(0)  # same full init on every rank; each keeps its shard
     model = build_model()
     for m in model.modules():
@@ -122,6 +124,7 @@ def worker_main(argv: list[str]) -> None:
         opt.step()
         saved.append(shards())
     report["layer_names"] = handle.layer_names
+    report["placements"] = [str(params[n].placements) for n in NAMES]
     report["flushed"] = handle.flush(60.0)
 
     # Resume: the state carries this rank's shards; another rank's state or sharding is refused.
@@ -163,7 +166,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(collector: Any, out: Path, run: str, every: int = 1) -> list[dict[str, Any]]:
+def run_job(collector: Any, out: Path, run: str, every: int = 1, hsdp: bool = False) -> list[dict[str, Any]]:
     """Start both ranks, wait for them, return each rank's report (with its shards under "w")."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
@@ -171,7 +174,7 @@ def run_job(collector: Any, out: Path, run: str, every: int = 1) -> list[dict[st
     logs = [open(out / f"rank{r}.log", "w") for r in range(2)]
     procs = [subprocess.Popen([sys.executable, __file__, "worker", "--rank", str(r), "--port", str(port),
                                "--collector", collector.grpc_address, "--run", run, "--out", str(out),
-                               "--every", str(every)], env=env, stdout=logs[r], stderr=subprocess.STDOUT)
+                               "--every", str(every)] + (["--hsdp"] if hsdp else []), env=env, stdout=logs[r], stderr=subprocess.STDOUT)
              for r in range(2)]
     deadline = time.monotonic() + WORKER_TIMEOUT + 60
     try:
@@ -202,16 +205,19 @@ def full_weights(reports: list[dict[str, Any]]) -> list[np.ndarray]:
     return [np.concatenate([rep["w"][i] for rep in reports], axis=1) for i in range(len(NAMES))]
 
 
-def reference(w: list[np.ndarray], steps: list[int], every: int) -> tuple[np.ndarray, np.ndarray]:
+def reference(w: list[np.ndarray], steps: list[int]) -> tuple[np.ndarray, np.ndarray]:
     rot = [[cosine_distance(w[l][0], w[l][t]) for l in range(len(w))] for t in steps]
     ang = [[angle(w[l][t - 1], w[l][t]) for l in range(len(w))] for t in steps]
     return np.array(rot), np.array(ang)
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_fsdp_ranks_report_whole_layer_rotations(collector: Any, tmp_path: Path, every: int) -> None:
-    run = f"fsdp-every{every}"
-    reports = run_job(collector, tmp_path, run, every=every)
+@pytest.mark.parametrize("every,hsdp", [(1, False), (3, False), (1, True)], ids=["every1", "every3", "hsdp"])
+def test_fsdp_ranks_report_whole_layer_rotations(collector: Any, tmp_path: Path, every: int, hsdp: bool) -> None:
+    """FSDP on a 1-D mesh; HSDP placements (Replicate(), Shard(0)) reduce over the mesh's shard dimension."""
+    run = f"fsdp-every{every}" + ("-hsdp" if hsdp else "")
+    reports = run_job(collector, tmp_path, run, every=every, hsdp=hsdp)
+    placement = "(Replicate(), Shard(dim=0))" if hsdp else "(Shard(dim=0),)"
+    assert all(r["placements"] == [placement] * len(NAMES) for r in reports), reports[0]["placements"]
     w = full_weights(reports)
     assert [x.shape[1:] for x in w] == [(H1, IN), (H2, H1), (H3, H2), (1, H3)]
     # The shards really are uneven / empty: rank 1 holds no row of the head.
@@ -228,7 +234,7 @@ def test_fsdp_ranks_report_whole_layer_rotations(collector: Any, tmp_path: Path,
         assert "same sharding" in rep["resume_shape_error"]
 
     steps = list(range(every, STEPS + 1, every))
-    rot_ref, ang_ref = reference(w, steps, every)
+    rot_ref, ang_ref = reference(w, steps)
     q = QueryClient(collector.grpc_address)
     for rank in range(2):
         hist = q.history(run, rank=rank)
