@@ -63,11 +63,12 @@ class LayerSpec:
     init_norm: float
     numel: int
     module_type: str = ""
+    sharded: bool = False  # FSDP: shape, numel and init_norm are the whole layer's
 
     def to_proto(self) -> pb.Layer:
         return pb.Layer(name=self.name, index=self.index, shape=list(self.shape),
                         init_norm=float(self.init_norm), numel=int(self.numel),
-                        module_type=self.module_type)
+                        module_type=self.module_type, sharded=bool(self.sharded))
 
 
 @dataclass

@@ -49,6 +49,7 @@ import torch
 from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule,
                                 notify_listeners, resolve_commands, split_due)
 from layrot.hooks.layca_rule_view import RuleView
+from layrot.hooks.torch_shards import reject_sharded_layca
 from layrot.proto import layrot_pb2
 
 __all__ = ["Layca", "CommandListener"]
@@ -262,6 +263,8 @@ class Layca(torch.optim.Optimizer, RuleView):
                 raise ValueError("layers= lists a parameter twice")
         self._layer_index: list[int] = index
         self._names: tuple[str, ...] = tuple(self._default_names()[i] for i in index)
+        names = dict(zip((id(flat[i]) for i in index), self._names))
+        reject_sharded_layca([flat[i] for i in index], lambda p: names.get(id(p), "?"))
         if not index:
             logger.warning("Layca: the optimizer has no layer parameters (ndim >= 2); it runs the base optimizer only")
 

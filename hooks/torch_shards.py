@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from layrot.agent.reporter import LayerSpec
 
 log = logging.getLogger("layrot.hooks.torch_shards")
 
@@ -91,18 +89,6 @@ def module_type_name(module: nn.Module) -> str:
             if not issubclass(c, base):
                 return c.__name__
     return cls.__name__
-
-
-@dataclass(frozen=True)
-class ShardedLayerSpec(LayerSpec):
-    """A ``LayerSpec`` that also announces ``sharded`` in ``Hello`` (shape, numel, norm are global)."""
-
-    sharded: bool = False
-
-    def to_proto(self) -> Any:
-        msg = super().to_proto()
-        msg.sharded = self.sharded
-        return msg
 
 
 def reject_sharded_layca(params: Sequence[torch.Tensor], name_of: Callable[[torch.Tensor], str]) -> None:

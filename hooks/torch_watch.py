@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from layrot.agent.reporter import Reporter, ReporterStats, StepRecord, default_run_name
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
 from layrot.hooks.torch_distances import LayerDistances, wire_rows
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
-from layrot.hooks.torch_shards import PendingSums, ShardedLayerSpec, ShardGroups, reject_sharded_layca
+from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
 
 log = logging.getLogger("layrot.hooks.torch")
 
@@ -240,8 +240,8 @@ class WatchHandle:
         if self._layca is not None:
             self._order_layca()
         # Shapes, numel and norms are the whole layer's (a DTensor's shape is global).
-        specs = [ShardedLayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(),
-                                  module_type=t, sharded=sh)
+        specs = [LayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(),
+                           module_type=t, sharded=sh)
                  for i, (n, p, nrm, t, sh) in enumerate(zip(self._names, self._params, self._init_norms,
                                                             self._types, self._sharded))]
         rank, world = _dist_rank_world()
