@@ -32,11 +32,11 @@ import tensorflow as tf
 
 from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
 from layrot.hooks.layer_rule import LayerSelector, select_layers
+from layrot.hooks.watch_base import WatchBase
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
 
 log = logging.getLogger("layrot.hooks.tf")
 
-_STATE_VERSION = 1
 
 
 
@@ -119,7 +119,7 @@ def _as_layca(optimizer: Any) -> Any:
     return optimizer if isinstance(optimizer, Layca) else None
 
 
-class TFWatchHandle:
+class TFWatchHandle(WatchBase):
     """What ``layrot.tf.watch`` returns: owns the device measurement and the reporter.
 
     Attributes:
@@ -223,53 +223,23 @@ class TFWatchHandle:
         """The loss tracker was reset (Keras does it at every epoch start)."""
         self._dist.reset_loss_tracker()
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until the collector acknowledged every reported step (or timeout)."""
-        return self.reporter.flush(timeout) if self.reporter is not None else True
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Flush what the collector can still take and stop the reporter's threads."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._layca is not None and self._control and self.reporter is not None:
-            try:
-                self._layca.remove_command_listener(self.reporter.command_result)
-            except ValueError:
-                pass
-        if self.reporter is not None:
-            self.reporter.close(timeout)
-
-    def __enter__(self) -> "TFWatchHandle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed job continues its rotation curves (numpy only)."""
         return {
-            "version": _STATE_VERSION,
-            "run": self.run,
-            "step": self.step_count,
-            "names": list(self._names),
+            **self._state_frame(self.step_count),
             "w0": self._dist.w0_values(),
             "init_norms": list(self._init_norms),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restore w(0) and the step count saved by :meth:`state` (before the next step)."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported layrot watch state version {state.get('version')!r}")
-        index = {n: i for i, n in enumerate(state["names"])}
-        missing = [n for n in self._names if n not in index]
-        if missing and len(state["names"]) == len(self._names) and all(
-                tuple(np.shape(w)) == tuple(v.shape) for w, v in zip(state["w0"], self._vars)):
+        saved = list(state.get("names", ()))
+        same_shapes = len(saved) == len(self._names) and all(
+            tuple(np.shape(w)) == tuple(v.shape) for w, v in zip(state.get("w0", ()), self._vars))
+        index = self._state_index(state, same_by_position=same_shapes)
+        if not set(self._names) <= set(saved):
             # Same layers under other names (e.g. paths rebuilt by keras.models.load_model).
             log.info("layrot: restoring w(0) by position: saved layers %s, now %s", state["names"], self._names)
-            index = {n: i for i, n in enumerate(self._names)}
-        elif missing:
-            raise ValueError(f"the saved state has no w(0) for layers {missing}")
         self._dist.set_w0([state["w0"][index[n]] for n in self._names])
         self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
         self.step_count = int(state["step"])

@@ -24,11 +24,11 @@ from torch import nn
 from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
 from layrot.hooks.torch_distances import LayerDistances, wire_rows
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
+from layrot.hooks.watch_base import WatchBase
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
 
 log = logging.getLogger("layrot.hooks.torch")
 
-_STATE_VERSION = 1
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -88,7 +88,7 @@ class _DeviceValues:
         return None if np.isnan(v) else v
 
 
-class WatchHandle:
+class WatchHandle(WatchBase):
     """What ``layrot.watch`` returns: owns the hooks and the reporter.
 
     Attributes:
@@ -169,34 +169,15 @@ class WatchHandle:
         """Attach the current loss to the next reported step (no host sync)."""
         self._loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until the collector acknowledged every reported step (or timeout)."""
-        return self.reporter.flush(timeout) if self.reporter is not None else True
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Remove the hooks, flush what the collector can still take, stop threads."""
-        if self._closed:
-            return
-        self._closed = True
+    def _detach(self) -> None:
         for h in self._hooks:
             h.remove()
         self._recorder.remove()
-        if self.reporter is not None:
-            self.reporter.close(timeout)
-
-    def __enter__(self) -> "WatchHandle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed job continues its rotation curves."""
         return {
-            "version": _STATE_VERSION,
-            "run": self.run,
-            "step": self.step,
-            "names": list(self._names),
+            **self._state_frame(self.step),
             "w0": [w.detach().clone() for w in self._w0],
             "init_norms": list(self._init_norms),
             "sharded": list(self._sharded),
@@ -206,13 +187,7 @@ class WatchHandle:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore w(0) and the step count saved by :meth:`state_dict`."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported layrot watch state version {state.get('version')!r}")
-        names = list(state["names"])
-        index = {n: i for i, n in enumerate(names)}
-        missing = [n for n in self._names if n not in index]
-        if missing:
-            raise ValueError(f"checkpoint has no w(0) for layers {missing}")
+        index = self._state_index(state)
         self._shards.check_resume(self._names, self._w0, state, index, _dist_rank_world())
         with torch.no_grad():
             for i, n in enumerate(self._names):
