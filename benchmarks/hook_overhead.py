@@ -51,11 +51,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12, help="timed training steps per configuration and round")
     ap.add_argument("--micro", type=int, default=30, help="repetitions of the report-cost microbenchmark")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.steps, args.micro = 1, 3, 5
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = ResNet18()
