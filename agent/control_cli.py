@@ -287,27 +287,48 @@ def _stop_on_signals() -> threading.Event:
 @click.option("--rho-max", type=float, default=0.4, show_default=True,
               help="Largest per-step rate the controller asks for (at most the job's rho_max; much higher"
                    " rates can wreck training).")
-@click.option("--min-mult", type=float, default=0.25, show_default=True,
-              help="Smallest multiplier (how much a layer ahead of the reference is slowed).")
-@click.option("--loss-guard", type=float, default=0.75, show_default=True,
-              help="Back off when the job's smoothed training loss climbs above this fraction of its initial"
-                   " loss (needs handle.observe_loss in the job; 0 = off).")
+@click.option("--min-mult", type=float, default=1.0, show_default=True,
+              help="Smallest multiplier: below 1, layers ahead of the reference are slowed below rho(t)"
+                   " (1 = never).")
+@click.option("--couple", type=float, default=0.4, show_default=True,
+              help="Neighbour coupling: each layer's log multiplier is at least this fraction of its forward"
+                   " neighbours' (a lagging layer only gets far from its initialization if the layers around it"
+                   " move too; 0 = off).")
+@click.option("--loss-guard", type=float, default=0.6, show_default=True,
+              help="Halve the multipliers' integral parts (at most once per 3 % of training) when the job's"
+                   " smoothed training loss climbs above this fraction of its initial loss (needs"
+                   " handle.observe_loss in the job; 0 = off).")
+@click.option("--loss-hold", type=float, default=0.4, show_default=True,
+              help="Stop raising multipliers while the smoothed loss is above this fraction of the initial"
+                   " loss (0 = off).")
+@click.option("--settle-tol", type=float, default=0.05, show_default=True,
+              help="From the first milestone on, stop pushing a layer within this fraction of --target (its"
+                   " boost decays; pushing it only jitters it around where it is); 0 = off.")
 @click.option("--interval", type=float, default=5.0, show_default=True, help="Seconds between updates.")
 @click.option("--wait", "wait", type=float, default=60.0, show_default=True,
               help="Seconds to wait for the run to appear.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @collector_options
 def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: float, milestones: str, factor: float,
-             reach: float, rho_max: float, min_mult: float, loss_guard: float, interval: float, wait: float,
+             reach: float, rho_max: float, min_mult: float, couple: float, loss_guard: float, loss_hold: float,
+             settle_tol: float, interval: float, wait: float,
              as_json: bool,
              collector: str, token: str | None) -> None:
     """Closed loop: steer per-layer multipliers so every layer of RUN reaches --target.
 
     Runs here, in this process: every --interval seconds it reads the layer
-    rotations from the collector and sends new multipliers (lagging layers
-    faster, leading ones slower) on top of rho(t). It stops by itself when the
-    run reaches --total-steps or disconnects (Ctrl-C stops it earlier); the
-    last command stays in force in the job.
+    rotations and the training loss from the collector and sends new
+    multipliers on top of rho(t). A PI law in log space pushes a layer that
+    lags a reference reaching --target at --reach of training (one that leads
+    is not slowed unless --min-mult < 1), and the layers next to a pushed one
+    ride along (--couple): a small layer only gets far from its initialization
+    if its neighbours move too. Shaking the network is what rotates it and
+    what can kill it, so the push stops growing while the job's loss is above
+    --loss-hold x its initial loss, and is halved above --loss-guard x (at
+    most once per 3 % of training). From the first milestone on, layers within
+    --settle-tol of the target are no longer pushed. It stops by itself when
+    the run reaches --total-steps or disconnects (Ctrl-C stops it earlier);
+    the last command stays in force in the job.
 
     \b
     Example:
@@ -326,7 +347,7 @@ def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: floa
         with _client(collector, token) as q:
             ctl = AutoController(q, run, total_steps, target=target, reach=reach, rho0=rho0, alpha=alpha,
                                  milestones=ms, factor=factor, rho_max=rho_max, min_mult=min_mult,
-                                 loss_guard=loss_guard)
+                                 couple=couple, loss_guard=loss_guard, loss_hold=loss_hold, settle_tol=settle_tol)
             summary = ctl.run_loop(interval=interval, wait=wait, stop=stop, echo=echo)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -337,7 +358,8 @@ def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: floa
     else:
         rot = ", ".join(_fmt(r, ".3f") for r in summary["rotation"])
         click.echo(f"stopped: {summary['reason']}; {len(summary['versions'])} commands sent, "
-                   f"{summary['backoffs']} loss-guard back-offs; rotations [{rot}]")
+                   f"{summary['backoffs']} loss-guard back-offs, {summary['holds']} updates on hold;"
+                   f" rotations [{rot}]")
 
 
 @control_group.command("copy", context_settings=CONTEXT_SETTINGS)

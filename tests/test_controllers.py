@@ -83,7 +83,7 @@ def test_parsers():
 # ---------------------------------------------------------------- the auto law
 def test_auto_policy_boosts_laggards_slows_leaders_and_respects_caps():
     p = AutoPolicy(num_layers=3, total_steps=1000, target=1.0, reach=0.2, kp=3.0, ki=40.0, min_mult=0.25,
-                   max_mult=np.array([100.0, 10.0, 2.0]))
+                   max_mult=np.array([100.0, 10.0, 2.0]), couple=0.0)
     assert p.reference(0) == 0.0 and p.reference(200) == 1.0 and p.reference(5000) == 1.0
     assert p.reference(50) == pytest.approx(math.sqrt(0.25))
     # At step 100 the reference is sqrt(0.5); layer 0 lags, layer 1 leads, layer 2 lags but is capped.
@@ -102,12 +102,130 @@ def test_auto_policy_boosts_laggards_slows_leaders_and_respects_caps():
     before = p.integral.copy()
     p.update(120, np.full(3, np.nan))
     np.testing.assert_array_equal(p.integral, before)
-    with pytest.raises(ValueError):
-        AutoPolicy(num_layers=2, total_steps=0)
-    with pytest.raises(ValueError):
-        AutoPolicy(num_layers=2, total_steps=10, reach=0.0)
-    with pytest.raises(ValueError):
-        AutoPolicy(num_layers=2, total_steps=10, target=3.0)
+    for bad in (dict(total_steps=0), dict(reach=0.0), dict(target=3.0), dict(couple=1.5), dict(react=0.0),
+                dict(loss_hold=0.7, loss_guard=0.6), dict(settle_tol=1.0), dict(backoff_every=-1.0)):
+        with pytest.raises(ValueError):
+            AutoPolicy(num_layers=2, **{"total_steps": 10, **bad})
+
+
+def test_auto_policy_neighbours_ride_along_with_a_pushed_layer():
+    """Each layer's log multiplier is at least couple x its forward neighbours' own (never a slow-down)."""
+    hi = np.log([10.0, 10.0, 10.0, 10.0, 3.0])
+    p = AutoPolicy(num_layers=5, total_steps=1000, kp=3.0, ki=40.0, min_mult=0.25, max_mult=np.exp(hi), couple=0.4)
+    rot = np.array([0.1, 1.0, 1.0, 0.9, 0.2])  # layers 0 and 4 lag at step 100, 1 and 2 lead, 3 is near
+    m = p.update(100, rot)
+    e = math.sqrt(0.5) - rot
+    own = np.clip(40.0 * e * 0.1 + 3.0 * e, math.log(0.25), hi)
+    want = []
+    for i in range(5):
+        nb = max(own[j] for j in (i - 1, i + 1) if 0 <= j < 5)
+        floor = 0.4 * nb if nb > 0 else -math.inf  # only a boosted neighbour pulls
+        want.append(math.exp(min(max(own[i], floor), hi[i])))
+    np.testing.assert_allclose(m, want, rtol=1e-12)
+    assert m[1] == pytest.approx(math.exp(0.4 * own[0])) and m[1] > 1.0  # pulled up by layer 0
+    assert m[3] == pytest.approx(math.exp(0.4 * own[4])) and m[3] > math.exp(own[3])  # by layer 4
+    assert m[2] == pytest.approx(0.25)  # both neighbours lead: no pull, slowed to min_mult
+    np.testing.assert_allclose(p.integral, np.clip(40.0 * e * 0.1, math.log(0.25), hi), rtol=1e-12)  # own only
+    off = AutoPolicy(num_layers=5, total_steps=1000, min_mult=0.25, max_mult=np.exp(hi), couple=0.0)
+    np.testing.assert_allclose(off.update(100, rot), np.exp(own), rtol=1e-12)
+
+
+def test_auto_policy_settles_layers_near_target_after_the_first_decay():
+    p = AutoPolicy(num_layers=2, total_steps=1000, kp=3.0, ki=40.0, max_mult=10.0, couple=0.0, react=0.03,
+                   settle_from=0.8, settle_tol=0.05)
+    rot = np.array([0.97, 0.90])  # both below the target 1.0
+    p.update(790, rot)
+    i790 = p.integral.copy()
+    np.testing.assert_allclose(i790, np.clip(40.0 * (1.0 - rot) * 0.79, math.log(0.25), math.log(10.0)))
+    m = p.update(850, rot)
+    # Layer 0 (within 5 % of the target) stops being pushed and its integral decays over 3 % of
+    # training; layer 1 keeps its push.
+    want0 = i790[0] * math.exp(-0.06 / 0.03)
+    want1 = min(i790[1] + 40.0 * 0.1 * 0.06, math.log(10.0))
+    np.testing.assert_allclose(p.integral, [want0, want1], rtol=1e-12)
+    np.testing.assert_allclose(m, np.exp([want0, min(want1 + 3.0 * 0.1, math.log(10.0))]), rtol=1e-12)
+    # Before settle_from the same layer is pushed as usual.
+    q = AutoPolicy(num_layers=1, total_steps=1000, max_mult=10.0, couple=0.0, settle_from=0.9)
+    q.update(790, rot[:1])
+    assert q.update(850, rot[:1])[0] > math.exp(q.integral[0]) - 1e-12 > 1.0
+
+
+def test_auto_loss_hold_and_guard_react_to_the_smoothed_loss_over_steps():
+    p = AutoPolicy(num_layers=2, total_steps=1000, loss_guard=0.5, loss_hold=0.3, react=0.03, max_mult=100.0,
+                   couple=0.0)
+    p.set_initial_loss(2.0)  # hold above 0.6, back off above 1.0 (smoothed)
+    ema, t = math.nan, 0
+
+    def feed(loss: float, step: int) -> bool:
+        nonlocal ema, t
+        a = 1.0 - math.exp(-(step - t) / 30.0)  # independent: smoothing over 3 % of 1000 steps
+        ema = loss if math.isnan(ema) else (1 - a) * ema + a * loss
+        t = step
+        fired = p.observe_loss(loss, step)
+        assert p.loss_ema == pytest.approx(ema, rel=1e-12)
+        return fired
+
+    p.update(100, np.array([0.0, 0.0]))  # both lag: the integrals grow
+    grown = p.integral.copy()
+    assert np.all(grown > 0)
+    assert not feed(1.8, 110) and not p.holding  # still learning (not armed): neither hold nor back-off
+    for step in range(120, 400, 10):
+        assert not feed(0.2, step)
+    assert not p.holding and p.backoffs == 0
+    # The loss climbs: above 0.6 the integrals may fall but not grow.
+    step = 400
+    while not p.holding:
+        assert not feed(0.9, step)
+        step += 10
+    held = p.integral.copy()
+    p.update(step, np.array([0.0, 1.3]))  # layer 0 lags (would grow), layer 1 leads (falls)
+    assert p.integral[0] == held[0] and p.integral[1] < held[1]
+    # Above 1.0 the integrals are halved, at most once per 30 steps however often the loss is fed.
+    fired = []
+    for step in range(step + 5, step + 125, 5):
+        fired.append((step, feed(2.5, step)))
+    steps = [s for s, f in fired if f]
+    assert len(steps) >= 2 and all(b - a >= 30 for a, b in zip(steps, steps[1:]))
+    assert p.backoffs == len(steps)
+    # Without the pause between back-offs, every update above the limit backs off.
+    eager = AutoPolicy(num_layers=1, total_steps=1000, loss_guard=0.5, loss_hold=0.3, backoff_every=0.0)
+    eager.set_initial_loss(2.0)
+    for step in range(10, 300, 10):
+        eager.observe_loss(0.2, step)
+    assert [eager.observe_loss(2.5, s) for s in range(300, 400, 10)].count(True) >= 5
+    assert not p.observe_loss(float("nan"), step + 200)  # no loss reported: the guard stays quiet
+    off = AutoPolicy(num_layers=1, total_steps=10, loss_guard=0.0, loss_hold=0.0)
+    assert not any(off.observe_loss(x, s) for s, x in enumerate((1.0, 0.1, 50.0, 50.0, 50.0), 1))
+    assert not off.holding
+
+
+def test_auto_guard_reference_is_the_untrained_loss_when_the_controller_starts_late(collector):
+    """The first losses the run reported, not the controller's own first window (a job 40 steps in)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.03, rho_max=1.0)
+    handle = layrot.watch(model, opt, run="auto-late", collector=collector.grpc_address, control=True)
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(IN, 10, generator=g)
+    losses = []
+    try:
+        for _ in range(40):
+            x = torch.randn(64, IN, generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), (x @ teacher).argmax(1))
+            loss.backward()
+            losses.append(float(loss.detach()))
+            handle.observe_loss(loss)
+            opt.step()
+        assert handle.flush(5.0)
+        with QueryClient(collector.grpc_address) as q:
+            ctl = AutoController(q, "auto-late", 1000)
+            ctl.tick(q.get_run("auto-late"))
+    finally:
+        handle.close()
+    assert ctl.policy.first_loss == pytest.approx(np.mean(losses[:3]), rel=1e-6)
+    assert ctl.policy.loss_ema == pytest.approx(np.mean(losses), rel=1e-6)  # the first window: all 40 steps
+    assert np.mean(losses) < 0.9 * ctl.policy.first_loss  # the two differ: the network learned meanwhile
 
 
 # ---------------------------------------------------------------- AdaptCopy: the recorded rates
@@ -346,22 +464,3 @@ def test_cli_auto_stops_when_the_run_disconnects(collector):
     assert out.exit_code == 0, out.output
     assert "disconnected" in out.output and time.monotonic() - t0 < 10
 
-
-def test_auto_loss_guard_backs_off_only_when_the_loss_climbs_back():
-    p = AutoPolicy(num_layers=2, total_steps=1000, loss_guard=0.5, max_mult=100.0)
-    p.update(100, np.array([0.0, 0.0]))  # both lag: the integral grows
-    grown = p.integral.copy()
-    assert np.all(grown > 0)
-    # First window = the untrained loss (2.0); the guard arms once the smoothed loss fell below 1.0.
-    assert not p.observe_loss(2.0)
-    assert not p.observe_loss(1.8)  # still learning, not armed: no back-off
-    for _ in range(10):
-        assert not p.observe_loss(0.2)
-    assert p.backoffs == 0
-    assert not p.observe_loss(2.5)  # one noisy window: smoothed 0.2 -> 0.89, below 1.0
-    fired = [p.observe_loss(2.5) for _ in range(3)]
-    assert any(fired) and p.backoffs == sum(fired)
-    np.testing.assert_allclose(p.integral, np.maximum(grown - np.log(2.0) * p.backoffs, np.log(0.25)))
-    assert not p.observe_loss(float("nan"))  # no loss reported: the guard stays quiet
-    off = AutoPolicy(num_layers=1, total_steps=10, loss_guard=0.0)
-    assert not any(off.observe_loss(x) for x in (1.0, 0.1, 50.0))
