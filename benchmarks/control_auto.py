@@ -233,7 +233,7 @@ def run_auto_local(steps: int, data: tuple, seed: int = 0, timing: tuple = TIMIN
     update that chose them. ``fixed`` replaces the law by constant multipliers.
     """
     import layrot
-    from layrot.controllers.auto import AutoPolicy
+    from layrot.controllers.auto import INITIAL_LOSSES, AutoPolicy
     from layrot.proto.rates import RhoSchedule
 
     every, jitter, lag, start, rng_seed = timing
@@ -260,10 +260,9 @@ def run_auto_local(steps: int, data: tuple, seed: int = 0, timing: tuple = TIMIN
             opt.set_rule(multipliers=pending.pop(0)[1].tolist())
         if law is None or t < state["next"] or t >= steps:
             return
-        loss = torch.stack(losses).double().numpy()
         if math.isnan(law.first_loss):
-            law.set_initial_loss(float(loss[:3].mean()))
-        law.observe_loss(float(loss[state["from"]:t].mean()), t)
+            law.set_initial_loss(float(torch.stack(losses[:INITIAL_LOSSES]).double().mean()))
+        law.observe_loss(float(torch.stack(losses[state["from"]:t]).double().mean()), t)
         state["from"] = t
         rot = np.array([cosine_distance(a, b) for a, b in zip(w0, params)])
         pending.append((t + 1 + lag, law.update(t, rot)))

@@ -94,6 +94,9 @@ log = logging.getLogger("layrot.controllers.auto")
 
 __all__ = ["AutoPolicy", "AutoController"]
 
+#: The untrained network's loss is the mean of this many first reported losses.
+INITIAL_LOSSES = 3
+
 
 @dataclass
 class AutoPolicy:
@@ -339,7 +342,9 @@ class AutoController:
                                reason=reason, controller="auto", issued_by=self.issued_by)
 
     def initial_loss(self, step: int) -> float:
-        """Mean of the first three losses the run reported (the untrained network's loss); NaN if none.
+        """Mean of the first :data:`INITIAL_LOSSES` losses the run reported (the untrained network's loss).
+
+        NaN if the run reported none.
 
         The guard's reference must be the untrained network's loss whenever the
         controller starts. Its own first window ends wherever the controller
@@ -352,7 +357,7 @@ class AutoController:
             for chunk in self.client.iter_history(self.run, since_step=1, until_step=step):
                 ok = chunk.loss[np.isfinite(chunk.loss)]
                 if ok.size:
-                    return float(ok[:3].mean())
+                    return float(ok[:INITIAL_LOSSES].mean())
         except CollectorError as exc:
             log.warning("auto: cannot read the initial loss: %s", exc)
         return math.nan
