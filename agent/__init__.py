@@ -1,1 +1,1 @@
-"""layrot.agent"""
+"""layrot.agent: the in-job side: background reporter, transport and command intake (framework-free)."""

@@ -7,6 +7,7 @@ keeps one bidirectional gRPC session open, resends what the collector has not
 acknowledged after a reconnect, and delivers control commands. Everything that
 cannot be kept is dropped *and counted*; the job never waits on the collector.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -21,8 +22,9 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -66,9 +68,15 @@ class LayerSpec:
     sharded: bool = False  # FSDP: shape, numel and init_norm are the whole layer's
 
     def to_proto(self) -> pb.Layer:
-        return pb.Layer(name=self.name, index=self.index, shape=list(self.shape),
-                        init_norm=float(self.init_norm), numel=int(self.numel),
-                        module_type=self.module_type, sharded=bool(self.sharded))
+        return pb.Layer(
+            name=self.name,
+            index=self.index,
+            shape=list(self.shape),
+            init_norm=float(self.init_norm),
+            numel=int(self.numel),
+            module_type=self.module_type,
+            sharded=bool(self.sharded),
+        )
 
 
 @dataclass
@@ -107,8 +115,7 @@ class ReporterStats:
 
     @property
     def dropped(self) -> int:
-        return (self.dropped_queue_full + self.dropped_unacked_overflow
-                + self.dropped_at_close + self.dropped_bad_values)
+        return self.dropped_queue_full + self.dropped_unacked_overflow + self.dropped_at_close + self.dropped_bad_values
 
 
 def _resolve(x: Any) -> Any:
@@ -155,7 +162,7 @@ class Reporter:
         backoff_initial: float = 0.25,
         backoff_max: float = 10.0,
     ) -> None:
-        from layrot import __version__
+        from layrot.core.version import __version__
 
         self.address = collector_address(collector)
         self.token = token if token is not None else os.environ.get("LAYROT_TOKEN")
@@ -165,11 +172,18 @@ class Reporter:
         self.stats = ReporterStats()
         self.on_command = on_command
         self._hello = pb.Hello(
-            run=run, rank=rank, world_size=world_size, framework=framework,
-            framework_version=framework_version, host=socket.gethostname(), pid=os.getpid(),
+            run=run,
+            rank=rank,
+            world_size=world_size,
+            framework=framework,
+            framework_version=framework_version,
+            host=socket.gethostname(),
+            pid=os.getpid(),
             layers=[layer.to_proto() for layer in self.layers],
             capabilities=pb.Capabilities(layca=layca, control=control, loss=loss),
-            client_version=__version__, every=every, meta=dict(meta or {}),
+            client_version=__version__,
+            every=every,
+            meta=dict(meta or {}),
             session_id=uuid.uuid4().hex,
         )
         self._queue: queue.Queue[StepRecord | object] = queue.Queue(maxsize=max_queue)
@@ -210,14 +224,14 @@ class Reporter:
             self.stats.dropped_queue_full += 1
             if not self._warned_full:
                 self._warned_full = True
-                log.warning("layrot: report queue full (%d steps); dropping steps, training continues",
-                            self._queue.maxsize)
+                log.warning(
+                    "layrot: report queue full (%d steps); dropping steps, training continues", self._queue.maxsize
+                )
             return False
 
     def send_control_ack(self, version: int, applied: bool, reason: str, step: int) -> None:
         """Tell the collector whether a RateCommand was applied (thread-safe)."""
-        msg = pb.JobMessage(control_ack=pb.ControlAck(version=version, applied=applied,
-                                                      reason=reason, step=step))
+        msg = pb.JobMessage(control_ack=pb.ControlAck(version=version, applied=applied, reason=reason, step=step))
         with self._lock:
             if self._out is not None:
                 self._out.put(msg)
@@ -332,9 +346,16 @@ class Reporter:
         with self._lock:
             self._seq += 1
             batch = pb.StepBatch(
-                seq=self._seq, steps=steps, times=times, num_layers=L,
-                norm=pack(arr[0]), dist0=pack(arr[1]), dstep=pack(arr[2]), norm_prev=pack(arr[3]),
-                dot0=pack(arr[4]), dotstep=pack(arr[5]),
+                seq=self._seq,
+                steps=steps,
+                times=times,
+                num_layers=L,
+                norm=pack(arr[0]),
+                dist0=pack(arr[1]),
+                dstep=pack(arr[2]),
+                norm_prev=pack(arr[3]),
+                dot0=pack(arr[4]),
+                dotstep=pack(arr[5]),
                 rho=pack(np.stack(rhos)) if have_rho else b"",
                 loss=losses if have_loss else [],
                 command_version=versions if any(versions) else [],
@@ -359,13 +380,16 @@ class Reporter:
     def _connection_loop(self) -> None:
         delay = self._backoff[0]
         while not self._closing.is_set():
-            channel = grpc.insecure_channel(self.address, options=[
-                ("grpc.max_send_message_length", 16 << 20),
-                ("grpc.max_receive_message_length", 16 << 20),
-                ("grpc.keepalive_time_ms", 30000),
-                ("grpc.initial_reconnect_backoff_ms", 250),
-                ("grpc.max_reconnect_backoff_ms", 5000),
-            ])
+            channel = grpc.insecure_channel(
+                self.address,
+                options=[
+                    ("grpc.max_send_message_length", 16 << 20),
+                    ("grpc.max_receive_message_length", 16 << 20),
+                    ("grpc.keepalive_time_ms", 30000),
+                    ("grpc.initial_reconnect_backoff_ms", 250),
+                    ("grpc.max_reconnect_backoff_ms", 5000),
+                ],
+            )
             out: queue.SimpleQueue = queue.SimpleQueue()
             got_response = False
             try:
@@ -393,7 +417,9 @@ class Reporter:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code == grpc.StatusCode.CANCELLED and self._closing.is_set():
                     break
-                self.stats.last_error = f"{code.name if code else 'error'}: {exc.details() if hasattr(exc, 'details') else exc}"
+                self.stats.last_error = (
+                    f"{code.name if code else 'error'}: {exc.details() if hasattr(exc, 'details') else exc}"
+                )
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     log.error("layrot: collector at %s refused the session: %s", self.address, self.stats.last_error)
             except Exception as exc:  # never let the connection thread die
@@ -411,12 +437,19 @@ class Reporter:
             if self._closing.is_set():
                 break
             if was_connected or got_response:
-                log.warning("layrot: lost the collector at %s (%s); training continues, reconnecting",
-                            self.address, self.stats.last_error)
+                log.warning(
+                    "layrot: lost the collector at %s (%s); training continues, reconnecting",
+                    self.address,
+                    self.stats.last_error,
+                )
             elif not self._warned_down:
                 self._warned_down = True
-                log.warning("layrot: cannot reach the collector at %s (%s); training continues, "
-                            "steps are buffered and retried with backoff", self.address, self.stats.last_error)
+                log.warning(
+                    "layrot: cannot reach the collector at %s (%s); training continues, "
+                    "steps are buffered and retried with backoff",
+                    self.address,
+                    self.stats.last_error,
+                )
             self.stats.reconnects += 1
             self._closing.wait(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, self._backoff[1])
@@ -456,12 +489,15 @@ class Reporter:
                     log.exception("layrot: control command handler failed")
         elif kind == "error":
             self.stats.session_errors += 1
-            log.warning("layrot: collector rejected %s: %s (%s)",
-                        f"batch {resp.error.seq}" if resp.error.seq else "the session",
-                        resp.error.message, resp.error.code)
+            log.warning(
+                "layrot: collector rejected %s: %s (%s)",
+                f"batch {resp.error.seq}" if resp.error.seq else "the session",
+                resp.error.message,
+                resp.error.code,
+            )
 
 
-_live_reporters: "weakref.WeakSet[Reporter]" = weakref.WeakSet()
+_live_reporters: weakref.WeakSet[Reporter] = weakref.WeakSet()
 
 
 @atexit.register

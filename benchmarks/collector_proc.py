@@ -1,4 +1,5 @@
 """A real ``layrot-agent serve`` in its own process, for the benchmarks."""
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,25 @@ def start_collector(tmp: str) -> tuple[subprocess.Popen, str]:
     """Start the collector with its history in ``tmp``; returns (process, gRPC address)."""
     port, mport = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "layrot.agent.cli", "serve", "--grpc-host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-host", "127.0.0.1", "--metrics-port", str(mport), "--db", os.path.join(tmp, "bench.db")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "layrot.cli.main",
+            "serve",
+            "--grpc-host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(mport),
+            "--db",
+            os.path.join(tmp, "bench.db"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         with socket.socket() as s:

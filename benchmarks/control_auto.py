@@ -34,6 +34,7 @@ part, plus fixed multipliers (first and last layer at the cap, the others at
 
     python benchmarks/control_auto.py --ablation [--seeds 0-7] [--variants law,no-couple,...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,28 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def make_model(seed: int = 0) -> nn.Module:
-    """Conv(1->32, 5x5) - Conv(32->32) - pool - Conv(32->32) - pool - Linear(128->64) - Linear(64->10), BN after convs."""
+    """Conv(1->32, 5x5) - Conv(32->32) - pool - Conv(32->32) - pool - Linear(128->64) - Linear(64->10).
+
+    BatchNorm after the convolutions.
+    """
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10))
+        nn.Conv2d(1, 32, 5, padding=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 def layer_params(model: nn.Module) -> list[torch.Tensor]:
@@ -97,8 +113,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, data: tuple, seed: int = 1,
-          sched: Any = None, every_step: Any = None, observe: Any = None) -> None:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    data: tuple,
+    seed: int = 1,
+    sched: Any = None,
+    every_step: Any = None,
+    observe: Any = None,
+) -> None:
     xtr, ytr = data[0], data[1]
     g = torch.Generator().manual_seed(seed)
     for t in range(1, steps + 1):
@@ -129,26 +153,28 @@ def run_sgd(lr: float, steps: int, data: tuple, seed: int = 0) -> dict[str, Any]
 def make_auto_job(address: str, run: str, steps: int, seed: int = 0) -> tuple[nn.Module, Any, Any, list]:
     """The controlled job: Layca(SGD momentum 0.9) at 3^-3 with the step decays, watch(control=True)."""
     import layrot
-    from layrot.proto.rates import RhoSchedule
+    from layrot.core.rates import RhoSchedule
 
     model = make_model(seed)
     w0 = [p.detach().clone() for p in layer_params(model)]
-    schedule = RhoSchedule(rho0=3 ** -3, kind="step", milestones=MILESTONES, total_steps=steps)
+    schedule = RhoSchedule(rho0=3**-3, kind="step", milestones=MILESTONES, total_steps=steps)
     # rho_max 1.0: the controller itself stays below its own --rho-max (0.5).
     opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), schedule=schedule, rho_max=1.0)
-    handle = layrot.watch(model, opt, run=run, collector=address, control=True,
-                          reporter_options={"flush_interval": 0.02})
+    handle = layrot.watch(
+        model, opt, run=run, collector=address, control=True, reporter_options={"flush_interval": 0.02}
+    )
     return model, opt, handle, w0
 
 
-def run_auto_inline(address: str, run: str, steps: int, data: tuple, tick_every: int = 10,
-                    seed: int = 0, **controller: Any) -> dict[str, Any]:
+def run_auto_inline(
+    address: str, run: str, steps: int, data: tuple, tick_every: int = 10, seed: int = 0, **controller: Any
+) -> dict[str, Any]:
     """The auto controller ticked from the training loop every ``tick_every`` steps (deterministic timing).
 
     Measurements and commands still travel through the real collector: the
     controller reads rotations with GetRun and sends commands with SetControl.
     """
-    from layrot.agent.query import QueryClient
+    from layrot.client.query import QueryClient
     from layrot.controllers.auto import AutoController
 
     model, opt, handle, w0 = make_auto_job(address, run, steps, seed)
@@ -171,17 +197,37 @@ def run_auto_inline(address: str, run: str, steps: int, data: tuple, tick_every:
         handle.close()
         q.close()
     rot = [cosine_distance(a, b) for a, b in zip(w0, layer_params(model))]
-    return {"rotation": rot, "acc": accuracy(model, data[2], data[3]), "versions": len(ctl.versions),
-            "multipliers": None if ctl.multipliers is None else ctl.multipliers.tolist(),
-            "backoffs": ctl.policy.backoffs if ctl.policy is not None else 0}
+    return {
+        "rotation": rot,
+        "acc": accuracy(model, data[2], data[3]),
+        "versions": len(ctl.versions),
+        "multipliers": None if ctl.multipliers is None else ctl.multipliers.tolist(),
+        "backoffs": ctl.policy.backoffs if ctl.policy is not None else 0,
+    }
 
 
-def run_auto_cli(address: str, run: str, steps: int, data: tuple, interval: float, seed: int = 0,
-                 step_sleep: float = 0.0) -> dict[str, Any]:
+def run_auto_cli(
+    address: str, run: str, steps: int, data: tuple, interval: float, seed: int = 0, step_sleep: float = 0.0
+) -> dict[str, Any]:
     """The real ``layrot-agent control auto`` process steering a job trained here."""
     model, opt, handle, w0 = make_auto_job(address, run, steps, seed)
-    cmd = [sys.executable, "-m", "layrot.agent.cli", "control", "auto", run, "--target", "1.0",
-           "--total-steps", str(steps), "--interval", str(interval), "--collector", address, "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "layrot.cli.main",
+        "control",
+        "auto",
+        run,
+        "--target",
+        "1.0",
+        "--total-steps",
+        str(steps),
+        "--interval",
+        str(interval),
+        "--collector",
+        address,
+        "--json",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.perf_counter()
@@ -202,15 +248,22 @@ def run_auto_cli(address: str, run: str, steps: int, data: tuple, interval: floa
         raise RuntimeError(f"control auto failed ({proc.returncode}): {err.strip()[-2000:]}")
     summary = json.loads(out)
     rot = [cosine_distance(a, b) for a, b in zip(w0, layer_params(model))]
-    from layrot.agent.query import QueryClient
+    from layrot.client.query import QueryClient
 
     with QueryClient(address) as q:
         loss = q.history(run).loss
-    return {"rotation": rot, "acc": accuracy(model, data[2], data[3]), "versions": len(summary["versions"]),
-            "multipliers": summary["multipliers"], "stopped": summary["reason"], "train_s": train_s,
-            "backoffs": summary["backoffs"], "holds": summary.get("holds", 0),
-            "collector_rotation": summary["rotation"],
-            "loss_by_tenth": [float(np.nanmean(x)) for x in np.array_split(loss, 10)]}
+    return {
+        "rotation": rot,
+        "acc": accuracy(model, data[2], data[3]),
+        "versions": len(summary["versions"]),
+        "multipliers": summary["multipliers"],
+        "stopped": summary["reason"],
+        "train_s": train_s,
+        "backoffs": summary["backoffs"],
+        "holds": summary.get("holds", 0),
+        "collector_rotation": summary["rotation"],
+        "loss_by_tenth": [float(np.nanmean(x)) for x in np.array_split(loss, 10)],
+    }
 
 
 def best_sgd(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,11 +273,18 @@ def best_sgd(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 #: CLI-like controller timings for the in-process loop: (update every, +-jitter, lag, first update at, rng seed).
 TIMINGS = ((10, 3, 2, 15, 1), (10, 3, 3, 30, 2))
-RHO0 = 3 ** -3
+RHO0 = 3**-3
 
 
-def run_auto_local(steps: int, data: tuple, seed: int = 0, timing: tuple = TIMINGS[0], rho_max: float = 0.4,
-                   fixed: list[float] | None = None, **policy: Any) -> dict[str, Any]:
+def run_auto_local(
+    steps: int,
+    data: tuple,
+    seed: int = 0,
+    timing: tuple = TIMINGS[0],
+    rho_max: float = 0.4,
+    fixed: list[float] | None = None,
+    **policy: Any,
+) -> dict[str, Any]:
     """The auto law (:class:`~layrot.controllers.auto.AutoPolicy`) driven in-process, deterministically.
 
     No collector: rotations come from the weights in float64 at each update, the
@@ -234,7 +294,7 @@ def run_auto_local(steps: int, data: tuple, seed: int = 0, timing: tuple = TIMIN
     """
     import layrot
     from layrot.controllers.auto import INITIAL_LOSSES, AutoPolicy
-    from layrot.proto.rates import RhoSchedule
+    from layrot.core.rates import RhoSchedule
 
     every, jitter, lag, start, rng_seed = timing
     model = make_model(seed)
@@ -245,8 +305,11 @@ def run_auto_local(steps: int, data: tuple, seed: int = 0, timing: tuple = TIMIN
     if fixed is not None:
         opt.set_rule(multipliers=list(fixed))
     policy = {"settle_from": MILESTONES[0], **policy}
-    law = None if fixed is not None else AutoPolicy(num_layers=len(params), total_steps=steps,
-                                                     max_mult=rho_max / RHO0, **policy)
+    law = (
+        None
+        if fixed is not None
+        else AutoPolicy(num_layers=len(params), total_steps=steps, max_mult=rho_max / RHO0, **policy)
+    )
     rng = np.random.default_rng(rng_seed)
     pending: list[tuple[int, np.ndarray]] = []
     losses: list[torch.Tensor] = []
@@ -262,7 +325,7 @@ def run_auto_local(steps: int, data: tuple, seed: int = 0, timing: tuple = TIMIN
             return
         if math.isnan(law.first_loss):
             law.set_initial_loss(float(torch.stack(losses[:INITIAL_LOSSES]).double().mean()))
-        law.observe_loss(float(torch.stack(losses[state["from"]:t]).double().mean()), t)
+        law.observe_loss(float(torch.stack(losses[state["from"] : t]).double().mean()), t)
         state["from"] = t
         rot = np.array([cosine_distance(a, b) for a, b in zip(w0, params)])
         pending.append((t + 1 + lag, law.update(t, rot)))
@@ -270,8 +333,7 @@ def run_auto_local(steps: int, data: tuple, seed: int = 0, timing: tuple = TIMIN
 
     train(model, opt, steps, data, every_step=every_step, observe=observe)
     rot = [cosine_distance(a, b) for a, b in zip(w0, params)]
-    return {"rotation": rot, "acc": accuracy(model, data[2], data[3]),
-            "backoffs": 0 if law is None else law.backoffs}
+    return {"rotation": rot, "acc": accuracy(model, data[2], data[3]), "backoffs": 0 if law is None else law.backoffs}
 
 
 #: name -> (AutoPolicy keyword arguments, controller rho_max, fixed multipliers or None).
@@ -290,10 +352,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], float, Any]] = {
 
 def ablation(args: argparse.Namespace, seeds: list[int], data: tuple) -> None:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    print(f"ablation: digits CNN, {args.steps} steps, seeds {seeds}; law variants x {len(TIMINGS)} CLI-like timings,"
-          f" fixed multipliers once per seed (first/last layer at the cap 0.4/rho0, the others at k)")
-    print(f"{'variant':<20} {'runs':>4} {'mean-min':>8} {'worst':>6} {'<0.92':>5} {'<0.90':>5} {'acc mean':>8}"
-          f" {'acc worst':>9} {'back-offs':>9}")
+    print(
+        f"ablation: digits CNN, {args.steps} steps, seeds {seeds}; law variants x {len(TIMINGS)} CLI-like timings,"
+        f" fixed multipliers once per seed (first/last layer at the cap 0.4/rho0, the others at k)"
+    )
+    print(
+        f"{'variant':<20} {'runs':>4} {'mean-min':>8} {'worst':>6} {'<0.92':>5} {'<0.90':>5} {'acc mean':>8}"
+        f" {'acc worst':>9} {'back-offs':>9}"
+    )
     for name in names:
         kw, rho_max, k = VARIANTS[name]
         runs = []
@@ -306,13 +372,15 @@ def ablation(args: argparse.Namespace, seeds: list[int], data: tuple) -> None:
                 runs += [run_auto_local(args.steps, data, seed, timing, rho_max, **kw) for timing in TIMINGS]
         mins = np.array([min(r["rotation"]) for r in runs])
         accs = np.array([r["acc"] for r in runs])
-        print(f"{name:<20} {len(runs):>4} {mins.mean():>8.3f} {mins.min():>6.3f} {(mins < 0.92).sum():>5}"
-              f" {(mins < 0.9).sum():>5} {accs.mean():>8.4f} {accs.min():>9.4f} {sum(r['backoffs'] for r in runs):>9}",
-              flush=True)
+        print(
+            f"{name:<20} {len(runs):>4} {mins.mean():>8.3f} {mins.min():>6.3f} {(mins < 0.92).sum():>5}"
+            f" {(mins < 0.9).sum():>5} {accs.mean():>8.4f} {accs.min():>9.4f} {sum(r['backoffs'] for r in runs):>9}",
+            flush=True,
+        )
 
 
 def parse_seeds(text: str) -> list[int]:
-    """"0-7" or "0,2,5" (or a mix)."""
+    """ "0-7" or "0,2,5" (or a mix)."""
     out: list[int] = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
@@ -322,16 +390,21 @@ def parse_seeds(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2000,
-                    help="training steps of each run (the digits CNN reaches 99 %% test accuracy in 1000; at 1000"
-                         " the CLI's reaction time is a larger part of the early push, see the module docstring)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=2000,
+        help="training steps of each run (the digits CNN reaches 99 %% test accuracy in 1000; at 1000"
+        " the CLI's reaction time is a larger part of the early push, see the module docstring)",
+    )
     ap.add_argument("--lrs", default="0.01,0.03,0.1,0.3")
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between controller updates")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per training step (slower job)")
     ap.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
     ap.add_argument("--seeds", default="0", help="seeds, e.g. 0-7 or 0,3,5")
-    ap.add_argument("--inline", action="store_true",
-                    help="tick the controller from the training loop instead of the CLI process")
+    ap.add_argument(
+        "--inline", action="store_true", help="tick the controller from the training loop instead of the CLI process"
+    )
     ap.add_argument("--ablation", action="store_true", help="measure the parts of the law (in-process, no CLI)")
     ap.add_argument("--variants", default="", help=f"with --ablation: a subset of {','.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=1)
@@ -352,8 +425,9 @@ def main() -> None:
                 if args.inline:
                     auto = run_auto_inline(c.grpc_address, "auto", args.steps, data, seed=seed)
                 else:
-                    auto = run_auto_cli(c.grpc_address, "auto", args.steps, data, args.interval, seed=seed,
-                                        step_sleep=args.step_sleep)
+                    auto = run_auto_cli(
+                        c.grpc_address, "auto", args.steps, data, args.interval, seed=seed, step_sleep=args.step_sleep
+                    )
                 auto_s = time.perf_counter() - t0
         sgd = [run_sgd(float(lr), args.steps, data, seed=seed) for lr in args.lrs.split(",")]
         best = best_sgd(sgd)
@@ -361,37 +435,51 @@ def main() -> None:
 
         def row(name: str, r: dict[str, Any]) -> str:
             rot = np.asarray(r["rotation"])
-            return (f"{name:<22} acc {r['acc']:.4f}  median {np.median(rot):.3f}  min {rot.min():.3f}  "
-                    f"[{', '.join(f'{x:.3f}' for x in rot)}]")
+            return (
+                f"{name:<22} acc {r['acc']:.4f}  median {np.median(rot):.3f}  min {rot.min():.3f}  "
+                f"[{', '.join(f'{x:.3f}' for x in rot)}]"
+            )
 
-        print(f"digits CNN, {args.steps} steps, batch {BATCH}, torch threads {args.threads}, seed {seed}"
-              + (f", step sleep {args.step_sleep:g} s" if args.step_sleep else ""))
+        print(
+            f"digits CNN, {args.steps} steps, batch {BATCH}, torch threads {args.threads}, seed {seed}"
+            + (f", step sleep {args.step_sleep:g} s" if args.step_sleep else "")
+        )
         print(row("Layca + control auto", auto))
-        print(f"{'':<22} {auto['versions']} commands, {auto.get('backoffs', 0)} loss-guard back-offs"
-              + (f", {auto['holds']} updates on hold" if "holds" in auto else "")
-              + (f", stopped: {auto['stopped']}; training {auto['train_s']:.1f} s" if "stopped" in auto else "")
-              + f"; total {auto_s:.1f} s")
+        print(
+            f"{'':<22} {auto['versions']} commands, {auto.get('backoffs', 0)} loss-guard back-offs"
+            + (f", {auto['holds']} updates on hold" if "holds" in auto else "")
+            + (f", stopped: {auto['stopped']}; training {auto['train_s']:.1f} s" if "stopped" in auto else "")
+            + f"; total {auto_s:.1f} s"
+        )
         if "loss_by_tenth" in auto:
-            print(f"{'':<22} training loss by tenth of training [{', '.join(f'{x:.3f}' for x in auto['loss_by_tenth'])}]")
+            print(
+                f"{'':<22} training loss by tenth of training [{', '.join(f'{x:.3f}' for x in auto['loss_by_tenth'])}]"
+            )
         if auto.get("multipliers"):
             print(f"{'':<22} final multipliers [{', '.join(f'{m:.2f}' for m in auto['multipliers'])}]")
         for r in sgd:
             print(row(f"SGD lr={r['lr']:g}" + (" (best)" if r is best else ""), r), flush=True)
     print()
-    print(f"{'seed':>4} | {'auto min':>8} {'median':>6} {'acc':>6} | "
-          f"{'best SGD lr':>11} {'median':>6} {'min':>6} {'acc':>6}")
+    print(
+        f"{'seed':>4} | {'auto min':>8} {'median':>6} {'acc':>6} | "
+        f"{'best SGD lr':>11} {'median':>6} {'min':>6} {'acc':>6}"
+    )
     claim = True
     for seed, auto, best in table:
         ok = min(auto["rotation"]) >= 0.9 and float(np.median(best["rotation"])) < float(np.median(auto["rotation"]))
         claim = claim and ok
-        print(f"{seed:>4} | {min(auto['rotation']):>8.3f} {np.median(auto['rotation']):>6.3f} {auto['acc']:>6.4f} | "
-              f"{best['lr']:>11g} {np.median(best['rotation']):>6.3f} {min(best['rotation']):>6.3f} {best['acc']:>6.4f}"
-              + ("" if ok else "  <- claim fails"))
+        print(
+            f"{seed:>4} | {min(auto['rotation']):>8.3f} {np.median(auto['rotation']):>6.3f} {auto['acc']:>6.4f} | "
+            f"{best['lr']:>11g} {np.median(best['rotation']):>6.3f} {min(best['rotation']):>6.3f} {best['acc']:>6.4f}"
+            + ("" if ok else "  <- claim fails")
+        )
     mins = [min(a["rotation"]) for _, a, _ in table]
-    print(f"every auto layer >= 0.9 in {sum(m >= 0.9 for m in mins)} of {len(table)} seeds (>= 0.92 in "
-          f"{sum(m >= 0.92 for m in mins)}); auto acc {min(a['acc'] for _, a, _ in table):.4f}-"
-          f"{max(a['acc'] for _, a, _ in table):.4f}, best SGD acc {min(b['acc'] for _, _, b in table):.4f}-"
-          f"{max(b['acc'] for _, _, b in table):.4f}")
+    print(
+        f"every auto layer >= 0.9 in {sum(m >= 0.9 for m in mins)} of {len(table)} seeds (>= 0.92 in "
+        f"{sum(m >= 0.92 for m in mins)}); auto acc {min(a['acc'] for _, a, _ in table):.4f}-"
+        f"{max(a['acc'] for _, a, _ in table):.4f}, best SGD acc {min(b['acc'] for _, _, b in table):.4f}-"
+        f"{max(b['acc'] for _, _, b in table):.4f}"
+    )
     print(f"claim (every auto layer >= 0.9, best SGD median lower): {'holds' if claim else 'DOES NOT HOLD'}")
 
 

@@ -13,6 +13,7 @@ rotations of both runs (float64 from the weights), and test accuracies.
 
     python benchmarks/control_copy.py [--steps 1000] [--source adam|rmsprop] [--window-steps 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,19 +41,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     import layrot
-    from layrot.agent.query import QueryClient
+    from layrot.client.query import QueryClient
     from layrot.server.app import Collector
 
     data = B.digits()
     src_name, dst_name = f"{args.source}-src", "sgd-layca-copy"
-    with tempfile.TemporaryDirectory() as tmp, \
-            Collector(grpc_port=0, metrics_port=None, db_path=Path(tmp) / "copy.db") as c:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Collector(grpc_port=0, metrics_port=None, db_path=Path(tmp) / "copy.db") as c,
+    ):
         # ---- source
         model = B.make_model(args.seed)
         w0s = [p.detach().clone() for p in B.layer_params(model)]
         lr = args.lr or 1e-3
-        opt = (torch.optim.Adam(model.parameters(), lr=lr) if args.source == "adam"
-               else torch.optim.RMSprop(model.parameters(), lr=lr))
+        opt = (
+            torch.optim.Adam(model.parameters(), lr=lr)
+            if args.source == "adam"
+            else torch.optim.RMSprop(model.parameters(), lr=lr)
+        )
         handle = layrot.watch(model, opt, run=src_name, collector=c.grpc_address)
         B.train(model, opt, args.steps, data, observe=handle.observe_loss)
         handle.flush(30)
@@ -63,10 +69,22 @@ def main() -> None:
         # ---- target, steered by the CLI process
         model = B.make_model(args.seed)
         w0t = [p.detach().clone() for p in B.layer_params(model)]
-        opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=3 ** -3, rho_max=1.0)
+        opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=3**-3, rho_max=1.0)
         handle = layrot.watch(model, opt, run=dst_name, collector=c.grpc_address, control=True)
-        cmd = [sys.executable, "-m", "layrot.agent.cli", "control", "copy", "--from", src_name, dst_name,
-               "--interval", str(args.interval), "--collector", c.grpc_address]
+        cmd = [
+            sys.executable,
+            "-m",
+            "layrot.cli.main",
+            "control",
+            "copy",
+            "--from",
+            src_name,
+            dst_name,
+            "--interval",
+            str(args.interval),
+            "--collector",
+            c.grpc_address,
+        ]
         if args.window_steps:
             cmd += ["--window-steps", str(args.window_steps)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -99,10 +117,14 @@ def main() -> None:
     got = ht.step_angle[idx]
     rel = np.abs(got - want) / want
     names = hs.layer_names
-    print(f"digits CNN, {args.steps} steps; source {args.source} lr {lr:g}; target SGD momentum 0.9 + Layca, "
-          f"'control copy' process, windows of {args.window_steps or 'all'} steps ({versions} commands applied)")
-    print(f"steps governed by the replayed tables: {len(governed)} of {args.steps} (the first step ran before "
-          f"the first window); training {train_s:.1f} s")
+    print(
+        f"digits CNN, {args.steps} steps; source {args.source} lr {lr:g}; target SGD momentum 0.9 + Layca, "
+        f"'control copy' process, windows of {args.window_steps or 'all'} steps ({versions} commands applied)"
+    )
+    print(
+        f"steps governed by the replayed tables: {len(governed)} of {args.steps} (the first step ran before "
+        f"the first window); training {train_s:.1f} s"
+    )
     print(f"step angle, replay vs recorded: max rel error {rel.max():.2e}, median {np.median(rel):.2e}")
     print(f"{'layer':<10} {'source rot':>10} {'replay rot':>10} {'diff':>8}")
     for n, a, b in zip(names, src_rot, dst_rot):

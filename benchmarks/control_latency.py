@@ -17,6 +17,7 @@ as a separate process; its wall time includes Python start-up.
 
     python benchmarks/control_latency.py [--trials 40] [--batch 32] [--cli-trials 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,23 @@ def job_main(address: str, run: str, batch: int, threads: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10))
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
     opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.5)
     handle = layrot.watch(model, opt, run=run, collector=address, control=True)
     stop = threading.Event()
@@ -84,17 +98,32 @@ def main() -> None:
         job_main(args.job[0], args.job[1], args.batch, args.threads)
         return
 
-    from layrot.agent.query import QueryClient
+    from layrot.client.query import QueryClient
     from layrot.controllers.profile import profile_command
-    from layrot.proto.rates import alpha_profile
+    from layrot.core.rates import alpha_profile
     from layrot.server.app import Collector
 
     run = "latency"
-    with tempfile.TemporaryDirectory() as tmp, \
-            Collector(grpc_port=0, metrics_port=None, db_path=Path(tmp) / "latency.db") as c:
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job", c.grpc_address, run,
-                                  "--batch", str(args.batch), "--threads", str(args.threads)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Collector(grpc_port=0, metrics_port=None, db_path=Path(tmp) / "latency.db") as c,
+    ):
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--job",
+                c.grpc_address,
+                run,
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         q = QueryClient(c.grpc_address)
         try:
             deadline = time.monotonic() + 60
@@ -125,11 +154,29 @@ def main() -> None:
                 commands.append((st["applied_step"], rho0 * alpha_profile(alpha, L)))
                 time.sleep(rng.uniform(0.05, 0.25))
             cli_times = []
-            for i in range(args.cli_trials):
+            for _ in range(args.cli_trials):
                 t0 = time.time()
-                out = subprocess.run([sys.executable, "-m", "layrot.agent.cli", "control", "set", run, "--rho0",
-                                      "0.01", "--alpha", "0", "--wait", "10", "--collector", c.grpc_address],
-                                     capture_output=True, text=True, timeout=60)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "layrot.cli.main",
+                        "control",
+                        "set",
+                        run,
+                        "--rho0",
+                        "0.01",
+                        "--alpha",
+                        "0",
+                        "--wait",
+                        "10",
+                        "--collector",
+                        c.grpc_address,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 cli_times.append(time.time() - t0)
                 if out.returncode != 0 or "applied by the job" not in out.stdout:
                     raise RuntimeError(f"CLI trial failed: {out.stdout} {out.stderr}")
@@ -151,25 +198,38 @@ def main() -> None:
         if not sel.any():
             continue
         worst_rate = max(worst_rate, float(np.max(np.abs(q_hist.rho[sel] - rates) / rates)))
-        worst_angle = max(worst_angle, float(np.max(np.abs(q_hist.step_angle[sel] - np.arctan(rates))
-                                                    / np.arctan(rates))))
+        worst_angle = max(
+            worst_angle, float(np.max(np.abs(q_hist.step_angle[sel] - np.arctan(rates)) / np.arctan(rates)))
+        )
         checked += int(sel.sum())
 
     ms = [x * 1e3 for x in latencies]
     bound = step_s + 0.2
-    print(f"job: CNN (3 conv + 2 linear, {L} layers), batch {args.batch}, torch threads {args.threads}; "
-          f"median step {step_s * 1e3:.1f} ms")
-    print(f"SetControl call -> ControlAck at the collector, {len(ms)} trials: median {statistics.median(ms):.1f} ms, "
-          f"p95 {percentile(ms, 95):.1f} ms, max {max(ms):.1f} ms")
-    print(f"steps between the call and the first governed step: median {statistics.median(spans):.0f}, "
-          f"max {max(spans)}")
-    print(f"bound one step + 200 ms = {bound * 1e3:.1f} ms: p95 {'within' if percentile(ms, 95) <= bound * 1e3 else 'ABOVE'}"
-          f", max {'within' if max(ms) <= bound * 1e3 else 'ABOVE'}")
+    print(
+        f"job: CNN (3 conv + 2 linear, {L} layers), batch {args.batch}, torch threads {args.threads}; "
+        f"median step {step_s * 1e3:.1f} ms"
+    )
+    print(
+        f"SetControl call -> ControlAck at the collector, {len(ms)} trials: median {statistics.median(ms):.1f} ms, "
+        f"p95 {percentile(ms, 95):.1f} ms, max {max(ms):.1f} ms"
+    )
+    print(
+        f"steps between the call and the first governed step: median {statistics.median(spans):.0f}, max {max(spans)}"
+    )
+    print(
+        f"bound one step + 200 ms = {bound * 1e3:.1f} ms: "
+        f"p95 {'within' if percentile(ms, 95) <= bound * 1e3 else 'ABOVE'}"
+        f", max {'within' if max(ms) <= bound * 1e3 else 'ABOVE'}"
+    )
     if cli_times:
-        print(f"full CLI process 'layrot-agent control set --wait' (Python start-up included): "
-              f"median {statistics.median(cli_times) * 1e3:.0f} ms over {len(cli_times)} runs")
-    print(f"after each ack ({checked} steps checked): reported rho vs command max rel {worst_rate:.1e}; "
-          f"measured step angle vs arctan(rho) max rel {worst_angle:.1e}")
+        print(
+            f"full CLI process 'layrot-agent control set --wait' (Python start-up included): "
+            f"median {statistics.median(cli_times) * 1e3:.0f} ms over {len(cli_times)} runs"
+        )
+    print(
+        f"after each ack ({checked} steps checked): reported rho vs command max rel {worst_rate:.1e}; "
+        f"measured step angle vs arctan(rho) max rel {worst_angle:.1e}"
+    )
 
 
 if __name__ == "__main__":

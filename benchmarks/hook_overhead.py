@@ -15,6 +15,7 @@ in machine load hits all of them alike.
     python benchmarks/hook_overhead.py            # about 6 minutes on 2 cores
     python benchmarks/hook_overhead.py --quick    # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,13 @@ def main() -> None:
                     for cfg in samples:
                         handle = None
                         if cfg != "off":
-                            handle = layrot.watch(model, opt, run=f"bench-{label.split()[1]}-{cfg}",
-                                                  every=int(cfg.split("=")[1]), collector=addr)
+                            handle = layrot.watch(
+                                model,
+                                opt,
+                                run=f"bench-{label.split()[1]}-{cfg}",
+                                every=int(cfg.split("=")[1]),
+                                collector=addr,
+                            )
                             train_steps(model, opt, x, y, 1)  # first step opens the session
                         samples[cfg] += train_steps(model, opt, x, y, args.steps)
                         if handle is not None:
@@ -96,8 +102,10 @@ def main() -> None:
                 # interleaved: the fused C kernel (the default on CPU) and the ATen blocked pass.
                 handle = layrot.watch(model, opt, run=f"bench-micro-{label.split()[1]}", collector=addr)
                 train_steps(model, opt, x, y, 1)
-                paths = {"fused": handle._distances,
-                         "aten": LayerDistances(handle._params, handle._w0, handle._prev, fused=False)}
+                paths = {
+                    "fused": handle._distances,
+                    "aten": LayerDistances(handle._params, handle._w0, handle._prev, fused=False),
+                }
                 ref_opt = torch.optim.SGD(model.parameters(), lr=1e-12, momentum=0.9)
                 for p in model.parameters():
                     p.grad = torch.randn_like(p)
@@ -114,10 +122,14 @@ def main() -> None:
                 handle._distances = paths["fused"]
                 handle.close(timeout=2.0)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                results[label].update(report_s=med["fused"], report_aten_s=med["aten"], sgd_step_s=med["sgd"],
-                                      report_over_sgd=med["fused"] / med["sgd"],
-                                      report_aten_over_sgd=med["aten"] / med["sgd"],
-                                      report_path=paths["fused"].path)
+                results[label].update(
+                    report_s=med["fused"],
+                    report_aten_s=med["aten"],
+                    sgd_step_s=med["sgd"],
+                    report_over_sgd=med["fused"] / med["sgd"],
+                    report_aten_over_sgd=med["aten"] / med["sgd"],
+                    report_path=paths["fused"].path,
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=10)
@@ -128,10 +140,12 @@ def main() -> None:
     print(f"ResNet-18-sized CNN: {n_params / 1e6:.1f} M parameters, batch 32, CPU, {torch.get_num_threads()} threads")
     print(f"{'':16} {'step (off)':>11} {'every=1':>9} {'every=10':>9} {'report/SGD step':>16} {'(ATen pass)':>12}")
     for label, r in results.items():
-        print(f"{label:16} {r['step_s_off'] * 1e3:9.0f}ms {r['ratio_every1']:9.3f} {r['ratio_every10']:9.3f} "
-              f"{r['report_over_sgd']:16.2f} {r['report_aten_over_sgd']:12.2f}   "
-              f"({r['report_path']} {r['report_s'] * 1e3:.1f} ms, ATen {r['report_aten_s'] * 1e3:.1f} ms, "
-              f"SGD step {r['sgd_step_s'] * 1e3:.1f} ms)")
+        print(
+            f"{label:16} {r['step_s_off'] * 1e3:9.0f}ms {r['ratio_every1']:9.3f} {r['ratio_every10']:9.3f} "
+            f"{r['report_over_sgd']:16.2f} {r['report_aten_over_sgd']:12.2f}   "
+            f"({r['report_path']} {r['report_s'] * 1e3:.1f} ms, ATen {r['report_aten_s'] * 1e3:.1f} ms, "
+            f"SGD step {r['sgd_step_s'] * 1e3:.1f} ms)"
+        )
     print("targets: every=1 <= 1.03, every=10 <= 1.01, report/SGD step <= 1.5")
 
 

@@ -10,6 +10,7 @@ checked against the acknowledgements the clients received.
     python benchmarks/ingest.py                  # alerts as configured by default
     python benchmarks/ingest.py --compare-alerts # alerts on vs off, one run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,13 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def client(addr: str, runs: list[str], layers: int, seconds: float, result_q: "mp.Queue") -> None:
+def client(addr: str, runs: list[str], layers: int, seconds: float, result_q: mp.Queue) -> None:
     from layrot.agent.reporter import LayerSpec, Reporter, StepRecord
 
     rng = np.random.default_rng(0)
-    specs = [LayerSpec(name=f"block{i}.weight", index=i, shape=(64, 64), init_norm=8.0, numel=4096)
-             for i in range(layers)]
+    specs = [
+        LayerSpec(name=f"block{i}.weight", index=i, shape=(64, 64), init_norm=8.0, numel=4096) for i in range(layers)
+    ]
     reporters = [Reporter(run, specs, collector=addr, every=1, max_queue=8192) for run in runs]
     base = np.abs(rng.normal(size=(6, layers))) + 1.0
     base[0] = 8.0
@@ -74,10 +76,26 @@ def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, 
     port, mport = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "layrot.agent.cli", "serve", "--grpc-host", "127.0.0.1",
-             "--grpc-port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", str(mport),
-             "--db", os.path.join(tmp, "ingest.db"), *extra_serve_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "layrot.cli.main",
+                "serve",
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(port),
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(mport),
+                "--db",
+                os.path.join(tmp, "ingest.db"),
+                *extra_serve_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             url = f"http://127.0.0.1:{mport}/metrics"
             for _ in range(300):
@@ -87,12 +105,16 @@ def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, 
                 except Exception:
                     time.sleep(0.1)
             runs = [f"ingest-{i:02d}" for i in range(args.runs)]
-            groups = [runs[i::args.procs] for i in range(args.procs)]
+            groups = [runs[i :: args.procs] for i in range(args.procs)]
             q: mp.Queue = mp.get_context("spawn").Queue()
             ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=client, args=(f"127.0.0.1:{port}", g, args.layers,
-                                                      args.warmup + args.seconds + 1.0, q))
-                     for g in groups if g]
+            procs = [
+                ctx.Process(
+                    target=client, args=(f"127.0.0.1:{port}", g, args.layers, args.warmup + args.seconds + 1.0, q)
+                )
+                for g in groups
+                if g
+            ]
             for p in procs:
                 p.start()
             time.sleep(args.warmup)
@@ -107,11 +129,16 @@ def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, 
             # Cross-check the counter against what the history store really holds.
             m2 = scrape(url)
             import sqlite3
+
             with sqlite3.connect(os.path.join(tmp, "ingest.db")) as db:
                 stored = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0] * args.layers
-            return {"samples_per_s": rate, "acked_steps": sum(r["acked_steps"] for r in results),
-                    "dropped": sum(r["dropped"] for r in results),
-                    "stored_samples": stored, "counted_samples": m2.get(key, 0)}
+            return {
+                "samples_per_s": rate,
+                "acked_steps": sum(r["acked_steps"] for r in results),
+                "dropped": sum(r["dropped"] for r in results),
+                "stored_samples": stored,
+                "counted_samples": m2.get(key, 0),
+            }
         finally:
             serve.terminate()
             serve.wait(timeout=30)
@@ -135,12 +162,16 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{args.runs} runs x {args.layers} layers, {args.procs} client processes, real gRPC over loopback, "
-          f"history + metrics on")
+    print(
+        f"{args.runs} runs x {args.layers} layers, {args.procs} client processes, real gRPC over loopback, "
+        f"history + metrics on"
+    )
     for label, r in results.items():
-        print(f"{label:12} {r['samples_per_s']:12,.0f} layer-samples/s   "
-              f"(store holds {r['stored_samples']:,} samples, counter {r['counted_samples']:,.0f}; "
-              f"clients: {r['acked_steps']:,} steps acked, {r['dropped']:,} left unacked at close)")
+        print(
+            f"{label:12} {r['samples_per_s']:12,.0f} layer-samples/s   "
+            f"(store holds {r['stored_samples']:,} samples, counter {r['counted_samples']:,.0f}; "
+            f"clients: {r['acked_steps']:,} steps acked, {r['dropped']:,} left unacked at close)"
+        )
     if args.compare_alerts:
         on, off = results["alerts on"]["samples_per_s"], results["alerts off"]["samples_per_s"]
         print(f"alert evaluation cost: {max(0.0, off / on - 1) * 100:.1f} % of ingest time (on vs off)")

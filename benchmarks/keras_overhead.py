@@ -15,6 +15,7 @@ host copy the reporter thread makes).
     python benchmarks/keras_overhead.py            # about 5 minutes on 2 cores
     python benchmarks/keras_overhead.py --quick    # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,43 +42,51 @@ from collector_proc import free_port, start_collector  # noqa: E402
 def mnist_convnet() -> keras.Model:
     """The Keras MNIST convnet example (Conv32-Pool-Conv64-Pool-Dense10), with BatchNormalization."""
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(32, 3),
-        keras.layers.BatchNormalization(),
-        keras.layers.ReLU(),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Conv2D(64, 3),
-        keras.layers.BatchNormalization(),
-        keras.layers.ReLU(),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Flatten(),
-        keras.layers.Dense(10),
-    ], name="mnist_convnet")
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(64, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ],
+        name="mnist_convnet",
+    )
+    model.compile(
+        keras.optimizers.SGD(0.01, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     return model
 
 
 def dense_heavy_cnn() -> keras.Model:
     """A worst case for the hook: few FLOPs per parameter (most weights in one Dense layer)."""
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(16, 3, padding="same"),
-        keras.layers.BatchNormalization(),
-        keras.layers.ReLU(),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Conv2D(32, 3, padding="same"),
-        keras.layers.BatchNormalization(),
-        keras.layers.ReLU(),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ], name="dense_heavy")
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(16, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(32, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ],
+        name="dense_heavy",
+    )
+    model.compile(
+        keras.optimizers.SGD(0.01, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     return model
 
 
@@ -146,7 +155,8 @@ def bench_model(name: str, args: argparse.Namespace, up_addr: str, down_addr: st
     for label, addr in (("up", up_addr), ("down", down_addr)):
         for every in (1, 10):
             configs[f"{label} every={every}"] = layrot.keras.RotationCallback(
-                run=f"bench-{name}-{label}-every{every}", every=every, collector=addr)
+                run=f"bench-{name}-{label}-every{every}", every=every, collector=addr
+            )
     inter = Interleaved(configs, block=args.block)
     steps = args.block * len(configs) * args.cycles
     model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[inter])
@@ -154,8 +164,14 @@ def bench_model(name: str, args: argparse.Namespace, up_addr: str, down_addr: st
         if cb is not None:
             cb.close(timeout=2.0)
     base = statistics.median(inter.samples["off"])
-    out: dict[str, dict] = {"model": {"params": model.count_params(), "batch": batch, "step_s_off": base,
-                                      "samples_per_config": len(inter.samples["off"])}}
+    out: dict[str, dict] = {
+        "model": {
+            "params": model.count_params(),
+            "batch": batch,
+            "step_s_off": base,
+            "samples_per_config": len(inter.samples["off"]),
+        }
+    }
     out["ratios"] = {k: statistics.median(v) / base for k, v in inter.samples.items() if k != "off"}
     # The device measurement alone (the work a reported step adds): one compiled call + host copy.
     cb = configs["down every=1"]
@@ -195,15 +211,21 @@ def main() -> None:
     if args.json:
         print(json.dumps({"tf": tf.__version__, "keras": keras.__version__, "results": results}, indent=2))
         return
-    print(f"model.fit step time with RotationCallback over without: medians, configurations interleaved "
-          f"every {args.block} steps in one fit, CPU, TF {tf.__version__} / Keras {keras.__version__}")
-    print(f"{'':32} {'step (off)':>10} {'up every=1':>11} {'up every=10':>12} {'down every=1':>13} "
-          f"{'down every=10':>14} {'measure':>8}")
+    print(
+        f"model.fit step time with RotationCallback over without: medians, configurations interleaved "
+        f"every {args.block} steps in one fit, CPU, TF {tf.__version__} / Keras {keras.__version__}"
+    )
+    print(
+        f"{'':32} {'step (off)':>10} {'up every=1':>11} {'up every=10':>12} {'down every=1':>13} "
+        f"{'down every=10':>14} {'measure':>8}"
+    )
     for name, res in results.items():
         info, r = res["model"], res["ratios"]
         title = f"{name} ({info['params'] / 1e3:.0f}k, batch {info['batch']})"
-        print(f"{title:32} {info['step_s_off'] * 1e3:8.2f}ms {r['up every=1']:11.3f} {r['up every=10']:12.3f} "
-              f"{r['down every=1']:13.3f} {r['down every=10']:14.3f} {info['measure_s'] * 1e6:6.0f}us")
+        print(
+            f"{title:32} {info['step_s_off'] * 1e3:8.2f}ms {r['up every=1']:11.3f} {r['up every=10']:12.3f} "
+            f"{r['down every=1']:13.3f} {r['down every=10']:14.3f} {info['measure_s'] * 1e6:6.0f}us"
+        )
     print("target: every=1 <= 1.05; dense-heavy is a worst case (most weights, fewest FLOPs per weight)")
 
 

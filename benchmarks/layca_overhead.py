@@ -7,6 +7,7 @@ whole training step (forward + backward + optimizer) and the optimizer step alon
 
     python benchmarks/layca_overhead.py [--steps 12] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from models import ResNet18  # benchmarks/models.py (run this file as a script)
+from torch import nn
 
 from layrot.hooks.layca_torch import Layca
 
@@ -27,7 +27,7 @@ def make(kind: str):
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if kind == "sgd":
         return model, base
-    return model, Layca(base, rho=3 ** -3, foreach=(kind == "layca-foreach"))
+    return model, Layca(base, rho=3**-3, foreach=(kind == "layca-foreach"))
 
 
 def main() -> None:
@@ -72,14 +72,17 @@ def main() -> None:
 
     med = {k: statistics.median(total[k]) for k in kinds}
     med_opt = {k: statistics.median(opt_only[k]) for k in kinds}
-    print(f"ResNet-18, {nparams / 1e6:.1f} M parameters, {setups['layca'][1].num_layers} Layca layers, "
-          f"batch 32, CPU, {torch.get_num_threads()} threads, {args.steps} timed steps each (median)")
+    print(
+        f"ResNet-18, {nparams / 1e6:.1f} M parameters, {setups['layca'][1].num_layers} Layca layers, "
+        f"batch 32, CPU, {torch.get_num_threads()} threads, {args.steps} timed steps each (median)"
+    )
     print(f"{'optimizer':<26}{'train step ms':>14}{'ratio':>8}{'opt.step ms':>13}{'ratio':>8}")
     for k in kinds:
-        label = {"sgd": "SGD momentum", "layca": "Layca(SGD) loop",
-                 "layca-foreach": "Layca(SGD) foreach"}[k]
-        print(f"{label:<26}{med[k] * 1e3:>14.1f}{med[k] / med['sgd']:>8.3f}"
-              f"{med_opt[k] * 1e3:>13.2f}{med_opt[k] / med_opt['sgd']:>8.2f}")
+        label = {"sgd": "SGD momentum", "layca": "Layca(SGD) loop", "layca-foreach": "Layca(SGD) foreach"}[k]
+        print(
+            f"{label:<26}{med[k] * 1e3:>14.1f}{med[k] / med['sgd']:>8.3f}"
+            f"{med_opt[k] * 1e3:>13.2f}{med_opt[k] / med_opt['sgd']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Models shared by the benchmarks (torchvision is not a dependency)."""
+
 from __future__ import annotations
 
 import torch

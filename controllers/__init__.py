@@ -1,1 +1,1 @@
-"""layrot.controllers"""
+"""layrot.controllers: rate policies that drive running jobs through a collector."""

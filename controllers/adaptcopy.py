@@ -15,16 +15,17 @@ before the first window arrived ran on its own settings. Beyond a window
 (controller gone, or the source run was shorter) the job holds a constant,
 uniform rate: the median of the window's last row.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from layrot.agent.query import CollectorError, History, QueryClient
+from layrot.client.query import CollectorError, History, QueryClient
 from layrot.controllers.profile import issuer
 from layrot.controllers.runs import wait_for_run
 from layrot.proto import layrot_pb2 as pb
@@ -43,8 +44,8 @@ class CopyPlan:
 
     layer_names: list[str]
     rates: np.ndarray  # (num_steps, L) float64, layer order of the source
-    clipped: int       # values reduced to rho_max
-    filled: int        # steps not reported by the source (every > 1) or non-finite, filled in
+    clipped: int  # values reduced to rho_max
+    filled: int  # steps not reported by the source (every > 1) or non-finite, filled in
 
     @property
     def num_steps(self) -> int:
@@ -99,9 +100,18 @@ class AdaptCopy:
         rho_max: rates above it are clipped (the job refuses commands above its own).
     """
 
-    def __init__(self, client: QueryClient, source: str, target: str, *, window_steps: int | None = None,
-                 window_bytes: int = DEFAULT_WINDOW_BYTES, rho_max: float = 1.0, reason: str = "",
-                 issued_by: str | None = None) -> None:
+    def __init__(
+        self,
+        client: QueryClient,
+        source: str,
+        target: str,
+        *,
+        window_steps: int | None = None,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        rho_max: float = 1.0,
+        reason: str = "",
+        issued_by: str | None = None,
+    ) -> None:
         self.client = client
         self.source = source
         self.target = target
@@ -111,8 +121,8 @@ class AdaptCopy:
         self.reason = reason or f"AdaptCopy from {source}"
         self.issued_by = issued_by or issuer()
         self.plan: CopyPlan | None = None
-        self.order: np.ndarray | None = None   # target layer j <- source column order[j]
-        self.sent_until = 0                    # first step not covered by the newest window
+        self.order: np.ndarray | None = None  # target layer j <- source column order[j]
+        self.sent_until = 0  # first step not covered by the newest window
         self.versions: list[int] = []
 
     # ------------------------------------------------------------ planning
@@ -122,8 +132,10 @@ class AdaptCopy:
         pos = {n: i for i, n in enumerate(plan.layer_names)}
         missing = [n for n in target_layers if n not in pos]
         if missing:
-            raise ValueError(f"the source run {self.source!r} has no layers {missing[:5]} of the target "
-                             f"{self.target!r}; AdaptCopy needs the same architecture (layer names)")
+            raise ValueError(
+                f"the source run {self.source!r} has no layers {missing[:5]} of the target "
+                f"{self.target!r}; AdaptCopy needs the same architecture (layer names)"
+            )
         self.order = np.array([pos[n] for n in target_layers], dtype=np.int64)
         self.plan = plan
         L = len(target_layers)
@@ -138,12 +150,17 @@ class AdaptCopy:
         end = min(start + self.window_steps, self.plan.num_steps + 1)
         if end <= start:
             raise ValueError(f"step {start} is past the source run's {self.plan.num_steps} steps")
-        rows = np.ascontiguousarray(self.plan.rates[start - 1:end - 1][:, self.order], dtype="<f8")
+        rows = np.ascontiguousarray(self.plan.rates[start - 1 : end - 1][:, self.order], dtype="<f8")
         hold = float(np.median(rows[-1]))
         return pb.RateCommand(
-            mode="layca", alpha=0.0, schedule=pb.RhoSchedule(rho0=hold, kind="constant"),
+            mode="layca",
+            alpha=0.0,
+            schedule=pb.RhoSchedule(rho0=hold, kind="constant"),
             table=pb.RateTable(start_step=start, num_layers=rows.shape[1], rates=rows.tobytes()),
-            reason=f"{self.reason}: steps {start}..{end - 1}", controller="copy", issued_by=self.issued_by)
+            reason=f"{self.reason}: steps {start}..{end - 1}",
+            controller="copy",
+            issued_by=self.issued_by,
+        )
 
     def send(self, start: int) -> int:
         """Send the window starting at ``start``; returns its version."""
@@ -153,8 +170,14 @@ class AdaptCopy:
         n = len(cmd.table.rates) // (8 * cmd.table.num_layers)
         self.sent_until = start + n
         self.versions.append(version)
-        log.info("AdaptCopy %s -> %s: version %d covers steps %d..%d", self.source, self.target, version, start,
-                 self.sent_until - 1)
+        log.info(
+            "AdaptCopy %s -> %s: version %d covers steps %d..%d",
+            self.source,
+            self.target,
+            version,
+            start,
+            self.sent_until - 1,
+        )
         return version
 
     # ------------------------------------------------------------ the loop
@@ -172,8 +195,13 @@ class AdaptCopy:
         """Every recorded step has been sent."""
         return self.plan is not None and self.sent_until > self.plan.num_steps
 
-    def run(self, interval: float = 1.0, wait: float = 60.0, stop: threading.Event | None = None,
-            echo: Callable[[str], None] = lambda s: None) -> dict:
+    def run(
+        self,
+        interval: float = 1.0,
+        wait: float = 60.0,
+        stop: threading.Event | None = None,
+        echo: Callable[[str], None] = lambda s: None,
+    ) -> dict:
         """Wait for the target, send windows ahead of it until the source's steps are covered.
 
         Returns a summary dict. Stops early when the target disconnects.
@@ -181,9 +209,11 @@ class AdaptCopy:
         stop = stop or threading.Event()
         detail = wait_for_run(self.client, self.target, wait, stop)
         plan = self.load([lay["name"] for lay in detail["layers"]])
-        echo(f"AdaptCopy {self.source} -> {self.target}: {plan.num_steps} steps x {len(self.order)} layers, "
-             f"window {self.window_steps} steps; clipped {plan.clipped} values to rho_max {self.rho_max:g}, "
-             f"filled {plan.filled} unreported steps")
+        echo(
+            f"AdaptCopy {self.source} -> {self.target}: {plan.num_steps} steps x {len(self.order)} layers, "
+            f"window {self.window_steps} steps; clipped {plan.clipped} values to rho_max {self.rho_max:g}, "
+            f"filled {plan.filled} unreported steps"
+        )
         seen_connected = detail["connected"]
         gaps = 0
         while not stop.is_set():
@@ -192,9 +222,13 @@ class AdaptCopy:
             if start is not None:
                 if self.versions and step >= self.sent_until:
                     gaps += 1
-                    log.warning("AdaptCopy: the target reached step %d, past the window ending at %d; "
-                                "it held a constant rate meanwhile (use a larger --window-steps or a smaller "
-                                "--interval)", step, self.sent_until - 1)
+                    log.warning(
+                        "AdaptCopy: the target reached step %d, past the window ending at %d; "
+                        "it held a constant rate meanwhile (use a larger --window-steps or a smaller "
+                        "--interval)",
+                        step,
+                        self.sent_until - 1,
+                    )
                 v = self.send(start)
                 echo(f"  version {v}: steps {start}..{self.sent_until - 1}")
             if self.done:
@@ -209,7 +243,14 @@ class AdaptCopy:
                 log.warning("AdaptCopy: %s", exc)
                 continue
             seen_connected = seen_connected or detail["connected"]
-        return {"source": self.source, "target": self.target, "versions": list(self.versions),
-                "steps": plan.num_steps, "window_steps": self.window_steps, "clipped": plan.clipped,
-                "filled": plan.filled, "gaps": gaps, "complete": self.done}
-
+        return {
+            "source": self.source,
+            "target": self.target,
+            "versions": list(self.versions),
+            "steps": plan.num_steps,
+            "window_steps": self.window_steps,
+            "clipped": plan.clipped,
+            "filled": plan.filled,
+            "gaps": gaps,
+            "complete": self.done,
+        }

@@ -73,21 +73,22 @@ the collector's Query service and sends commands through SetControl. It keeps
 no state on the collector; stopped and restarted, it starts again from
 multipliers 1 (the job keeps the last command meanwhile).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from layrot.agent.query import CollectorError, QueryClient
+from layrot.client.query import CollectorError, QueryClient
 from layrot.controllers.profile import issuer, profile_command
 from layrot.controllers.runs import wait_for_run
-from layrot.proto.rates import RhoSchedule, alpha_profile
+from layrot.core.rates import RhoSchedule, alpha_profile
 from layrot.proto import layrot_pb2 as pb
 
 log = logging.getLogger("layrot.controllers.auto")
@@ -170,8 +171,9 @@ class AutoPolicy:
         if not (0.0 < self.react <= 1.0):
             raise ValueError(f"react must be in (0, 1], got {self.react}")
         if not (0.0 <= self.settle_tol < 1.0) or not (0.0 <= self.settle_from <= 1.0):
-            raise ValueError(f"settle_tol must be in [0, 1) and settle_from in [0, 1], got "
-                             f"{self.settle_tol}, {self.settle_from}")
+            raise ValueError(
+                f"settle_tol must be in [0, 1) and settle_from in [0, 1], got {self.settle_tol}, {self.settle_from}"
+            )
         if self.loss_hold > 0 and self.loss_guard > 0 and self.loss_hold > self.loss_guard:
             raise ValueError(f"loss_hold ({self.loss_hold:g}) must not exceed loss_guard ({self.loss_guard:g})")
         every = self.react if self.backoff_every is None else self.backoff_every
@@ -234,8 +236,7 @@ class AutoPolicy:
             return False
         self.holding = self.loss_hold > 0 and self.loss_ema > self.loss_hold * self.first_loss
         self.holds += int(self.holding)
-        if (self.loss_guard > 0 and self.loss_ema > limit
-                and now - self._last_backoff >= self._backoff_gap):
+        if self.loss_guard > 0 and self.loss_ema > limit and now - self._last_backoff >= self._backoff_gap:
             self.integral = np.maximum(self.integral - math.log(2.0), self._log_lo)
             self._last_backoff = now
             self.backoffs += 1
@@ -294,27 +295,56 @@ class AutoController:
             its loss (``handle.observe_loss(loss)``), else they stay inactive.
     """
 
-    def __init__(self, client: QueryClient, run: str, total_steps: int, *, target: float = 1.0,
-                 reach: float = 0.2, kp: float = 3.0, ki: float = 40.0, min_mult: float = 1.0,
-                 rho0: float = 3.0 ** -3, alpha: float = 0.0,
-                 milestones: tuple[float, ...] = (0.8, 0.9, 0.97), factor: float = 0.2,
-                 rho_max: float = 0.4, min_change: float = 0.02, couple: float = 0.4,
-                 loss_guard: float = 0.6, loss_hold: float = 0.4, settle_tol: float = 0.05,
-                 issued_by: str | None = None) -> None:
+    def __init__(
+        self,
+        client: QueryClient,
+        run: str,
+        total_steps: int,
+        *,
+        target: float = 1.0,
+        reach: float = 0.2,
+        kp: float = 3.0,
+        ki: float = 40.0,
+        min_mult: float = 1.0,
+        rho0: float = 3.0**-3,
+        alpha: float = 0.0,
+        milestones: tuple[float, ...] = (0.8, 0.9, 0.97),
+        factor: float = 0.2,
+        rho_max: float = 0.4,
+        min_change: float = 0.02,
+        couple: float = 0.4,
+        loss_guard: float = 0.6,
+        loss_hold: float = 0.4,
+        settle_tol: float = 0.05,
+        issued_by: str | None = None,
+    ) -> None:
         self.client = client
         self.run = run
         self.total_steps = int(total_steps)
         self.alpha = float(alpha)
-        self.schedule = RhoSchedule(rho0=rho0, kind="step" if milestones else "constant",
-                                    milestones=tuple(milestones), factor=factor, total_steps=self.total_steps)
+        self.schedule = RhoSchedule(
+            rho0=rho0,
+            kind="step" if milestones else "constant",
+            milestones=tuple(milestones),
+            factor=factor,
+            total_steps=self.total_steps,
+        )
         self.rho_max = float(rho_max)
         if rho0 <= 0 or rho0 > rho_max:
             raise ValueError(f"rho0 must be in (0, rho_max={rho_max:g}], got {rho0:g}")
-        self.policy_args = dict(total_steps=self.total_steps, target=target, reach=reach, kp=kp, ki=ki,
-                                min_mult=min_mult, couple=couple, loss_guard=loss_guard, loss_hold=loss_hold,
-                                settle_tol=settle_tol,
-                                settle_from=min(1.0, min(self.schedule.milestone_steps, default=self.total_steps)
-                                                / self.total_steps))
+        self.policy_args = dict(
+            total_steps=self.total_steps,
+            target=target,
+            reach=reach,
+            kp=kp,
+            ki=ki,
+            min_mult=min_mult,
+            couple=couple,
+            loss_guard=loss_guard,
+            loss_hold=loss_hold,
+            settle_tol=settle_tol,
+            settle_from=min(1.0, min(self.schedule.milestone_steps, default=self.total_steps) / self.total_steps),
+        )
         AutoPolicy(num_layers=1, **self.policy_args)  # bad arguments fail here, before the loop
         self.min_change = float(min_change)
         self.issued_by = issued_by or issuer()
@@ -335,11 +365,19 @@ class AutoController:
     def command(self, multipliers: np.ndarray, step: int, rotation: np.ndarray) -> pb.RateCommand:
         """The RateCommand for new multipliers (reason names the most lagging layer)."""
         worst = int(np.nanargmin(rotation)) if np.isfinite(rotation).any() else 0
-        reason = (f"auto: step {step}/{self.total_steps}, target {self.policy_args['target']:g}, "
-                  f"min rotation {np.nanmin(rotation) if np.isfinite(rotation).any() else float('nan'):.3f} "
-                  f"(layer {worst})")
-        return profile_command(alpha=self.alpha, schedule=self.schedule, multipliers=multipliers.tolist(),
-                               reason=reason, controller="auto", issued_by=self.issued_by)
+        reason = (
+            f"auto: step {step}/{self.total_steps}, target {self.policy_args['target']:g}, "
+            f"min rotation {np.nanmin(rotation) if np.isfinite(rotation).any() else float('nan'):.3f} "
+            f"(layer {worst})"
+        )
+        return profile_command(
+            alpha=self.alpha,
+            schedule=self.schedule,
+            multipliers=multipliers.tolist(),
+            reason=reason,
+            controller="auto",
+            issued_by=self.issued_by,
+        )
 
     def initial_loss(self, step: int) -> float:
         """Mean of the first :data:`INITIAL_LOSSES` losses the run reported (the untrained network's loss).
@@ -392,19 +430,29 @@ class AutoController:
             return None
         cmd = self.command(m, step, rotation)
         if self.policy.holding and not backed_off:
-            cmd.reason += (f"; loss {self._last_loss:.3g} > {self.policy.loss_hold:g} x initial "
-                           f"{self.policy.first_loss:.3g}: holding")
+            cmd.reason += (
+                f"; loss {self._last_loss:.3g} > {self.policy.loss_hold:g} x initial "
+                f"{self.policy.first_loss:.3g}: holding"
+            )
         if backed_off:
-            cmd.reason += (f"; loss {self._last_loss:.3g} > {self.policy.loss_guard:g} x initial "
-                           f"{self.policy.first_loss:.3g}: backing off")
+            cmd.reason += (
+                f"; loss {self._last_loss:.3g} > {self.policy.loss_guard:g} x initial "
+                f"{self.policy.first_loss:.3g}: backing off"
+            )
         status = self.client.set_control(self.run, cmd)
         self.multipliers = m
         version = int(status["requested_version"])
         self.versions.append(version)
         return version
 
-    def run_loop(self, interval: float = 5.0, wait: float = 60.0, max_offline: float = 120.0,
-                 stop: threading.Event | None = None, echo: Callable[[str], None] = lambda s: None) -> dict:
+    def run_loop(
+        self,
+        interval: float = 5.0,
+        wait: float = 60.0,
+        max_offline: float = 120.0,
+        stop: threading.Event | None = None,
+        echo: Callable[[str], None] = lambda s: None,
+    ) -> dict:
         """Update every ``interval`` seconds until the run reaches ``total_steps`` or disconnects.
 
         Waits up to ``wait`` seconds for the run to appear; gives up when the
@@ -440,8 +488,14 @@ class AutoController:
                 continue
             seen_connected = seen_connected or bool(detail["connected"])
         rotation = [lay["rotation"] for lay in detail["layers"]]
-        return {"run": self.run, "reason": reason, "step": int(detail["step"]), "updates": self.updates,
-                "backoffs": self.policy.backoffs if self.policy is not None else 0,
-                "holds": self.policy.holds if self.policy is not None else 0,
-                "versions": list(self.versions), "rotation": rotation,
-                "multipliers": None if self.multipliers is None else self.multipliers.tolist()}
+        return {
+            "run": self.run,
+            "reason": reason,
+            "step": int(detail["step"]),
+            "updates": self.updates,
+            "backoffs": self.policy.backoffs if self.policy is not None else 0,
+            "holds": self.policy.holds if self.policy is not None else 0,
+            "versions": list(self.versions),
+            "rotation": rotation,
+            "multipliers": None if self.multipliers is None else self.multipliers.tolist(),
+        }

@@ -1,22 +1,23 @@
 """Static rate profiles: RateCommands from an alpha / rho(t) description (``control set``).
 
-The command is checked here with the same rules the job uses (``layrot.proto.rates``,
+The command is checked here with the same rules the job uses (``layrot.core.rates``,
 numpy only), so a typo fails in the operator's terminal instead of as a
 rejection from the job. The job still validates everything itself: it alone
 knows its ``rho_max`` and its layer names.
 """
+
 from __future__ import annotations
 
 import getpass
 import math
 import socket
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from layrot.proto.rates import DEFAULT_RHO0, MODES, SCHEDULE_KINDS, RhoSchedule, alpha_profile
+from layrot.core.rates import DEFAULT_RHO0, MODES, SCHEDULE_KINDS, RhoSchedule, alpha_profile
 from layrot.proto import layrot_pb2 as pb
+from layrot.proto.commands import schedule_to_proto
 
-__all__ = ["issuer", "parse_floats", "parse_layer_multipliers", "schedule_from_args", "profile_command",
-           "off_command"]
+__all__ = ["issuer", "parse_floats", "parse_layer_multipliers", "schedule_from_args", "profile_command", "off_command"]
 
 
 def issuer() -> str:
@@ -62,8 +63,14 @@ def parse_layer_multipliers(items: Iterable[str]) -> dict[str, float]:
     return out
 
 
-def schedule_from_args(rho0: float, kind: str | None = None, milestones: Sequence[float] = (),
-                       factor: float = 0.2, total_steps: int = 0, rho_min: float = 0.0) -> RhoSchedule:
+def schedule_from_args(
+    rho0: float,
+    kind: str | None = None,
+    milestones: Sequence[float] = (),
+    factor: float = 0.2,
+    total_steps: int = 0,
+    rho_min: float = 0.0,
+) -> RhoSchedule:
     """A validated RhoSchedule; ``kind`` defaults to "step" with milestones, else "constant"."""
     if kind is None:
         kind = "step" if milestones else "constant"
@@ -73,14 +80,24 @@ def schedule_from_args(rho0: float, kind: str | None = None, milestones: Sequenc
         raise ValueError(f"--milestones only apply to the step schedule, not {kind!r}")
     if kind == "step" and not milestones:
         raise ValueError("the step schedule needs --milestones (steps, or fractions of --total-steps)")
-    return RhoSchedule(rho0=rho0, kind=kind, milestones=tuple(milestones), factor=factor,
-                       total_steps=int(total_steps), rho_min=rho_min)
+    return RhoSchedule(
+        rho0=rho0, kind=kind, milestones=tuple(milestones), factor=factor, total_steps=int(total_steps), rho_min=rho_min
+    )
 
 
-def profile_command(*, alpha: float = 0.0, rho0: float = DEFAULT_RHO0, schedule: RhoSchedule | None = None,
-                    multipliers: Sequence[float] = (), layer_multipliers: Mapping[str, float] | None = None,
-                    mode: str = "layca", reason: str = "", controller: str = "manual",
-                    step_offset: int = 0, issued_by: str | None = None) -> pb.RateCommand:
+def profile_command(
+    *,
+    alpha: float = 0.0,
+    rho0: float = DEFAULT_RHO0,
+    schedule: RhoSchedule | None = None,
+    multipliers: Sequence[float] = (),
+    layer_multipliers: Mapping[str, float] | None = None,
+    mode: str = "layca",
+    reason: str = "",
+    controller: str = "manual",
+    step_offset: int = 0,
+    issued_by: str | None = None,
+) -> pb.RateCommand:
     """A RateCommand for an alpha profile (paper's Eq. 1) times rho(t) and optional multipliers.
 
     Raises ValueError for anything the job would refuse regardless of its
@@ -99,12 +116,20 @@ def profile_command(*, alpha: float = 0.0, rho0: float = DEFAULT_RHO0, schedule:
     if step_offset < 0:
         raise ValueError("step_offset must be >= 0")
     return pb.RateCommand(
-        mode=mode, alpha=float(alpha), schedule=sched.to_proto(), multipliers=mults,
-        layer_multipliers=dict(layer_multipliers or {}), reason=reason, controller=controller,
-        step_offset=int(step_offset), issued_by=issued_by if issued_by is not None else issuer())
+        mode=mode,
+        alpha=float(alpha),
+        schedule=schedule_to_proto(sched),
+        multipliers=mults,
+        layer_multipliers=dict(layer_multipliers or {}),
+        reason=reason,
+        controller=controller,
+        step_offset=int(step_offset),
+        issued_by=issued_by if issued_by is not None else issuer(),
+    )
 
 
 def off_command(reason: str = "", issued_by: str | None = None) -> pb.RateCommand:
     """Back to the job's own Layca settings (mode "off")."""
-    return pb.RateCommand(mode="off", reason=reason, controller="off",
-                          issued_by=issued_by if issued_by is not None else issuer())
+    return pb.RateCommand(
+        mode="off", reason=reason, controller="off", issued_by=issued_by if issued_by is not None else issuer()
+    )

@@ -1,4 +1,5 @@
 """Helpers shared by the controller loops: finding the run they steer."""
+
 from __future__ import annotations
 
 import threading
@@ -6,13 +7,14 @@ import time
 
 import grpc
 
-from layrot.agent.query import CollectorError, QueryClient
+from layrot.client.query import CollectorError, QueryClient
 
 __all__ = ["wait_for_run"]
 
 
-def wait_for_run(client: QueryClient, run: str, wait: float, stop: threading.Event | None = None,
-                 poll: float = 0.2) -> dict:
+def wait_for_run(
+    client: QueryClient, run: str, wait: float, stop: threading.Event | None = None, poll: float = 0.2
+) -> dict:
     """``client.get_run(run)`` once the run exists; it appears after the job's first optimizer step.
 
     Raises CollectorError when ``wait`` seconds pass first, or on any other error.

@@ -1,1 +1,1 @@
-"""layrot.hooks"""
+"""layrot.hooks: framework hooks (PyTorch, TensorFlow, Keras) and the Layca optimizers."""

@@ -16,10 +16,12 @@ reporter without waiting for it.
 The step's loss comes from the model's loss tracker (the increment of its
 running total), so reporting it costs no host sync either.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import keras
 
@@ -53,10 +55,19 @@ class RotationCallback(keras.callbacks.Callback):
     execution and the step angle spans the execution.
     """
 
-    def __init__(self, run: str | None = None, every: int = 1, layers: LayerSelector = None,
-                 collector: str | None = None, control: bool = False, token: str | None = None, *,
-                 meta: Mapping[str, str] | None = None, loss: bool = True,
-                 reporter_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        run: str | None = None,
+        every: int = 1,
+        layers: LayerSelector = None,
+        collector: str | None = None,
+        control: bool = False,
+        token: str | None = None,
+        *,
+        meta: Mapping[str, str] | None = None,
+        loss: bool = True,
+        reporter_options: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -133,10 +144,20 @@ class RotationCallback(keras.callbacks.Callback):
             lt = getattr(model, "_loss_tracker", None)
             if lt is not None and hasattr(lt, "total") and hasattr(lt, "count"):
                 tracker = (lt.total, lt.count)
-        self.handle = TFWatchHandle(model, optimizer=optimizer, run=self.run, every=self.every, layers=self.layers,
-                                    collector=self.collector, token=self.token, control=self.control,
-                                    meta=self.meta, reporter_options=self.reporter_options,
-                                    loss_tracker=tracker, start_step=start)
+        self.handle = TFWatchHandle(
+            model,
+            optimizer=optimizer,
+            run=self.run,
+            every=self.every,
+            layers=self.layers,
+            collector=self.collector,
+            token=self.token,
+            control=self.control,
+            meta=self.meta,
+            reporter_options=self.reporter_options,
+            loss_tracker=tracker,
+            start_step=start,
+        )
         self._model_id = id(model)
         if self._state is not None:
             state, self._state = self._state, None

@@ -11,7 +11,7 @@ optimizer proposes for each layer's weights ``w`` and
 so the angle between ``w(t-1)`` and ``w(t)`` is exactly ``arctan(rho_l(t))``.
 ``mode="lars"`` (Appendix A.4) does operations 2 and 3 only and caps the per-step
 growth of ``||w||`` at ``1e-4 * ||w(0)||``. The math is the PyTorch Layca's
-(``layca_torch``); the rate rules are shared (``layrot.proto.rates``).
+(``layca_torch``); the rate rules are shared (``layrot.core.rates``).
 
 How it runs: the base optimizer does its own update (momentum, Adam moments,
 weight decay, clipping...), Layca reads the step back as ``w_new - w_old`` (``w_old``
@@ -36,6 +36,7 @@ first so Keras finds ``layrot>Layca``), ``model.save_weights`` and
 ``tf.train.Checkpoint(model=..., optimizer=...)`` all carry the base optimizer's
 state, the step counter, ||w(0)|| per layer and the rules.
 """
+
 from __future__ import annotations
 
 import base64
@@ -43,18 +44,20 @@ import json
 import logging
 import math
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule,
-                                notify_listeners, resolve_commands, split_due)
-from layrot.hooks.layer_rule import select_layers
-from layrot.hooks.tf_distances import as_tf_variable, variable_names
+from layrot.agent.commands import notify_listeners
+from layrot.core.layer_rule import select_layers
+from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule
 from layrot.hooks.layca_rule_view import RuleView
+from layrot.hooks.tf_distances import as_tf_variable, variable_names
 from layrot.proto import layrot_pb2
+from layrot.proto.commands import resolve_commands, split_due
 
 __all__ = ["Layca", "CommandListener"]
 
@@ -70,6 +73,7 @@ _KIND, _RHO0, _FACTOR, _TOTAL, _RHO_MIN, _OFFSET, _TSTART, _TROWS, _MODE = range
 
 
 # ---------------------------------------------------------------- state (de)serialisation
+
 
 def _jsonable(x: Any) -> Any:
     if isinstance(x, (bytes, bytearray)):
@@ -96,7 +100,7 @@ def _unjsonable(x: Any) -> Any:
 class _PythonState(tf.train.experimental.PythonState):
     """Carries Layca's host state (rules, ||w(0)||) through ``tf.train.Checkpoint``."""
 
-    def __init__(self, owner: "Layca") -> None:
+    def __init__(self, owner: Layca) -> None:
         self._owner = owner
 
     def serialize(self) -> str:
@@ -115,10 +119,16 @@ class _DeviceRule:
         L = num_layers
         self.profile = tf.Variable(tf.zeros([L], tf.float64), trainable=False, name="layca_profile")
         self.sched = tf.Variable(tf.zeros([9], tf.float64), trainable=False, name="layca_schedule")
-        self.milestones = tf.Variable(tf.constant([math.inf], tf.float64), trainable=False, shape=tf.TensorShape([None]),
-                                      dtype=tf.float64, name="layca_milestones")
-        self.table = tf.Variable(tf.zeros([1, L], tf.float64), trainable=False, shape=tf.TensorShape([None, L]),
-                                 name="layca_table")
+        self.milestones = tf.Variable(
+            tf.constant([math.inf], tf.float64),
+            trainable=False,
+            shape=tf.TensorShape([None]),
+            dtype=tf.float64,
+            name="layca_milestones",
+        )
+        self.table = tf.Variable(
+            tf.zeros([1, L], tf.float64), trainable=False, shape=tf.TensorShape([None, L]), name="layca_table"
+        )
         self.w0n = tf.Variable(tf.constant(init_norms, tf.float64), trainable=False, name="layca_w0_norms")
         with tf.device("CPU:0"):
             # Set by submit_command from any thread; read by the graph to decide whether
@@ -141,10 +151,26 @@ def _renamed(rule: RateRule, old: Sequence[str], new: Sequence[str]) -> RateRule
 
 # ---------------------------------------------------------------- the optimizer
 
-_HOST_ATTRS = frozenset({
-    "_rho_max", "_layers_arg", "_rule", "_base_rule", "_names", "_layer_vars", "_w0n", "_dev",
-    "_restored", "_cmd_lock", "_pending", "_last_result", "_listeners", "on_command_result", "_warned_xla",
-})
+_HOST_ATTRS = frozenset(
+    {
+        "_rho_max",
+        "_layers_arg",
+        "_rule",
+        "_base_rule",
+        "_names",
+        "_layer_vars",
+        "_w0n",
+        "_dev",
+        "_restored",
+        "_cmd_lock",
+        "_pending",
+        "_last_result",
+        "_listeners",
+        "on_command_result",
+        "_warned_xla",
+    }
+)
+
 
 @keras.saving.register_keras_serializable(package="layrot", name="Layca")
 class Layca(keras.optimizers.Optimizer, RuleView):
@@ -158,7 +184,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         rho: initial global rate rho(0) (the paper's best: 3**-3). Ignored when
             ``schedule`` is given (then leave it at its default or equal to ``schedule.rho0``).
         alpha: Eq. 1 profile parameter in [-1, 1] (< 0 favours the first layers).
-        schedule: a :class:`~layrot.proto.rates.RhoSchedule` (default: constant ``rho``).
+        schedule: a :class:`~layrot.core.rates.RhoSchedule` (default: constant ``rho``).
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
         rho_max: the largest rate any rule may produce; remote commands above it are
             refused (1.0 = 45 degrees per step).
@@ -166,15 +192,24 @@ class Layca(keras.optimizers.Optimizer, RuleView):
             ndim >= 2 (kernels, embeddings) in the order the optimizer is built with
             (``model.trainable_variables``: layer order for Sequential and functional
             models), a regex on variable paths (filtering those ndim >= 2 variables), or a
-            list of exact paths; the rule of :mod:`layrot.hooks.layer_rule`.
+            list of exact paths; the rule of :mod:`layrot.core.layer_rule`.
 
     Steps are counted by the base optimizer's ``iterations`` (step 1 is the first).
     Memory: none beyond the base optimizer (the old weights are a read snapshot).
     """
 
-    def __init__(self, optimizer: Any, rho: float = DEFAULT_RHO0, alpha: float = 0.0,
-                 schedule: RhoSchedule | dict | None = None, mode: str = "layca", rho_max: float = 1.0,
-                 layers: str | Sequence[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        rho: float = DEFAULT_RHO0,
+        alpha: float = 0.0,
+        schedule: RhoSchedule | dict | None = None,
+        mode: str = "layca",
+        rho_max: float = 1.0,
+        layers: str | Sequence[str] | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if kwargs:
             raise ValueError(f"Layca does not take {sorted(kwargs)}; set them on the base optimizer")
         if isinstance(optimizer, (str, dict)):
@@ -264,8 +299,9 @@ class Layca(keras.optimizers.Optimizer, RuleView):
             logger.warning("Layca: no layer variables (trainable, ndim >= 2); it runs the base optimizer only")
         with tf.init_scope():
             # Eager even when build is traced inside a tf.function (first apply_gradients).
-            self._w0n = np.array([np.linalg.norm(v.numpy().astype(np.float64).ravel()) for v in self._layer_vars],
-                                 dtype=np.float64)
+            self._w0n = np.array(
+                [np.linalg.norm(v.numpy().astype(np.float64).ravel()) for v in self._layer_vars], dtype=np.float64
+            )
             self._dev = _DeviceRule(len(chosen), self._w0n)
         rule = RateRule(self._names, mode=self._rule.mode, alpha=self._rule.alpha, schedule=self._rule.schedule)
         self._base_rule = rule
@@ -304,7 +340,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> "Layca":
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Layca:
         from keras.src.saving import serialization_lib
 
         config = dict(config)
@@ -324,8 +360,12 @@ class Layca(keras.optimizers.Optimizer, RuleView):
     def load_own_variables(self, store: Any) -> None:
         keys = [k for k in store.keys() if k != "layca_state"]
         if len(keys) != len(self.variables):
-            logger.warning("Layca: the saved optimizer has %d variables, this one %d (not built yet?); "
-                           "optimizer state not restored", len(keys), len(self.variables))
+            logger.warning(
+                "Layca: the saved optimizer has %d variables, this one %d (not built yet?); "
+                "optimizer state not restored",
+                len(keys),
+                len(self.variables),
+            )
             return
         for i, variable in enumerate(self.variables):
             variable.assign(store[str(i)])
@@ -336,16 +376,18 @@ class Layca(keras.optimizers.Optimizer, RuleView):
             logger.warning("Layca: the checkpoint has no Layca state; Layca settings are unchanged")
 
     def _state_dict(self) -> dict[str, Any]:
-        return _jsonable({
-            "format": _STATE_FORMAT,
-            "built": bool(self.built),
-            "layer_names": list(self._names),
-            "layer_shapes": [[int(d) for d in v.shape] for v in self._layer_vars],
-            "init_norms": None if self._w0n is None else [float(x) for x in self._w0n],
-            "rule": self._rule.to_dict(),
-            "base_rule": self._base_rule.to_dict(),
-            "last_result": None if self._last_result is None else list(self._last_result),
-        })
+        return _jsonable(
+            {
+                "format": _STATE_FORMAT,
+                "built": bool(self.built),
+                "layer_names": list(self._names),
+                "layer_shapes": [[int(d) for d in v.shape] for v in self._layer_vars],
+                "init_norms": None if self._w0n is None else [float(x) for x in self._w0n],
+                "rule": self._rule.to_dict(),
+                "base_rule": self._base_rule.to_dict(),
+                "last_result": None if self._last_result is None else list(self._last_result),
+            }
+        )
 
     def _load_state_dict(self, d: dict[str, Any]) -> None:
         d = _unjsonable(d)
@@ -360,13 +402,14 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         shapes = [list(s) for s in d.get("layer_shapes", [])]
         mine = [[int(x) for x in v.shape] for v in self._layer_vars]
         if len(names) != len(self._names) or (shapes and shapes != mine):
-            raise ValueError(f"the Layca checkpoint is for layers {list(names)} {shapes}, this optimizer has "
-                             f"{list(self._names)} {mine}")
+            raise ValueError(
+                f"the Layca checkpoint is for layers {list(names)} {shapes}, this optimizer has "
+                f"{list(self._names)} {mine}"
+            )
         rule = _renamed(RateRule.from_dict(d["rule"]), names, self._names)
         base_rule = _renamed(RateRule.from_dict(d["base_rule"]), names, self._names)
         if names != self._names:
-            logger.info("Layca: checkpoint layer names %s restored onto %s by position", list(names),
-                        list(self._names))
+            logger.info("Layca: checkpoint layer names %s restored onto %s by position", list(names), list(self._names))
         with self._cmd_lock:
             self._rule = rule
             self._base_rule = base_rule
@@ -418,10 +461,17 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         if not top <= self._rho_max * (1 + 1e-12):
             raise ValueError(f"rates reach {top:g}, above rho_max={self._rho_max:g} (raise rho_max to allow it)")
 
-    def set_rule(self, rule: RateRule | None = None, *, mode: str | None = None, alpha: float | None = None,
-                 rho: float | None = None, schedule: RhoSchedule | None = None,
-                 multipliers: Sequence[float] | None = None,
-                 layer_multipliers: dict[str, float] | None = None) -> RateRule:
+    def set_rule(
+        self,
+        rule: RateRule | None = None,
+        *,
+        mode: str | None = None,
+        alpha: float | None = None,
+        rho: float | None = None,
+        schedule: RhoSchedule | None = None,
+        multipliers: Sequence[float] | None = None,
+        layer_multipliers: dict[str, float] | None = None,
+    ) -> RateRule:
         """Replace the job's own rule (between steps, from the training thread).
 
         Either a complete ``rule`` for these layers (after build) or changes to
@@ -431,8 +481,15 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         if rule is None:
             if not self.built and (multipliers is not None or layer_multipliers is not None):
                 raise ValueError("per-layer multipliers need the layers: build the optimizer first")
-            rule = edited_rule(self._base_rule, mode=mode, alpha=alpha, rho=rho, schedule=schedule,
-                               multipliers=multipliers, layer_multipliers=layer_multipliers)
+            rule = edited_rule(
+                self._base_rule,
+                mode=mode,
+                alpha=alpha,
+                rho=rho,
+                schedule=schedule,
+                multipliers=multipliers,
+                layer_multipliers=layer_multipliers,
+            )
         if tuple(rule.layer_names) != self._names:
             raise ValueError("the rule's layer names differ from the optimizer's layers")
         if not self.built and rule.schedule.rho0 > self._rho_max:
@@ -491,12 +548,12 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         return tf.where(in_table, table_rates, rates), sc[_MODE] == 1.0
 
     # ------------------------------------------------------------ control plane
-    def submit_command(self, cmd: "layrot_pb2.RateCommand") -> None:
+    def submit_command(self, cmd: layrot_pb2.RateCommand) -> None:
         """Queue a RateCommand; thread-safe (call it from any thread).
 
         At the next step boundary (or the one before its ``apply_at_step``, see
-        :func:`~layrot.proto.rates.split_due`) the newest queued command is validated
-        (:func:`~layrot.proto.rates.validate_command`) and applied or rejected;
+        :func:`~layrot.proto.commands.split_due`) the newest queued command is validated
+        (:func:`~layrot.proto.commands.validate_command`) and applied or rejected;
         older queued ones are reported as superseded, versions older than the last
         one handled as stale, and a repeat of the last one gets its earlier answer.
         Listeners get ``(version, applied, reason, step)``. A rejected command
@@ -548,7 +605,8 @@ class Layca(keras.optimizers.Optimizer, RuleView):
             notify_listeners(results, [*self._listeners, self.on_command_result])
             return
         rule, answers, self._last_result = resolve_commands(
-            due, step, self._last_result, self._names, self._rho_max, self._base_rule)
+            due, step, self._last_result, self._names, self._rho_max, self._base_rule
+        )
         results += answers
         if rule is not None:
             with self._cmd_lock:
@@ -572,15 +630,19 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         if control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()):
             if not self._warned_xla:
                 self._warned_xla = True
-                logger.info("Layca: under XLA, control commands are applied at the hooks' step "
-                            "boundaries (RotationCallback / tf.watch) only")
+                logger.info(
+                    "Layca: under XLA, control commands are applied at the hooks' step "
+                    "boundaries (RotationCallback / tf.watch) only"
+                )
             return None
         if tf.distribute.has_strategy():
             return None  # a host callback per replica is not worth it; hooks handle commands
         dev = self._dev
-        return tf.cond(dev.pending.read_value() > 0,  # type: ignore[union-attr]
-                       lambda: tf.py_function(self._py_boundary, [t], Tout=tf.int32),
-                       lambda: tf.constant(0, tf.int32))
+        return tf.cond(
+            dev.pending.read_value() > 0,  # type: ignore[union-attr]
+            lambda: tf.py_function(self._py_boundary, [t], Tout=tf.int32),
+            lambda: tf.constant(0, tf.int32),
+        )
 
     # ------------------------------------------------------------ the step
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
@@ -616,8 +678,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         self.apply(grads, trainable_variables)
         return self.iterations
 
-    def _layca_update(self, idx: list[int], olds: list[tf.Tensor], rates_all: tf.Tensor,
-                      is_lars: tf.Tensor) -> None:
+    def _layca_update(self, idx: list[int], olds: list[tf.Tensor], rates_all: tf.Tensor, is_lars: tf.Tensor) -> None:
         """Operations 1-4 for the layers ``idx`` (per-layer scalars vectorised over layers).
 
         Reductions run in the weights' dtype: TensorFlow sums pairwise, so they keep
@@ -671,5 +732,4 @@ class Layca(keras.optimizers.Optimizer, RuleView):
 
     # ------------------------------------------------------------ misc
     def __repr__(self) -> str:
-        return (f"Layca({self._rule.describe()}, layers={len(self._names)}, "
-                f"base={type(self.inner_optimizer).__name__})")
+        return f"Layca({self._rule.describe()}, layers={len(self._names)}, base={type(self.inner_optimizer).__name__})"

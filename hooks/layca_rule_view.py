@@ -1,9 +1,10 @@
 """Read-only views of the rate rule a Layca optimizer holds, shared by the PyTorch and Keras Layca."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from layrot.proto.rates import RateRule
+from layrot.core.rates import RateRule
 
 
 class RuleView:
@@ -35,7 +36,7 @@ class RuleView:
 
     @property
     def mode(self) -> str:
-        """"layca", "lars" or "off" under the rule in force."""
+        """ "layca", "lars" or "off" under the rule in force."""
         return self._rule.mode
 
     def rates_at(self, step: int) -> np.ndarray:

@@ -35,22 +35,25 @@ Precision notes:
 - A non-finite base step (a diverged run) propagates NaN/Inf into the weights
   exactly as the base optimizer would; use GradScaler to skip such steps.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from layrot.proto.rates import (DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule,
-                                notify_listeners, resolve_commands, split_due)
+from layrot.agent.commands import notify_listeners
+from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule
 from layrot.hooks.layca_rule_view import RuleView
 from layrot.hooks.torch_shards import reject_sharded_layca
 from layrot.proto import layrot_pb2
+from layrot.proto.commands import resolve_commands, split_due
 
 __all__ = ["Layca", "CommandListener"]
 
@@ -99,7 +102,7 @@ def _cpu_norm(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     head = torch.linalg.vector_norm(flat[: cols * _CPU_ROWS].view(_CPU_ROWS, cols), dim=1, dtype=dtype)
     if cols * _CPU_ROWS == n:
         return torch.linalg.vector_norm(head)
-    tail = torch.linalg.vector_norm(flat[cols * _CPU_ROWS:], dtype=dtype)
+    tail = torch.linalg.vector_norm(flat[cols * _CPU_ROWS :], dtype=dtype)
     return torch.linalg.vector_norm(torch.cat([head, tail.reshape(1)]))
 
 
@@ -117,11 +120,11 @@ class _Group:
         self.cd = _coef_dtype(self.dtype)
         self.foreach = foreach
         self.bufs = [torch.empty_like(p, memory_format=torch.preserve_format).detach() for p in params]
-        self.w0n: torch.Tensor | None = None      # ||w(0)|| per layer (sd)
+        self.w0n: torch.Tensor | None = None  # ||w(0)|| per layer (sd)
         self.profile: torch.Tensor | None = None  # rule.profile_vector[index] (sd)
-        self.table: torch.Tensor | None = None    # rule.table_matrix[:, index] (sd)
+        self.table: torch.Tensor | None = None  # rule.table_matrix[:, index] (sd)
         self.rates = torch.zeros(len(params), dtype=self.sd, device=self.device)
-        self.key: tuple | None = None             # what self.rates currently holds
+        self.key: tuple | None = None  # what self.rates currently holds
         self.ones = torch.ones(len(params), dtype=self.sd, device=self.device)
         self.zeros = torch.zeros(len(params), dtype=self.sd, device=self.device)
 
@@ -195,7 +198,7 @@ class Layca(torch.optim.Optimizer, RuleView):
             ``schedule`` is given (then it must be left at its default or equal
             ``schedule.rho0``).
         alpha: Eq. 1 profile parameter in [-1, 1] (< 0 favours first layers).
-        schedule: a :class:`~layrot.proto.rates.RhoSchedule` (default constant ``rho``).
+        schedule: a :class:`~layrot.core.rates.RhoSchedule` (default constant ``rho``).
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
         layers: which parameters are layers (multiplicative weights): None for every
             trainable parameter with ``ndim >= 2`` in the optimizer's order (the
@@ -223,10 +226,17 @@ class Layca(torch.optim.Optimizer, RuleView):
     Layers whose ``||w(0)||`` is 0 cannot be rotated; they keep the base update.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, rho: float = DEFAULT_RHO0, alpha: float = 0.0,
-                 schedule: RhoSchedule | None = None, mode: str = "layca",
-                 layers: Sequence[torch.Tensor] | Callable[[torch.Tensor], bool] | None = None,
-                 rho_max: float = 1.0, foreach: bool | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        rho: float = DEFAULT_RHO0,
+        alpha: float = 0.0,
+        schedule: RhoSchedule | None = None,
+        mode: str = "layca",
+        layers: Sequence[torch.Tensor] | Callable[[torch.Tensor], bool] | None = None,
+        rho_max: float = 1.0,
+        foreach: bool | None = None,
+    ) -> None:
         if isinstance(optimizer, Layca):
             raise TypeError("the optimizer is already wrapped by Layca")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -331,8 +341,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         logger.info("Layca: parameters of a group added after construction are not Layca layers")
 
     def __repr__(self) -> str:
-        return (f"Layca({self._rule.describe()}, layers={len(self._layer_index)}, "
-                f"base={self.base_optimizer!r})")
+        return f"Layca({self._rule.describe()}, layers={len(self._layer_index)}, base={self.base_optimizer!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -393,9 +402,11 @@ class Layca(torch.optim.Optimizer, RuleView):
             given = {id(p) for _, p in named_params}
             extra = sum(1 for i in given if i not in current)
             missing = sum(1 for i in current if i not in given)
-            raise ValueError(f"set_layer_order needs exactly the {len(current)} Layca layers "
-                             f"({extra} unknown, {missing} missing, or duplicates); "
-                             f"see Layca.layers / the layers= argument")
+            raise ValueError(
+                f"set_layer_order needs exactly the {len(current)} Layca layers "
+                f"({extra} unknown, {missing} missing, or duplicates); "
+                f"see Layca.layers / the layers= argument"
+            )
         names = [str(n) for n, _ in named_params]
         if len(set(names)) != len(names):
             raise ValueError("layer names must be unique")
@@ -437,10 +448,17 @@ class Layca(torch.optim.Optimizer, RuleView):
         if not top <= self._rho_max * (1 + 1e-12):
             raise ValueError(f"rates reach {top:g}, above rho_max={self._rho_max:g} (raise rho_max to allow it)")
 
-    def set_rule(self, rule: RateRule | None = None, *, mode: str | None = None, alpha: float | None = None,
-                 rho: float | None = None, schedule: RhoSchedule | None = None,
-                 multipliers: Sequence[float] | None = None,
-                 layer_multipliers: dict[str, float] | None = None) -> RateRule:
+    def set_rule(
+        self,
+        rule: RateRule | None = None,
+        *,
+        mode: str | None = None,
+        alpha: float | None = None,
+        rho: float | None = None,
+        schedule: RhoSchedule | None = None,
+        multipliers: Sequence[float] | None = None,
+        layer_multipliers: dict[str, float] | None = None,
+    ) -> RateRule:
         """Replace the job's own rule locally (from the training thread); governs the next step.
 
         Either pass a complete ``rule`` (for these layers) or change fields of the
@@ -448,8 +466,15 @@ class Layca(torch.optim.Optimizer, RuleView):
         both the base rule and the rule in force, with version 0. Returns it.
         """
         if rule is None:
-            rule = edited_rule(self._base_rule, mode=mode, alpha=alpha, rho=rho, schedule=schedule,
-                               multipliers=multipliers, layer_multipliers=layer_multipliers)
+            rule = edited_rule(
+                self._base_rule,
+                mode=mode,
+                alpha=alpha,
+                rho=rho,
+                schedule=schedule,
+                multipliers=multipliers,
+                layer_multipliers=layer_multipliers,
+            )
         if tuple(rule.layer_names) != self._names:
             raise ValueError("the rule's layer names differ from the optimizer's layers")
         self._check_rho_max(rule)
@@ -464,14 +489,14 @@ class Layca(torch.optim.Optimizer, RuleView):
             self._upload_rule(self._groups)
 
     # ------------------------------------------------------------ control plane
-    def submit_command(self, cmd: "layrot_pb2.RateCommand") -> None:
+    def submit_command(self, cmd: layrot_pb2.RateCommand) -> None:
         """Queue a RateCommand; thread-safe (call it from any thread).
 
         A command is handled at the step boundary before its ``apply_at_step``
         (held until then; 0 or a step already passed = the next ``step()``): it is
-        validated (:func:`~layrot.proto.rates.validate_command`) and applied or
+        validated (:func:`~layrot.proto.commands.validate_command`) and applied or
         rejected. Older queued ones that it overrides are reported as superseded
-        (:func:`~layrot.proto.rates.split_due`), versions older than the last one
+        (:func:`~layrot.proto.commands.split_due`), versions older than the last one
         handled as stale, and a repeat of the last one gets its earlier answer.
         Listeners get ``(version, applied, reason, step)``.
         """
@@ -499,7 +524,8 @@ class Layca(torch.optim.Optimizer, RuleView):
             self._pending[:0] = held
         if due:
             rule, answers, self._last_result = resolve_commands(
-                due, t, self._last_result, self._names, self._rho_max, self._base_rule)
+                due, t, self._last_result, self._names, self._rho_max, self._base_rule
+            )
             results += answers
             if rule is not None:
                 self._install_rule(rule)
@@ -510,6 +536,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         if self._foreach_arg is not None:
             return bool(self._foreach_arg)
         from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
         supported = set(_get_foreach_kernels_supported_devices())
         return all(p.device.type in supported for p in params)
 
@@ -518,8 +545,10 @@ class Layca(torch.optim.Optimizer, RuleView):
         by_key: dict[tuple, list[int]] = {}
         for j, p in enumerate(layers):
             by_key.setdefault((p.device, p.dtype), []).append(j)
-        groups = [_Group(idx, [layers[j] for j in idx], self._use_foreach([layers[j] for j in idx]))
-                  for idx in by_key.values()]
+        groups = [
+            _Group(idx, [layers[j] for j in idx], self._use_foreach([layers[j] for j in idx]))
+            for idx in by_key.values()
+        ]
         if self._w0n is not None:
             for g in groups:
                 g.w0n = torch.stack([self._w0n[j].to(g.device, g.sd) for j in g.index.tolist()])
@@ -587,25 +616,25 @@ class Layca(torch.optim.Optimizer, RuleView):
     @staticmethod
     def _layca_update(g: _Group, lars: bool) -> None:
         P, B = g.params, g.bufs
-        g.sub_(P, B)                                  # P := s = w_new - w_old
-        nb = g.norms(B)                               # ||w_old||
-        active = (nb > 0) & (g.w0n > 0)               # a zero vector cannot be rotated
+        g.sub_(P, B)  # P := s = w_new - w_old
+        nb = g.norms(B)  # ||w_old||
+        active = (nb > 0) & (g.w0n > 0)  # a zero vector cannot be rotated
         if not lars:
             dots = g.dots(P, B)
             k = torch.where(active, dots / torch.where(active, nb * nb, g.ones), g.zeros)
-            g.axpy_(P, B, -k)                         # 1: s := s - (s.w / w.w) w
+            g.axpy_(P, B, -k)  # 1: s := s - (s.w / w.w) w
         ns = g.norms(P)
         # rho = 0 is a zero step too, so frozen layers stay bitwise unchanged.
         moving = active & (ns > 0) & (g.rates > 0)
         # 2-3: w := w_old + rho ||w_old|| s/||s||. A zero step stays zero (f = 0); a
         # layer that cannot be rotated keeps the base update (f = 1).
-        f = torch.where(moving, g.rates * nb / torch.where(moving, ns, g.ones),
-                        torch.where(active, g.zeros, g.ones))
+        f = torch.where(moving, g.rates * nb / torch.where(moving, ns, g.ones), torch.where(active, g.zeros, g.ones))
         if not lars:
             # 3-4 fused: w := c (w_old + f s) with c = ||w(0)|| / ||w_old + f s||. As s is
             # orthogonal to w_old, ||w_old + f s|| = ||w_old|| sqrt(1 + rho^2): no third norm pass.
-            c = torch.where(moving, g.w0n / (torch.where(moving, nb, g.ones) * torch.sqrt(1 + g.rates * g.rates)),
-                            g.ones)
+            c = torch.where(
+                moving, g.w0n / (torch.where(moving, nb, g.ones) * torch.sqrt(1 + g.rates * g.rates)), g.ones
+            )
             g.scale_(P, c * f)
             g.axpy_(P, B, c)
             return
@@ -691,6 +720,8 @@ class Layca(torch.optim.Optimizer, RuleView):
         else:
             if len(init) != len(index):
                 raise ValueError("inconsistent Layca state: init_norms length")
-            self._w0n = [torch.tensor(float(v), dtype=_scalar_dtype(flat[i].device, flat[i].dtype),
-                                      device=flat[i].device) for v, i in zip(init, index)]
+            self._w0n = [
+                torch.tensor(float(v), dtype=_scalar_dtype(flat[i].device, flat[i].dtype), device=flat[i].device)
+                for v, i in zip(init, index)
+            ]
         self._groups = None

@@ -31,11 +31,13 @@ The loss of the reported step comes from either an explicit tensor argument
 (``model._loss_tracker``: ``total`` and ``count`` accumulate loss x batch size
 over the epoch, so the step's loss is the increment since the previous step).
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -103,8 +105,9 @@ class TFLayerDistances:
     the current weights.
     """
 
-    def __init__(self, variables: Sequence[Any], loss_tracker: tuple[Any, Any] | None = None,
-                 jit_compile: bool | None = None) -> None:
+    def __init__(
+        self, variables: Sequence[Any], loss_tracker: tuple[Any, Any] | None = None, jit_compile: bool | None = None
+    ) -> None:
         self.params = [as_tf_variable(v) for v in variables]
         if not self.params:
             raise ValueError("no layers to measure")
@@ -119,23 +122,25 @@ class TFLayerDistances:
                     self.prev.append(tf.Variable(value, trainable=False, name=f"layrot_prev_{i}"))
             with tf.device(self.params[0].device):
                 # ||w(t-1)||^2, known from the measurement or copy that set w(t-1).
-                self.prev_norm2 = tf.Variable(self._norms2(self.params), trainable=False,
-                                              name="layrot_prev_norm2")
+                self.prev_norm2 = tf.Variable(self._norms2(self.params), trainable=False, name="layrot_prev_norm2")
             self._tracker = None
             if loss_tracker is not None:
                 self._tracker = tuple(as_tf_variable(v) for v in loss_tracker)
                 # (total, count) at the previous step; zeroed when Keras resets its metrics.
-                self._tracker_prev = tf.Variable(tf.zeros([2], tf.float64), trainable=False,
-                                                 name="layrot_loss_prev")
+                self._tracker_prev = tf.Variable(tf.zeros([2], tf.float64), trainable=False, name="layrot_loss_prev")
             self._nan = tf.constant(math.nan, dtype=tf.float64)
         self.jit_compile = bool(jit_compile)
         # Python-static variants: calls without arguments are the cheapest to dispatch.
         self._measure_fns = {
             (refresh, with_loss): tf.function(
-                functools.partial(self._measure, refresh=refresh) if with_loss
+                functools.partial(self._measure, refresh=refresh)
+                if with_loss
                 else functools.partial(self._measure, None, refresh=refresh),
-                jit_compile=self.jit_compile, autograph=False)
-            for refresh in (False, True) for with_loss in (False, True)
+                jit_compile=self.jit_compile,
+                autograph=False,
+            )
+            for refresh in (False, True)
+            for with_loss in (False, True)
         }
         self._concrete_fns: dict[bool, Any] = {}
         self._copy_fn = tf.function(self._copy_prev, autograph=False)
@@ -180,8 +185,9 @@ class TFLayerDistances:
             p0.append(self._dot(d0, x0))
             ps.append(self._dot(ds, xp))
             current.append(w)
-        sums = tf.cast(tf.stack([tf.stack(n2), tf.stack(d02), tf.stack(ds2), tf.stack(p0), tf.stack(ps)]),
-                       tf.float64)  # (5, L): float32 pairwise sums are carried in float64 from here
+        sums = tf.cast(
+            tf.stack([tf.stack(n2), tf.stack(d02), tf.stack(ds2), tf.stack(p0), tf.stack(ps)]), tf.float64
+        )  # (5, L): float32 pairwise sums are carried in float64 from here
         sq = tf.sqrt(tf.concat([sums[:3], self.prev_norm2.read_value()[None, :]], axis=0))
         out = tf.concat([sq, sums[3:]], axis=0)  # (6, L)
         if refresh:

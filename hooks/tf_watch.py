@@ -20,24 +20,24 @@ models (the order layers are called in), attribute-assignment order for
 subclassed models. ``RotationCallback`` (``layrot.keras``) drives the same
 handle from ``model.fit``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
-from layrot.hooks.layer_rule import LayerSelector, select_layers
-from layrot.hooks.watch_base import WatchBase
+from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
+from layrot.hooks.watch_base import WatchBase
 
 log = logging.getLogger("layrot.hooks.tf")
-
-
 
 
 def _owner_types(target: Any) -> dict[int, str]:
@@ -63,7 +63,7 @@ def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple
     """(name, variable, owning layer type) of the selected layers, in the target's order.
 
     ``target`` is a Keras model / layer, a ``tf.Module`` or a sequence of variables.
-    ``layers``: the shared rule of :mod:`layrot.hooks.layer_rule` (None, a regex or
+    ``layers``: the shared rule of :mod:`layrot.core.layer_rule` (None, a regex or
     predicate ``(name, variable) -> bool`` on the ndim >= 2 variables, or exact names).
     Names are Keras variable paths such as ``"dense/kernel"``, without the model-name
     prefix, see :func:`~layrot.hooks.tf_distances.variable_names`.
@@ -203,8 +203,11 @@ class TFWatchHandle(WatchBase):
             return
         if n > 1 and not self._multi_warned:
             self._multi_warned = True
-            log.warning("layrot: %d optimizer steps between two observations (steps_per_execution > 1?); "
-                        "step angles span them; use steps_per_execution=1 for single-step angles", n)
+            log.warning(
+                "layrot: %d optimizer steps between two observations (steps_per_execution > 1?); "
+                "step angles span them; use steps_per_execution=1 for single-step angles",
+                n,
+            )
         t0 = self.step_count
         t = t0 + n
         self.step_count = t
@@ -235,7 +238,8 @@ class TFWatchHandle(WatchBase):
         """Restore w(0) and the step count saved by :meth:`state` (before the next step)."""
         saved = list(state.get("names", ()))
         same_shapes = len(saved) == len(self._names) and all(
-            tuple(np.shape(w)) == tuple(v.shape) for w, v in zip(state.get("w0", ()), self._vars))
+            tuple(np.shape(w)) == tuple(v.shape) for w, v in zip(state.get("w0", ()), self._vars)
+        )
         index = self._state_index(state, same_by_position=same_shapes)
         if not set(self._names) <= set(saved):
             # Same layers under other names (e.g. paths rebuilt by keras.models.load_model).
@@ -249,9 +253,17 @@ class TFWatchHandle(WatchBase):
 
     # ------------------------------------------------------------ internals
     def _open(self) -> None:
-        specs = [LayerSpec(name=n, index=i, shape=tuple(int(d) for d in v.shape), init_norm=nrm,
-                           numel=int(np.prod(v.shape)), module_type=t)
-                 for i, (n, v, nrm, t) in enumerate(zip(self._names, self._vars, self._init_norms, self._types))]
+        specs = [
+            LayerSpec(
+                name=n,
+                index=i,
+                shape=tuple(int(d) for d in v.shape),
+                init_norm=nrm,
+                numel=int(np.prod(v.shape)),
+                module_type=t,
+            )
+            for i, (n, v, nrm, t) in enumerate(zip(self._names, self._vars, self._init_norms, self._types))
+        ]
         meta = dict(self._meta)
         try:
             import keras
@@ -263,10 +275,21 @@ class TFWatchHandle(WatchBase):
         world = int(os.environ.get("WORLD_SIZE", 1))
         on_command = self._layca.submit_command if (self._control and self._layca is not None) else None
         self.reporter = Reporter(
-            self.run, specs, collector=self._collector, token=self._token, framework="tensorflow",
-            framework_version=tf.__version__, rank=rank, world_size=world, every=self.every,
-            layca=self._layca is not None, control=self._control, loss=True, meta=meta,
-            on_command=on_command, **self._reporter_options,
+            self.run,
+            specs,
+            collector=self._collector,
+            token=self._token,
+            framework="tensorflow",
+            framework_version=tf.__version__,
+            rank=rank,
+            world_size=world,
+            every=self.every,
+            layca=self._layca is not None,
+            control=self._control,
+            loss=True,
+            meta=meta,
+            on_command=on_command,
+            **self._reporter_options,
         )
         if self._control and self._layca is not None:
             self._layca.add_command_listener(self.reporter.command_result)
@@ -289,8 +312,16 @@ class TFWatchHandle(WatchBase):
         hv = _HostValues(packed, len(self._names))
         rho = self._rates(t)
         version = self._layca.command_version if self._layca is not None else 0
-        self.reporter.submit(StepRecord(step=t, time=time.time(), values=hv.values, loss=hv.loss,  # type: ignore
-                                        rho=rho, command_version=version))
+        self.reporter.submit(
+            StepRecord(
+                step=t,
+                time=time.time(),
+                values=hv.values,
+                loss=hv.loss,  # type: ignore
+                rho=rho,
+                command_version=version,
+            )
+        )
 
 
 def watch(
@@ -328,6 +359,15 @@ def watch(
         ``state()`` / ``load_state()``. An unreachable collector never slows or
         stops training: one warning, counted drops, reconnection with backoff.
     """
-    return TFWatchHandle(model_or_variables, optimizer=optimizer, run=run, every=every, layers=layers,
-                         collector=collector, token=token, control=control, meta=meta,
-                         reporter_options=reporter_options)
+    return TFWatchHandle(
+        model_or_variables,
+        optimizer=optimizer,
+        run=run,
+        every=every,
+        layers=layers,
+        collector=collector,
+        token=token,
+        control=control,
+        meta=meta,
+        reporter_options=reporter_options,
+    )

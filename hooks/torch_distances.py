@@ -34,13 +34,14 @@ Three paths, chosen per layer:
 * **Foreach** (CUDA and everything else): a handful of ``torch._foreach_*``
   kernels for all layers, per-layer dot kernels, accumulation in >= float32.
 """
+
 from __future__ import annotations
 
 import ctypes
 import importlib.util
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -68,8 +69,11 @@ def _dense_layout(p: torch.Tensor) -> bool:
 def _fusable(p: torch.Tensor, w0: torch.Tensor, prev: torch.Tensor) -> bool:
     # The kernel walks the three as flat arrays, element i with element i: any
     # dense layout works as long as all three share it (clone() preserves it).
-    return (all(t.device.type == "cpu" and t.dtype == p.dtype and _dense_layout(t) for t in (p, w0, prev))
-            and p.dtype in (torch.float32, torch.float64) and p.stride() == w0.stride() == prev.stride())
+    return (
+        all(t.device.type == "cpu" and t.dtype == p.dtype and _dense_layout(t) for t in (p, w0, prev))
+        and p.dtype in (torch.float32, torch.float64)
+        and p.stride() == w0.stride() == prev.stride()
+    )
 
 
 _FUSED: ctypes.CDLL | None | bool = False  # False: not looked for yet
@@ -92,8 +96,17 @@ def fused_kernel() -> ctypes.CDLL | None:
                     lib = ctypes.CDLL(spec.origin)
                     fn = lib.layrot_fused_report
                     fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+                    fn.argtypes = [
+                        ctypes.c_int64,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_void_p,
+                        ctypes.c_int,
+                        ctypes.c_int,
+                        ctypes.c_void_p,
+                    ]
                     _FUSED = lib
                 except (OSError, AttributeError) as exc:
                     log.warning("fused report kernel %s failed to load (%s): using the ATen path", spec.origin, exc)
@@ -111,8 +124,16 @@ def wire_rows(device_rows: np.ndarray, init_norms: np.ndarray, prev_is_w0: bool 
         norm_sq = init_sq + 2.0 * dot0 + d0sq
         dotstep = dsw - dssq
         prev_sq = init_sq if prev_is_w0 else norm_sq - 2.0 * dotstep - dssq
-        return np.stack([np.sqrt(np.maximum(norm_sq, 0.0)), np.sqrt(d0sq), np.sqrt(dssq),
-                         np.sqrt(np.maximum(prev_sq, 0.0)), dot0, dotstep])
+        return np.stack(
+            [
+                np.sqrt(np.maximum(norm_sq, 0.0)),
+                np.sqrt(d0sq),
+                np.sqrt(dssq),
+                np.sqrt(np.maximum(prev_sq, 0.0)),
+                dot0,
+                dotstep,
+            ]
+        )
 
 
 class LayerDistances:
@@ -122,8 +143,14 @@ class LayerDistances:
     by default they go through the C kernel when it was built.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
-                 prev: Sequence[torch.Tensor], block: int = BLOCK, fused: bool = True) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        w0: Sequence[torch.Tensor],
+        prev: Sequence[torch.Tensor],
+        block: int = BLOCK,
+        fused: bool = True,
+    ) -> None:
         self.params = [p.detach() for p in params]
         self.w0 = list(w0)
         self.prev = list(prev)
@@ -143,8 +170,13 @@ class LayerDistances:
             if self._fused_idx:
                 self._build_fused()
         else:
-            self._build_blocked([i for i, p in enumerate(self.params) if _blockable(p) and all(
-                _blockable(t) and t.dtype == p.dtype for t in (self.w0[i], self.prev[i]))])
+            self._build_blocked(
+                [
+                    i
+                    for i, p in enumerate(self.params)
+                    if _blockable(p) and all(_blockable(t) and t.dtype == p.dtype for t in (self.w0[i], self.prev[i]))
+                ]
+            )
         taken = set(self._fused_idx) | set(self._blocked_idx)
         self._foreach_idx = [i for i in range(self.num_layers) if i not in taken]
         self._fused_pos = torch.tensor(self._fused_idx, dtype=torch.long, device=self.device)
@@ -160,9 +192,13 @@ class LayerDistances:
 
         # The pointer tables live as long as the views they point into (rebuilt
         # by _check_storage when parameters move).
-        self._fused_args = (ptrs(self.params), ptrs(self.w0), ptrs(self.prev),
-                            np.array([self.params[i].numel() for i in idx], dtype=np.int64),
-                            np.array([self.params[i].dtype == torch.float64 for i in idx], dtype=np.int32))
+        self._fused_args = (
+            ptrs(self.params),
+            ptrs(self.w0),
+            ptrs(self.prev),
+            np.array([self.params[i].numel() for i in idx], dtype=np.int64),
+            np.array([self.params[i].dtype == torch.float64 for i in idx], dtype=np.int32),
+        )
 
     def _build_blocked(self, blocked: list[int]) -> None:
         self._blocked_idx = blocked
@@ -227,8 +263,16 @@ class LayerDistances:
         out = torch.empty((4, len(self._fused_idx)), dtype=torch.float64)
         # ctypes drops the GIL for the call: the reporter thread keeps running.
         rc = fused_kernel().layrot_fused_report(  # type: ignore[union-attr]
-            len(self._fused_idx), w, w0, prev, numel.ctypes.data, is64.ctypes.data, int(refresh_prev),
-            torch.get_num_threads(), out.data_ptr())
+            len(self._fused_idx),
+            w,
+            w0,
+            prev,
+            numel.ctypes.data,
+            is64.ctypes.data,
+            int(refresh_prev),
+            torch.get_num_threads(),
+            out.data_ptr(),
+        )
         if rc != 0:
             log.warning("fused report kernel failed (%d); using the ATen path from now on", rc)
             return None
@@ -237,8 +281,11 @@ class LayerDistances:
     @property
     def path(self) -> str:
         """Which implementation measures the layers: "fused", "blocked", "foreach" or a mix ("fused+foreach")."""
-        names = [n for n, idx in (("fused", self._fused_idx), ("blocked", self._blocked_idx),
-                                  ("foreach", self._foreach_idx)) if idx]
+        names = [
+            n
+            for n, idx in (("fused", self._fused_idx), ("blocked", self._blocked_idx), ("foreach", self._foreach_idx))
+            if idx
+        ]
         return "+".join(names) or "none"
 
     def _measure_blocked(self, refresh_prev: bool) -> torch.Tensor:
@@ -246,12 +293,12 @@ class LayerDistances:
         rows = {dt: tuple(acc) for dt, acc in self._acc.items()}
         for i, (w, a, b, buf) in enumerate(self._blocks):
             d0sq, dot0, dssq, dsw = rows[w.dtype]
-            sub(w, a, out=buf)            # d0 = w - w(0): w and w(0) read from memory once
+            sub(w, a, out=buf)  # d0 = w - w(0): w and w(0) read from memory once
             dot(buf, buf, out=d0sq[i])
             dot(buf, a, out=dot0[i])
-            b.sub_(w)                      # w(t-1) - w = -ds, in place: w now comes from cache
+            b.sub_(w)  # w(t-1) - w = -ds, in place: w now comes from cache
             dot(b, b, out=dssq[i])
-            dot(b, w, out=dsw[i])          # = -ds . w(t)
+            dot(b, w, out=dsw[i])  # = -ds . w(t)
             if refresh_prev:
                 b.copy_(w)
         acc = self._acc[torch.float32].double()

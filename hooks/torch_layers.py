@@ -5,21 +5,22 @@ A layer is a multiplicative weight: a trainable parameter with ndim >= 2
 normalisation parameters are not layers. The order is the forward order,
 learned from the first forward pass (falling back to registration order).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from layrot.hooks.layer_rule import LayerSelector, select_layers
+from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.torch_shards import module_type_name
 
 
 def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Parameter, str]]:
     """(name, parameter, owning module type) of the selected layers, registration order.
 
-    ``layers``: see :mod:`layrot.hooks.layer_rule` (None, a regex or predicate on
+    ``layers``: see :mod:`layrot.core.layer_rule` (None, a regex or predicate on
     the ndim >= 2 parameters, or exact parameter names).
     """
     owners: dict[str, str] = {}

@@ -24,16 +24,17 @@ all-reduce with another rank's FSDP traffic. Replicated layers (plain tensors or
 Nothing here imports ``torch.distributed`` unless the job already did: a job
 without DTensors pays nothing.
 """
+
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
 
 log = logging.getLogger("layrot.hooks.torch_shards")
 
@@ -99,8 +100,10 @@ def reject_sharded_layca(params: Sequence[torch.Tensor], name_of: Callable[[torc
     """
     bad = [name_of(p) for p in params if is_sharded(p)]
     if bad:
-        raise ValueError(f"layrot.Layca does not support FSDP-sharded parameters yet (its projection needs "
-                         f"whole-layer dot products): {', '.join(bad)}")
+        raise ValueError(
+            f"layrot.Layca does not support FSDP-sharded parameters yet (its projection needs "
+            f"whole-layer dot products): {', '.join(bad)}"
+        )
 
 
 class PendingSums:
@@ -149,17 +152,24 @@ class ShardGroups:
             except ValueError as exc:
                 raise ValueError(f"layer {name}: {exc}") from None
             if len(dims) > 1:
-                raise ValueError(f"layer {name} is sharded over {len(dims)} mesh dimensions "
-                                 f"({p.placements}); layrot supports one (FSDP/HSDP), not FSDP + tensor parallel yet")
+                raise ValueError(
+                    f"layer {name} is sharded over {len(dims)} mesh dimensions "
+                    f"({p.placements}); layrot supports one (FSDP/HSDP), not FSDP + tensor parallel yet"
+                )
             self.sharded.append(bool(dims))
             if dims:
                 pg = p.device_mesh.get_group(dims[0])  # type: ignore[attr-defined]
                 groups.setdefault(id(pg), (pg, []))[1].append(i)
         # Same model, same layer order on every rank: the groups come out in the same order everywhere.
-        self.groups = [(pg, np.asarray(idx, dtype=np.int64),
-                        torch.tensor(idx, dtype=torch.long, device=self.params[idx[0]].device),
-                        torch.device(self.params[idx[0]].device_mesh.device_type))  # type: ignore[attr-defined]
-                       for pg, idx in groups.values()]
+        self.groups = [
+            (
+                pg,
+                np.asarray(idx, dtype=np.int64),
+                torch.tensor(idx, dtype=torch.long, device=self.params[idx[0]].device),
+                torch.device(self.params[idx[0]].device_mesh.device_type),
+            )  # type: ignore[attr-defined]
+            for pg, idx in groups.values()
+        ]
         self._sharded_params = [p for p, sh in zip(self.params, self.sharded) if sh]
         self._shapes = [tuple(v.shape) for v in self.local_views()]
         self._ptrs = self._storage()
@@ -203,18 +213,29 @@ class ShardGroups:
         """
         import torch.distributed as dist
 
-        sq = [float(v) for v in torch.stack([torch.linalg.vector_norm(w, dtype=torch.float64).square()
-                                             for w in local_w0]).cpu().tolist()] if local_w0 else []
+        sq = (
+            [
+                float(v)
+                for v in torch.stack([torch.linalg.vector_norm(w, dtype=torch.float64).square() for w in local_w0])
+                .cpu()
+                .tolist()
+            ]
+            if local_w0
+            else []
+        )
         for pg, cols, _, device in self.groups:
-            buf = torch.tensor([sq[c] for c in cols] + [float(every), float(every) ** 2],
-                               dtype=torch.float64, device=device)
+            buf = torch.tensor(
+                [sq[c] for c in cols] + [float(every), float(every) ** 2], dtype=torch.float64, device=device
+            )
             dist.all_reduce(buf, group=pg)
             n = float(dist.get_world_size(pg))
             total = buf.cpu().numpy()
             if total[-2] != n * every or total[-1] != n * every * every:
                 mean = total[-2] / n
-                raise ValueError(f"layrot.watch: ranks of the shard group use different every= (mean {mean:g}, "
-                                 f"this rank {every}); sharded layers need the same every on every rank")
+                raise ValueError(
+                    f"layrot.watch: ranks of the shard group use different every= (mean {mean:g}, "
+                    f"this rank {every}); sharded layers need the same every on every rank"
+                )
             for c, v in zip(cols, total[:-2]):
                 sq[c] = float(v)
         return [float(np.sqrt(max(v, 0.0))) for v in sq]
@@ -235,8 +256,14 @@ class ShardGroups:
             parts.append((dist.all_reduce(part, group=pg, async_op=True), part, cols))
         return PendingSums(parts)
 
-    def check_resume(self, names: Sequence[str], w0: Sequence[torch.Tensor], state: Mapping[str, Any],
-                     index: Mapping[str, int], here: tuple[int, int]) -> None:
+    def check_resume(
+        self,
+        names: Sequence[str],
+        w0: Sequence[torch.Tensor],
+        state: Mapping[str, Any],
+        index: Mapping[str, int],
+        here: tuple[int, int],
+    ) -> None:
         """Raise a clear error when a checkpoint's w(0) does not fit this rank's shards.
 
         ``here`` is this process's (rank, world size).
@@ -248,11 +275,15 @@ class ShardGroups:
             saved = tuple(state["w0"][index[n]].shape)
             if saved != tuple(w0[i].shape):
                 what = "this rank's shard" if self.sharded[i] else "the layer"
-                raise ValueError(f"layrot: checkpoint w(0) of {n} has shape {saved}, {what} has "
-                                 f"{tuple(w0[i].shape)}; resuming sharded layers needs the same sharding "
-                                 f"(world size and FSDP layout) as the run that saved it")
+                raise ValueError(
+                    f"layrot: checkpoint w(0) of {n} has shape {saved}, {what} has "
+                    f"{tuple(w0[i].shape)}; resuming sharded layers needs the same sharding "
+                    f"(world size and FSDP layout) as the run that saved it"
+                )
         if self.any and "rank" in state:
             there = (int(state["rank"]), int(state["world_size"]))
             if here != there:
-                raise ValueError(f"layrot: watch state saved by rank {there[0]} of {there[1]} loaded on rank "
-                                 f"{here[0]} of {here[1]}: sharded layers keep each rank's own w(0) shard")
+                raise ValueError(
+                    f"layrot: watch state saved by rank {there[0]} of {there[1]} loaded on rank "
+                    f"{here[0]} of {here[1]}: sharded layers keep each rank's own w(0) shard"
+                )

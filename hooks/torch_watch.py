@@ -10,12 +10,14 @@ come from differences, never dot products, so the collector can turn them into
 rotations and tiny step angles without cancellation. No host-device sync
 happens on the training thread; unreported steps cost at most one copy.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,11 +26,10 @@ from torch import nn
 from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
 from layrot.hooks.torch_distances import LayerDistances, wire_rows
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
-from layrot.hooks.watch_base import WatchBase
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
+from layrot.hooks.watch_base import WatchBase
 
 log = logging.getLogger("layrot.hooks.torch")
-
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -51,8 +52,14 @@ class _DeviceValues:
 
     __slots__ = ("_tensor", "_event", "_num_layers", "_init_norms", "_prev_is_w0", "_pending")
 
-    def __init__(self, tensor: torch.Tensor, num_layers: int, init_norms: np.ndarray, prev_is_w0: bool,
-                 pending: PendingSums | None = None) -> None:
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        num_layers: int,
+        init_norms: np.ndarray,
+        prev_is_w0: bool,
+        pending: PendingSums | None = None,
+    ) -> None:
         self._event = None
         self._pending = pending
         self._num_layers = num_layers
@@ -140,8 +147,9 @@ class WatchHandle(WatchBase):
             self._w0 = [w.clone() for w in self._shards.local_views()]
             self._prev = [w.clone() for w in self._w0]
         self._sharded = list(self._shards.sharded)
-        self._init_norms = (self._shards.global_init_norms(self._w0, self.every) if self._shards.any
-                            else init_norms(self._w0))
+        self._init_norms = (
+            self._shards.global_init_norms(self._w0, self.every) if self._shards.any else init_norms(self._w0)
+        )
         self._recorder = ForwardOrderRecorder(model, list(self._name_of.values()))
         self._prev_valid = True
         self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
@@ -204,8 +212,9 @@ class WatchHandle(WatchBase):
     def _finalize(self) -> None:
         """Fix the forward order and open the reporter (first optimizer step)."""
         everything = list(self._name_of.values())
-        self._forward_rank = ({everything[i]: r for r, i in enumerate(self._recorder.order(everything))}
-                              if self._recorder.seen else {})
+        self._forward_rank = (
+            {everything[i]: r for r, i in enumerate(self._recorder.order(everything))} if self._recorder.seen else {}
+        )
         self._recorder.remove()
         order = self._in_forward_order(self._names)
         for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded"):
@@ -215,17 +224,30 @@ class WatchHandle(WatchBase):
         if self._layca is not None:
             self._order_layca()
         # Shapes, numel and norms are the whole layer's (a DTensor's shape is global).
-        specs = [LayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(),
-                           module_type=t, sharded=sh)
-                 for i, (n, p, nrm, t, sh) in enumerate(zip(self._names, self._params, self._init_norms,
-                                                            self._types, self._sharded))]
+        specs = [
+            LayerSpec(name=n, index=i, shape=tuple(p.shape), init_norm=nrm, numel=p.numel(), module_type=t, sharded=sh)
+            for i, (n, p, nrm, t, sh) in enumerate(
+                zip(self._names, self._params, self._init_norms, self._types, self._sharded)
+            )
+        ]
         rank, world = _dist_rank_world()
         on_command = self._layca.submit_command if (self._control and self._layca is not None) else None
         self.reporter = Reporter(
-            self.run, specs, collector=self._collector, token=self._token, framework="pytorch",
-            framework_version=torch.__version__, rank=rank, world_size=world, every=self.every,
-            layca=self._layca is not None, control=self._control, loss=True, meta=self._meta,
-            on_command=on_command, **self._reporter_options,
+            self.run,
+            specs,
+            collector=self._collector,
+            token=self._token,
+            framework="pytorch",
+            framework_version=torch.__version__,
+            rank=rank,
+            world_size=world,
+            every=self.every,
+            layca=self._layca is not None,
+            control=self._control,
+            loss=True,
+            meta=self._meta,
+            on_command=on_command,
+            **self._reporter_options,
         )
         if self._control and self._layca is not None:
             self._layca.add_command_listener(self.reporter.command_result)
@@ -304,8 +326,9 @@ class WatchHandle(WatchBase):
             if self._rho_index is not None:  # Layca covers other layers than the hook
                 rho = np.where(self._rho_index >= 0, rho[np.maximum(self._rho_index, 0)], np.nan)
             version = self._layca.command_version
-        self.reporter.submit(StepRecord(step=t, time=time.time(), values=dv.values, loss=dv.loss,
-                                        rho=rho, command_version=version))
+        self.reporter.submit(
+            StepRecord(step=t, time=time.time(), values=dv.values, loss=dv.loss, rho=rho, command_version=version)
+        )
 
 
 def _as_layca(optimizer: Any) -> Any:
@@ -360,5 +383,15 @@ def watch(
         If the collector is unreachable training goes on at full speed: one
         warning, counted drops, reconnection with backoff.
     """
-    return WatchHandle(model, optimizer, run=run, every=every, layers=layers, collector=collector,
-                       token=token, control=control, meta=meta, reporter_options=reporter_options)
+    return WatchHandle(
+        model,
+        optimizer,
+        run=run,
+        every=every,
+        layers=layers,
+        collector=collector,
+        token=token,
+        control=control,
+        meta=meta,
+        reporter_options=reporter_options,
+    )

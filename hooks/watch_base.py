@@ -1,7 +1,9 @@
 """What the PyTorch and TensorFlow watch handles share: closing, flushing and the checkpoint state's frame."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from layrot.agent.reporter import Reporter
 

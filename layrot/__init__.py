@@ -10,12 +10,14 @@ Keras / TensorFlow: ``layrot.keras.RotationCallback``, ``layrot.keras.Layca`` an
 ``layrot.tf.watch``. Framework modules load lazily, so ``import layrot`` (and the
 ``layrot-agent`` CLI) never import torch or TensorFlow by themselves.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from layrot.core.version import __version__
+
 __all__ = ["watch", "Layca", "WatchHandle", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -10,10 +10,11 @@
 Importing this module registers ``layrot>Layca`` with Keras, so
 ``keras.models.load_model`` can rebuild a saved Layca optimizer.
 """
+
 from __future__ import annotations
 
+from layrot.core.rates import RateRule, RhoSchedule
 from layrot.hooks.keras_callback import RotationCallback
 from layrot.hooks.layca_keras import Layca
-from layrot.proto.rates import RateRule, RhoSchedule
 
 __all__ = ["RotationCallback", "Layca", "RhoSchedule", "RateRule"]

@@ -10,6 +10,7 @@
         handle.observe_loss(loss)
         handle.step()
 """
+
 from __future__ import annotations
 
 from layrot.hooks.tf_watch import TFWatchHandle, candidate_variables, watch

@@ -4,6 +4,7 @@ Run ``python -m layrot.proto.generate`` after editing the .proto file; pass
 ``--check`` to exit non-zero when the committed code is stale (the test suite
 does this). Needs ``grpcio-tools`` (the ``dev`` extra).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ def generate(out_dir: Path) -> None:
         # protoc runs in its own process: its bundled C++ protobuf must not meet
         # whatever extension modules the calling process has loaded.
         args = [
-            sys.executable, "-m", "grpc_tools.protoc",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
             f"-I{include}",
             f"-Ilayrot/proto={HERE}",
             f"--python_out={tmp}",
@@ -47,8 +50,9 @@ def stale_files() -> list[str]:
     """Names of generated files that differ from a fresh generation."""
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
-        return [n for n in GENERATED
-                if not (HERE / n).exists() or (HERE / n).read_text() != (Path(tmp) / n).read_text()]
+        return [
+            n for n in GENERATED if not (HERE / n).exists() or (HERE / n).read_text() != (Path(tmp) / n).read_text()
+        ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 Every per-layer quantity travels as one little-endian float64 array,
 step-major (all layers of the first step, then the next step...).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -22,6 +22,7 @@ stay firing until ``resolve``.
 Only the standard library (urllib) is used. For an HA pair of Alertmanagers
 give every instance's URL (one pusher each), as Prometheus does.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from layrot.proto import layrot_pb2 as pb
 
@@ -71,8 +73,14 @@ def rfc3339(t: float) -> str:
 
 def labels_of(alert: pb.Alert) -> dict[str, str]:
     """Alertmanager labels of an alert (empty values left out, as Prometheus does)."""
-    labels = {"alertname": ALERT_NAMES.get(alert.kind, "LayrotAlert"), "run": alert.run, "layer": alert.layer,
-              "severity": alert.severity, "kind": alert.kind, "source": SOURCE}
+    labels = {
+        "alertname": ALERT_NAMES.get(alert.kind, "LayrotAlert"),
+        "run": alert.run,
+        "layer": alert.layer,
+        "severity": alert.severity,
+        "kind": alert.kind,
+        "source": SOURCE,
+    }
     return {k: v for k, v in labels.items() if v}
 
 
@@ -82,9 +90,13 @@ def _num(x: float, fmt: str = ".6g") -> str | None:
 
 def annotations_of(alert: pb.Alert) -> dict[str, str]:
     """Annotations: summary, description, step, angle, baseline (radians and degrees), losses."""
-    out = {"summary": SUMMARIES.get(alert.kind, "layrot alert in run {run}").format(run=alert.run,
-                                                                                    layer=alert.layer or "-"),
-           "description": alert.message, "step": str(alert.step)}
+    out = {
+        "summary": SUMMARIES.get(alert.kind, "layrot alert in run {run}").format(
+            run=alert.run, layer=alert.layer or "-"
+        ),
+        "description": alert.message,
+        "step": str(alert.step),
+    }
     for key in ("angle", "baseline"):
         v = getattr(alert, key)
         if math.isfinite(v):
@@ -104,19 +116,27 @@ class _Entry:
     starts: float
     last_event: float
     hold: bool
-    worst: float = math.nan          # largest angle of the episode (its event's annotations are shown)
+    worst: float = math.nan  # largest angle of the episode (its event's annotations are shown)
     events: int = 1
-    ends: float | None = None        # set when resolved
-    dirty: bool = True               # needs a POST
+    ends: float | None = None  # set when resolved
+    dirty: bool = True  # needs a POST
     last_post: float = field(default=0.0)
 
 
 class AlertmanagerPusher:
     """Background pusher to one Alertmanager. ``fire``/``resolve`` are thread-safe and never block."""
 
-    def __init__(self, url: str, quiet: float = 300.0, resend: float = 60.0, timeout: float = 5.0,
-                 max_queue: int = 10_000, max_active: int = 10_000, backoff: tuple[float, float] = (0.5, 30.0),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        url: str,
+        quiet: float = 300.0,
+        resend: float = 60.0,
+        timeout: float = 5.0,
+        max_queue: int = 10_000,
+        max_active: int = 10_000,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.url = api_url(url)
         self.quiet = float(quiet)
         self.resend = float(resend)
@@ -136,7 +156,7 @@ class AlertmanagerPusher:
         self._thread = threading.Thread(target=self._main, name="layrot-alertmanager", daemon=True)
 
     # ------------------------------------------------------------ producer side (any thread)
-    def start(self) -> "AlertmanagerPusher":
+    def start(self) -> AlertmanagerPusher:
         self._thread.start()
         return self
 
@@ -157,8 +177,14 @@ class AlertmanagerPusher:
             self._dropped += 1
 
     def stats(self) -> dict[str, Any]:
-        return {"posts": self._posts, "errors": self._errors, "dropped": self._dropped,
-                "active": len(self._active), "queued": self._queue.qsize(), "last_error": self.last_error}
+        return {
+            "posts": self._posts,
+            "errors": self._errors,
+            "dropped": self._dropped,
+            "active": len(self._active),
+            "queued": self._queue.qsize(),
+            "last_error": self.last_error,
+        }
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread after one last attempt to deliver what is pending (bounded by ``timeout``)."""
@@ -223,8 +249,9 @@ class AlertmanagerPusher:
                     return
                 ann = annotations_of(alert)
                 ann["events"], ann["last_step"] = "1", str(alert.step)
-                self._active[key] = _Entry(labels, ann, starts=alert.time or now, last_event=now, hold=hold,
-                                           worst=alert.angle)
+                self._active[key] = _Entry(
+                    labels, ann, starts=alert.time or now, last_event=now, hold=hold, worst=alert.angle
+                )
             else:
                 # Show the worst event of the episode (a re-initialized layer's 90 deg, not the
                 # smaller jumps of its recovery), with the count and the newest step.
@@ -241,8 +268,12 @@ class AlertmanagerPusher:
             run, layer, kind = payload
             for e in self._active.values():
                 lab = e.labels
-                if (lab.get("run") == run and lab.get("layer", "") == layer and lab.get("kind") == kind
-                        and e.ends is None):
+                if (
+                    lab.get("run") == run
+                    and lab.get("layer", "") == layer
+                    and lab.get("kind") == kind
+                    and e.ends is None
+                ):
                     e.ends = now
                     e.dirty = True
 
@@ -263,8 +294,12 @@ class AlertmanagerPusher:
             ends = now + 3 * self.resend
         else:
             ends = e.last_event + self.quiet
-        return {"labels": e.labels, "annotations": e.annotations, "startsAt": rfc3339(e.starts),
-                "endsAt": rfc3339(ends)}
+        return {
+            "labels": e.labels,
+            "annotations": e.annotations,
+            "startsAt": rfc3339(e.starts),
+            "endsAt": rfc3339(ends),
+        }
 
     def _flush(self, now: float) -> None:
         batch = [(k, e) for k, e in self._active.items() if e.dirty]
@@ -288,8 +323,7 @@ class AlertmanagerPusher:
 
     def _post(self, body: bytes) -> tuple[bool, bool]:
         """(delivered, worth retrying)."""
-        req = urllib.request.Request(self.url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 resp.read()
@@ -300,12 +334,20 @@ class AlertmanagerPusher:
             detail = exc.read()[:300].decode("utf-8", "replace") if exc.fp is not None else ""
             self.last_error = f"HTTP {exc.code}: {detail}"
             retry = exc.code >= 500 or exc.code == 429
-            log.warning("Alertmanager %s answered %s%s", self.url, self.last_error,
-                        "; retrying" if retry else "; alerts dropped")
+            log.warning(
+                "Alertmanager %s answered %s%s",
+                self.url,
+                self.last_error,
+                "; retrying" if retry else "; alerts dropped",
+            )
             return False, retry
         except (OSError, ValueError) as exc:  # refused, timeout, DNS, reset
             self._errors += 1
             self.last_error = str(exc)
-            log.warning("cannot reach Alertmanager %s: %s (retrying in %.1f s)", self.url, exc,
-                        min(self.backoff[1], max(self.backoff[0], 2 * self._delay)))
+            log.warning(
+                "cannot reach Alertmanager %s: %s (retrying in %.1f s)",
+                self.url,
+                exc,
+                min(self.backoff[1], max(self.backoff[0], 2 * self._delay)),
+            )
             return False, True

@@ -73,6 +73,7 @@ Everything here runs on the collector's asyncio loop thread; the metrics thread
 reads counters under a lock; Alertmanager pushes go through a queue to the
 pusher's own thread (server/alertmanager.py), so nothing here waits on I/O.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -82,8 +83,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -203,12 +205,12 @@ class _Baseline:
         self.rank = rank
         self.L = num_layers
         self.ring = np.zeros((num_layers, window), dtype=np.float32)
-        self.pos = 0            # next column to write
-        self.count = 0          # columns filled (<= window)
-        self.reported = 0       # steps observed (warm-up counter)
-        self.last_step = 0      # highest step observed (resent batches are not evaluated twice)
-        self.stale = 0          # steps written since the limits were computed
-        self.armed = False      # baseline rule armed when the limits were computed
+        self.pos = 0  # next column to write
+        self.count = 0  # columns filled (<= window)
+        self.reported = 0  # steps observed (warm-up counter)
+        self.last_step = 0  # highest step observed (resent batches are not evaluated twice)
+        self.stale = 0  # steps written since the limits were computed
+        self.armed = False  # baseline rule armed when the limits were computed
         self.median = np.full(num_layers, np.nan)
         self.limit = np.full(num_layers, np.inf)  # fire when angle > limit (before the Layca exemption)
         self.valid = False
@@ -235,7 +237,7 @@ class _Baseline:
         """Filled columns, oldest first."""
         if self.count < self.window:
             return self.ring[:, : self.count]
-        return np.concatenate([self.ring[:, self.pos:], self.ring[:, : self.pos]], axis=1)
+        return np.concatenate([self.ring[:, self.pos :], self.ring[:, : self.pos]], axis=1)
 
     def push(self, angles: np.ndarray) -> None:
         """Append (S, L) angles (non-finite already replaced)."""
@@ -248,10 +250,10 @@ class _Baseline:
         else:
             end = self.pos + S
             if end <= W:
-                self.ring[:, self.pos:end] = angles.T
+                self.ring[:, self.pos : end] = angles.T
             else:
                 k = W - self.pos
-                self.ring[:, self.pos:] = angles[:k].T
+                self.ring[:, self.pos :] = angles[:k].T
                 self.ring[:, : S - k] = angles[k:].T
             self.pos = end % W
             self.count = min(W, self.count + S)
@@ -286,14 +288,14 @@ class _RunAlerts:
     def __init__(self) -> None:
         self.baseline: _Baseline | None = None
         self.overrides: dict[str, Any] = {}
-        self.thresholds: Thresholds | None = None   # cache of defaults + overrides
+        self.thresholds: Thresholds | None = None  # cache of defaults + overrides
         self.pending: list[tuple[pb.Alert, float, float]] = []  # (alert, loss_before, deadline)
         self.diverged_ranks: set[int] = set()
         self.tokens = float(ALERT_BURST)
         self.tokens_at: float | None = None
-        self.last_batch: float | None = None        # collector monotonic time of the newest batch
-        self.connected_since: float | None = None   # first tick that saw it connected without batches
-        self.interval = 0.0                         # smoothed seconds between batches
+        self.last_batch: float | None = None  # collector monotonic time of the newest batch
+        self.connected_since: float | None = None  # first tick that saw it connected without batches
+        self.interval = 0.0  # smoothed seconds between batches
         self.stalled = False
         self.reject_total = 0
         self.reject_reasons: collections.Counter[str] = collections.Counter()
@@ -331,8 +333,10 @@ def _pb_num(x: float | None) -> float:
     return NAN if x is None else float(x)
 
 
-INSERT_ALERT = ("INSERT INTO alerts (run, layer, step, kind, severity, angle, baseline, time, message, loss_before,"
-                " loss_after) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+INSERT_ALERT = (
+    "INSERT INTO alerts (run, layer, step, kind, severity, angle, baseline, time, message, loss_before,"
+    " loss_after) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
 
 
 class AlertHub:
@@ -356,19 +360,34 @@ class AlertHub:
         conn = self.store.reader()
         with self._lock:
             for run, layer, kind, severity, n in conn.execute(
-                    "SELECT run, COALESCE(layer, ''), kind, severity, COUNT(*) FROM alerts"
-                    " GROUP BY run, layer, kind, severity"):
+                "SELECT run, COALESCE(layer, ''), kind, severity, COUNT(*) FROM alerts"
+                " GROUP BY run, layer, kind, severity"
+            ):
                 self._counts[(run, layer, kind, severity)] = n
         runs = [r for (r,) in conn.execute("SELECT DISTINCT run FROM alerts")]
         for run in runs:
             rows = conn.execute(
                 "SELECT run, layer, step, kind, severity, angle, baseline, time, message, loss_before, loss_after"
-                " FROM alerts WHERE run=? ORDER BY id DESC LIMIT ?", (run, KEEP_PER_RUN)).fetchall()
+                " FROM alerts WHERE run=? ORDER BY id DESC LIMIT ?",
+                (run, KEEP_PER_RUN),
+            ).fetchall()
             dq = self.recent.setdefault(run, collections.deque(maxlen=KEEP_PER_RUN))
             for r in reversed(rows):
-                dq.append(pb.Alert(run=r[0], layer=r[1] or "", step=r[2] or 0, kind=r[3], severity=r[4],
-                                   angle=_pb_num(r[5]), baseline=_pb_num(r[6]), time=r[7] or 0.0,
-                                   message=r[8] or "", loss_before=_pb_num(r[9]), loss_after=_pb_num(r[10])))
+                dq.append(
+                    pb.Alert(
+                        run=r[0],
+                        layer=r[1] or "",
+                        step=r[2] or 0,
+                        kind=r[3],
+                        severity=r[4],
+                        angle=_pb_num(r[5]),
+                        baseline=_pb_num(r[6]),
+                        time=r[7] or 0.0,
+                        message=r[8] or "",
+                        loss_before=_pb_num(r[9]),
+                        loss_after=_pb_num(r[10]),
+                    )
+                )
         if runs:
             log.info("restored alerts of %d runs", len(runs))
 
@@ -381,10 +400,22 @@ class AlertHub:
             self._counts[key] = self._counts.get(key, 0) + 1
         if self.store is not None:
             try:
-                self.store.submit(INSERT_ALERT, (
-                    alert.run, alert.layer, alert.step, alert.kind, alert.severity, _sql_num(alert.angle),
-                    _sql_num(alert.baseline), alert.time, alert.message, _sql_num(alert.loss_before),
-                    _sql_num(alert.loss_after)))
+                self.store.submit(
+                    INSERT_ALERT,
+                    (
+                        alert.run,
+                        alert.layer,
+                        alert.step,
+                        alert.kind,
+                        alert.severity,
+                        _sql_num(alert.angle),
+                        _sql_num(alert.baseline),
+                        alert.time,
+                        alert.message,
+                        _sql_num(alert.loss_before),
+                        _sql_num(alert.loss_after),
+                    ),
+                )
             except RuntimeError:  # store closed during shutdown
                 pass
         for w in list(self.watchers):
@@ -398,8 +429,15 @@ class AlertHub:
                 w.queue.put_nowait(alert)
         for p in self.pushers:
             p.fire(alert, hold=hold)
-        log.warning("alert %s/%s run=%s layer=%s step=%d: %s", alert.kind, alert.severity, alert.run,
-                    alert.layer or "-", alert.step, alert.message)
+        log.warning(
+            "alert %s/%s run=%s layer=%s step=%d: %s",
+            alert.kind,
+            alert.severity,
+            alert.run,
+            alert.layer or "-",
+            alert.step,
+            alert.message,
+        )
 
     def resolve(self, run: str, layer: str, kind: str) -> None:
         """End a held alert in Alertmanager (e.g. a stalled run reports again)."""
@@ -435,8 +473,9 @@ class AlertHub:
             while True:
                 a = await w.queue.get()
                 if a is None:
-                    raise OverflowError("this WatchAlerts stream fell more than "
-                                        f"{WATCH_QUEUE} alerts behind and was closed")
+                    raise OverflowError(
+                        f"this WatchAlerts stream fell more than {WATCH_QUEUE} alerts behind and was closed"
+                    )
                 yield a
         finally:
             self.watchers.discard(w)
@@ -448,33 +487,47 @@ class AlertHub:
         with self._lock:
             counts = sorted(self._counts.items())
             suppressed = sorted(self._suppressed.items())
-        fam = CounterMetricFamily("layrot_alerts", "Alerts raised by the collector's alert engine",
-                                  labels=["run", "layer", "kind", "severity"])
+        fam = CounterMetricFamily(
+            "layrot_alerts",
+            "Alerts raised by the collector's alert engine",
+            labels=["run", "layer", "kind", "severity"],
+        )
         for (run, layer, kind, severity), n in counts:
             if keep is None or run in keep:
                 fam.add_metric([run, layer, kind, severity], n)
         yield fam
-        sup = CounterMetricFamily("layrot_alerts_suppressed",
-                                  f"Abrupt-rotation alerts not recorded: over the per-run rate limit"
-                                  f" ({ALERT_BURST} burst, {ALERT_REFILL_PER_S:g}/s)", labels=["run"])
+        sup = CounterMetricFamily(
+            "layrot_alerts_suppressed",
+            f"Abrupt-rotation alerts not recorded: over the per-run rate limit"
+            f" ({ALERT_BURST} burst, {ALERT_REFILL_PER_S:g}/s)",
+            labels=["run"],
+        )
         for run, n in suppressed:
             if keep is None or run in keep:
                 sup.add_metric([run], n)
         yield sup
-        yield CounterMetricFamily("layrot_alert_engine_errors",
-                                  "Batches the alert engine failed on (logged; ingest went on)",
-                                  value=self.engine_errors)
+        yield CounterMetricFamily(
+            "layrot_alert_engine_errors",
+            "Batches the alert engine failed on (logged; ingest went on)",
+            value=self.engine_errors,
+        )
         if self.pushers:
-            sent = CounterMetricFamily("layrot_alertmanager_posts", "Successful POSTs to Alertmanager",
-                                       labels=["alertmanager"])
-            errors = CounterMetricFamily("layrot_alertmanager_post_errors",
-                                         "Failed POSTs to Alertmanager (retried with backoff)",
-                                         labels=["alertmanager"])
-            dropped = CounterMetricFamily("layrot_alertmanager_dropped",
-                                          "Alert updates dropped: pusher queue full or Alertmanager refused them",
-                                          labels=["alertmanager"])
-            active = GaugeMetricFamily("layrot_alertmanager_active", "Alerts the pusher keeps firing",
-                                       labels=["alertmanager"])
+            sent = CounterMetricFamily(
+                "layrot_alertmanager_posts", "Successful POSTs to Alertmanager", labels=["alertmanager"]
+            )
+            errors = CounterMetricFamily(
+                "layrot_alertmanager_post_errors",
+                "Failed POSTs to Alertmanager (retried with backoff)",
+                labels=["alertmanager"],
+            )
+            dropped = CounterMetricFamily(
+                "layrot_alertmanager_dropped",
+                "Alert updates dropped: pusher queue full or Alertmanager refused them",
+                labels=["alertmanager"],
+            )
+            active = GaugeMetricFamily(
+                "layrot_alertmanager_active", "Alerts the pusher keeps firing", labels=["alertmanager"]
+            )
             for p in self.pushers:
                 s = p.stats()
                 sent.add_metric([p.url], s["posts"])
@@ -496,9 +549,15 @@ class AlertEngine:
     listable) but ingest does not call ``observe``.
     """
 
-    def __init__(self, hub: AlertHub, defaults: Thresholds | None = None, enabled: bool = True,
-                 loss_wait: float = 0.5, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        hub: AlertHub,
+        defaults: Thresholds | None = None,
+        enabled: bool = True,
+        loss_wait: float = 0.5,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.hub = hub
         self.defaults = defaults or Thresholds()
         self.initial_defaults = self.defaults
@@ -553,8 +612,10 @@ class AlertEngine:
         if ra.baseline is not None:
             ra.baseline.valid = False
         if self.hub.store is not None:
-            self.hub.store.submit("INSERT OR REPLACE INTO alert_thresholds (run, overrides, updated) VALUES (?,?,?)",
-                                  (run, json.dumps(new, sort_keys=True), self.clock()))
+            self.hub.store.submit(
+                "INSERT OR REPLACE INTO alert_thresholds (run, overrides, updated) VALUES (?,?,?)",
+                (run, json.dumps(new, sort_keys=True), self.clock()),
+            )
         return self.thresholds(run)
 
     def restore_thresholds(self) -> None:
@@ -571,8 +632,16 @@ class AlertEngine:
             self._run(run).overrides = overrides
 
     # ------------------------------------------------------------ batches (hot path)
-    def observe(self, rs: Any, rank: int, steps: np.ndarray, angle: np.ndarray, bad: np.ndarray,
-                rho: np.ndarray | None, loss: Sequence[float]) -> None:
+    def observe(
+        self,
+        rs: Any,
+        rank: int,
+        steps: np.ndarray,
+        angle: np.ndarray,
+        bad: np.ndarray,
+        rho: np.ndarray | None,
+        loss: Sequence[float],
+    ) -> None:
         """One accepted StepBatch of ``rs`` (a RunState): steps (S,), angles and non-finite mask (S, L).
 
         Never raises: a failure is logged and counted, ingest goes on.
@@ -583,8 +652,16 @@ class AlertEngine:
             self.hub.engine_errors += 1
             log.exception("alert engine failed on a batch of run %s (ingest unaffected)", getattr(rs, "run", "?"))
 
-    def _observe(self, rs: Any, rank: int, steps: np.ndarray, angle: np.ndarray, bad: np.ndarray,
-                 rho: np.ndarray | None, loss: Sequence[float]) -> None:
+    def _observe(
+        self,
+        rs: Any,
+        rank: int,
+        steps: np.ndarray,
+        angle: np.ndarray,
+        bad: np.ndarray,
+        rho: np.ndarray | None,
+        loss: Sequence[float],
+    ) -> None:
         run = rs.run
         ra = self._run(run)
         now_m = self.monotonic()
@@ -645,8 +722,18 @@ class AlertEngine:
                 b.losses.extend(fin[-LOSS_HISTORY:].tolist())
 
     # ------------------------------------------------------------ abrupt rotations (rare path)
-    def _abrupt(self, rs: Any, ra: _RunAlerts, b: _Baseline, th: Thresholds, steps: np.ndarray, a: np.ndarray,
-                hit: np.ndarray, rho: np.ndarray | None, losses: np.ndarray | None) -> None:
+    def _abrupt(
+        self,
+        rs: Any,
+        ra: _RunAlerts,
+        b: _Baseline,
+        th: Thresholds,
+        steps: np.ndarray,
+        a: np.ndarray,
+        hit: np.ndarray,
+        rho: np.ndarray | None,
+        losses: np.ndarray | None,
+    ) -> None:
         if rho is None and ra.refill(self.monotonic()) < 1.0:
             # Over the rate limit: count, nothing else (a storm costs one count_nonzero).
             self.hub.suppressed(rs.run, int(np.count_nonzero(hit)))
@@ -654,7 +741,7 @@ class AlertEngine:
         rows, cols = np.nonzero(hit)
         if rho is not None:
             commanded = np.arctan(rho[rows, cols]) * COMMANDED_TOLERANCE
-            keep = ~(a[rows, cols] <= commanded)   # NaN rho (layer outside Layca): not commanded
+            keep = ~(a[rows, cols] <= commanded)  # NaN rho (layer outside Layca): not commanded
             rows, cols = rows[keep], cols[keep]
         now = self.clock()
         now_m = self.monotonic()
@@ -670,13 +757,24 @@ class AlertEngine:
             angle = float(a[i, j])
             base = float(b.median[j]) if b.count else NAN
             by_abs = angle > th.abs_angle
-            rule = (f"above the absolute limit {_deg(th.abs_angle)}" if by_abs else
-                    f"above its baseline limit {_deg(float(b.limit[j]))} (median {_deg(base)} over the last "
-                    f"{b.count} reported steps, k={th.k:g})")
-            alert = pb.Alert(run=rs.run, layer=rs.names[j] if j < len(rs.names) else f"#{j}", step=int(steps[i]),
-                             kind="abrupt_rotation", angle=angle, baseline=base, time=now,
-                             message=f"rotated {_deg(angle)} in one step, {rule}",
-                             loss_before=NAN, loss_after=NAN)
+            rule = (
+                f"above the absolute limit {_deg(th.abs_angle)}"
+                if by_abs
+                else f"above its baseline limit {_deg(float(b.limit[j]))} (median {_deg(base)} over the last "
+                f"{b.count} reported steps, k={th.k:g})"
+            )
+            alert = pb.Alert(
+                run=rs.run,
+                layer=rs.names[j] if j < len(rs.names) else f"#{j}",
+                step=int(steps[i]),
+                kind="abrupt_rotation",
+                angle=angle,
+                baseline=base,
+                time=now,
+                message=f"rotated {_deg(angle)} in one step, {rule}",
+                loss_before=NAN,
+                loss_after=NAN,
+            )
             before = NAN
             if losses is not None:
                 seen = history + [x for x in losses[: i + 1].tolist() if math.isfinite(x)]
@@ -702,12 +800,14 @@ class AlertEngine:
         if math.isfinite(before) and math.isfinite(after):
             worse = after >= before
             alert.severity = "critical" if worse else "warning"
-            alert.message += (f"; loss {before:.4g} -> {after:.4g} "
-                              f"({'no improvement' if worse else 'improved'})")
+            alert.message += f"; loss {before:.4g} -> {after:.4g} ({'no improvement' if worse else 'improved'})"
         else:
             alert.severity = "warning"
-            alert.message += "; loss unknown (call handle.observe_loss to grade severity)" \
-                if not math.isfinite(before) else "; loss after the step not reported in time"
+            alert.message += (
+                "; loss unknown (call handle.observe_loss to grade severity)"
+                if not math.isfinite(before)
+                else "; loss after the step not reported in time"
+            )
         self.hub.publish(alert)
 
     # ------------------------------------------------------------ divergence (rare path)
@@ -721,11 +821,24 @@ class AlertEngine:
         row = int(np.argmax(bad.any(axis=1)))
         cols = np.nonzero(bad[row])[0]
         first = rs.names[int(cols[0])] if int(cols[0]) < len(rs.names) else f"#{int(cols[0])}"
-        self.hub.publish(pb.Alert(
-            run=rs.run, layer=first, step=int(steps[row]), kind="divergence", severity="critical", angle=NAN,
-            baseline=NAN, time=self.clock(), loss_before=NAN, loss_after=NAN,
-            message=(f"non-finite weights (NaN/Inf) in {cols.size} of {bad.shape[1]} layers at step "
-                     f"{int(steps[row])} (rank {rank}), first {first}: the run diverged")))
+        self.hub.publish(
+            pb.Alert(
+                run=rs.run,
+                layer=first,
+                step=int(steps[row]),
+                kind="divergence",
+                severity="critical",
+                angle=NAN,
+                baseline=NAN,
+                time=self.clock(),
+                loss_before=NAN,
+                loss_after=NAN,
+                message=(
+                    f"non-finite weights (NaN/Inf) in {cols.size} of {bad.shape[1]} layers at step "
+                    f"{int(steps[row])} (rank {rank}), first {first}: the run diverged"
+                ),
+            )
+        )
 
     # ------------------------------------------------------------ time
     def tick(self, state: Any) -> None:
@@ -762,8 +875,7 @@ class AlertEngine:
                 if ra.stalled:
                     ra.stalled = False
                     self.hub.resolve(rs.run, "", "stalled")
-                if (ra.baseline is not None and ra.last_batch is not None
-                        and now_m - ra.last_batch > IDLE_FREE_SECONDS):
+                if ra.baseline is not None and ra.last_batch is not None and now_m - ra.last_batch > IDLE_FREE_SECONDS:
                     ra.baseline = None  # free the ring; a returning run re-warms
             return
         ra = self._run(rs.run)
@@ -777,11 +889,22 @@ class AlertEngine:
             ra.stalled = True
             snap = rs.primary()
             step = snap.step if snap is not None else 0
-            self.hub.publish(pb.Alert(
-                run=rs.run, layer="", step=step, kind="stalled", severity="warning", angle=NAN, baseline=NAN,
-                time=self.clock(), loss_before=NAN, loss_after=NAN,
-                message=(f"connected but no report for {silent:.0f} s (limit {limit:.0f} s); last step {step}")),
-                hold=True)
+            self.hub.publish(
+                pb.Alert(
+                    run=rs.run,
+                    layer="",
+                    step=step,
+                    kind="stalled",
+                    severity="warning",
+                    angle=NAN,
+                    baseline=NAN,
+                    time=self.clock(),
+                    loss_before=NAN,
+                    loss_after=NAN,
+                    message=(f"connected but no report for {silent:.0f} s (limit {limit:.0f} s); last step {step}"),
+                ),
+                hold=True,
+            )
 
     def _check_rejections(self, rs: Any, now_m: float) -> None:
         total = sum(rs.rejected.values())
@@ -808,12 +931,24 @@ class AlertEngine:
         ra.reject_reasons = collections.Counter(rs.rejected)
         text = ", ".join(f"{k}: {v}" for k, v in reasons.most_common() if v > 0) or "unknown"
         accepted = ra.last_batch is not None and ra.last_batch >= now_m - REJECT_WINDOW
-        self.hub.publish(pb.Alert(
-            run=rs.run, layer="", step=ra.last_step, kind="rejections",
-            severity="warning" if accepted else "critical", angle=NAN, baseline=NAN, time=self.clock(),
-            loss_before=NAN, loss_after=NAN,
-            message=(f"{recent} messages rejected in the last {REJECT_WINDOW:.0f} s ({text})"
-                     + ("" if accepted else "; no batch accepted in that time"))))
+        self.hub.publish(
+            pb.Alert(
+                run=rs.run,
+                layer="",
+                step=ra.last_step,
+                kind="rejections",
+                severity="warning" if accepted else "critical",
+                angle=NAN,
+                baseline=NAN,
+                time=self.clock(),
+                loss_before=NAN,
+                loss_after=NAN,
+                message=(
+                    f"{recent} messages rejected in the last {REJECT_WINDOW:.0f} s ({text})"
+                    + ("" if accepted else "; no batch accepted in that time")
+                ),
+            )
+        )
 
     async def run_timer(self, state: Any, period: float = 0.2) -> None:
         """Call ``tick`` every ``period`` seconds until cancelled."""

@@ -5,15 +5,17 @@ or as the daemon behind ``layrot-agent serve`` (``serve_forever``). The gRPC
 server is a grpc.aio server on its own asyncio loop in a background thread;
 the history store has its own writer thread; ``/metrics`` its own HTTP thread.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,12 +58,22 @@ class Collector:
     ``/metrics``; their history stays.
     """
 
-    def __init__(self, grpc_host: str = "127.0.0.1", grpc_port: int = 0, metrics_host: str = "127.0.0.1",
-                 metrics_port: int | None = 0, db_path: str | Path = "layrot.db", token: str | None = None,
-                 run_ttl: float = 86400.0, max_message_bytes: int = MAX_MESSAGE_BYTES, alerts: bool = True,
-                 thresholds: Thresholds | Mapping[str, Any] | None = None,
-                 alertmanager_url: str | Sequence[str] | None = None, alert_quiet: float = 300.0,
-                 alert_resend: float = 60.0) -> None:
+    def __init__(
+        self,
+        grpc_host: str = "127.0.0.1",
+        grpc_port: int = 0,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = 0,
+        db_path: str | Path = "layrot.db",
+        token: str | None = None,
+        run_ttl: float = 86400.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        alerts: bool = True,
+        thresholds: Thresholds | Mapping[str, Any] | None = None,
+        alertmanager_url: str | Sequence[str] | None = None,
+        alert_quiet: float = 300.0,
+        alert_resend: float = 60.0,
+    ) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
         self.metrics_host = metrics_host
@@ -110,7 +122,7 @@ class Collector:
         return self.metrics.url if self.metrics is not None else None
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> "Collector":
+    def start(self) -> Collector:
         """Open the store, restore history, start serving; returns once listening."""
         if self._running:
             return self
@@ -123,8 +135,9 @@ class Collector:
         self._start_alerts()
         try:
             if self.metrics_port is not None:
-                self.metrics = MetricsServer(LayrotCollector(self.state, self.store, self.run_ttl),
-                                             self.metrics_host, self.metrics_port)
+                self.metrics = MetricsServer(
+                    LayrotCollector(self.state, self.store, self.run_ttl), self.metrics_host, self.metrics_port
+                )
                 self.metrics_port = self.metrics.port
             self._ready.clear()
             self._thread = threading.Thread(target=self._thread_main, name="layrot-collector", daemon=True)
@@ -136,8 +149,7 @@ class Collector:
             self._cleanup_side_services()
             raise
         self._running = True
-        log.info("collector listening: grpc %s, metrics %s, db %s", self.grpc_address, self.metrics_url,
-                 self.db_path)
+        log.info("collector listening: grpc %s, metrics %s, db %s", self.grpc_address, self.metrics_url, self.db_path)
         return self
 
     def _thread_main(self) -> None:
@@ -166,20 +178,22 @@ class Collector:
         loop = asyncio.get_running_loop()
         self.ingest.loop = loop
         self._stop_future = loop.create_future()
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            # Detect dead peers (killed jobs behind NAT) so sessions do not linger as "connected".
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            # gRPC core cancels calls beyond 1000 not yet picked up by the
-            # server; a collector restart makes every job reconnect at once,
-            # so allow a large backlog of new sessions.
-            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-        ])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                # Detect dead peers (killed jobs behind NAT) so sessions do not linger as "connected".
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # gRPC core cancels calls beyond 1000 not yet picked up by the
+                # server; a collector restart makes every job reconnect at once,
+                # so allow a large backlog of new sessions.
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            ]
+        )
         pb_grpc.add_IngestServicer_to_server(self.ingest, server)
         pb_grpc.add_QueryServicer_to_server(QueryServicer(self.state, self.store, self.token), server)
         self.health = health_aio.HealthServicer()
@@ -229,8 +243,10 @@ class Collector:
     def _start_alerts(self) -> None:
         """Alert hub (memory, store, counters, pushers) and engine on the fresh state."""
         assert self.store is not None
-        self._pushers = [AlertmanagerPusher(u, quiet=self.alert_quiet, resend=self.alert_resend).start()
-                         for u in self.alertmanager_urls]
+        self._pushers = [
+            AlertmanagerPusher(u, quiet=self.alert_quiet, resend=self.alert_resend).start()
+            for u in self.alertmanager_urls
+        ]
         hub = AlertHub(self.store, self._pushers)
         hub.restore()
         engine = AlertEngine(hub, self.thresholds, enabled=self.alerts_enabled)
@@ -273,7 +289,7 @@ class Collector:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
 
-    def __enter__(self) -> "Collector":
+    def __enter__(self) -> Collector:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -30,6 +30,7 @@ Everything here runs on the collector's asyncio loop thread, except
 ``RunControl.requested_rates`` which the metrics thread calls: it only reads
 attributes that are replaced in one assignment.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,12 +40,14 @@ import re
 import sqlite3
 import statistics
 import time
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from layrot.proto.rates import RateRule, rule_from_command, validate_command
+from layrot.core.rates import RateRule
 from layrot.proto import layrot_pb2 as pb
+from layrot.proto.commands import rule_from_command, validate_command
 
 if TYPE_CHECKING:  # imported for type hints only: state.py imports this module
     from layrot.server.state import CollectorState, LiveSession, RunState
@@ -81,10 +84,12 @@ RATE_REPORTS = 64
 # apply_at_step of past versions kept in memory, to tell late acknowledgements.
 APPLY_AT_KEEP = 4096
 
-INSERT_COMMAND = ("INSERT OR REPLACE INTO commands (run_id, version, time, issued_by, controller, command)"
-                  " VALUES (?,?,?,?,?,?)")
-INSERT_AUDIT = ("INSERT INTO audit (run_id, version, time, who, what, event, step, reason, rank)"
-                " VALUES (?,?,?,?,?,?,?,?,?)")
+INSERT_COMMAND = (
+    "INSERT OR REPLACE INTO commands (run_id, version, time, issued_by, controller, command) VALUES (?,?,?,?,?,?)"
+)
+INSERT_AUDIT = (
+    "INSERT INTO audit (run_id, version, time, who, what, event, step, reason, rank) VALUES (?,?,?,?,?,?,?,?,?)"
+)
 
 
 class ControlRefused(Exception):
@@ -201,14 +206,14 @@ class RunControl:
     """Control state of one run: current command, per-rank answers, recent audit."""
 
     def __init__(self) -> None:
-        self.last_version = 0                       # highest version assigned (or seen from a job)
+        self.last_version = 0  # highest version assigned (or seen from a job)
         self.current: pb.RateCommand | None = None  # the command in force on the collector's side
-        self.rule: RateRule | None = None           # its rule, for requested rates
-        self.applied: dict[int, Applied] = {}                  # rank -> newest applied
-        self.rejected: dict[int, tuple[int, str]] = {}         # rank -> (version, reason)
+        self.rule: RateRule | None = None  # its rule, for requested rates
+        self.applied: dict[int, Applied] = {}  # rank -> newest applied
+        self.rejected: dict[int, tuple[int, str]] = {}  # rank -> (version, reason)
         self.audit: collections.deque[pb.AuditEntry] = collections.deque(maxlen=AUDIT_KEEP)
         self.apply_at: collections.OrderedDict[int, int] = collections.OrderedDict()  # version -> apply_at_step
-        self.late_total = 0                                    # late applications (Prometheus counter)
+        self.late_total = 0  # late applications (Prometheus counter)
 
     @property
     def version(self) -> int:
@@ -255,7 +260,7 @@ class RunControl:
 class ControlPlane:
     """Commands, delivery and audit for every run of one collector (loop thread)."""
 
-    def __init__(self, state: "CollectorState", store: "Store") -> None:
+    def __init__(self, state: CollectorState, store: Store) -> None:
         self.state = state
         self.store = store
 
@@ -271,8 +276,9 @@ class ControlPlane:
         by_id = {rs.run_id: rs for rs in self.state.runs.values()}
         n = 0
         for run_id, version, blob in conn.execute(
-                "SELECT run_id, version, command FROM commands c WHERE version ="
-                " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)"):
+            "SELECT run_id, version, command FROM commands c WHERE version ="
+            " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)"
+        ):
             rs = by_id.get(run_id)
             if rs is None:
                 continue
@@ -285,8 +291,9 @@ class ControlPlane:
             rc.remember_apply_at(cmd.version, cmd.apply_at_step)
             n += 1
         for run_id, rank, version, step, t, reason in conn.execute(
-                "SELECT run_id, rank, version, step, time, reason FROM audit a WHERE event = 'applied' AND id ="
-                " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"):
+            "SELECT run_id, rank, version, step, time, reason FROM audit a WHERE event = 'applied' AND id ="
+            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"
+        ):
             rs = by_id.get(run_id)
             if rs is not None:
                 # A late (or early) application records the step it wanted in its audit reason.
@@ -294,43 +301,64 @@ class ControlPlane:
                 wanted = int(m.group(1)) if m else rs.control.wanted_step(int(version))
                 rs.control.applied[int(rank)] = Applied(int(version), int(step or 0), float(t or 0.0), wanted)
         for run_id, rank, version, reason in conn.execute(
-                "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
-                " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"):
+            "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
+            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"
+        ):
             rs = by_id.get(run_id)
             if rs is not None:
                 rs.control.rejected[int(rank)] = (int(version), reason or "")
         for rs in by_id.values():
             rows = conn.execute(
                 "SELECT version, time, who, what, event, step, reason FROM audit WHERE run_id = ?"
-                " ORDER BY id DESC LIMIT ?", (rs.run_id, AUDIT_KEEP)).fetchall()
+                " ORDER BY id DESC LIMIT ?",
+                (rs.run_id, AUDIT_KEEP),
+            ).fetchall()
             for version, t, who, what, event, step, reason in reversed(rows):
-                rs.control.audit.append(pb.AuditEntry(version=version or 0, time=t or 0.0, who=who or "",
-                                                      what=what or "", event=event or "", step=step or 0,
-                                                      reason=reason or ""))
+                rs.control.audit.append(
+                    pb.AuditEntry(
+                        version=version or 0,
+                        time=t or 0.0,
+                        who=who or "",
+                        what=what or "",
+                        event=event or "",
+                        step=step or 0,
+                        reason=reason or "",
+                    )
+                )
         if n:
             log.info("control plane: restored the current command of %d runs", n)
 
     # ------------------------------------------------------------ audit
-    def _audit(self, rs: "RunState", version: int, event: str, who: str, what: str = "", step: int = 0,
-               reason: str = "", rank: int | None = None) -> None:
-        entry = pb.AuditEntry(version=version, time=time.time(), who=who, what=what, event=event, step=step,
-                              reason=reason)
+    def _audit(
+        self,
+        rs: RunState,
+        version: int,
+        event: str,
+        who: str,
+        what: str = "",
+        step: int = 0,
+        reason: str = "",
+        rank: int | None = None,
+    ) -> None:
+        entry = pb.AuditEntry(
+            version=version, time=time.time(), who=who, what=what, event=event, step=step, reason=reason
+        )
         rs.control.audit.append(entry)
         self.store.submit(INSERT_AUDIT, (rs.run_id, version, entry.time, who, what, event, step, reason, rank))
 
     @staticmethod
-    def _job_who(sess: "LiveSession") -> str:
+    def _job_who(sess: LiveSession) -> str:
         return f"job rank {sess.rank} (pid {sess.pid}@{sess.host or '?'})"
 
     # ------------------------------------------------------------ SetControl
     @staticmethod
-    def controllable(rs: "RunState") -> bool:
+    def controllable(rs: RunState) -> bool:
         """True when the run opted in to remote control (now or in its first Hello)."""
         if rs.capabilities.get("control"):
             return True
         return any(s.capabilities.get("control") for s in rs.sessions)
 
-    def set_command(self, rs: "RunState", cmd: pb.RateCommand, who: str) -> pb.RateCommand:
+    def set_command(self, rs: RunState, cmd: pb.RateCommand, who: str) -> pb.RateCommand:
         """Version, store and push a command for ``rs``; returns the stored command.
 
         Raises ControlRefused when the run did not opt in to remote control.
@@ -341,7 +369,8 @@ class ControlPlane:
         if not self.controllable(rs):
             raise ControlRefused(
                 f"run {rs.run!r} did not opt in to remote control: start it with "
-                "layrot.watch(model, optimizer, run=..., control=True) and a layrot.Layca optimizer")
+                "layrot.watch(model, optimizer, run=..., control=True) and a layrot.Layca optimizer"
+            )
         rc = rs.control
         stored = pb.RateCommand()
         stored.CopyFrom(cmd)
@@ -359,8 +388,17 @@ class ControlPlane:
         rc.remember_apply_at(stored.version, stored.apply_at_step)
         rc.current = stored
         rc.rule = _requested_rule(stored, rs.names)
-        self.store.submit(INSERT_COMMAND, (rs.run_id, stored.version, stored.issued_at, stored.issued_by,
-                                           stored.controller, stored.SerializeToString()))
+        self.store.submit(
+            INSERT_COMMAND,
+            (
+                rs.run_id,
+                stored.version,
+                stored.issued_at,
+                stored.issued_by,
+                stored.controller,
+                stored.SerializeToString(),
+            ),
+        )
         what = describe_command(stored)
         self._audit(rs, stored.version, "requested", who, what, reason=stored.reason)
         log.info("control: run %s version %d requested by %s: %s", rs.run, stored.version, who, what)
@@ -369,13 +407,13 @@ class ControlPlane:
         return stored
 
     @staticmethod
-    def multi_rank(rs: "RunState") -> bool:
+    def multi_rank(rs: RunState) -> bool:
         """True when the run has (or announced) more than one rank."""
         if rs.world_size > 1 or len(rs.last) > 1:
             return True
         return len({s.rank for s in rs.sessions}) > 1
 
-    def apply_step(self, rs: "RunState", now: float) -> int:
+    def apply_step(self, rs: RunState, now: float) -> int:
         """``apply_at_step`` for a multi-rank command issued at ``now``: newest step + :func:`command_lead`."""
         last = dict(rs.last)
         newest = max(last.values(), key=lambda snap: snap.step) if last else None
@@ -385,31 +423,45 @@ class ControlPlane:
             rate = self._step_rate(rs, newest.rank)
             age, top = now - newest.time, newest.step
         lead = command_lead(rate, age, rs.every)
-        log.info("control: run %s has %d ranks: apply at step %d = newest step %d + lead %d (rate %s steps/s, "
-                 "newest report %.2f s old, every %d)", rs.run, max(rs.world_size, len(last)), top + lead, top, lead,
-                 "unknown" if rate is None else f"{rate:.3g}", age, rs.every)
+        log.info(
+            "control: run %s has %d ranks: apply at step %d = newest step %d + lead %d (rate %s steps/s, "
+            "newest report %.2f s old, every %d)",
+            rs.run,
+            max(rs.world_size, len(last)),
+            top + lead,
+            top,
+            lead,
+            "unknown" if rate is None else f"{rate:.3g}",
+            age,
+            rs.every,
+        )
         return top + lead
 
-    def _step_rate(self, rs: "RunState", rank: int) -> float | None:
+    def _step_rate(self, rs: RunState, rank: int) -> float | None:
         # A primary-key range read of a few dozen rows: ~0.1 ms on the loop thread,
         # once per SetControl of a multi-rank run.
         try:
-            rows = self.store.reader().execute(
-                "SELECT step, time FROM steps WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT ?",
-                (rs.run_id, rank, RATE_REPORTS)).fetchall()
+            rows = (
+                self.store.reader()
+                .execute(
+                    "SELECT step, time FROM steps WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT ?",
+                    (rs.run_id, rank, RATE_REPORTS),
+                )
+                .fetchall()
+            )
         except sqlite3.Error:
             log.exception("control plane: cannot read the step history of run %s", rs.run)
             return None
         return step_rate(rows)
 
-    def _push(self, rs: "RunState", sess: "LiveSession", cmd: pb.RateCommand, reason: str) -> None:
+    def _push(self, rs: RunState, sess: LiveSession, cmd: pb.RateCommand, reason: str) -> None:
         if not sess.capabilities.get("control") or sess.closing:
             return
         sess.send(pb.CollectorMessage(rate_command=cmd))
         self._audit(rs, cmd.version, "sent", f"collector -> {self._job_who(sess)}", reason=reason, rank=sess.rank)
 
     # ------------------------------------------------------------ session events
-    def on_hello(self, sess: "LiveSession") -> None:
+    def on_hello(self, sess: LiveSession) -> None:
         """A session opened: re-send the run's current command if the job takes commands."""
         rs = sess.run
         if rs is None:
@@ -422,7 +474,7 @@ class ControlPlane:
         if rc.current is not None and rc.current.version > 0:
             self._push(rs, sess, rc.current, "re-sent on (re)connect")
 
-    def on_ack(self, sess: "LiveSession", ack: pb.ControlAck) -> None:
+    def on_ack(self, sess: LiveSession, ack: pb.ControlAck) -> None:
         """The job answered a command: record applied/rejected and audit it."""
         rs = sess.run
         if rs is None:
@@ -444,30 +496,48 @@ class ControlPlane:
                 reason = f"late (wanted step {now.wanted})"
                 if not repeat:
                     rc.late_total += 1
-                    log.warning("control: run %s rank %d applied version %d late at step %d (wanted %d)", rs.run,
-                                sess.rank, now.version, now.step, now.wanted)
+                    log.warning(
+                        "control: run %s rank %d applied version %d late at step %d (wanted %d)",
+                        rs.run,
+                        sess.rank,
+                        now.version,
+                        now.step,
+                        now.wanted,
+                    )
             elif now.step < now.wanted:
                 # Only a job that does not hold commands does this (a layrot client older than apply_at_step).
                 reason = f"early (wanted step {now.wanted}): the job does not hold commands, upgrade layrot"
                 if not repeat:
-                    log.warning("control: run %s rank %d applied version %d at step %d, before its step %d: "
-                                "the job's layrot does not hold commands; its ranks may now differ", rs.run,
-                                sess.rank, now.version, now.step, now.wanted)
+                    log.warning(
+                        "control: run %s rank %d applied version %d at step %d, before its step %d: "
+                        "the job's layrot does not hold commands; its ranks may now differ",
+                        rs.run,
+                        sess.rank,
+                        now.version,
+                        now.step,
+                        now.wanted,
+                    )
             self._audit(rs, ack.version, "applied", who, step=ack.step, reason=reason, rank=sess.rank)
         else:
             rc.rejected[sess.rank] = (int(ack.version), ack.reason)
-            self._audit(rs, ack.version, "rejected", who, step=ack.step, reason=ack.reason or "rejected",
-                        rank=sess.rank)
+            self._audit(
+                rs, ack.version, "rejected", who, step=ack.step, reason=ack.reason or "rejected", rank=sess.rank
+            )
         if ack.version > rc.last_version:
             rc.last_version = int(ack.version)
 
     # ------------------------------------------------------------ status
-    def status(self, rs: "RunState", audit_limit: int = STATUS_AUDIT) -> pb.ControlStatus:
+    def status(self, rs: RunState, audit_limit: int = STATUS_AUDIT) -> pb.ControlStatus:
         """ControlStatus of a run: requested vs applied, per-layer rates, newest audit entries."""
         rc = rs.control
         applied_version, applied_step = rc.applied_state()
-        out = pb.ControlStatus(run=rs.run, applied_version=applied_version, applied_step=applied_step,
-                               rejected_reason=rc.rejected_reason(), layer_names=rs.names)
+        out = pb.ControlStatus(
+            run=rs.run,
+            applied_version=applied_version,
+            applied_step=applied_step,
+            rejected_reason=rc.rejected_reason(),
+            layer_names=rs.names,
+        )
         if rc.current is not None:
             out.requested.CopyFrom(rc.current)
         audit = list(rc.audit)[-audit_limit:] if audit_limit > 0 else []
@@ -483,7 +553,7 @@ class ControlPlane:
         return out
 
     @staticmethod
-    def rank_states(rs: "RunState") -> list[pb.RankControl]:
+    def rank_states(rs: RunState) -> list[pb.RankControl]:
         """Per-rank control state, lowest rank first (every rank heard of: answered, reported or connected)."""
         rc = rs.control
         last = dict(rs.last)
@@ -504,7 +574,7 @@ class ControlPlane:
         return out
 
 
-def attach(state: "CollectorState", store: "Store") -> ControlPlane:
+def attach(state: CollectorState, store: Store) -> ControlPlane:
     """Create the control plane of a collector, restore it, and hang it on ``state.control``."""
     plane = ControlPlane(state, store)
     plane.restore()
@@ -518,5 +588,15 @@ def client_who(request_who: str, peer: str) -> str:
     return f"{who} from {peer}" if peer else who
 
 
-__all__ = ["AUDIT_KEEP", "Applied", "ControlPlane", "ControlRefused", "RunControl", "attach", "client_who",
-           "command_lead", "describe_command", "step_rate"]
+__all__ = [
+    "AUDIT_KEEP",
+    "Applied",
+    "ControlPlane",
+    "ControlRefused",
+    "RunControl",
+    "attach",
+    "client_who",
+    "command_lead",
+    "describe_command",
+    "step_rate",
+]

@@ -10,6 +10,7 @@ coroutines, not threads. The per-message work is a handful of vectorised
 numpy calls over the (steps x layers) arrays, then one queue put to the
 store's writer thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,16 +18,17 @@ import hmac
 import logging
 import math
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
 
+from layrot.core import rotation as rot
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import unpack
 from layrot.server import control
-from layrot.server import rotation as rot
 from layrot.server.state import ACK, END, CollectorState, LiveSession, Snapshot
 from layrot.server.store import LayerRecord, RunRecord, Store, insert_run_sql
 
@@ -83,9 +85,20 @@ def validate_hello(hello: pb.Hello) -> list[LayerRecord]:
     layers = []
     for lay in sorted(hello.layers, key=lambda x: x.index):
         if not (math.isfinite(lay.init_norm) and lay.init_norm >= 0.0):
-            raise SessionReject("bad_hello", f"layer {lay.name!r}: init_norm must be finite and >= 0, got {lay.init_norm}")
-        layers.append(LayerRecord(index=lay.index, name=lay.name, shape=list(lay.shape), init_norm=lay.init_norm,
-                                  numel=lay.numel, module_type=lay.module_type, sharded=lay.sharded))
+            raise SessionReject(
+                "bad_hello", f"layer {lay.name!r}: init_norm must be finite and >= 0, got {lay.init_norm}"
+            )
+        layers.append(
+            LayerRecord(
+                index=lay.index,
+                name=lay.name,
+                shape=list(lay.shape),
+                init_norm=lay.init_norm,
+                numel=lay.numel,
+                module_type=lay.module_type,
+                sharded=lay.sharded,
+            )
+        )
     return layers
 
 
@@ -97,8 +110,13 @@ def _capabilities(hello: pb.Hello) -> dict[str, bool]:
 class IngestServicer(pb_grpc.IngestServicer):
     """The Ingest service on a grpc.aio server."""
 
-    def __init__(self, state: CollectorState, store: Store, token: str | None = None,
-                 max_pending_samples: int = MAX_PENDING_SAMPLES) -> None:
+    def __init__(
+        self,
+        state: CollectorState,
+        store: Store,
+        token: str | None = None,
+        max_pending_samples: int = MAX_PENDING_SAMPLES,
+    ) -> None:
         self.state = state
         self.store = store
         self.token = token
@@ -134,8 +152,13 @@ class IngestServicer(pb_grpc.IngestServicer):
         for sess, seq, _n_steps, n_samples in tokens:
             self.pending_samples -= n_samples
             sess.inflight -= 1
-            sess.send(pb.CollectorMessage(error=pb.SessionError(
-                code="store_error", seq=seq, message="the collector could not store this batch; resend it later")))
+            sess.send(
+                pb.CollectorMessage(
+                    error=pb.SessionError(
+                        code="store_error", seq=seq, message="the collector could not store this batch; resend it later"
+                    )
+                )
+            )
             if sess.closing and sess.inflight <= 0:
                 sess.drained.set()
 
@@ -149,8 +172,9 @@ class IngestServicer(pb_grpc.IngestServicer):
             sess.committed(seq)
 
     # ------------------------------------------------------------ the stream
-    async def Session(self, request_iterator: AsyncIterator[pb.JobMessage],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CollectorMessage]:
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.JobMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CollectorMessage]:
         if not check_token(context, self.token):
             self.state.reject("unauthenticated")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
@@ -197,7 +221,9 @@ class IngestServicer(pb_grpc.IngestServicer):
                 kind = msg.WhichOneof("kind")
                 if sess.run is None:
                     if kind != "hello":
-                        raise SessionReject("bad_hello", f"the first message must be Hello, got {kind or 'an empty message'}")
+                        raise SessionReject(
+                            "bad_hello", f"the first message must be Hello, got {kind or 'an empty message'}"
+                        )
                     self._hello(msg.hello, sess)
                     continue
                 if kind == "steps":
@@ -208,13 +234,23 @@ class IngestServicer(pb_grpc.IngestServicer):
                     self._control_ack(msg.control_ack, sess)
                 elif kind == "goodbye":
                     sess.said_goodbye = True
-                    log.info("goodbye: run=%s rank=%d last_seq=%d reason=%s", sess.run.run, sess.rank,
-                             msg.goodbye.last_seq, msg.goodbye.reason)
+                    log.info(
+                        "goodbye: run=%s rank=%d last_seq=%d reason=%s",
+                        sess.run.run,
+                        sess.rank,
+                        msg.goodbye.last_seq,
+                        msg.goodbye.reason,
+                    )
                     break
                 elif kind == "hello":
                     self.state.reject("bad_hello", sess.run)
-                    sess.send(pb.CollectorMessage(error=pb.SessionError(
-                        code="bad_hello", message="Hello was already received on this session; ignored")))
+                    sess.send(
+                        pb.CollectorMessage(
+                            error=pb.SessionError(
+                                code="bad_hello", message="Hello was already received on this session; ignored"
+                            )
+                        )
+                    )
                 else:
                     self.state.reject("empty_message", sess.run)
         except SessionReject as exc:  # bad Hello: report and end the stream
@@ -245,8 +281,9 @@ class IngestServicer(pb_grpc.IngestServicer):
             try:
                 await asyncio.wait_for(sess.drained.wait(), DRAIN_TIMEOUT)
             except asyncio.TimeoutError:
-                log.warning("session of run %s closed with %d uncommitted batches", sess.run and sess.run.run,
-                            sess.inflight)
+                log.warning(
+                    "session of run %s closed with %d uncommitted batches", sess.run and sess.run.run, sess.inflight
+                )
         sess.send(END)
 
     # ------------------------------------------------------------ Hello
@@ -257,10 +294,21 @@ class IngestServicer(pb_grpc.IngestServicer):
         now = time.time()
         if rs is None:
             rec = RunRecord(
-                run_id=state.next_run_id, run=hello.run, framework=hello.framework,
-                framework_version=hello.framework_version, host=hello.host, world_size=max(1, hello.world_size),
-                every=max(1, hello.every), capabilities=_capabilities(hello), meta=dict(hello.meta),
-                created=now, last_seen=None, first_report=None, nonfinite=0, layers=layers)
+                run_id=state.next_run_id,
+                run=hello.run,
+                framework=hello.framework,
+                framework_version=hello.framework_version,
+                host=hello.host,
+                world_size=max(1, hello.world_size),
+                every=max(1, hello.every),
+                capabilities=_capabilities(hello),
+                meta=dict(hello.meta),
+                created=now,
+                last_seen=None,
+                first_report=None,
+                nonfinite=0,
+                layers=layers,
+            )
             rs = state.add_run(rec)
             for sql, params in insert_run_sql(rec):
                 self.store.submit(sql, params)
@@ -268,11 +316,14 @@ class IngestServicer(pb_grpc.IngestServicer):
         else:
             names = [lay.name for lay in layers]
             if names != rs.names:
-                diff = next((i for i, (a, b) in enumerate(zip(names, rs.names)) if a != b), min(len(names), len(rs.names)))
+                diff = next(
+                    (i for i, (a, b) in enumerate(zip(names, rs.names)) if a != b), min(len(names), len(rs.names))
+                )
                 raise SessionReject(
                     "layer_table_mismatch",
                     f"run {hello.run!r} already exists with a different layer table ({rs.num_layers} layers, this job"
-                    f" sends {len(names)}; first difference at index {diff}); use a new run name")
+                    f" sends {len(names)}; first difference at index {diff}); use a new run name",
+                )
             if hello.world_size > rs.world_size:
                 rs.world_size = hello.world_size
                 self.store.submit("UPDATE runs SET world_size=? WHERE id=?", (rs.world_size, rs.run_id))
@@ -289,8 +340,15 @@ class IngestServicer(pb_grpc.IngestServicer):
         sess.init_norm = np.array([lay.init_norm for lay in layers], dtype=np.float64)
         sess.num_layers = len(layers)
         rs.sessions.add(sess)
-        log.info("session opened: run=%s rank=%d/%d pid=%d host=%s peer=%s", rs.run, sess.rank, sess.world_size,
-                 sess.pid, sess.host, sess.peer)
+        log.info(
+            "session opened: run=%s rank=%d/%d pid=%d host=%s peer=%s",
+            rs.run,
+            sess.rank,
+            sess.world_size,
+            sess.pid,
+            sess.host,
+            sess.peer,
+        )
         self.control.on_hello(sess)
 
     # ------------------------------------------------------------ StepBatch
@@ -320,8 +378,11 @@ class IngestServicer(pb_grpc.IngestServicer):
         rs.update(snap)
         sess.inflight += 1
         self.store.submit_rows(rows)
-        self.store.submit("UPDATE runs SET last_seen=?, nonfinite=? WHERE id=?",
-                          (rs.last_report, rs.nonfinite, rs.run_id), token=(sess, b.seq, n_steps, n_samples))
+        self.store.submit(
+            "UPDATE runs SET last_seen=?, nonfinite=? WHERE id=?",
+            (rs.last_report, rs.nonfinite, rs.run_id),
+            token=(sess, b.seq, n_steps, n_samples),
+        )
 
     def _decode(self, b: pb.StepBatch, sess: LiveSession) -> tuple[list[tuple], Snapshot, int, int]:
         L = sess.num_layers
@@ -329,8 +390,9 @@ class IngestServicer(pb_grpc.IngestServicer):
         if b.num_layers != L:
             raise SessionReject("bad_batch", f"num_layers={b.num_layers} but the Hello declared {L} layers")
         if S == 0 or len(b.times) != S:
-            raise SessionReject("bad_batch", f"need >= 1 step and len(times) == len(steps), got {S} steps, "
-                                             f"{len(b.times)} times")
+            raise SessionReject(
+                "bad_batch", f"need >= 1 step and len(times) == len(steps), got {S} steps, {len(b.times)} times"
+            )
         steps = np.fromiter(b.steps, dtype=np.uint64, count=S)
         if steps.min() < 1:
             raise SessionReject("bad_batch", "steps must be >= 1 (1 after the first optimizer step)")
@@ -391,34 +453,69 @@ class IngestServicer(pb_grpc.IngestServicer):
             loss = losses[i]
             if loss is not None and not math.isfinite(loss):
                 loss = None
-            rows.append((run_id, rank, steps_l[i], times_l[i], loss, versions[i], rot_b[lo:hi], ang_b[lo:hi],
-                         raw_norm[lo:hi], None if raw_rho is None else raw_rho[lo:hi], raw_d0[lo:hi],
-                         raw_ds[lo:hi], raw_np[lo:hi], None if raw_dot0 is None else raw_dot0[lo:hi],
-                         None if raw_dotstep is None else raw_dotstep[lo:hi]))
+            rows.append(
+                (
+                    run_id,
+                    rank,
+                    steps_l[i],
+                    times_l[i],
+                    loss,
+                    versions[i],
+                    rot_b[lo:hi],
+                    ang_b[lo:hi],
+                    raw_norm[lo:hi],
+                    None if raw_rho is None else raw_rho[lo:hi],
+                    raw_d0[lo:hi],
+                    raw_ds[lo:hi],
+                    raw_np[lo:hi],
+                    None if raw_dot0 is None else raw_dot0[lo:hi],
+                    None if raw_dotstep is None else raw_dotstep[lo:hi],
+                )
+            )
         last = int(np.argmax(steps))
         loss_last = losses[last]
         snap = Snapshot(
-            rank=rank, step=steps_l[last], time=times_l[last],
+            rank=rank,
+            step=steps_l[last],
+            time=times_l[last],
             loss=float("nan") if loss_last is None else float(loss_last),
-            rotation=rotation[last].copy(), step_angle=angle[last].copy(), weight_norm=norm[last].copy(),
-            rho=None if rho is None else rho[last].copy())
+            rotation=rotation[last].copy(),
+            step_angle=angle[last].copy(),
+            weight_norm=norm[last].copy(),
+            rho=None if rho is None else rho[last].copy(),
+        )
         return rows, snap, nonfinite, S
 
     # ------------------------------------------------------------ ControlAck
     def _control_ack(self, ack: pb.ControlAck, sess: LiveSession) -> None:
         rs = sess.run
         assert rs is not None
-        entry = {"rank": sess.rank, "session_id": sess.session_id, "version": ack.version, "applied": ack.applied,
-                 "reason": ack.reason, "step": ack.step, "time": time.time()}
+        entry = {
+            "rank": sess.rank,
+            "session_id": sess.session_id,
+            "version": ack.version,
+            "applied": ack.applied,
+            "reason": ack.reason,
+            "step": ack.step,
+            "time": time.time(),
+        }
         rs.control_acks.append(entry)
         if ack.applied:
             sess.applied_command_version = ack.version
-        log.info("control ack: run=%s rank=%d version=%d applied=%s step=%d %s", rs.run, sess.rank, ack.version,
-                 ack.applied, ack.step, ack.reason)
+        log.info(
+            "control ack: run=%s rank=%d version=%d applied=%s step=%d %s",
+            rs.run,
+            sess.rank,
+            ack.version,
+            ack.applied,
+            ack.step,
+            ack.reason,
+        )
         self.store.submit(
             "INSERT INTO control_acks (run_id, rank, session_id, version, applied, reason, step, time)"
             " VALUES (?,?,?,?,?,?,?,?)",
-            (rs.run_id, sess.rank, sess.session_id, ack.version, int(ack.applied), ack.reason, ack.step, entry["time"]))
+            (rs.run_id, sess.rank, sess.session_id, ack.version, int(ack.applied), ack.reason, ack.step, entry["time"]),
+        )
         self.control.on_ack(sess, ack)
 
     # ------------------------------------------------------------ shutdown

@@ -8,6 +8,7 @@ Labels: ``run``, ``layer``, ``index``, ``reason``, ``framework``, ``host``;
 never ``job`` (Prometheus attaches its own ``job`` and ``instance``).
 Per-run numbers come from the lowest reporting rank (rank 0).
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,12 +16,13 @@ import math
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from layrot.server.state import CollectorState
@@ -38,18 +40,27 @@ def control_families(runs: list) -> Iterator[Metric]:
     newest reported step; it is absent when the collector cannot know the rates
     (no command, mode "off", or a command without a schedule).
     """
-    requested = GaugeMetricFamily("layrot_layer_rho_requested",
-                                  "Layca per-layer rate the current control command asks for at the run's newest step",
-                                  labels=LAYER_LABELS)
-    version = GaugeMetricFamily("layrot_run_command_version_requested",
-                                "Version of the run's current control command (0 = none)", labels=["run"])
-    applied = GaugeMetricFamily("layrot_run_command_version_applied",
-                                "Newest control command version the job acknowledged as applied (0 = none)",
-                                labels=["run"])
-    late = CounterMetricFamily("layrot_control_late",
-                               "Control commands a rank applied after their apply_at_step (they arrived too late:"
-                               " the replicas of a data-parallel job switched at different steps and now differ)",
-                               labels=["run"])
+    requested = GaugeMetricFamily(
+        "layrot_layer_rho_requested",
+        "Layca per-layer rate the current control command asks for at the run's newest step",
+        labels=LAYER_LABELS,
+    )
+    version = GaugeMetricFamily(
+        "layrot_run_command_version_requested",
+        "Version of the run's current control command (0 = none)",
+        labels=["run"],
+    )
+    applied = GaugeMetricFamily(
+        "layrot_run_command_version_applied",
+        "Newest control command version the job acknowledged as applied (0 = none)",
+        labels=["run"],
+    )
+    late = CounterMetricFamily(
+        "layrot_control_late",
+        "Control commands a rank applied after their apply_at_step (they arrived too late:"
+        " the replicas of a data-parallel job switched at different steps and now differ)",
+        labels=["run"],
+    )
     for rs in runs:
         rc = getattr(rs, "control", None)
         if rc is None or rc.current is None:
@@ -69,8 +80,13 @@ def control_families(runs: list) -> Iterator[Metric]:
 class LayrotCollector(Collector):
     """Metric families over a ``CollectorState`` (see module docstring for names)."""
 
-    def __init__(self, state: CollectorState, store: Store | None = None, run_ttl: float = 86400.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        state: CollectorState,
+        store: Store | None = None,
+        run_ttl: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.state = state
         self.store = store
         self.run_ttl = run_ttl
@@ -87,28 +103,40 @@ class LayrotCollector(Collector):
         return out
 
     def collect(self) -> Iterator[Metric]:
-        rotation = GaugeMetricFamily("layrot_layer_rotation",
-                                     "Cosine distance between the layer's weights now and at initialization",
-                                     labels=LAYER_LABELS)
-        angle = GaugeMetricFamily("layrot_layer_step_angle_radians",
-                                  "Angle the layer's weights rotated in the last reported optimizer step",
-                                  labels=LAYER_LABELS)
+        rotation = GaugeMetricFamily(
+            "layrot_layer_rotation",
+            "Cosine distance between the layer's weights now and at initialization",
+            labels=LAYER_LABELS,
+        )
+        angle = GaugeMetricFamily(
+            "layrot_layer_step_angle_radians",
+            "Angle the layer's weights rotated in the last reported optimizer step",
+            labels=LAYER_LABELS,
+        )
         norm = GaugeMetricFamily("layrot_layer_weight_norm", "L2 norm of the layer's weights", labels=LAYER_LABELS)
-        rho = GaugeMetricFamily("layrot_layer_rho_applied",
-                                "Layca per-layer rotation rate the job applied at the last reported step",
-                                labels=LAYER_LABELS)
+        rho = GaugeMetricFamily(
+            "layrot_layer_rho_applied",
+            "Layca per-layer rotation rate the job applied at the last reported step",
+            labels=LAYER_LABELS,
+        )
         step = GaugeMetricFamily("layrot_run_step", "Newest reported optimizer step", labels=["run"])
-        last = GaugeMetricFamily("layrot_run_last_report_timestamp_seconds",
-                                 "Unix time at which the newest reported step was measured", labels=["run"])
+        last = GaugeMetricFamily(
+            "layrot_run_last_report_timestamp_seconds",
+            "Unix time at which the newest reported step was measured",
+            labels=["run"],
+        )
         nlayers = GaugeMetricFamily("layrot_run_layers", "Number of monitored layers", labels=["run"])
         rmin = GaugeMetricFamily("layrot_run_rotation_min", "Smallest layer rotation of the run", labels=["run"])
         rmean = GaugeMetricFamily("layrot_run_rotation_mean", "Mean layer rotation of the run", labels=["run"])
         connected = GaugeMetricFamily("layrot_run_connected", "1 while the run has an open session", labels=["run"])
-        info = GaugeMetricFamily("layrot_run_info", "Run identity (value is always 1)",
-                                 labels=["run", "framework", "host"])
-        nonfinite = CounterMetricFamily("layrot_run_nonfinite_samples",
-                                        "Layer samples with NaN/Inf norms or distances (the run diverged)",
-                                        labels=["run"])
+        info = GaugeMetricFamily(
+            "layrot_run_info", "Run identity (value is always 1)", labels=["run", "framework", "host"]
+        )
+        nonfinite = CounterMetricFamily(
+            "layrot_run_nonfinite_samples",
+            "Layer samples with NaN/Inf norms or distances (the run diverged)",
+            labels=["run"],
+        )
 
         for rs in self.visible_runs():
             run = rs.run
@@ -140,24 +168,34 @@ class LayrotCollector(Collector):
         yield from control_families(self.visible_runs())
 
         st = self.state
-        yield CounterMetricFamily("layrot_samples_ingested", "Layer samples (steps x layers) stored in the history",
-                                  value=st.samples_ingested)
-        yield CounterMetricFamily("layrot_steps_ingested", "Steps (per rank) stored in the history", value=st.steps_ingested)
+        yield CounterMetricFamily(
+            "layrot_samples_ingested", "Layer samples (steps x layers) stored in the history", value=st.samples_ingested
+        )
+        yield CounterMetricFamily(
+            "layrot_steps_ingested", "Steps (per rank) stored in the history", value=st.steps_ingested
+        )
         rejected = CounterMetricFamily("layrot_messages_rejected", "Messages rejected, by reason", labels=["reason"])
         for reason, n in sorted(dict(st.rejected).items()):
             rejected.add_metric([reason], n)
         yield rejected
         yield GaugeMetricFamily("layrot_sessions_active", "Open Ingest sessions", value=st.sessions_active)
         yield CounterMetricFamily("layrot_sessions_opened", "Ingest sessions opened", value=st.sessions_opened)
-        yield CounterMetricFamily("layrot_sessions_lost",
-                                  "Ingest sessions that ended without Goodbye (job killed, network lost, client"
-                                  " cancel, or a message over the 16 MiB limit, which gRPC refuses before the"
-                                  " collector sees it)", value=st.sessions_lost)
+        yield CounterMetricFamily(
+            "layrot_sessions_lost",
+            "Ingest sessions that ended without Goodbye (job killed, network lost, client"
+            " cancel, or a message over the 16 MiB limit, which gRPC refuses before the"
+            " collector sees it)",
+            value=st.sessions_lost,
+        )
         if self.store is not None:
-            yield GaugeMetricFamily("layrot_store_pending_rows", "Rows queued for the history store, not committed",
-                                    value=self.store.pending_rows)
-            yield CounterMetricFamily("layrot_store_errors", "Failed history store transactions",
-                                      value=self.store.errors)
+            yield GaugeMetricFamily(
+                "layrot_store_pending_rows",
+                "Rows queued for the history store, not committed",
+                value=self.store.pending_rows,
+            )
+            yield CounterMetricFamily(
+                "layrot_store_errors", "Failed history store transactions", value=self.store.errors
+            )
         if st.alerts is not None:  # layrot_alerts_total{run,layer,kind,severity} etc. (server/alerts.py)
             yield from st.alerts.hub.metric_families(rs.run for rs in self.visible_runs())
 
@@ -184,8 +222,9 @@ class MetricsServer:
         family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         server_cls = type("_LayrotMetricsServer", (_Server,), {"address_family": family})
         self._httpd = make_server(host, port, make_wsgi_app(self.registry), server_cls, handler_class=_QuietHandler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="layrot-metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="layrot-metrics", daemon=True
+        )
         self._thread.start()
         self.host = host
         self.port: int = self._httpd.server_address[1]

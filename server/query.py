@@ -4,11 +4,12 @@ Reads the in-memory state for current values and the history store (on
 executor threads with their own SQLite connections) for history, so a large
 export never stalls ingest.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -35,11 +36,22 @@ def run_summary(rs: RunState) -> pb.RunSummary:
     snap = rs.primary()
     mn, mean = rs.summary_stats()
     return pb.RunSummary(
-        run=rs.run, framework=rs.framework, host=rs.host, world_size=rs.world_size,
-        step=snap.step if snap else 0, last_report=rs.last_report or 0.0, num_layers=rs.num_layers,
-        min_rotation=mn, mean_rotation=mean, connected=rs.connected, sessions=len(rs.sessions),
-        layca=bool(rs.capabilities.get("layca")), control=bool(rs.capabilities.get("control")),
-        first_report=rs.first_report or 0.0, meta=rs.meta)
+        run=rs.run,
+        framework=rs.framework,
+        host=rs.host,
+        world_size=rs.world_size,
+        step=snap.step if snap else 0,
+        last_report=rs.last_report or 0.0,
+        num_layers=rs.num_layers,
+        min_rotation=mn,
+        mean_rotation=mean,
+        connected=rs.connected,
+        sessions=len(rs.sessions),
+        layca=bool(rs.capabilities.get("layca")),
+        control=bool(rs.capabilities.get("control")),
+        first_report=rs.first_report or 0.0,
+        meta=rs.meta,
+    )
 
 
 class QueryServicer(pb_grpc.QueryServicer):
@@ -54,9 +66,11 @@ class QueryServicer(pb_grpc.QueryServicer):
         rs = self.state.runs.get(name)
         if rs is None:
             known = len(self.state.runs)
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown run {name!r} (the collector knows {known} run{'s' if known != 1 else ''};"
-                                " list them with 'layrot-agent runs')")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown run {name!r} (the collector knows {known} run{'s' if known != 1 else ''};"
+                " list them with 'layrot-agent runs')",
+            )
         return rs  # type: ignore[return-value]
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
@@ -69,17 +83,23 @@ class QueryServicer(pb_grpc.QueryServicer):
         layers = []
         for i, lay in enumerate(rs.layers):
             if snap is not None:
-                vals = dict(rotation=float(snap.rotation[i]), step_angle=float(snap.step_angle[i]),
-                            weight_norm=float(snap.weight_norm[i]),
-                            rho=NAN if snap.rho is None else float(snap.rho[i]), step=snap.step)
+                vals = dict(
+                    rotation=float(snap.rotation[i]),
+                    step_angle=float(snap.step_angle[i]),
+                    weight_norm=float(snap.weight_norm[i]),
+                    rho=NAN if snap.rho is None else float(snap.rho[i]),
+                    step=snap.step,
+                )
             else:
                 vals = dict(rotation=NAN, step_angle=NAN, weight_norm=NAN, rho=NAN, step=0)
-            layers.append(pb.LayerState(name=lay.name, index=lay.index, shape=lay.shape, init_norm=lay.init_norm,
-                                        **vals))
+            layers.append(
+                pb.LayerState(name=lay.name, index=lay.index, shape=lay.shape, init_norm=lay.init_norm, **vals)
+            )
         return pb.RunDetail(summary=run_summary(rs), layers=layers)
 
-    async def GetHistory(self, request: pb.HistoryRequest,
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.HistoryChunk]:
+    async def GetHistory(
+        self, request: pb.HistoryRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.HistoryChunk]:
         rs = await self._run(request.run, context)
         loop = asyncio.get_running_loop()
         L = max(1, rs.num_layers)
@@ -89,8 +109,9 @@ class QueryServicer(pb_grpc.QueryServicer):
         nan_row = np.full(L, np.nan).tobytes()
         first = True
         while True:
-            rows = await loop.run_in_executor(None, self.store.history_page, rs.run_id, request.rank, after,
-                                              until, limit)
+            rows = await loop.run_in_executor(
+                None, self.store.history_page, rs.run_id, request.rank, after, until, limit
+            )
             if not rows and not first:
                 return
             chunk = pb.HistoryChunk(
@@ -114,12 +135,10 @@ class QueryServicer(pb_grpc.QueryServicer):
     async def _unimplemented(self, context: grpc.aio.ServicerContext, what: str, write: bool = False) -> None:
         if write and not check_token(context, self.token):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{what} is not implemented by this collector version yet")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this collector version yet")
 
     # ------------------------------------------------------------ control (server/control.py)
-    async def SetControl(self, request: pb.SetControlRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ControlStatus:
+    async def SetControl(self, request: pb.SetControlRequest, context: grpc.aio.ServicerContext) -> pb.ControlStatus:
         """Version, store and push a RateCommand to the run's live sessions; returns the new status."""
         if not check_token(context, self.token):
             self.state.reject("unauthenticated_control")
@@ -133,8 +152,7 @@ class QueryServicer(pb_grpc.QueryServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return plane.status(rs)
 
-    async def GetControl(self, request: pb.GetControlRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ControlStatus:
+    async def GetControl(self, request: pb.GetControlRequest, context: grpc.aio.ServicerContext) -> pb.ControlStatus:
         """Requested vs applied command of a run, per-layer rates, audit trail."""
         rs = await self._run(request.run, context)
         return self.state.control.status(rs)
@@ -146,14 +164,16 @@ class QueryServicer(pb_grpc.QueryServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector has no alert engine")
         return engine
 
-    async def ListAlerts(self, request: pb.ListAlertsRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ListAlertsResponse:
+    async def ListAlerts(
+        self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAlertsResponse:
         """Kept alerts (oldest first) of one run or all, newer than ``since``, the newest ``limit`` (0 = all)."""
         engine = await self._alert_hub(context)
         return pb.ListAlertsResponse(alerts=engine.hub.list(request.run, request.limit, request.since))
 
-    async def WatchAlerts(self, request: pb.ListAlertsRequest,
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Alert]:
+    async def WatchAlerts(
+        self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Alert]:
         """The newest ``limit`` kept alerts newer than ``since`` (none if limit is 0), then each new alert live."""
         engine = await self._alert_hub(context)
         try:
@@ -162,8 +182,7 @@ class QueryServicer(pb_grpc.QueryServicer):
         except OverflowError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
-    async def SetThresholds(self, request: pb.SetThresholdsRequest,
-                            context: grpc.aio.ServicerContext) -> pb.Thresholds:
+    async def SetThresholds(self, request: pb.SetThresholdsRequest, context: grpc.aio.ServicerContext) -> pb.Thresholds:
         """Change a run's thresholds (run "" = collector defaults); returns the effective ones.
 
         Per field: 0 keeps the current value (all zero = just read them), a
@@ -174,8 +193,9 @@ class QueryServicer(pb_grpc.QueryServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
         engine = await self._alert_hub(context)
         if not engine.enabled:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "alerts are disabled on this collector (it runs with --no-alerts)")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "alerts are disabled on this collector (it runs with --no-alerts)"
+            )
         try:
             return engine.set_thresholds(request.run, request.thresholds).to_pb()
         except ValueError as exc:

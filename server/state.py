@@ -5,6 +5,7 @@ reads it concurrently: structural changes (new runs) happen under ``lock``,
 and the newest values of a rank are an immutable ``Snapshot`` replaced in
 one assignment, so a scrape never sees half an update.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -183,9 +184,12 @@ class CollectorState:
                 if rec.last_row is not None and rec.layers:
                     step, t, loss, rot, ang, wn, rho = rec.last_row
                     rs.last[rec.last_rank or 0] = Snapshot(
-                        rank=rec.last_rank or 0, step=int(step), time=float(t or 0.0),
+                        rank=rec.last_rank or 0,
+                        step=int(step),
+                        time=float(t or 0.0),
                         loss=float("nan") if loss is None else float(loss),
-                        rotation=np.frombuffer(rot, dtype="<f8"), step_angle=np.frombuffer(ang, dtype="<f8"),
+                        rotation=np.frombuffer(rot, dtype="<f8"),
+                        step_angle=np.frombuffer(ang, dtype="<f8"),
                         weight_norm=np.frombuffer(wn, dtype="<f8"),
                         rho=None if rho is None else np.frombuffer(rho, dtype="<f8"),
                     )

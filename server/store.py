@@ -21,6 +21,7 @@ Why this shape:
   step of a 100-layer model is one small INSERT. ``INSERT OR REPLACE`` on
   that key makes at-least-once delivery idempotent.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 log = logging.getLogger("layrot.server.store")
 
@@ -202,8 +204,12 @@ class Store:
     ``on_failure(tokens)`` after a transaction that failed and was rolled back.
     """
 
-    def __init__(self, path: str, on_commit: Callable[[list[Any]], None] | None = None,
-                 on_failure: Callable[[list[Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        on_commit: Callable[[list[Any]], None] | None = None,
+        on_failure: Callable[[list[Any]], None] | None = None,
+    ) -> None:
         self.path = str(path)
         self.on_commit = on_commit
         self.on_failure = on_failure
@@ -217,9 +223,7 @@ class Store:
         init = self._connect()
         with init:
             init.executescript(SCHEMA)
-            init.execute(
-                "INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', ?)", (str(SCHEMA_VERSION),)
-            )
+            init.execute("INSERT OR IGNORE INTO schema_info (key, value) VALUES ('version', ?)", (str(SCHEMA_VERSION),))
         init.close()
         self._thread = threading.Thread(target=self._writer, name="layrot-store-writer", daemon=True)
         self._thread.start()
@@ -350,39 +354,66 @@ class Store:
             " created, last_seen, first_report, nonfinite FROM runs ORDER BY id"
         ):
             rec = RunRecord(
-                run_id=r[0], run=r[1], framework=r[2] or "", framework_version=r[3] or "", host=r[4] or "",
-                world_size=r[5] or 1, every=r[6] or 1, capabilities=json.loads(r[7] or "{}"),
-                meta=json.loads(r[8] or "{}"), created=r[9] or 0.0, last_seen=r[10], first_report=r[11],
+                run_id=r[0],
+                run=r[1],
+                framework=r[2] or "",
+                framework_version=r[3] or "",
+                host=r[4] or "",
+                world_size=r[5] or 1,
+                every=r[6] or 1,
+                capabilities=json.loads(r[7] or "{}"),
+                meta=json.loads(r[8] or "{}"),
+                created=r[9] or 0.0,
+                last_seen=r[10],
+                first_report=r[11],
                 nonfinite=r[12] or 0,
             )
             out.append(rec)
         for rec in out:
             rec.layers = [
-                LayerRecord(index=i, name=n, shape=json.loads(s or "[]"), init_norm=x, numel=k or 0,
-                            module_type=m or "", sharded=bool(sh))
+                LayerRecord(
+                    index=i,
+                    name=n,
+                    shape=json.loads(s or "[]"),
+                    init_norm=x,
+                    numel=k or 0,
+                    module_type=m or "",
+                    sharded=bool(sh),
+                )
                 for i, n, s, x, k, m, sh in conn.execute(
                     "SELECT idx, name, shape, init_norm, numel, module_type, sharded FROM layers"
-                    " WHERE run_id=? ORDER BY idx", (rec.run_id,))
+                    " WHERE run_id=? ORDER BY idx",
+                    (rec.run_id,),
+                )
             ]
             rank = conn.execute("SELECT MIN(rank) FROM steps WHERE run_id=?", (rec.run_id,)).fetchone()[0]
             if rank is not None:
                 rec.last_rank = rank
                 rec.last_row = conn.execute(
                     "SELECT step, time, loss, rotation, step_angle, weight_norm, rho FROM steps"
-                    " WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT 1", (rec.run_id, rank)).fetchone()
+                    " WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT 1",
+                    (rec.run_id, rank),
+                ).fetchone()
         return out
 
     def history_page(self, run_id: int, rank: int, after_step: int, until_step: int, limit: int) -> list[tuple]:
         """Rows (step, time, loss, rotation, step_angle, weight_norm, rho) with after_step < step <= until_step."""
-        return self.reader().execute(
-            "SELECT step, time, loss, rotation, step_angle, weight_norm, rho FROM steps"
-            " WHERE run_id=? AND rank=? AND step>? AND step<=? ORDER BY step LIMIT ?",
-            (run_id, rank, after_step, until_step, limit)).fetchall()
+        return (
+            self.reader()
+            .execute(
+                "SELECT step, time, loss, rotation, step_angle, weight_norm, rho FROM steps"
+                " WHERE run_id=? AND rank=? AND step>? AND step<=? ORDER BY step LIMIT ?",
+                (run_id, rank, after_step, until_step, limit),
+            )
+            .fetchall()
+        )
 
     def ranks(self, run_id: int) -> list[int]:
         """Ranks with stored rows for a run."""
-        return [r for (r,) in self.reader().execute(
-            "SELECT DISTINCT rank FROM steps WHERE run_id=? ORDER BY rank", (run_id,))]
+        return [
+            r
+            for (r,) in self.reader().execute("SELECT DISTINCT rank FROM steps WHERE run_id=? ORDER BY rank", (run_id,))
+        ]
 
 
 def insert_run_sql(rec: RunRecord) -> Iterable[tuple[str, tuple]]:
@@ -390,14 +421,34 @@ def insert_run_sql(rec: RunRecord) -> Iterable[tuple[str, tuple]]:
     yield (
         "INSERT OR IGNORE INTO runs (id, run, framework, framework_version, host, world_size, every, capabilities,"
         " meta, created, last_seen, first_report, nonfinite) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (rec.run_id, rec.run, rec.framework, rec.framework_version, rec.host, rec.world_size, rec.every,
-         json.dumps(rec.capabilities), json.dumps(rec.meta, sort_keys=True), rec.created, rec.last_seen,
-         rec.first_report, rec.nonfinite),
+        (
+            rec.run_id,
+            rec.run,
+            rec.framework,
+            rec.framework_version,
+            rec.host,
+            rec.world_size,
+            rec.every,
+            json.dumps(rec.capabilities),
+            json.dumps(rec.meta, sort_keys=True),
+            rec.created,
+            rec.last_seen,
+            rec.first_report,
+            rec.nonfinite,
+        ),
     )
     for lay in rec.layers:
         yield (
             "INSERT OR REPLACE INTO layers (run_id, idx, name, shape, init_norm, numel, module_type, sharded)"
             " VALUES (?,?,?,?,?,?,?,?)",
-            (rec.run_id, lay.index, lay.name, json.dumps(list(lay.shape)), lay.init_norm, lay.numel,
-             lay.module_type, int(lay.sharded)),
+            (
+                rec.run_id,
+                lay.index,
+                lay.name,
+                json.dumps(list(lay.shape)),
+                lay.init_norm,
+                lay.numel,
+                lay.module_type,
+                int(lay.sharded),
+            ),
         )

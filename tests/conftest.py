@@ -8,14 +8,16 @@
 ``sim_job``          ``SimJob`` factory: real float64 weight vectors whose truth the tests compute
                       independently of the collector's triangle formula.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -59,8 +61,9 @@ class RawSession:
     """One Ingest.Session stream with explicit send/recv, for protocol tests."""
 
     def __init__(self, address: str, token: str | None = None, max_send: int = 64 * 1024 * 1024) -> None:
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", max_send),
-                                                                ("grpc.max_receive_message_length", max_send)])
+        self.channel = grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", max_send), ("grpc.max_receive_message_length", max_send)]
+        )
         self.stub = pb_grpc.IngestStub(self.channel)
         self._out: queue.Queue = queue.Queue()
         self.received: queue.Queue = queue.Queue()
@@ -87,7 +90,7 @@ class RawSession:
         finally:
             self.done.set()
 
-    def send(self, msg: Any) -> "RawSession":
+    def send(self, msg: Any) -> RawSession:
         """Send a JobMessage or one of its parts (Hello, StepBatch, ControlAck, Goodbye)."""
         if isinstance(msg, pb.Hello):
             msg = pb.JobMessage(hello=msg)
@@ -197,8 +200,8 @@ class SimJob:
     rank: int = 0
     world_size: int = 1
     layca: bool = False
-    dots: bool = False      # also send the radial dots (dot0, dotstep)
-    float32: bool = False   # round what is sent to float32, as a device measuring in float32 would
+    dots: bool = False  # also send the radial dots (dot0, dotstep)
+    float32: bool = False  # round what is sent to float32, as a device measuring in float32 would
     w0: list[np.ndarray] = field(init=False)
     w: list[np.ndarray] = field(init=False)
     step: int = field(init=False, default=0)
@@ -217,13 +220,26 @@ class SimJob:
         return [f"layer{i}.weight" for i in range(len(self.layer_sizes))]
 
     def hello(self, **overrides: Any) -> pb.Hello:
-        layers = [pb.Layer(name=n, index=i, shape=[size], init_norm=float(np.linalg.norm(w0)), numel=size,
-                           module_type="Linear")
-                  for i, (n, size, w0) in enumerate(zip(self.names, self.layer_sizes, self.w0))]
-        kw = dict(run=self.run, rank=self.rank, world_size=self.world_size, framework="pytorch",
-                  framework_version="2.x", host="testhost", pid=1234, layers=layers,
-                  capabilities=pb.Capabilities(layca=self.layca, loss=True), client_version="test", every=1,
-                  session_id=f"s{self.seed}")
+        layers = [
+            pb.Layer(
+                name=n, index=i, shape=[size], init_norm=float(np.linalg.norm(w0)), numel=size, module_type="Linear"
+            )
+            for i, (n, size, w0) in enumerate(zip(self.names, self.layer_sizes, self.w0))
+        ]
+        kw = dict(
+            run=self.run,
+            rank=self.rank,
+            world_size=self.world_size,
+            framework="pytorch",
+            framework_version="2.x",
+            host="testhost",
+            pid=1234,
+            layers=layers,
+            capabilities=pb.Capabilities(layca=self.layca, loss=True),
+            client_version="test",
+            every=1,
+            session_id=f"s{self.seed}",
+        )
         kw.update(overrides)
         return pb.Hello(**kw)
 
@@ -264,16 +280,27 @@ class SimJob:
 
     def batch_for(self, steps: list[int], seq: int, loss: bool = True) -> pb.StepBatch:
         """A StepBatch for already simulated ``steps`` (e.g. a resend)."""
+
         def col(key: str) -> bytes:
             values = np.stack([self.raw[s][key] for s in steps])
             if self.float32:
                 values = values.astype(np.float32).astype(np.float64)
             return pack(values)
+
         return pb.StepBatch(
-            seq=seq, steps=steps, times=[self.t0 + s * 1e-3 for s in steps], num_layers=len(self.layer_sizes),
-            norm=col("norm"), dist0=col("dist0"), dstep=col("dstep"), norm_prev=col("norm_prev"),
-            rho=col("rho") if self.layca else b"", loss=[1.0 / s for s in steps] if loss else [],
-            dot0=col("dot0") if self.dots else b"", dotstep=col("dotstep") if self.dots else b"")
+            seq=seq,
+            steps=steps,
+            times=[self.t0 + s * 1e-3 for s in steps],
+            num_layers=len(self.layer_sizes),
+            norm=col("norm"),
+            dist0=col("dist0"),
+            dstep=col("dstep"),
+            norm_prev=col("norm_prev"),
+            rho=col("rho") if self.layca else b"",
+            loss=[1.0 / s for s in steps] if loss else [],
+            dot0=col("dot0") if self.dots else b"",
+            dotstep=col("dotstep") if self.dots else b"",
+        )
 
     def truth_array(self, key: str, steps: list[int] | None = None) -> np.ndarray:
         steps = steps or sorted(self.truth)

@@ -1,4 +1,5 @@
 """Read a real /metrics endpoint the way Prometheus parses it."""
+
 from __future__ import annotations
 
 import urllib.request

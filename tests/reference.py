@@ -5,6 +5,7 @@ triangle formula on norms): here the angle between two weight vectors comes
 from the normalised vectors themselves, theta = 2 atan2(|u - v|, |u + v|),
 which is accurate for tiny and large angles alike.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 
 def eq1(alpha: float, L: int) -> np.ndarray:
-    """The paper's Eq. 1 layer multipliers, term by term (independent of layrot.proto.rates)."""
+    """The paper's Eq. 1 layer multipliers, term by term (independent of layrot.core.rates)."""
     if L == 1:
         return np.ones(1)
     if alpha > 0:

@@ -3,6 +3,7 @@
 The binary is required: CI installs it (.ci/run). A missing binary fails
 these tests with the install command instead of skipping them.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 import layrot
-from layrot.agent.query import QueryClient
+from layrot.client.query import QueryClient
 from layrot.proto import layrot_pb2 as pb
 from layrot.server.alertmanager import SOURCE, AlertmanagerPusher, api_url
 
@@ -48,8 +49,11 @@ class Alertmanager:
     def __init__(self, workdir: Path, config_text: str = MINIMAL_CONFIG, port: int | None = None) -> None:
         binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
         if binary is None:
-            pytest.fail("prometheus-alertmanager not found on PATH: install it with "
-                        "`apt-get install -y prometheus-alertmanager`", pytrace=False)
+            pytest.fail(
+                "prometheus-alertmanager not found on PATH: install it with "
+                "`apt-get install -y prometheus-alertmanager`",
+                pytrace=False,
+            )
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "alertmanager.yml"
         config.write_text(config_text)
@@ -57,9 +61,17 @@ class Alertmanager:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (workdir / "alertmanager.log").open("w")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--cluster.listen-address=",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -74,13 +86,17 @@ class Alertmanager:
 
     def alerts(self, **filters: str) -> list[dict]:
         """GET /api/v2/alerts (active, silenced and inhibited ones)."""
-        matchers = [urllib.request.quote('%s="%s"' % (k, v)) for k, v in filters.items()]
+        matchers = [urllib.request.quote(f'{k}="{v}"') for k, v in filters.items()]
         q = "&".join(["silenced=true", "inhibited=true", "active=true"] + [f"filter={m}" for m in matchers])
         return json.loads(urllib.request.urlopen(f"{self.url}/api/v2/alerts?{q}", timeout=5).read())
 
     def post(self, alerts: list[dict]) -> None:
-        req = urllib.request.Request(self.url + "/api/v2/alerts", data=json.dumps(alerts).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + "/api/v2/alerts",
+            data=json.dumps(alerts).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(req, timeout=5).read()
 
     def close(self) -> None:
@@ -113,9 +129,19 @@ def wait_for(fn, timeout: float, interval: float = 0.02):
 
 
 def an_alert(**kw) -> pb.Alert:
-    base = dict(run="r1", layer="features.3.weight", step=120, kind="abrupt_rotation", severity="critical",
-                angle=1.5, baseline=0.01, time=time.time(), message="rotated 86 deg in one step",
-                loss_before=0.3, loss_after=2.5)
+    base = dict(
+        run="r1",
+        layer="features.3.weight",
+        step=120,
+        kind="abrupt_rotation",
+        severity="critical",
+        angle=1.5,
+        baseline=0.01,
+        time=time.time(),
+        message="rotated 86 deg in one step",
+        loss_before=0.3,
+        loss_after=2.5,
+    )
     base.update(kw)
     return pb.Alert(**base)
 
@@ -135,8 +161,14 @@ def test_pushed_alert_labels_annotations_update_and_resolution(alertmanager):
         got, waited = wait_for(lambda: alertmanager.alerts(run="r1"), 5.0)
         assert got, "alert not in Alertmanager"
         (a,) = got
-        assert a["labels"] == {"alertname": "LayrotAbruptRotation", "run": "r1", "layer": "features.3.weight",
-                               "severity": "critical", "kind": "abrupt_rotation", "source": SOURCE}
+        assert a["labels"] == {
+            "alertname": "LayrotAbruptRotation",
+            "run": "r1",
+            "layer": "features.3.weight",
+            "severity": "critical",
+            "kind": "abrupt_rotation",
+            "source": SOURCE,
+        }
         ann = a["annotations"]
         assert ann["step"] == "120" and float(ann["angle"]) == 1.5 and float(ann["baseline"]) == 0.01
         assert float(ann["angle_degrees"]) == pytest.approx(math.degrees(1.5), rel=1e-3)
@@ -165,12 +197,23 @@ def test_pushed_alert_labels_annotations_update_and_resolution(alertmanager):
 def test_held_alert_stays_until_resolved(alertmanager):
     p = AlertmanagerPusher(alertmanager.url, quiet=0.3, resend=0.5).start()
     try:
-        p.fire(an_alert(run="st", layer="", kind="stalled", severity="warning", angle=math.nan,
-                        baseline=math.nan, step=7, message="connected but no report"), hold=True)
+        p.fire(
+            an_alert(
+                run="st",
+                layer="",
+                kind="stalled",
+                severity="warning",
+                angle=math.nan,
+                baseline=math.nan,
+                step=7,
+                message="connected but no report",
+            ),
+            hold=True,
+        )
         got, _ = wait_for(lambda: alertmanager.alerts(run="st"), 5.0)
         assert got and got[0]["labels"]["alertname"] == "LayrotRunStalled" and "layer" not in got[0]["labels"]
         assert "angle" not in got[0]["annotations"]
-        time.sleep(1.5)      # > quiet, > resend: still firing, endsAt pushed forward
+        time.sleep(1.5)  # > quiet, > resend: still firing, endsAt pushed forward
         (a,) = alertmanager.alerts(run="st")
         assert a["status"]["state"] == "active"
         p.resolve("st", "", "stalled")
@@ -182,8 +225,9 @@ def test_held_alert_stays_until_resolved(alertmanager):
 
 def test_pusher_never_blocks_counts_drops_and_retries_until_alertmanager_is_up(tmp_path):
     port = free_port()
-    p = AlertmanagerPusher(f"http://127.0.0.1:{port}", quiet=300, max_queue=100, max_active=50,
-                           backoff=(0.2, 1.0)).start()
+    p = AlertmanagerPusher(
+        f"http://127.0.0.1:{port}", quiet=300, max_queue=100, max_active=50, backoff=(0.2, 1.0)
+    ).start()
     am = None
     try:
         t0 = time.perf_counter()
@@ -216,8 +260,20 @@ def test_deploy_config_inhibits_the_prometheus_copy_of_a_pushed_alert(tmp_path):
     try:
         p.fire(an_alert(run="inh"))
         assert wait_for(lambda: am.alerts(run="inh"), 5.0)[0]
-        am.post([{"labels": {"alertname": "LayrotAbruptRotation", "run": "inh", "layer": "features.3.weight",
-                             "kind": "abrupt_rotation", "severity": "critical", "source": "prometheus"}}])
+        am.post(
+            [
+                {
+                    "labels": {
+                        "alertname": "LayrotAbruptRotation",
+                        "run": "inh",
+                        "layer": "features.3.weight",
+                        "kind": "abrupt_rotation",
+                        "severity": "critical",
+                        "source": "prometheus",
+                    }
+                }
+            ]
+        )
 
         def states():
             return {a["labels"]["source"]: a["status"] for a in am.alerts(run="inh")}
@@ -258,8 +314,13 @@ def test_replaced_layer_in_real_training_reaches_alertmanager_within_5s(alertman
         opt.step()
         if t == K:
             reported = time.monotonic()
-    got, _ = wait_for(lambda: [a for a in alertmanager.alerts(run=run, severity="critical")
-                               if a["annotations"].get("step") == str(K)], 10.0, 0.02)
+    got, _ = wait_for(
+        lambda: [
+            a for a in alertmanager.alerts(run=run, severity="critical") if a["annotations"].get("step") == str(K)
+        ],
+        10.0,
+        0.02,
+    )
     latency = time.monotonic() - reported
     handle.close()
     assert got, f"no alert for step {K} in Alertmanager: {alertmanager.alerts()}"

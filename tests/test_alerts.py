@@ -6,33 +6,33 @@ real torch runs against angles computed from saved weights. Collectors are
 real (embedded, gRPC on loopback); jobs are real torch trainings with
 ``layrot.watch`` or raw ingest streams (conftest ``SimJob``).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from metrics_text import scrape
 from torch import nn
 
 import layrot
-from layrot.agent.cli import cli
-from layrot.agent.query import CollectorError, QueryClient
-from layrot.proto.rates import RhoSchedule
+from layrot.cli.main import cli
+from layrot.client.query import CollectorError, QueryClient
+from layrot.core.rates import RhoSchedule
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import pack
-from dataclasses import replace
-
 from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
 from layrot.server.state import RunState
 from layrot.server.store import LayerRecord, RunRecord
-from metrics_text import scrape
 
 DIGITS: tuple | None = None
 
@@ -60,8 +60,7 @@ def ref_angle(u: torch.Tensor, v: torch.Tensor) -> float:
     return 2.0 * math.atan2((a - b).norm().item(), (a + b).norm().item())
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, handle, steps: int, seed: int = 1,
-          on_step=None) -> list[float]:
+def train(model: nn.Module, opt: torch.optim.Optimizer, handle, steps: int, seed: int = 1, on_step=None) -> list[float]:
     """A real training loop; ``on_step(t, phase)`` runs before ("pre") and after ("post") optimizer step t."""
     x, y = digits()
     g = torch.Generator().manual_seed(seed)
@@ -86,7 +85,7 @@ def reference_fires(angles: np.ndarray, th: Thresholds, rho: np.ndarray | None =
     S, L = angles.shape
     out = set()
     for t in range(S):
-        win = angles[max(0, t - th.window):t]
+        win = angles[max(0, t - th.window) : t]
         armed = t >= th.warmup and win.shape[0] >= 3
         for j in range(L):
             a = angles[t, j]
@@ -105,18 +104,35 @@ def reference_fires(angles: np.ndarray, th: Thresholds, rho: np.ndarray | None =
 
 def reference_limit(history: np.ndarray, th: Thresholds) -> np.ndarray:
     """Per-layer baseline limit of the window ending just before the last row of ``history``."""
-    win = history[-th.window - 1:-1]
+    win = history[-th.window - 1 : -1]
     med = np.median(win, axis=0)
     mad = np.median(np.abs(win - med), axis=0)
     return np.minimum(np.maximum(med + th.k * np.maximum(1.4826 * mad, 0.5 * med), th.min_angle), th.abs_angle)
 
 
 def run_state(name: str, num_layers: int) -> RunState:
-    layers = [LayerRecord(index=i, name=f"layer{i}.weight", shape=[4], init_norm=1.0, numel=4, module_type="Linear")
-              for i in range(num_layers)]
-    return RunState(RunRecord(run_id=1, run=name, framework="pytorch", framework_version="", host="", world_size=1,
-                              every=1, capabilities={}, meta={}, created=0.0, last_seen=None, first_report=None,
-                              nonfinite=0, layers=layers))
+    layers = [
+        LayerRecord(index=i, name=f"layer{i}.weight", shape=[4], init_norm=1.0, numel=4, module_type="Linear")
+        for i in range(num_layers)
+    ]
+    return RunState(
+        RunRecord(
+            run_id=1,
+            run=name,
+            framework="pytorch",
+            framework_version="",
+            host="",
+            world_size=1,
+            every=1,
+            capabilities={},
+            meta={},
+            created=0.0,
+            last_seen=None,
+            first_report=None,
+            nonfinite=0,
+            layers=layers,
+        )
+    )
 
 
 class Clock:
@@ -129,8 +145,9 @@ class Clock:
         return self.t
 
 
-def feed(engine: AlertEngine, rs: RunState, angles: np.ndarray, sizes, rho=None, loss=None, start: int = 1,
-         rank: int = 0) -> None:
+def feed(
+    engine: AlertEngine, rs: RunState, angles: np.ndarray, sizes, rho=None, loss=None, start: int = 1, rank: int = 0
+) -> None:
     """Send (S, L) angles to ``engine.observe`` in batches of the given sizes (cycled)."""
     S = angles.shape[0]
     i = 0
@@ -139,9 +156,15 @@ def feed(engine: AlertEngine, rs: RunState, angles: np.ndarray, sizes, rho=None,
         n = min(sizes[k % len(sizes)], S - i)
         k += 1
         sl = slice(i, i + n)
-        engine.observe(rs, rank, np.arange(start + i, start + i + n, dtype=np.uint64), angles[sl],
-                       ~np.isfinite(angles[sl]), None if rho is None else rho[sl],
-                       [] if loss is None else list(loss[sl]))
+        engine.observe(
+            rs,
+            rank,
+            np.arange(start + i, start + i + n, dtype=np.uint64),
+            angles[sl],
+            ~np.isfinite(angles[sl]),
+            None if rho is None else rho[sl],
+            [] if loss is None else list(loss[sl]),
+        )
         i += n
 
 
@@ -165,18 +188,36 @@ def wait_for(fn, timeout: float, interval: float = 0.01):
 def test_thresholds_defaults_and_validation():
     th = Thresholds()
     # The documented defaults (module docstring, serve --help, README).
-    assert (th.abs_angle, th.k, th.window, th.warmup, th.stall_seconds, th.min_angle) == (0.3, 10.0, 50, 20, 900.0,
-                                                                                          0.01)
+    assert (th.abs_angle, th.k, th.window, th.warmup, th.stall_seconds, th.min_angle) == (
+        0.3,
+        10.0,
+        50,
+        20,
+        900.0,
+        0.01,
+    )
     # 0.3 rad is 8x the per-step angle of the paper's best Layca setting, rho(0) = 3^-3.
-    assert 7 < th.abs_angle / math.atan(3 ** -3) < 9
-    for bad in ({"k": 0}, {"abs_angle": -1.0}, {"window": 2}, {"warmup": 0}, {"min_angle": math.nan},
-                {"stall_seconds": math.nan}):
+    assert 7 < th.abs_angle / math.atan(3**-3) < 9
+    for bad in (
+        {"k": 0},
+        {"abs_angle": -1.0},
+        {"window": 2},
+        {"warmup": 0},
+        {"min_angle": math.nan},
+        {"stall_seconds": math.nan},
+    ):
         with pytest.raises(ValueError):
             Thresholds(**bad)
     assert Thresholds(abs_angle=math.inf, k=math.inf).abs_angle == math.inf
     help_text = " ".join(CliRunner().invoke(cli, ["serve", "--help"]).output.split())
-    for fragment in ("0.3 = 17 deg", "[default: 10]", "[default: 50]", "[default: 20]", "[default: 0.01]",
-                     "[default: 900]"):
+    for fragment in (
+        "0.3 = 17 deg",
+        "[default: 10]",
+        "[default: 50]",
+        "[default: 20]",
+        "[default: 0.01]",
+        "[default: 900]",
+    ):
         assert fragment in help_text
 
 
@@ -189,13 +230,13 @@ def test_engine_fires_exactly_where_the_reference_does(sizes):
     angles = typical * np.exp(0.2 * rng.standard_normal((S, L)))
     # SGD-like start: large first steps decaying fast (must not fire: below abs, baseline rule not armed).
     angles[:15] *= np.linspace(4.0, 1.0, 15)[:, None]
-    angles[5, 1] = 0.5                          # warm-up: above abs fires...
-    angles[10, 6] = 0.2                         # ...below abs does not, however large for the layer
+    angles[5, 1] = 0.5  # warm-up: above abs fires...
+    angles[10, 6] = 0.2  # ...below abs does not, however large for the layer
     # Well after the first batch (a batch is judged against the baseline as of its first step):
     # clearly above the reference limit (3x) or clearly below it (0.4x).
     for t in (130, 131, 200, 260, 330, 399):
         for j, factor in ((t % L, 3.0), ((t + 3) % L, 0.4)):
-            angles[t, j] = factor * reference_limit(angles[:t + 1], th)[j]
+            angles[t, j] = factor * reference_limit(angles[: t + 1], th)[j]
     # A big relative jump for layer 0 that stays under min_angle.
     assert reference_limit(angles[:251], replace(th, min_angle=0.0))[0] < 0.009
     angles[250, 0] = 0.009
@@ -214,17 +255,17 @@ def test_engine_fires_exactly_where_the_reference_does(sizes):
 
 def test_layca_constant_angles_decays_and_commanded_raises_do_not_fire_but_jumps_do():
     L, S = 5, 400
-    rho0 = 3.0 ** -3
-    profile = (1 - 0.5) ** (5 * np.arange(L) / (L - 1))      # Eq. 1, alpha = -0.5
+    rho0 = 3.0**-3
+    profile = (1 - 0.5) ** (5 * np.arange(L) / (L - 1))  # Eq. 1, alpha = -0.5
     rho = np.empty((S, L))
     for t in range(S):
         g = rho0 * (0.2 if t >= 100 else 1) * (0.2 if t >= 200 else 1)
         if t >= 250:
-            g *= 9.0                                        # a controller raises the rate 9x
+            g *= 9.0  # a controller raises the rate 9x
         rho[t] = g * profile
     angles = np.arctan(rho) * (1 + 1e-9 * np.random.default_rng(0).standard_normal((S, L)))
-    angles[320, 2] = 0.25            # below abs, far above the commanded angle: abrupt
-    angles[360, 4] = 0.9             # above abs
+    angles[320, 2] = 0.25  # below abs, far above the commanded angle: abrupt
+    angles[360, 4] = 0.9  # above abs
     th = Thresholds()
     expected = reference_fires(angles, th, rho)
     assert expected == {(320, 2), (360, 4)}
@@ -244,12 +285,12 @@ def test_severity_from_the_loss_across_the_jump():
     S = 40
     angles = np.full((S, 2), 0.01)
     loss = np.linspace(2.0, 1.0, S)
-    angles[10, 0] = 1.0                 # jump at step 11: the loss reported at step 12 is higher -> critical
+    angles[10, 0] = 1.0  # jump at step 11: the loss reported at step 12 is higher -> critical
     loss[11] = 5.0
-    angles[20, 1] = 1.0                 # loss falls across it -> warning
-    angles[29, 0] = 1.0                 # last step of a batch: waits for the next batch's loss
+    angles[20, 1] = 1.0  # loss falls across it -> warning
+    angles[29, 0] = 1.0  # last step of a batch: waits for the next batch's loss
     loss[30] = 9.0
-    angles[39, 1] = 1.0                 # last step, no next batch: raised after loss_wait, loss_after unknown
+    angles[39, 1] = 1.0  # last step, no next batch: raised after loss_wait, loss_after unknown
     feed(engine, rs, angles, [30, 10], loss=loss)
     got = {a.step: a for a in engine.hub.list("loss")}
     assert sorted(got) == [11, 21, 30]
@@ -280,8 +321,8 @@ def test_resent_batches_and_other_ranks_do_not_raise_twice():
     a = np.full((30, 3), 0.01)
     a[25, 1] = 1.0
     feed(engine, rs, a, [10])
-    feed(engine, rs, a[20:], [10], start=21)            # at-least-once delivery: the same steps again
-    feed(engine, rs, a, [10], rank=1)                   # a data-parallel rank with the same weights
+    feed(engine, rs, a[20:], [10], start=21)  # at-least-once delivery: the same steps again
+    feed(engine, rs, a, [10], rank=1)  # a data-parallel rank with the same weights
     assert [(x.step, x.layer) for x in engine.hub.list("dedup")] == [(26, "layer1.weight")]
     # Non-finite angles of a diverged layer do not poison the baseline (the divergence alert covers them).
     b = np.full((30, 3), 0.01)
@@ -313,11 +354,11 @@ def test_replaced_layer_alert_reaches_the_cli_within_1s_with_right_numbers(colle
     def on_step(t: int, phase: str) -> None:
         if t == K and phase == "pre":
             saved["before"] = target.detach().clone()
-            with torch.no_grad():   # replaced weights: a fresh init of the same layer
+            with torch.no_grad():  # replaced weights: a fresh init of the same layer
                 nn.init.kaiming_uniform_(target, a=math.sqrt(5))
         elif t == K and phase == "post":
             saved["after"] = target.detach().clone()
-            seen["reported"] = time.monotonic()   # the hook has handed step K to its reporter
+            seen["reported"] = time.monotonic()  # the hook has handed step K to its reporter
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
@@ -340,7 +381,7 @@ def test_replaced_layer_alert_reaches_the_cli_within_1s_with_right_numbers(colle
     assert set(rec) >= {"run", "layer", "step", "kind", "severity", "angle", "baseline", "time"}
     assert rec["run"] == run
     truth = ref_angle(saved["before"], saved["after"])
-    assert truth > 1.0                                   # tens of degrees: a fresh init is ~90 deg away
+    assert truth > 1.0  # tens of degrees: a fresh init is ~90 deg away
     assert rec["angle"] == pytest.approx(truth, rel=1e-5)
     # Nothing fired before the replacement (SGD's first, large steps included).
     assert all(x["step"] >= K for x in abrupt(records))
@@ -353,14 +394,14 @@ def test_replaced_layer_alert_reaches_the_cli_within_1s_with_right_numbers(colle
     k = steps.index(K)
     # Baseline: the layer's median over a 50-step window that ends at most 5 steps before K.
     # The reporter batches steps, so the window may end a batch before K: some 50-step window does.
-    medians = np.array([float(np.median(ang[k - e - 50:k - e])) for e in range(0, 70)])
+    medians = np.array([float(np.median(ang[k - e - 50 : k - e])) for e in range(0, 70)])
     assert np.isclose(medians, rec["baseline"], rtol=1e-6).any(), (rec["baseline"], medians[:10])
     # Severity: loss before = median of the last 5 reported losses up to K, after = loss at K + 1.
-    assert rec["loss_before"] == pytest.approx(float(np.median(h.loss[k - 4:k + 1])), rel=1e-6)
+    assert rec["loss_before"] == pytest.approx(float(np.median(h.loss[k - 4 : k + 1])), rel=1e-6)
     assert rec["loss_after"] == pytest.approx(h.loss[k + 1], rel=1e-6)
     assert h.loss[k + 1] == pytest.approx(losses[K], rel=1e-6)
     assert rec["severity"] == ("critical" if rec["loss_after"] >= rec["loss_before"] else "warning")
-    assert rec["severity"] == "critical"                 # a re-initialized layer does not help the loss
+    assert rec["severity"] == "critical"  # a re-initialized layer does not help the loss
 
 
 @pytest.mark.slow
@@ -372,8 +413,13 @@ def test_normal_layca_and_sgd_runs_raise_no_abrupt_rotation(collector):
         model = mlp()
         base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         if kind == "layca":
-            opt = layrot.Layca(base, alpha=-0.5, schedule=RhoSchedule(
-                rho0=3 ** -3, kind="step", milestones=(0.8, 0.9, 0.97), factor=0.2, total_steps=steps))
+            opt = layrot.Layca(
+                base,
+                alpha=-0.5,
+                schedule=RhoSchedule(
+                    rho0=3**-3, kind="step", milestones=(0.8, 0.9, 0.97), factor=0.2, total_steps=steps
+                ),
+            )
         else:
             opt = base
         run = f"normal-{kind}"
@@ -393,12 +439,13 @@ def test_normal_layca_and_sgd_runs_raise_no_abrupt_rotation(collector):
             assert b.reported == steps and b.armed
             # The independent detector agrees, with margin: angles stay below 80 % of their limits.
             assert reference_fires(h.step_angle, th, h.rho if kind == "layca" else None) == set()
-            ratios = [(h.step_angle[t] / reference_limit(h.step_angle[:t + 1], th)).max()
-                      for t in range(th.warmup, steps)]
+            ratios = [
+                (h.step_angle[t] / reference_limit(h.step_angle[: t + 1], th)).max() for t in range(th.warmup, steps)
+            ]
             assert max(ratios) < 0.8, (kind, max(ratios))
-            if kind == "layca":   # constant angles arctan(rho_l) with step decays
+            if kind == "layca":  # constant angles arctan(rho_l) with step decays
                 np.testing.assert_allclose(h.step_angle, np.arctan(h.rho), rtol=1e-3)  # float32 hook
-                assert h.rho[-1, 0] / h.rho[0, 0] == pytest.approx(0.2 ** 3)
+                assert h.rho[-1, 0] / h.rho[0, 0] == pytest.approx(0.2**3)
 
 
 # ---------------------------------------------------------------- through the collector
@@ -409,11 +456,11 @@ def test_divergence_rejections_metrics_and_list_filters(collector, ingest, sim_j
     s.send(job.batch(3))
     b = job.batch(2)
     norm = np.frombuffer(b.norm, dtype="<f8").reshape(2, 3).copy()
-    norm[1, 1:] = np.nan                            # step 5: layers 1 and 2 diverge
+    norm[1, 1:] = np.nan  # step 5: layers 1 and 2 diverge
     b.norm = pack(norm)
     s.send(b)
     b2 = job.batch(1)
-    b2.norm = pack(np.full((1, 3), np.inf))         # still diverged: no second alert
+    b2.norm = pack(np.full((1, 3), np.inf))  # still diverged: no second alert
     s.send(b2)
     s.wait_ack(job.seq)
     with QueryClient(collector.grpc_address) as q:
@@ -446,8 +493,7 @@ def test_divergence_rejections_metrics_and_list_filters(collector, ingest, sim_j
         assert (last["run"], last["kind"], last["time"]) == (every[-1]["run"], every[-1]["kind"], every[-1]["time"])
         assert q.list_alerts(since=time.time() + 60) == []
     m = scrape(collector.metrics_url)
-    counts = {(lab["run"], lab["layer"], lab["kind"], lab["severity"]): v
-              for lab, v in m["layrot_alerts_total"]}
+    counts = {(lab["run"], lab["layer"], lab["kind"], lab["severity"]): v for lab, v in m["layrot_alerts_total"]}
     expected: dict[tuple, int] = {}
     for a in every:
         key = (a["run"], a["layer"], a["kind"], a["severity"])
@@ -460,7 +506,7 @@ def test_watch_alerts_streams_new_alerts_and_the_backlog(collector, ingest, sim_
     s = ingest(collector)
     s.send(job.hello())
     s.send(job.batch(25, angle=0.01, loss=False))
-    s.send(job.batch(1, angle=0.8, loss=False))     # step 26: above abs
+    s.send(job.batch(1, angle=0.8, loss=False))  # step 26: above abs
     s.wait_ack(job.seq)
     with QueryClient(collector.grpc_address) as q:
         assert [a["step"] for a in q.list_alerts("watched")] == [26, 26]
@@ -480,9 +526,9 @@ def test_watch_alerts_streams_new_alerts_and_the_backlog(collector, ingest, sim_
     t = threading.Thread(target=consume, daemon=True)
     t.start()
     assert ready.wait(5)
-    assert [a["step"] for a in got] == [26]          # the newest kept alert first
+    assert [a["step"] for a in got] == [26]  # the newest kept alert first
     sent = time.monotonic()
-    s.send(job.batch(1, angle=1.2, loss=False))      # step 27: both layers
+    s.send(job.batch(1, angle=1.2, loss=False))  # step 27: both layers
     t.join(5)
     assert not t.is_alive()
     delay = time.monotonic() - sent
@@ -506,12 +552,12 @@ def test_watch_alerts_streams_new_alerts_and_the_backlog(collector, ingest, sim_
 def test_set_thresholds_per_run_defaults_token_and_restart(collector_factory, ingest, sim_job, tmp_path):
     c = collector_factory(token="t0k", thresholds={"abs_angle": 0.5})
     with QueryClient(c.grpc_address, token="t0k") as q:
-        assert q.set_thresholds()["abs_angle"] == 0.5                    # all zero: read the defaults
+        assert q.set_thresholds()["abs_angle"] == 0.5  # all zero: read the defaults
         th = q.set_thresholds("tuned", abs_angle=0.1, warmup=5)
         assert (th["abs_angle"], th["warmup"], th["k"]) == (0.1, 5, 10.0)
-        th = q.set_thresholds("tuned", k=4)                               # other fields keep their values
+        th = q.set_thresholds("tuned", k=4)  # other fields keep their values
         assert (th["abs_angle"], th["k"]) == (0.1, 4.0)
-        th = q.set_thresholds("tuned", k=-1)                              # negative: back to the default
+        th = q.set_thresholds("tuned", k=-1)  # negative: back to the default
         assert th["k"] == 10.0 and th["abs_angle"] == 0.1
         with pytest.raises(CollectorError, match="window"):
             q.set_thresholds("tuned", window=1)
@@ -538,13 +584,15 @@ def test_set_thresholds_per_run_defaults_token_and_restart(collector_factory, in
     m = scrape(c2.metrics_url)
     assert [(lab["run"], v) for lab, v in m["layrot_alerts_total"]] == [("tuned", 1.0)]
     # CLI: show and change.
-    r = CliRunner().invoke(cli, ["alerts", "thresholds", "tuned", "--collector", c2.grpc_address, "--token", "t0k",
-                                 "--k", "7", "--json"])
+    r = CliRunner().invoke(
+        cli, ["alerts", "thresholds", "tuned", "--collector", c2.grpc_address, "--token", "t0k", "--k", "7", "--json"]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["k"] == 7.0 and out["abs_angle"] == 0.1 and out["run"] == "tuned"
-    r = CliRunner().invoke(cli, ["alerts", "thresholds", "tuned", "--collector", c2.grpc_address, "--token", "t0k",
-                                 "--reset", "--json"])
+    r = CliRunner().invoke(
+        cli, ["alerts", "thresholds", "tuned", "--collector", c2.grpc_address, "--token", "t0k", "--reset", "--json"]
+    )
     assert json.loads(r.output)["abs_angle"] == 0.5 and json.loads(r.output)["k"] == 10.0
 
 
@@ -605,13 +653,26 @@ def test_alerts_cli_table_follow_and_errors(collector, ingest, sim_job):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", "from layrot.agent.cli import main; main()", "alerts", "--follow",
-                             "--json", "--limit", "0", "--collector", collector.grpc_address],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from layrot.cli.main import main; main()",
+            "alerts",
+            "--follow",
+            "--json",
+            "--limit",
+            "0",
+            "--collector",
+            collector.grpc_address,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         s.send(job.batch(10, angle=0.01, loss=False))
         s.wait_ack(job.seq)
-        time.sleep(2.0)          # interpreter start + subscription
+        time.sleep(2.0)  # interpreter start + subscription
         s.send(job.batch(1, angle=1.1, loss=False))
         line = proc.stdout.readline()
         rec = json.loads(line)

@@ -1,4 +1,5 @@
 """``layrot-agent`` commands via click's CliRunner against a real embedded collector."""
+
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from layrot.agent.cli import EXPORT_FIELDS, cli
+from layrot.cli.main import EXPORT_FIELDS, cli
 
 
 @pytest.fixture
@@ -95,8 +96,9 @@ def test_show_table_and_json(fed):
     data = json.loads(r.output)
     assert [lay["name"] for lay in data["layers"]] == jobs["mlp"].names
     assert all(lay["rho"] is None for lay in data["layers"])  # no Layca: NaN -> null
-    np.testing.assert_allclose([lay["rotation"] for lay in data["layers"]], jobs["mlp"].truth[5]["rotation"],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        [lay["rotation"] for lay in data["layers"]], jobs["mlp"].truth[5]["rotation"], rtol=1e-12
+    )
 
 
 def test_export_json_exact_keys_and_values(fed, tmp_path):
@@ -123,8 +125,9 @@ def test_export_json_exact_keys_and_values(fed, tmp_path):
 
 def test_export_csv_and_step_bounds(fed):
     c, jobs = fed
-    r = run_cli("export", "mlp", "--format", "csv", "--since-step", "2", "--until-step", "4",
-                "--collector", c.grpc_address)
+    r = run_cli(
+        "export", "mlp", "--format", "csv", "--since-step", "2", "--until-step", "4", "--collector", c.grpc_address
+    )
     assert r.exit_code == 0, r.output
     text = r.output
     assert text.splitlines()[0] == "run,step,layer,layer_index,rotation,step_angle,weight_norm,rho"
@@ -133,8 +136,9 @@ def test_export_csv_and_step_bounds(fed):
     assert all(x["rho"] == "" for x in rows)
     job = jobs["mlp"]
     for x in rows:
-        assert float(x["rotation"]) == pytest.approx(job.truth[int(x["step"])]["rotation"][int(x["layer_index"])],
-                                                     rel=1e-12)
+        assert float(x["rotation"]) == pytest.approx(
+            job.truth[int(x["step"])]["rotation"][int(x["layer_index"])], rel=1e-12
+        )
 
 
 def test_export_streams_long_runs_in_chunks(collector, ingest, sim_job, tmp_path):
@@ -186,7 +190,7 @@ def test_curves_writes_the_figure(fed, tmp_path):
 
 def test_curves_figure_carries_the_numbers():
     """The figure's lines carry the history's numbers (checked on the matplotlib objects, not the pixels)."""
-    from layrot.agent.curves import layer_rotation_figure
+    from layrot.cli.curves import layer_rotation_figure
 
     steps = np.arange(1, 11)
     rot = np.linspace(0, 1, 10)[:, None] * np.array([[0.2, 0.5, 1.0]])
@@ -234,10 +238,10 @@ def test_unknown_run_is_one_clean_line(collector, cmd, tmp_path, monkeypatch):
 
 def test_demo_passes_options_through(monkeypatch, tmp_path):
     """Option plumbing only; the demo itself (real training) is tested with the demo module."""
-    import layrot.demo
+    import layrot.cli.demo
 
     seen = {}
-    monkeypatch.setattr(layrot.demo, "run_demo", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(layrot.cli.demo, "run_demo", lambda **kw: seen.update(kw))
     monkeypatch.chdir(tmp_path)
     r = run_cli("demo", "--steps", "7", "--every", "2", "--out", "somewhere", "--serve")
     assert r.exit_code == 0, r.output
@@ -253,9 +257,26 @@ def test_serve_daemon_runs_and_stops_cleanly_on_sigterm(tmp_path, ingest, sim_jo
 
     db = tmp_path / "daemon" / "layrot.db"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from layrot.agent.cli import main; main()", "serve", "--grpc-host", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--db", str(db)],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "LAYROT_TOKEN": ""})
+        [
+            sys.executable,
+            "-c",
+            "from layrot.cli.main import main; main()",
+            "serve",
+            "--grpc-host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            "--db",
+            str(db),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LAYROT_TOKEN": ""},
+    )
     try:
         line = proc.stderr.readline()
         assert line.startswith("layrot collector: gRPC 127.0.0.1:"), line

@@ -6,24 +6,26 @@ The tests send commands through the Query service (and the CLI), then check
 the step angles computed in float64 from the saved weights against arctan of
 the rates the paper's formulas give, written out independently here.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from metrics_text import scrape
+from reference import angle, eq1
 from torch import nn
 
 import layrot
-from layrot.agent.cli import cli
-from layrot.agent.query import CollectorError, QueryClient
+from layrot.cli.main import cli
+from layrot.client.query import CollectorError, QueryClient
 from layrot.proto import layrot_pb2 as pb
-from reference import angle, eq1
-from metrics_text import scrape
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 32
 RTOL = 1e-4  # Layca's angle is exact to float32 rounding of the weights (~1e-6)
@@ -38,9 +40,20 @@ class Job:
     ``rates[t]`` the rates Layca reports for step t, ``versions[t]`` its command version.
     """
 
-    def __init__(self, address: str, run: str, *, seed: int = 0, rho: float = 0.05, alpha: float = 0.5,
-                 rho_max: float = 0.5, token: str | None = None, control: bool = True, depth: int = 5,
-                 model: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        run: str,
+        *,
+        seed: int = 0,
+        rho: float = 0.05,
+        alpha: float = 0.5,
+        rho_max: float = 0.5,
+        token: str | None = None,
+        control: bool = True,
+        depth: int = 5,
+        model: nn.Module | None = None,
+    ) -> None:
         torch.manual_seed(seed)
         if model is None:
             mods: list[nn.Module] = []
@@ -51,11 +64,18 @@ class Job:
             mods.append(nn.Linear(d, CLASSES))
             model = nn.Sequential(*mods)
         self.model = model
-        self.opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=rho, alpha=alpha,
-                                rho_max=rho_max)
-        self.handle = layrot.watch(model, self.opt, run=run, collector=address, token=token, control=control,
-                                   reporter_options={"backoff_initial": 0.05, "backoff_max": 0.3,
-                                                     "flush_interval": 0.01})
+        self.opt = layrot.Layca(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=rho, alpha=alpha, rho_max=rho_max
+        )
+        self.handle = layrot.watch(
+            model,
+            self.opt,
+            run=run,
+            collector=address,
+            token=token,
+            control=control,
+            reporter_options={"backoff_initial": 0.05, "backoff_max": 0.3, "flush_interval": 0.01},
+        )
         self.layers = [p for p in model.parameters() if p.ndim >= 2]
         g = torch.Generator().manual_seed(seed + 1)
         self.teacher = torch.randn(IN, CLASSES, generator=g)
@@ -145,8 +165,8 @@ def command(alpha: float = 0.0, rho0: float = 0.02, **kw: Any) -> pb.RateCommand
 def answered(q: QueryClient, run: str, version: int) -> Callable[[], bool]:
     def check() -> bool:
         st = q.get_control(run)
-        return st["applied_version"] >= version or (st["requested_version"] == version and
-                                                     bool(st["rejected_reason"]))
+        return st["applied_version"] >= version or (st["requested_version"] == version and bool(st["rejected_reason"]))
+
     return check
 
 
@@ -160,8 +180,13 @@ def test_set_applies_at_step_boundary_angles_status_audit_metrics(collector, job
         st = q.get_control("set-run")
         assert st["requested"] is None and st["applied_version"] == 0 and st["audit"] == []
         # Step decays at steps 30 and 45, a per-layer boost of the second layer by name.
-        cmd = command(alpha=-0.3, rho0=0.03, schedule=dict(kind="step", milestones=[30, 45], factor=0.5),
-                      layer_multipliers={job.names[1]: 2.0}, reason="test profile")
+        cmd = command(
+            alpha=-0.3,
+            rho0=0.03,
+            schedule=dict(kind="step", milestones=[30, 45], factor=0.5),
+            layer_multipliers={job.names[1]: 2.0},
+            reason="test profile",
+        )
         st = q.set_control("set-run", cmd)
         assert st["requested_version"] == 1 and st["requested"]["issued_by"] == "tester@lab"
         job.step_until(answered(q, "set-run", 1))
@@ -177,8 +202,8 @@ def test_set_applies_at_step_boundary_angles_status_audit_metrics(collector, job
     def new(t: int) -> np.ndarray:
         return 0.03 * (0.5 ** ((t > 30) + (t > 45))) * eq1(-0.3, L) * boost
 
-    job.check_angles(range(1, first), old)              # before: the job's own rule
-    job.check_angles(range(first, job.t + 1), new)     # from the ack's step on: the command, decays included
+    job.check_angles(range(1, first), old)  # before: the job's own rule
+    job.check_angles(range(first, job.t + 1), new)  # from the ack's step on: the command, decays included
     assert job.t > 45
 
     # Status: requested vs applied per layer at the newest reported step, and the audit trail.
@@ -197,10 +222,8 @@ def test_set_applies_at_step_boundary_angles_status_audit_metrics(collector, job
 
     # Prometheus: requested and applied rho per run and layer.
     m = scrape(collector)
-    np.testing.assert_allclose(per_layer(m, "layrot_layer_rho_requested", "set-run", job.names), new(job.t),
-                               rtol=1e-12)
-    np.testing.assert_allclose(per_layer(m, "layrot_layer_rho_applied", "set-run", job.names), new(job.t),
-                               rtol=1e-12)
+    np.testing.assert_allclose(per_layer(m, "layrot_layer_rho_requested", "set-run", job.names), new(job.t), rtol=1e-12)
+    np.testing.assert_allclose(per_layer(m, "layrot_layer_rho_applied", "set-run", job.names), new(job.t), rtol=1e-12)
     assert ({"run": "set-run"}, 1.0) in m["layrot_run_command_version_requested"]
     assert ({"run": "set-run"}, 1.0) in m["layrot_run_command_version_applied"]
 
@@ -235,8 +258,10 @@ INVALID = {
     "wrong_multiplier_count": (dict(multipliers=[1.0, 2.0]), "2 multipliers for 5 layers"),
     "multiplier_too_high": (dict(multipliers=[1.0, 30.0, 1.0, 1.0, 1.0]), "above the job's rho_max"),
     "bad_table": (dict(table=pb.RateTable(start_step=1, num_layers=5, rates=b"\x00" * 12)), "not a multiple"),
-    "table_above_rho_max": (dict(table=pb.RateTable(start_step=1, num_layers=5, rates=np.full(5, 0.8).tobytes())),
-                            "rate table values"),
+    "table_above_rho_max": (
+        dict(table=pb.RateTable(start_step=1, num_layers=5, rates=np.full(5, 0.8).tobytes())),
+        "rate table values",
+    ),
     "unknown_mode": (dict(mode="turbo"), "unknown mode 'turbo'"),
     "bad_schedule": (dict(schedule=dict(kind="cosine")), "cosine schedule needs total_steps"),
 }
@@ -282,8 +307,9 @@ def test_token_required_for_control_rates_unchanged(collector_factory, jobs):
         with QueryClient(c.grpc_address, token=token) as q, pytest.raises(CollectorError) as e:
             q.set_control("secure", command(rho0=0.01))
         assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
-    out = CliRunner().invoke(cli, ["control", "set", "secure", "--rho0", "0.01", "--collector", c.grpc_address],
-                             env={"LAYROT_TOKEN": ""})
+    out = CliRunner().invoke(
+        cli, ["control", "set", "secure", "--rho0", "0.01", "--collector", c.grpc_address], env={"LAYROT_TOKEN": ""}
+    )
     assert out.exit_code == 1 and "refused the token" in out.output
     job.step(5)
     with QueryClient(c.grpc_address) as q:  # reads stay open
@@ -302,8 +328,9 @@ def test_control_needs_the_job_to_opt_in(collector, jobs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(IN, 8), nn.ReLU(), nn.Linear(8, CLASSES))
     with pytest.raises(ValueError, match="Layca"):
-        layrot.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run="x", collector=collector.grpc_address,
-                     control=True)
+        layrot.watch(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), run="x", collector=collector.grpc_address, control=True
+        )
     job = jobs(collector.grpc_address, "no-opt-in", control=False)
     job.warmup(2)
     with QueryClient(collector.grpc_address) as q:
@@ -394,14 +421,33 @@ def test_cli_set_status_off(collector, jobs):
     runner = CliRunner()
     addr = ["--collector", collector.grpc_address]
     try:
-        out = runner.invoke(cli, ["control", "set", "cli-run", "--alpha", "0.5", "--rho0", "0.02", "--milestones",
-                                  "0.5", "--total-steps", "100000", "--layer", f"{job.names[0]}=2",
-                                  "--reason", "from the CLI", *addr])
+        out = runner.invoke(
+            cli,
+            [
+                "control",
+                "set",
+                "cli-run",
+                "--alpha",
+                "0.5",
+                "--rho0",
+                "0.02",
+                "--milestones",
+                "0.5",
+                "--total-steps",
+                "100000",
+                "--layer",
+                f"{job.names[0]}=2",
+                "--reason",
+                "from the CLI",
+                *addr,
+            ],
+        )
         assert out.exit_code == 0, out.output
         assert "version 1 requested" in out.output and "applied by the job from step" in out.output
         out = runner.invoke(cli, ["control", "status", "cli-run", "--json", *addr])
         assert out.exit_code == 0, out.output
         import json
+
         st = json.loads(out.output)
         assert st["requested"]["schedule"]["milestones"] == [0.5] and st["requested"]["reason"] == "from the CLI"
         assert st["requested"]["layer_multipliers"] == {job.names[0]: 2.0}

@@ -22,6 +22,7 @@ single real job or a raw session (cheaper than DDP).
 
 Run as a script, this file is the DDP worker: ``python test_control_ddp.py worker ...``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 32
-RTOL = 1e-4            # Layca's angle is exact to float32 rounding of the weights (~1e-6)
+RTOL = 1e-4  # Layca's angle is exact to float32 rounding of the weights (~1e-6)
 OLD_RHO, OLD_ALPHA = 0.05, 0.5
 NEW_RHO, NEW_ALPHA = 0.03, -0.3
-AFTER = 30             # steps every rank trains after it switched
+AFTER = 30  # steps every rank trains after it switched
 WORKER_SECONDS = 150.0  # the ranks agree to stop after this long whatever happened
 
 
@@ -62,14 +64,17 @@ class Trainer:
 
         self.torch, self.nn = torch, nn
         torch.manual_seed(0)  # same init on every rank (DDP would broadcast rank 0's anyway)
-        model = nn.Sequential(nn.Linear(IN, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
-                              nn.Linear(WIDTH, CLASSES))
+        model = nn.Sequential(
+            nn.Linear(IN, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, CLASSES)
+        )
         if ddp:
             from torch.nn.parallel import DistributedDataParallel
+
             model = DistributedDataParallel(model)
         self.model = model
-        self.opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=OLD_RHO,
-                                alpha=OLD_ALPHA, rho_max=0.5)
+        self.opt = layrot.Layca(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=OLD_RHO, alpha=OLD_ALPHA, rho_max=0.5
+        )
         if shift:
             # What a rank did before apply_at_step: switch at a step of its own.
             submit = self.opt.submit_command
@@ -77,10 +82,16 @@ class Trainer:
             def shifted(cmd: Any) -> None:
                 cmd.apply_at_step += shift
                 submit(cmd)
+
             self.opt.submit_command = shifted  # type: ignore[method-assign]
-        self.handle = layrot.watch(model, self.opt, run=run, collector=collector, control=True,
-                                   reporter_options={"backoff_initial": 0.05, "backoff_max": 0.3,
-                                                     "flush_interval": 0.01})
+        self.handle = layrot.watch(
+            model,
+            self.opt,
+            run=run,
+            collector=collector,
+            control=True,
+            reporter_options={"backoff_initial": 0.05, "backoff_max": 0.3, "flush_interval": 0.01},
+        )
         g = torch.Generator().manual_seed(7)
         self.teacher = torch.randn(IN, CLASSES, generator=g)
         self.gen = torch.Generator().manual_seed(100 + rank)
@@ -120,6 +131,7 @@ class Trainer:
     def angles(self, t: int) -> np.ndarray:
         """Float64 angle each layer rotated in step t, from the saved weights."""
         from reference import angle
+
         return np.array([angle(a, b) for a, b in zip(self.weights[t - 1], self.weights[t])])
 
     def close(self) -> None:
@@ -149,13 +161,13 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--shift", type=int, default=0)
     a = ap.parse_args(argv)
 
-    import torch
-    import torch.distributed as dist
     from datetime import timedelta
 
+    import torch
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=a.init, rank=a.rank, world_size=a.world,
-                            timeout=timedelta(seconds=180))
+    dist.init_process_group("gloo", init_method=a.init, rank=a.rank, world_size=a.world, timeout=timedelta(seconds=180))
     job = Trainer(a.collector, a.run, rank=a.rank, ddp=True, shift=a.shift)
     deadline = time.monotonic() + WORKER_SECONDS
     flags = torch.zeros(2)
@@ -173,11 +185,14 @@ def worker_main(argv: list[str]) -> None:
     job.handle.flush(10.0)
     job.close()
     names = job.opt.layer_names
-    np.savez(Path(a.out) / f"rank{a.rank}.npz",
-             **{f"w{i}": np.stack([w[i] for w in job.weights]) for i in range(len(names))},
-             versions=np.array([job.versions[t] for t in range(1, job.t + 1)]),
-             rates=np.stack([job.rates[t] for t in range(1, job.t + 1)]),
-             names=np.array(names), timed_out=np.array(bool(flags[1] > 0)))
+    np.savez(
+        Path(a.out) / f"rank{a.rank}.npz",
+        **{f"w{i}": np.stack([w[i] for w in job.weights]) for i in range(len(names))},
+        versions=np.array([job.versions[t] for t in range(1, job.t + 1)]),
+        rates=np.stack([job.rates[t] for t in range(1, job.t + 1)]),
+        names=np.array(names),
+        timed_out=np.array(bool(flags[1] > 0)),
+    )
     dist.destroy_process_group()
 
 
@@ -189,14 +204,14 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
 # ---------------------------------------------------------------- tests
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
+from metrics_text import scrape  # noqa: E402
+from reference import eq1  # noqa: E402
 
-from layrot.agent.cli import cli  # noqa: E402
-from layrot.agent.query import QueryClient  # noqa: E402
+from layrot.cli.main import cli  # noqa: E402
+from layrot.client.query import QueryClient  # noqa: E402
 from layrot.proto import layrot_pb2 as pb  # noqa: E402
-from layrot.proto.rates import split_due  # noqa: E402
+from layrot.proto.commands import split_due  # noqa: E402
 from layrot.server import control as ctl  # noqa: E402
-from reference import eq1
-from metrics_text import scrape
 
 
 def cli_json(*args: str) -> dict:
@@ -214,10 +229,31 @@ class Ranks:
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         init = f"file://{tmp / (run + '.rendezvous')}"
         self.logs = [open(self.out / f"rank{r}.log", "w") for r in range(2)]
-        self.procs = [subprocess.Popen(
-            [sys.executable, __file__, "worker", "--rank", str(r), "--init", init, "--collector",
-             collector.grpc_address, "--run", run, "--out", str(self.out), "--shift", str(shift1 if r == 1 else 0)],
-            env=env, stdout=self.logs[r], stderr=subprocess.STDOUT) for r in range(2)]
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "worker",
+                    "--rank",
+                    str(r),
+                    "--init",
+                    init,
+                    "--collector",
+                    collector.grpc_address,
+                    "--run",
+                    run,
+                    "--out",
+                    str(self.out),
+                    "--shift",
+                    str(shift1 if r == 1 else 0),
+                ],
+                env=env,
+                stdout=self.logs[r],
+                stderr=subprocess.STDOUT,
+            )
+            for r in range(2)
+        ]
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
@@ -276,18 +312,34 @@ def drive(collector: Any, ranks: Ranks, run: str) -> tuple[int, dict]:
                 break
             time.sleep(0.1)
         assert runs[run]["world_size"] == 2
-    st = cli_json("control", "set", run, "--alpha", str(NEW_ALPHA), "--rho0", str(NEW_RHO), "--reason", "ddp test",
-                  "--wait", "0", "--json", "--collector", addr)
+    st = cli_json(
+        "control",
+        "set",
+        run,
+        "--alpha",
+        str(NEW_ALPHA),
+        "--rho0",
+        str(NEW_RHO),
+        "--reason",
+        "ddp test",
+        "--wait",
+        "0",
+        "--json",
+        "--collector",
+        addr,
+    )
     at = st["requested"]["apply_at_step"]
     return at, st
 
 
 def load_angles(saved: dict[str, np.ndarray]) -> Callable[[int], np.ndarray]:
     from reference import angle
+
     L = len(saved["names"])
 
     def angles(t: int) -> np.ndarray:
         return np.array([angle(saved[f"w{i}"][t - 1], saved[f"w{i}"][t]) for i in range(L)])
+
     return angles
 
 
@@ -305,7 +357,7 @@ def test_ddp_ranks_switch_at_the_same_step_and_stay_identical(collector, ddp_job
     firsts = [int(np.argmax(s["versions"] >= 1)) + 1 for s in saved]
     assert firsts == [at, at], f"switched at {firsts}, apply_at_step {at}"
     for s in saved:
-        assert np.all(s["versions"][:at - 1] == 0) and np.all(s["versions"][at - 1:] == 1)
+        assert np.all(s["versions"][: at - 1] == 0) and np.all(s["versions"][at - 1 :] == 1)
 
     # Bit-identical replicas at every step, to the end (differing switch steps break this: see below).
     T = len(saved[0]["versions"])
@@ -325,8 +377,9 @@ def test_ddp_ranks_switch_at_the_same_step_and_stay_identical(collector, ddp_job
 
     # The collector's view: both ranks acknowledged version 1 at that step, in time.
     status = cli_json("control", "status", run, "--json", "--collector", collector.grpc_address)
-    assert [(r["rank"], r["applied_version"], r["applied_step"], r["wanted_step"], r["late"])
-            for r in status["ranks"]] == [(0, 1, at, at, False), (1, 1, at, at, False)]
+    assert [
+        (r["rank"], r["applied_version"], r["applied_step"], r["wanted_step"], r["late"]) for r in status["ranks"]
+    ] == [(0, 1, at, at, False), (1, 1, at, at, False)]
     applied = [a for a in status["audit"] if a["event"] == "applied"]
     assert len(applied) == 2 and all(a["step"] == at and a["reason"] == "" for a in applied)
     assert f"apply_at_step={at}" in status["audit"][0]["what"]
@@ -346,8 +399,8 @@ def test_ddp_ranks_switching_apart_diverge(collector, ddp_job):
     diff = []
     for i in range(L):
         a, b = saved[0][f"w{i}"], saved[1][f"w{i}"]
-        assert np.array_equal(a[:at], b[:at])          # identical through step at - 1
-        assert not np.array_equal(a[at], b[at])        # different rates at step `at`
+        assert np.array_equal(a[:at], b[:at])  # identical through step at - 1
+        assert not np.array_equal(a[at], b[at])  # different rates at step `at`
         diff.append(float(np.abs(a[-1] - b[-1]).max()))
     assert min(diff) > 1e-6, diff
     status = cli_json("control", "status", run, "--json", "--collector", collector.grpc_address)
@@ -360,8 +413,9 @@ def test_ddp_ranks_switching_apart_diverge(collector, ddp_job):
 
 # ---------------------------------------------------------------- one real job: holding and late arrival
 def control_cmd(alpha: float, rho0: float, apply_at_step: int = 0) -> pb.RateCommand:
-    return pb.RateCommand(alpha=alpha, schedule=pb.RhoSchedule(rho0=rho0), apply_at_step=apply_at_step,
-                          issued_by="tester@lab")
+    return pb.RateCommand(
+        alpha=alpha, schedule=pb.RhoSchedule(rho0=rho0), apply_at_step=apply_at_step, issued_by="tester@lab"
+    )
 
 
 def test_single_rank_command_held_until_its_step(collector):
@@ -392,8 +446,9 @@ def test_single_rank_command_held_until_its_step(collector):
     check_angles(job.angles, range(1, first1), OLD_RHO * eq1(OLD_ALPHA, L))
     check_angles(job.angles, range(first1, at), 0.02 * eq1(0.2, L))
     check_angles(job.angles, range(at, job.t + 1), 0.04 * eq1(-0.5, L))
-    assert [(r["applied_version"], r["applied_step"], r["wanted_step"], r["late"]) for r in st["ranks"]] == \
-        [(2, at, at, False)]
+    assert [(r["applied_version"], r["applied_step"], r["wanted_step"], r["late"]) for r in st["ranks"]] == [
+        (2, at, at, False)
+    ]
 
 
 def test_late_command_applies_at_the_next_boundary_and_shows_as_late(collector):
@@ -405,7 +460,7 @@ def test_late_command_applies_at_the_next_boundary_and_shows_as_late(collector):
         assert job.handle.flush(5.0)
         L = len(job.opt.layer_names)
         with QueryClient(collector.grpc_address) as q:
-            st = q.set_control(run, control_cmd(NEW_ALPHA, NEW_RHO, apply_at_step=5))  # step 5 is long past
+            q.set_control(run, control_cmd(NEW_ALPHA, NEW_RHO, apply_at_step=5))  # step 5 is long past
             sent_after = job.t
             job.step_until(lambda: q.get_control(run)["applied_version"] >= 1)
             for _ in range(10):
@@ -420,8 +475,9 @@ def test_late_command_applies_at_the_next_boundary_and_shows_as_late(collector):
     check_angles(job.angles, range(first, job.t + 1), NEW_RHO * eq1(NEW_ALPHA, L))
 
     status = cli_json("control", "status", run, "--json", "--collector", collector.grpc_address)
-    assert [(r["rank"], r["applied_version"], r["applied_step"], r["wanted_step"], r["late"])
-            for r in status["ranks"]] == [(0, 1, first, 5, True)]
+    assert [
+        (r["rank"], r["applied_version"], r["applied_step"], r["wanted_step"], r["late"]) for r in status["ranks"]
+    ] == [(0, 1, first, 5, True)]
     assert status["applied_step"] == first
     applied = [a for a in status["audit"] if a["event"] == "applied"]
     assert [(a["step"], a["reason"]) for a in applied] == [(first, "late (wanted step 5)")]
@@ -461,8 +517,12 @@ def test_multi_rank_stamp_resend_and_late_acks(collector, ingest, sim_job):
     cmd = st["requested"]
     # The lead, written out: MIN_LEAD_STEPS + every + ceil(rate * (report age + DELIVERY_SECONDS)).
     age = cmd["issued_at"] - (r0.t0 + 40 * 1e-3)
-    want = 40 + ctl.MIN_LEAD_STEPS + 1 + math.ceil(1000.0 * (min(max(age, 0.0), ctl.MAX_REPORT_AGE)
-                                                             + ctl.DELIVERY_SECONDS))
+    want = (
+        40
+        + ctl.MIN_LEAD_STEPS
+        + 1
+        + math.ceil(1000.0 * (min(max(age, 0.0), ctl.MAX_REPORT_AGE) + ctl.DELIVERY_SECONDS))
+    )
     assert abs(cmd["apply_at_step"] - want) <= 1, (cmd["apply_at_step"], want)
     at = cmd["apply_at_step"]
     # Both ranks get it with that step; a rank that reconnects gets the same command again.
@@ -503,8 +563,12 @@ def test_multi_rank_stamp_resend_and_late_acks(collector, ingest, sim_job):
         st = q.get_control(run)
     early = [a for a in st["audit"] if a["event"] == "applied" and a["version"] == 2]
     assert early[0]["reason"].startswith(f"early (wanted step {at2})")
-    assert [(r["applied_version"], r["applied_step"], r["wanted_step"], r["late"]) for r in st["ranks"]][0] == \
-        (2, 41, at2, False)
+    assert [(r["applied_version"], r["applied_step"], r["wanted_step"], r["late"]) for r in st["ranks"]][0] == (
+        2,
+        41,
+        at2,
+        False,
+    )
     assert ({"run": run}, 1.0) in scrape(collector)["layrot_control_late_total"]
 
 
@@ -536,8 +600,7 @@ def test_collector_restart_keeps_apply_at_and_late_state(collector_factory, inge
 
 # ---------------------------------------------------------------- the shared rules, and Layca on its own
 def rc(version: int, at: int = 0) -> pb.RateCommand:
-    return pb.RateCommand(version=version, alpha=0.0, schedule=pb.RhoSchedule(rho0=0.01 * version),
-                          apply_at_step=at)
+    return pb.RateCommand(version=version, alpha=0.0, schedule=pb.RhoSchedule(rho0=0.01 * version), apply_at_step=at)
 
 
 def versions(cmds: list) -> list[int]:
@@ -547,24 +610,24 @@ def versions(cmds: list) -> list[int]:
 def test_split_due_rules():
     due, held, res = split_due([rc(5), rc(6)], 10)
     assert versions(due) == [6] and held == [] and [(r[0], r[1]) for r in res] == [(5, False)]
-    due, held, res = split_due([rc(5, 20), rc(6, 30)], 10)       # both ahead: both wait, in order
+    due, held, res = split_due([rc(5, 20), rc(6, 30)], 10)  # both ahead: both wait, in order
     assert due == [] and versions(held) == [5, 6] and res == []
     due, held, res = split_due(held, 20)
     assert versions(due) == [5] and versions(held) == [6]
-    due, held, res = split_due([rc(5, 30), rc(6, 20)], 10)       # newer and sooner: replaces the older
+    due, held, res = split_due([rc(5, 30), rc(6, 20)], 10)  # newer and sooner: replaces the older
     assert due == [] and versions(held) == [6] and res[0][:2] == (5, False) and "version 6" in res[0][2]
-    due, held, res = split_due([rc(5, 3), rc(6, 30)], 10)        # late one now, the newer one later
+    due, held, res = split_due([rc(5, 3), rc(6, 30)], 10)  # late one now, the newer one later
     assert versions(due) == [5] and versions(held) == [6] and res == []
-    due, held, res = split_due([rc(6, 30), rc(5)], 10)           # arrival order does not matter
+    due, held, res = split_due([rc(6, 30), rc(5)], 10)  # arrival order does not matter
     assert versions(due) == [5] and versions(held) == [6]
-    due, held, res = split_due([rc(5, 30), rc(6)], 10)           # a newer one due now replaces a held older
+    due, held, res = split_due([rc(5, 30), rc(6)], 10)  # a newer one due now replaces a held older
     assert versions(due) == [6] and held == [] and res[0][:2] == (5, False)
-    due, held, res = split_due([rc(5, 12), rc(5, 12)], 12)       # a re-sent copy counts once
+    due, held, res = split_due([rc(5, 12), rc(5, 12)], 12)  # a re-sent copy counts once
     assert versions(due) == [5] and res == []
 
 
 def test_step_rate_and_lead():
-    rows = [(s, 100.0 + 0.01 * s) for s in range(1, 41)]         # 100 steps/s
+    rows = [(s, 100.0 + 0.01 * s) for s in range(1, 41)]  # 100 steps/s
     rows += [(s, 100.0 + 0.01 * s + 30.0) for s in range(41, 61)]  # after a 30 s pause, same speed
     assert ctl.step_rate(rows) == pytest.approx(100.0)
     assert ctl.step_rate([(5, 1.0)]) is None and ctl.step_rate([]) is None
@@ -578,6 +641,7 @@ def test_step_rate_and_lead():
 def test_two_laycas_switch_together_whenever_the_commands_arrive():
     """Rank A gets both commands early, rank B the second one late in its hold: same steps, same rates."""
     import torch
+
     import layrot
 
     def make():

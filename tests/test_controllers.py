@@ -3,6 +3,7 @@
 AdaptCopy and auto run against the embedded collector with real training
 jobs; angles and rotations are checked in float64 from saved weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,19 +16,24 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import angle
+from test_control import IN, Job, eq1
 from torch import nn
 
 import layrot
-from layrot.agent.cli import cli
-from layrot.agent.query import History, QueryClient
+from layrot.cli.main import cli
+from layrot.client.query import History, QueryClient
 from layrot.controllers.adaptcopy import AdaptCopy, recorded_rates
 from layrot.controllers.auto import AutoController, AutoPolicy
-from layrot.controllers.profile import (off_command, parse_floats, parse_layer_multipliers, profile_command,
-                                        schedule_from_args)
-from layrot.proto.rates import RateRule, validate_command
-from layrot.proto import layrot_pb2 as pb
-from reference import angle, cosine_distance
-from test_control import IN, Job, eq1
+from layrot.controllers.profile import (
+    off_command,
+    parse_floats,
+    parse_layer_multipliers,
+    profile_command,
+    schedule_from_args,
+)
+from layrot.core.rates import RateRule
+from layrot.proto.commands import validate_command
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -36,28 +42,32 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_profile_command_is_what_the_job_computes():
     sched = schedule_from_args(0.03, None, parse_floats("0.5,0.75", "m"), 0.1, 100)
     assert sched.kind == "step"
-    cmd = profile_command(alpha=0.4, schedule=sched, multipliers=[1, 2, 1], layer_multipliers={"c": 3.0},
-                          reason="r", issued_by="me")
+    cmd = profile_command(
+        alpha=0.4, schedule=sched, multipliers=[1, 2, 1], layer_multipliers={"c": 3.0}, reason="r", issued_by="me"
+    )
     names = ["a", "b", "c"]
     assert validate_command(cmd, names, rho_max=1.0) is None
     rule = RateRule(tuple(names))
-    from layrot.proto.rates import rule_from_command
+    from layrot.proto.commands import rule_from_command
 
     got = rule_from_command(cmd, names, rule)
     for t, k in ((1, 0), (50, 0), (51, 1), (75, 1), (76, 2), (1000, 2)):
-        np.testing.assert_allclose(got.rates(t), 0.03 * 0.1 ** k * eq1(0.4, 3) * np.array([1, 2, 3]), rtol=1e-15)
+        np.testing.assert_allclose(got.rates(t), 0.03 * 0.1**k * eq1(0.4, 3) * np.array([1, 2, 3]), rtol=1e-15)
     assert cmd.controller == "manual" and cmd.issued_by == "me" and cmd.reason == "r"
     assert off_command("x").mode == "off"
 
 
-@pytest.mark.parametrize("args, match", [
-    (dict(rho0=0.1, kind="cosine"), "total_steps"),
-    (dict(rho0=0.1, kind="step"), "needs --milestones"),
-    (dict(rho0=0.1, kind="constant", milestones=[10]), "only apply to the step"),
-    (dict(rho0=0.1, milestones=[0.5]), "needs total_steps"),
-    (dict(rho0=-1.0), "rho0"),
-    (dict(rho0=0.1, kind="linear"), "schedule must be one of"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (dict(rho0=0.1, kind="cosine"), "total_steps"),
+        (dict(rho0=0.1, kind="step"), "needs --milestones"),
+        (dict(rho0=0.1, kind="constant", milestones=[10]), "only apply to the step"),
+        (dict(rho0=0.1, milestones=[0.5]), "needs total_steps"),
+        (dict(rho0=-1.0), "rho0"),
+        (dict(rho0=0.1, kind="linear"), "schedule must be one of"),
+    ],
+)
 def test_bad_schedules_fail_before_sending(args, match):
     with pytest.raises(ValueError, match=match):
         schedule_from_args(**args)
@@ -82,15 +92,24 @@ def test_parsers():
 
 # ---------------------------------------------------------------- the auto law
 def test_auto_policy_boosts_laggards_slows_leaders_and_respects_caps():
-    p = AutoPolicy(num_layers=3, total_steps=1000, target=1.0, reach=0.2, kp=3.0, ki=40.0, min_mult=0.25,
-                   max_mult=np.array([100.0, 10.0, 2.0]), couple=0.0)
+    p = AutoPolicy(
+        num_layers=3,
+        total_steps=1000,
+        target=1.0,
+        reach=0.2,
+        kp=3.0,
+        ki=40.0,
+        min_mult=0.25,
+        max_mult=np.array([100.0, 10.0, 2.0]),
+        couple=0.0,
+    )
     assert p.reference(0) == 0.0 and p.reference(200) == 1.0 and p.reference(5000) == 1.0
     assert p.reference(50) == pytest.approx(math.sqrt(0.25))
     # At step 100 the reference is sqrt(0.5); layer 0 lags, layer 1 leads, layer 2 lags but is capped.
     rot = np.array([0.2, 1.0, 0.1])
     m = p.update(100, rot)
     d = math.sqrt(0.5)
-    e = (d - rot)
+    e = d - rot
     integral = 40.0 * e * 0.1
     want = np.exp(np.clip(integral + 3.0 * e, math.log(0.25), np.log([100.0, 10.0, 2.0])))
     np.testing.assert_allclose(m, want, rtol=1e-12)
@@ -102,8 +121,16 @@ def test_auto_policy_boosts_laggards_slows_leaders_and_respects_caps():
     before = p.integral.copy()
     p.update(120, np.full(3, np.nan))
     np.testing.assert_array_equal(p.integral, before)
-    for bad in (dict(total_steps=0), dict(reach=0.0), dict(target=3.0), dict(couple=1.5), dict(react=0.0),
-                dict(loss_hold=0.7, loss_guard=0.6), dict(settle_tol=1.0), dict(backoff_every=-1.0)):
+    for bad in (
+        dict(total_steps=0),
+        dict(reach=0.0),
+        dict(target=3.0),
+        dict(couple=1.5),
+        dict(react=0.0),
+        dict(loss_hold=0.7, loss_guard=0.6),
+        dict(settle_tol=1.0),
+        dict(backoff_every=-1.0),
+    ):
         with pytest.raises(ValueError):
             AutoPolicy(num_layers=2, **{"total_steps": 10, **bad})
 
@@ -131,8 +158,17 @@ def test_auto_policy_neighbours_ride_along_with_a_pushed_layer():
 
 
 def test_auto_policy_settles_layers_near_target_after_the_first_decay():
-    p = AutoPolicy(num_layers=2, total_steps=1000, kp=3.0, ki=40.0, max_mult=10.0, couple=0.0, react=0.03,
-                   settle_from=0.8, settle_tol=0.05)
+    p = AutoPolicy(
+        num_layers=2,
+        total_steps=1000,
+        kp=3.0,
+        ki=40.0,
+        max_mult=10.0,
+        couple=0.0,
+        react=0.03,
+        settle_from=0.8,
+        settle_tol=0.05,
+    )
     rot = np.array([0.97, 0.90])  # both below the target 1.0
     p.update(790, rot)
     i790 = p.integral.copy()
@@ -151,8 +187,9 @@ def test_auto_policy_settles_layers_near_target_after_the_first_decay():
 
 
 def test_auto_loss_hold_and_guard_react_to_the_smoothed_loss_over_steps():
-    p = AutoPolicy(num_layers=2, total_steps=1000, loss_guard=0.5, loss_hold=0.3, react=0.03, max_mult=100.0,
-                   couple=0.0)
+    p = AutoPolicy(
+        num_layers=2, total_steps=1000, loss_guard=0.5, loss_hold=0.3, react=0.03, max_mult=100.0, couple=0.0
+    )
     p.set_initial_loss(2.0)  # hold above 0.6, back off above 1.0 (smoothed)
     ema, t = math.nan, 0
 
@@ -182,8 +219,8 @@ def test_auto_loss_hold_and_guard_react_to_the_smoothed_loss_over_steps():
     assert p.integral[0] == held[0] and p.integral[1] < held[1]
     # Above 1.0 the integrals are halved, at most once per 30 steps however often the loss is fed.
     fired = []
-    for step in range(step + 5, step + 125, 5):
-        fired.append((step, feed(2.5, step)))
+    for s in range(step + 5, step + 125, 5):
+        fired.append((s, feed(2.5, s)))
     steps = [s for s, f in fired if f]
     assert len(steps) >= 2 and all(b - a >= 30 for a, b in zip(steps, steps[1:]))
     assert p.backoffs == len(steps)
@@ -233,8 +270,17 @@ def test_recorded_rates_fill_gaps_and_clip():
     names = ["a", "b"]
     steps = np.array([2, 4, 5])
     ang = np.array([[0.1, 0.2], [0.3, np.nan], [0.7, 0.05]])
-    h = History(run="src", layer_names=names, steps=steps, times=steps * 1.0, loss=np.full(3, np.nan),
-                rotation=np.zeros((3, 2)), step_angle=ang, weight_norm=np.ones((3, 2)), rho=np.full((3, 2), np.nan))
+    h = History(
+        run="src",
+        layer_names=names,
+        steps=steps,
+        times=steps * 1.0,
+        loss=np.full(3, np.nan),
+        rotation=np.zeros((3, 2)),
+        step_angle=ang,
+        weight_norm=np.ones((3, 2)),
+        rho=np.full((3, 2), np.nan),
+    )
     plan = recorded_rates(h, rho_max=1.0)
     assert plan.num_steps == 5
     want_a = np.tan([0.1, 0.1, 0.3, 0.3, 0.7])  # steps 1 and 3 take the next reported step's rate
@@ -245,9 +291,19 @@ def test_recorded_rates_fill_gaps_and_clip():
     plan = recorded_rates(h, rho_max=0.5)
     assert plan.clipped == 1 and plan.rates.max() == 0.5
     with pytest.raises(ValueError, match="no usable step angle"):
-        recorded_rates(History(run="s", layer_names=names, steps=steps, times=steps * 1.0, loss=np.zeros(3),
-                               rotation=np.zeros((3, 2)), step_angle=np.full((3, 2), np.nan),
-                               weight_norm=np.ones((3, 2)), rho=np.zeros((3, 2))))
+        recorded_rates(
+            History(
+                run="s",
+                layer_names=names,
+                steps=steps,
+                times=steps * 1.0,
+                loss=np.zeros(3),
+                rotation=np.zeros((3, 2)),
+                step_angle=np.full((3, 2), np.nan),
+                weight_norm=np.ones((3, 2)),
+                rho=np.zeros((3, 2)),
+            )
+        )
 
 
 # ---------------------------------------------------------------- AdaptCopy end to end
@@ -261,8 +317,11 @@ def _source_run(address: str, run: str, steps: int, opt_name: str = "adam") -> t
         d = 24
     mods.append(nn.Linear(d, 4))
     model = nn.Sequential(*mods)
-    opt = (torch.optim.Adam(model.parameters(), lr=3e-3) if opt_name == "adam"
-           else torch.optim.RMSprop(model.parameters(), lr=1e-3))
+    opt = (
+        torch.optim.Adam(model.parameters(), lr=3e-3)
+        if opt_name == "adam"
+        else torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    )
     handle = layrot.watch(model, opt, run=run, collector=address)
     layers = [p for p in model.parameters() if p.ndim >= 2]
     g = torch.Generator().manual_seed(8)
@@ -313,16 +372,18 @@ def test_adaptcopy_replays_recorded_rates_in_windows(collector, jobs_cp):
     assert first <= 16
     steps = range(first, S + 1)
     assert all(job.sources[t] == "table" for t in steps)
-    want = np.array([recorded.step_angle[t - 1] for t in steps])          # the collector's measurement
-    got = np.array([job.angles[t] for t in steps])                          # float64 from the saved weights
+    want = np.array([recorded.step_angle[t - 1] for t in steps])  # the collector's measurement
+    got = np.array([job.angles[t] for t in steps])  # float64 from the saved weights
     rel = np.abs(got - want) / want
     assert rel.max() <= 1e-3, rel.max()
     # The source's own float64 angles agree too, and so does the collector's view of the replay.
     src = np.array([src_angles[t - 1] for t in steps])
     assert (np.abs(got - src) / src).max() <= 1e-3
-    np.testing.assert_allclose(replayed.step_angle[first - 1:S], got, rtol=1e-3)
-    print(f"\nAdaptCopy (Adam -> SGD+Layca, {S} steps, windows of 16): max relative angle error "
-          f"{rel.max():.2e}; {len(ac.versions)} commands")
+    np.testing.assert_allclose(replayed.step_angle[first - 1 : S], got, rtol=1e-3)
+    print(
+        f"\nAdaptCopy (Adam -> SGD+Layca, {S} steps, windows of 16): max relative angle error "
+        f"{rel.max():.2e}; {len(ac.versions)} commands"
+    )
 
 
 @pytest.fixture
@@ -368,8 +429,22 @@ def test_cli_copy_loop_sends_windows_ahead_of_a_running_job(collector, jobs_cp):
     th = threading.Thread(target=train)
     th.start()
     try:
-        out = CliRunner().invoke(cli, ["control", "copy", "--from", "rms-src", "copy-cli", "--window-steps", "30",
-                                       "--interval", "0.02", "--collector", collector.grpc_address])
+        out = CliRunner().invoke(
+            cli,
+            [
+                "control",
+                "copy",
+                "--from",
+                "rms-src",
+                "copy-cli",
+                "--window-steps",
+                "30",
+                "--interval",
+                "0.02",
+                "--collector",
+                collector.grpc_address,
+            ],
+        )
     finally:
         th.join(60)
         stop.set()
@@ -411,8 +486,10 @@ def test_auto_brings_every_layer_to_target_where_best_sgd_does_not(collector):
     finally:
         torch.set_num_threads(threads)
     best = B.best_sgd(sgd)
-    print(f"\nauto: acc {auto['acc']:.4f} rotations {np.round(auto['rotation'], 3).tolist()}; "
-          f"best SGD lr {best['lr']}: acc {best['acc']:.4f} rotations {np.round(best['rotation'], 3).tolist()}")
+    print(
+        f"\nauto: acc {auto['acc']:.4f} rotations {np.round(auto['rotation'], 3).tolist()}; "
+        f"best SGD lr {best['lr']}: acc {best['acc']:.4f} rotations {np.round(best['rotation'], 3).tolist()}"
+    )
     assert min(auto["rotation"]) >= 0.9
     assert np.median(best["rotation"]) < np.median(auto["rotation"])
     assert np.median(best["rotation"]) < 0.9
@@ -437,8 +514,20 @@ def test_cli_auto_stops_by_itself_at_total_steps(collector):
     th = threading.Thread(target=train)
     th.start()
     try:
-        out = CliRunner().invoke(cli, ["control", "auto", "auto-cli", "--total-steps", str(total), "--interval",
-                                       "0.05", "--collector", collector.grpc_address])
+        out = CliRunner().invoke(
+            cli,
+            [
+                "control",
+                "auto",
+                "auto-cli",
+                "--total-steps",
+                str(total),
+                "--interval",
+                "0.05",
+                "--collector",
+                collector.grpc_address,
+            ],
+        )
     finally:
         stop.set()
         th.join(30)
@@ -451,7 +540,7 @@ def test_cli_auto_stops_by_itself_at_total_steps(collector):
     assert st["requested"]["schedule"]["milestones"] == [0.8, 0.9, 0.97]
     # The multipliers in force are the controller's last, within its caps.
     m = np.array(st["requested"]["multipliers"])
-    assert m.size == len(job.names) and np.all(m >= 0.25 - 1e-12) and np.all(m * 3 ** -3 <= 0.4 + 1e-12)
+    assert m.size == len(job.names) and np.all(m >= 0.25 - 1e-12) and np.all(m * 3**-3 <= 0.4 + 1e-12)
 
 
 def test_cli_auto_stops_when_the_run_disconnects(collector):
@@ -459,8 +548,19 @@ def test_cli_auto_stops_when_the_run_disconnects(collector):
     job.warmup(3)
     threading.Timer(0.5, job.close).start()
     t0 = time.monotonic()
-    out = CliRunner().invoke(cli, ["control", "auto", "auto-gone", "--total-steps", "100000", "--interval", "0.05",
-                                   "--collector", collector.grpc_address])
+    out = CliRunner().invoke(
+        cli,
+        [
+            "control",
+            "auto",
+            "auto-gone",
+            "--total-steps",
+            "100000",
+            "--interval",
+            "0.05",
+            "--collector",
+            collector.grpc_address,
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "disconnected" in out.output and time.monotonic() - t0 < 10
-

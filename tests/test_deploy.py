@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layrot.agent.grafana import interpolate, panel_exprs
+from layrot.cli.grafana import interpolate, panel_exprs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -136,8 +136,13 @@ def test_promtool_rule_unit_tests_pass():
 
 def test_rule_tests_cover_every_alert_firing_and_not_firing():
     alerts = {r["alert"] for g in load_yaml_docs(RULES)[0]["groups"] for r in g["rules"] if "alert" in r}
-    assert {"LayrotAbruptRotation", "LayrotRunDiverged", "LayrotRunStalled", "LayrotCollectorDown",
-            "LayrotCollectorRejectingMessages"} <= alerts
+    assert {
+        "LayrotAbruptRotation",
+        "LayrotRunDiverged",
+        "LayrotRunStalled",
+        "LayrotCollectorDown",
+        "LayrotCollectorRejectingMessages",
+    } <= alerts
     fired: set[str] = set()
     quiet: set[str] = set()
     for case in load_yaml_docs(RULE_TESTS)[0]["tests"]:
@@ -169,7 +174,7 @@ def test_kubernetes_prometheus_config_is_valid(tmp_path):
     result = run(tool("promtool"), "check", "config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = {j["job_name"] for j in yaml.safe_load(config.read_text())["scrape_configs"]}
-    assert "layrot" in jobs, "the rules match up{job=\"layrot\"}"
+    assert "layrot" in jobs, 'the rules match up{job="layrot"}'
 
 
 @pytest.mark.prometheus
@@ -196,8 +201,17 @@ def test_amtool_check_config():
 @pytest.mark.prometheus
 def test_alertmanager_routes_critical_alerts_with_shorter_repeat():
     config = DEPLOY / "alertmanager" / "alertmanager.yml"
-    result = run(tool("amtool"), "config", "routes", "test", f"--config.file={config}", "--verify.receivers=layrot-webhook",
-                 "severity=critical", "alertname=LayrotRunDiverged", "run=r1")
+    result = run(
+        tool("amtool"),
+        "config",
+        "routes",
+        "test",
+        f"--config.file={config}",
+        "--verify.receivers=layrot-webhook",
+        "severity=critical",
+        "alertname=LayrotRunDiverged",
+        "run=r1",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     routes = yaml.safe_load(config.read_text())["route"]["routes"]
     assert any('severity="critical"' in m for r in routes for m in r["matchers"])
@@ -273,7 +287,10 @@ def test_run_dashboard_content():
     assert "layrot_layer_rotation" in heatmap["targets"][0]["expr"]
     assert heatmap["options"]["calculate"] is False  # rows are layers, not histogram buckets
     rho = panels["Layca rate: requested vs applied"]
-    assert {t["expr"].split("{")[0] for t in rho["targets"]} == {"layrot_layer_rho_requested", "layrot_layer_rho_applied"}
+    assert {t["expr"].split("{")[0] for t in rho["targets"]} == {
+        "layrot_layer_rho_requested",
+        "layrot_layer_rho_applied",
+    }
     (anno,) = [a for a in run_board["annotations"]["list"] if not a.get("builtIn")]
     assert "layrot_alerts_total" in anno["expr"] and anno["datasource"] == DS_REF
     assert panels["Step angle per layer"]["id"] in anno["filter"]["ids"]
@@ -281,12 +298,25 @@ def test_run_dashboard_content():
 
 def test_dashboards_use_only_exported_metrics():
     exported = {
-        "layrot_layer_rotation", "layrot_layer_step_angle_radians", "layrot_layer_weight_norm",
-        "layrot_layer_rho_applied", "layrot_layer_rho_requested", "layrot_run_step",
-        "layrot_run_last_report_timestamp_seconds", "layrot_run_layers", "layrot_run_rotation_min",
-        "layrot_run_rotation_mean", "layrot_run_connected", "layrot_run_info", "layrot_run_nonfinite_samples_total",
-        "layrot_alerts_total", "layrot_samples_ingested_total", "layrot_steps_ingested_total",
-        "layrot_messages_rejected_total", "layrot_sessions_active", "layrot_sessions_opened_total",
+        "layrot_layer_rotation",
+        "layrot_layer_step_angle_radians",
+        "layrot_layer_weight_norm",
+        "layrot_layer_rho_applied",
+        "layrot_layer_rho_requested",
+        "layrot_run_step",
+        "layrot_run_last_report_timestamp_seconds",
+        "layrot_run_layers",
+        "layrot_run_rotation_min",
+        "layrot_run_rotation_mean",
+        "layrot_run_connected",
+        "layrot_run_info",
+        "layrot_run_nonfinite_samples_total",
+        "layrot_alerts_total",
+        "layrot_samples_ingested_total",
+        "layrot_steps_ingested_total",
+        "layrot_messages_rejected_total",
+        "layrot_sessions_active",
+        "layrot_sessions_opened_total",
         "layrot_store_pending_rows",
     }
     used = set()
@@ -307,14 +337,17 @@ def test_interpolate_matches_grafana_prometheus_formatting():
     assert interpolate("rate(x[$__rate_interval])", {}) == "rate(x[1m])"
     assert interpolate("rate(x[$__rate_interval])", {"__rate_interval": "5m"}) == "rate(x[5m])"
     with pytest.raises(KeyError):
-        interpolate("x{run=\"$nope\"}", {})
+        interpolate('x{run="$nope"}', {})
 
 
 def test_panel_exprs_reaches_collapsed_rows():
-    board = {"panels": [
-        {"type": "row", "collapsed": True, "panels": [{"targets": [{"expr": 'a{run="$run"}'}]}]},
-        {"targets": [{"expr": "b"}, {"expr": "c", "hide": True}, {"refId": "no-expr"}]},
-    ], "annotations": {"list": [{"expr": "d"}]}}
+    board = {
+        "panels": [
+            {"type": "row", "collapsed": True, "panels": [{"targets": [{"expr": 'a{run="$run"}'}]}]},
+            {"targets": [{"expr": "b"}, {"expr": "c", "hide": True}, {"refId": "no-expr"}]},
+        ],
+        "annotations": {"list": [{"expr": "d"}]},
+    }
     assert panel_exprs(board, {"run": "r"}) == ['a{run="r"}', "b"]
     assert panel_exprs(board, {"run": "r"}, include_annotations=True) == ['a{run="r"}', "b", "d"]
 
@@ -328,7 +361,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_prometheus(workdir: Path, config_text: str = "global:\n  scrape_interval: 15s\n") -> tuple[str, subprocess.Popen]:
+def start_prometheus(
+    workdir: Path, config_text: str = "global:\n  scrape_interval: 15s\n"
+) -> tuple[str, subprocess.Popen]:
     """Start the `prometheus` binary on 127.0.0.1 with a fresh database; return (base URL, process)."""
     binary = tool("prometheus")
     config = workdir / "prometheus.yml"
@@ -336,9 +371,15 @@ def start_prometheus(workdir: Path, config_text: str = "global:\n  scrape_interv
     port = free_port()
     log = (workdir / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -434,8 +475,8 @@ def test_dockerfile_copies_existing_paths_and_runs_the_collector():
     sources = [s for line in copies for s in line.split()]
     assert sources
     for src in sources:
-        assert (context / src).exists(), (
-            f"Dockerfile copies {src}, missing in {context}" + (" (pyproject.toml's readme)" if src == "README.md" else "")
+        assert (context / src).exists(), f"Dockerfile copies {src}, missing in {context}" + (
+            " (pyproject.toml's readme)" if src == "README.md" else ""
         )
     # Every package directory of pyproject.toml is copied in.
     pyproject = (ROOT / "pyproject.toml").read_text()
@@ -514,8 +555,10 @@ def test_kubernetes_manifests_are_consistent():
     claim = volumes[data_volume]["persistentVolumeClaim"]["claimName"]
     assert claim in by_kind["PersistentVolumeClaim"], "the db must live on the PVC"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(args[args.index("--grpc-port") + 1]),
-                     "metrics": int(args[args.index("--metrics-port") + 1])}
+    assert ports == {
+        "grpc": int(args[args.index("--grpc-port") + 1]),
+        "metrics": int(args[args.index("--metrics-port") + 1]),
+    }
 
     service = by_kind["Service"]["layrot-collector"]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
@@ -562,7 +605,13 @@ def test_systemd_unit(tmp_path):
 
 def test_readme_mentions_every_stack():
     text = (DEPLOY / "README.md").read_text()
-    for needle in ("docker compose", "kubectl apply", "systemctl", "promtool test rules",
-                   "layrot-agent grafana push", "generate.py"):
+    for needle in (
+        "docker compose",
+        "kubectl apply",
+        "systemctl",
+        "promtool test rules",
+        "layrot-agent grafana push",
+        "generate.py",
+    ):
         assert needle in text, needle
     assert os.path.getsize(DEPLOY / "README.md") < 12000, "keep it to a few lines per stack"

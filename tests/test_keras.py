@@ -4,6 +4,7 @@ Every figure the collector stores is checked against float64 numpy computed
 from weights the test saves at every optimizer step (``reference.py``), and
 every Layca step against the paper's angle law written out independently here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,12 +21,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+from reference import angle, cosine_distance, eq1, rel_err  # noqa: E402
+
 import layrot.keras  # noqa: E402
 import layrot.tf  # noqa: E402
-from layrot.agent.query import QueryClient  # noqa: E402
-from layrot.proto.rates import RhoSchedule  # noqa: E402
+from layrot.client.query import QueryClient  # noqa: E402
+from layrot.core.rates import RhoSchedule  # noqa: E402
 from layrot.proto import layrot_pb2  # noqa: E402
-from reference import angle, cosine_distance, eq1, rel_err  # noqa: E402
+from layrot.proto.commands import schedule_to_proto  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
@@ -33,6 +36,7 @@ TOL = 1e-4
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,18 +47,21 @@ def free_port() -> int:
 def cnn(seed: int = 0, optimizer=None) -> keras.Model:
     """Conv2D + BatchNormalization + Dense: kernels conv, conv_1, dense, dense_1."""
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(4, 3, padding="same", name="conv"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.ReLU(),
-        keras.layers.Conv2D(6, 3, padding="same", name="conv_1"),
-        keras.layers.BatchNormalization(name="bn_1"),
-        keras.layers.ReLU(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(16, activation="relu", name="dense"),
-        keras.layers.Dense(3, name="dense_1"),
-    ], name="cnn")
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, padding="same", name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(6, 3, padding="same", name="conv_1"),
+            keras.layers.BatchNormalization(name="bn_1"),
+            keras.layers.ReLU(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu", name="dense"),
+            keras.layers.Dense(3, name="dense_1"),
+        ],
+        name="cnn",
+    )
     if optimizer is not None:
         model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -72,8 +79,10 @@ def data(n: int = 64, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 
 def weights(model: keras.Model) -> dict[str, np.ndarray]:
-    return {v.path.split("/", 1)[1] if v.path.startswith(model.name + "/") else v.path: v.numpy().astype(np.float64)
-            for v in model.trainable_variables}
+    return {
+        v.path.split("/", 1)[1] if v.path.startswith(model.name + "/") else v.path: v.numpy().astype(np.float64)
+        for v in model.trainable_variables
+    }
 
 
 class Saver(keras.callbacks.Callback):
@@ -180,11 +189,12 @@ def rate_command(version: int, **kw) -> layrot_pb2.RateCommand:
     schedule = kw.pop("schedule", None)
     cmd = layrot_pb2.RateCommand(version=version, run=kw.pop("run", ""), **kw)
     if schedule is not None:
-        cmd.schedule.CopyFrom(schedule.to_proto())
+        cmd.schedule.CopyFrom(schedule_to_proto(schedule))
     return cmd
 
 
 # ---------------------------------------------------------------- RotationCallback
+
 
 def test_callback_matches_float64_reference_incl_tiny_angles(collector):
     base = keras.optimizers.SGD(0.05, momentum=0.9)
@@ -222,8 +232,7 @@ def test_every_5_with_adam_validation_and_uneven_batches(collector):
     cb = layrot.keras.RotationCallback(run="keras-every5", every=5, collector=collector.grpc_address)
     saver = Saver(sync=False)  # Keras keeps its asynchronous batch-end dispatch here
     # 60 samples in batches of 13: 5 steps per epoch, the last one of 8 samples.
-    model.fit(x, y, batch_size=13, epochs=4, verbose=0, validation_data=(x[:20], y[:20]),
-              callbacks=[cb, saver])
+    model.fit(x, y, batch_size=13, epochs=4, verbose=0, validation_data=(x[:20], y[:20]), callbacks=[cb, saver])
     assert cb.flush(10.0)
     hist = QueryClient(collector.grpc_address).history("keras-every5")
     cb.close()
@@ -257,7 +266,7 @@ def test_tf_watch_custom_loop_matches_reference(collector):
     for i in range(60):
         if i == 30:
             opt.learning_rate = 5e-5
-        loss = train_step(x[(i % 4) * 16:(i % 4 + 1) * 16], y[(i % 4) * 16:(i % 4 + 1) * 16])
+        loss = train_step(x[(i % 4) * 16 : (i % 4 + 1) * 16], y[(i % 4) * 16 : (i % 4 + 1) * 16])
         handle.observe_loss(loss)
         handle.step()
         saved.append(weights(model))
@@ -277,8 +286,9 @@ def test_tf_watch_custom_loop_matches_reference(collector):
 
 def test_steps_per_execution_and_nan_weights(collector):
     model = cnn(11)
-    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=4)
+    model.compile(
+        keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=4
+    )
     x, y = data()
     cb = layrot.keras.RotationCallback(run="keras-spe", collector=collector.grpc_address)
     w0 = weights(model)
@@ -618,6 +628,7 @@ def test_layca_validation():
 
 
 # ---------------------------------------------------------------- both frameworks in one collector
+
 
 def test_tensorflow_and_pytorch_runs_side_by_side(collector):
     torch = pytest.importorskip("torch")

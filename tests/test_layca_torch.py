@@ -1,5 +1,6 @@
 """Layca for PyTorch, checked on real training runs against float64 numpy computed from
 weights saved at every step and the paper's formulas written out independently here."""
+
 from __future__ import annotations
 
 import io
@@ -10,18 +11,20 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import eq1
 from torch import nn
 
+from layrot.core.rates import RhoSchedule
 from layrot.hooks.layca_torch import Layca
-from layrot.proto.rates import RhoSchedule
 from layrot.proto import layrot_pb2
-from reference import eq1
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 32
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def angle(a: np.ndarray, b: np.ndarray) -> float:
     """Angle between two vectors, stable for tiny angles (float64)."""
@@ -143,8 +146,10 @@ def test_single_step_angle_is_arctan_rho(base):
     rho = 0.05 * eq1(0.5, 7)
     angle_err = check_angles(snaps, keys, lambda t: rho)
     norm_drift = check_norms(snaps, keys)
-    print(f"\nLayca({base}) 7 layers, 25 steps: step angle vs arctan(rho_l) max relative {angle_err:.1e}, "
-          f"||w|| drift max relative {norm_drift:.1e}")
+    print(
+        f"\nLayca({base}) 7 layers, 25 steps: step angle vs arctan(rho_l) max relative {angle_err:.1e}, "
+        f"||w|| drift max relative {norm_drift:.1e}"
+    )
     check_non_layers_train(snaps, model)
     np.testing.assert_allclose(opt.current_rates(), rho, rtol=1e-15)
     np.testing.assert_allclose(opt.init_norms, [np.linalg.norm(snaps[0][k]) for k in keys], rtol=1e-12)
@@ -162,10 +167,8 @@ def test_norm_does_not_drift_over_a_long_run():
 def test_large_layers_stay_exact(foreach):
     """Million-element layers: float32 reductions must not eat the precision."""
     torch.manual_seed(22)
-    model = nn.Sequential(nn.Linear(IN, 1200), nn.ReLU(), nn.Linear(1200, 1000), nn.ReLU(),
-                          nn.Linear(1000, CLASSES))
-    opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.5,
-                foreach=foreach)
+    model = nn.Sequential(nn.Linear(IN, 1200), nn.ReLU(), nn.Linear(1200, 1000), nn.ReLU(), nn.Linear(1000, CLASSES))
+    opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.5, foreach=foreach)
     snaps = train(model, opt, batches(4))
     keys = layer_keys(model)
     check_norms(snaps, keys, rtol=1e-6)
@@ -175,8 +178,7 @@ def test_large_layers_stay_exact(foreach):
 @pytest.mark.parametrize("foreach", [True, False])
 def test_foreach_and_loop_paths_agree(foreach):
     model = mlp(3)
-    opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=-0.3,
-                foreach=foreach)
+    opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=-0.3, foreach=foreach)
     snaps = train(model, opt, batches(8))
     check_angles(snaps, layer_keys(model), lambda t: 0.05 * eq1(-0.3, 7))
     check_norms(snaps, layer_keys(model))
@@ -235,6 +237,7 @@ def test_layers_argument_list_and_predicate():
 
 # ---------------------------------------------------------------- schedules
 
+
 def test_step_decay_schedule_over_a_run():
     T = 20
     sched = RhoSchedule(rho0=0.08, kind="step", milestones=(0.5, 0.8), factor=0.2, total_steps=T)
@@ -244,6 +247,7 @@ def test_step_decay_schedule_over_a_run():
 
     def want(t):  # decays take effect after 10 and 16 steps
         return 0.08 * 0.2 ** ((t > 10) + (t > 16)) * eq1(-0.2, 7)
+
     check_angles(snaps, layer_keys(model), want)
 
 
@@ -257,12 +261,14 @@ def test_cosine_schedule_over_a_run():
 
     def want(t):
         return (0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * (t - 1) / T))) * eq1(0.3, 7)
+
     check_angles(snaps, layer_keys(model), want)
     for t, r in enumerate(seen, start=1):
         np.testing.assert_allclose(r, want(t), rtol=1e-12)
 
 
 # ---------------------------------------------------------------- edge cases
+
 
 def test_zero_gradient_leaves_weights_unchanged():
     model = mlp(7)
@@ -306,6 +312,7 @@ def test_zero_initialised_layer_keeps_base_update():
 
 # ---------------------------------------------------------------- reference implementation (plain SGD)
 
+
 def _sgd_reference_run(mode, rho, steps=12):
     """Layers get lr=1 (only the direction matters), the rest lr=0.05: then s = -grad."""
     model = mlp(10)
@@ -318,6 +325,7 @@ def _sgd_reference_run(mode, rho, steps=12):
 
     def grab(t):
         grads[t] = {k: p.grad.double().numpy().copy() for k, p in model.named_parameters() if p.ndim >= 2}
+
     snaps = train(model, opt, batches(steps), grad_hook=grab)
     return snaps, grads, keys, opt
 
@@ -329,9 +337,9 @@ def test_layca_matches_float64_reference_algorithm_1():
         for k in keys:
             w, w0 = snaps[t - 1][k], snaps[0][k]
             s = -grads[t][k]
-            s = s - (s * w).sum() / (w * w).sum() * w        # 1
-            s = s * np.linalg.norm(w) / np.linalg.norm(s)    # 2
-            ref = w + rho * s                                # 3
+            s = s - (s * w).sum() / (w * w).sum() * w  # 1
+            s = s * np.linalg.norm(w) / np.linalg.norm(s)  # 2
+            ref = w + rho * s  # 3
             ref = ref * np.linalg.norm(w0) / np.linalg.norm(ref)  # 4
             err = np.linalg.norm(snaps[t][k] - ref) / np.linalg.norm(w)
             assert err < 2e-6, (t, k, err)
@@ -347,7 +355,7 @@ def test_lars_mode_matches_appendix_a4_with_growth_cap():
             w, w0 = snaps[t - 1][k], snaps[0][k]
             cap = 1e-4 * np.linalg.norm(w0)
             s = -grads[t][k]
-            ref = w + rho * np.linalg.norm(w) * s / np.linalg.norm(s)   # 2-3, no projection
+            ref = w + rho * np.linalg.norm(w) * s / np.linalg.norm(s)  # 2-3, no projection
             if np.linalg.norm(ref) - np.linalg.norm(w) > cap:
                 ref = ref * (np.linalg.norm(w) + cap) / np.linalg.norm(ref)
                 capped += 1
@@ -360,6 +368,7 @@ def test_lars_mode_matches_appendix_a4_with_growth_cap():
 
 # ---------------------------------------------------------------- torch integration
 
+
 def _fresh(seed_model, **kw):
     model = mlp(seed_model)
     opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.4, **kw)
@@ -370,8 +379,12 @@ def test_state_dict_round_trip_continues_identically():
     data = batches(20, seed=3)
     model_a, opt_a = _fresh(11)
     train(model_a, opt_a, data[:8])
-    cmd = layrot_pb2.RateCommand(version=4, alpha=-0.5, multipliers=[1, 2, 1, 1, 1, 1, 0.5],
-                                 schedule=layrot_pb2.RhoSchedule(rho0=0.03, kind="step", milestones=[12], factor=0.5))
+    cmd = layrot_pb2.RateCommand(
+        version=4,
+        alpha=-0.5,
+        multipliers=[1, 2, 1, 1, 1, 1, 0.5],
+        schedule=layrot_pb2.RhoSchedule(rho0=0.03, kind="step", milestones=[12], factor=0.5),
+    )
     opt_a.submit_command(cmd)
     train(model_a, opt_a, data[8:10])
     buf = io.BytesIO()
@@ -407,6 +420,7 @@ def test_lr_scheduler_on_base_and_on_layca():
 
         def grab(t):
             grads[t] = model[0].bias.grad.double().numpy().copy()
+
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
             snaps = train(model, opt, batches(8), grad_hook=grab, after_step=lambda t: sched.step())
@@ -422,8 +436,11 @@ def test_grad_scaler_with_cpu_autocast(dtype):
     if not torch.amp.autocast_mode.is_autocast_available("cpu"):
         pytest.skip("no CPU autocast in this torch build")
     model, opt = _fresh(13)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    clip = lambda t: (scaler.unscale_(opt), nn.utils.clip_grad_norm_(model.parameters(), 5.0))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+
+    def clip(t):
+        return (scaler.unscale_(opt), nn.utils.clip_grad_norm_(model.parameters(), 5.0))
+
     snaps = train(model, opt, batches(6), scaler=scaler, autocast_dtype=dtype, grad_hook=clip)
     assert opt.step_count == 6
     check_angles(snaps, layer_keys(model), lambda t: 0.05 * eq1(0.4, 7))
@@ -433,6 +450,7 @@ def test_grad_scaler_with_cpu_autocast(dtype):
 
     def poison(t):
         model[0].weight.grad[0, 0] = float("inf")
+
     before = snapshot(model)
     after = train(model, opt, batches(1), scaler=scaler, autocast_dtype=dtype, grad_hook=poison)[-1]
     assert opt.step_count == 6 and scaler.get_scale() < scale
@@ -453,6 +471,7 @@ def test_step_post_hooks_see_layca_weights_and_closure_works():
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     loss = opt.step(closure)
     assert torch.is_tensor(loss) and math.isfinite(float(loss.detach()))
     assert seen[0] == -1.0 and seen[1] == pytest.approx(n0, rel=1e-6)
@@ -490,6 +509,7 @@ def test_set_rule_locally():
 
 # ---------------------------------------------------------------- control commands
 
+
 def test_valid_command_applies_at_next_step_with_callback():
     model, opt = _fresh(16)
     results = []
@@ -497,8 +517,9 @@ def test_valid_command_applies_at_next_step_with_callback():
     also = []
     opt.add_command_listener(lambda *r: also.append(r))
     train(model, opt, batches(3))
-    cmd = layrot_pb2.RateCommand(version=1, alpha=0.0, schedule=layrot_pb2.RhoSchedule(rho0=0.02),
-                                 layer_multipliers={"param4": 2.0})
+    cmd = layrot_pb2.RateCommand(
+        version=1, alpha=0.0, schedule=layrot_pb2.RhoSchedule(rho0=0.02), layer_multipliers={"param4": 2.0}
+    )
     opt.submit_command(cmd)
     assert results == [] and opt.command_version == 0  # nothing happens between steps
     np.testing.assert_allclose(opt.current_rates(), 0.05 * eq1(0.4, 7))
@@ -519,16 +540,15 @@ def test_command_from_background_thread_lands_on_a_step_boundary():
 
     def controller():
         go.wait(5)
-        opt.submit_command(layrot_pb2.RateCommand(version=2, alpha=-0.2,
-                                                  schedule=layrot_pb2.RhoSchedule(rho0=0.01)))
+        opt.submit_command(layrot_pb2.RateCommand(version=2, alpha=-0.2, schedule=layrot_pb2.RhoSchedule(rho0=0.01)))
+
     th = threading.Thread(target=controller)
     th.start()
     snaps = train(model, opt, batches(10), after_step=lambda t: (go.set(), th.join()) if t == 4 else None)
     assert len(results) == 1
     version, applied, reason, first = results[0]
     assert (version, applied, first) == (2, True, 5)
-    check_angles(snaps, layer_keys(model),
-                 lambda t: (0.05 * eq1(0.4, 7)) if t < first else (0.01 * eq1(-0.2, 7)))
+    check_angles(snaps, layer_keys(model), lambda t: (0.05 * eq1(0.4, 7)) if t < first else (0.01 * eq1(-0.2, 7)))
 
 
 INVALID = {
@@ -539,8 +559,7 @@ INVALID = {
     "wrong_multiplier_count": dict(multipliers=[1.0, 2.0]),
     "negative_multiplier": dict(multipliers=[1, 1, 1, -1, 1, 1, 1]),
     "bad_table": dict(table=layrot_pb2.RateTable(start_step=1, num_layers=7, rates=b"\x00" * 12)),
-    "table_wrong_layers": dict(table=layrot_pb2.RateTable(start_step=1, num_layers=3,
-                                                          rates=np.full(3, 0.1).tobytes())),
+    "table_wrong_layers": dict(table=layrot_pb2.RateTable(start_step=1, num_layers=3, rates=np.full(3, 0.1).tobytes())),
     "unknown_mode": dict(mode="turbo"),
 }
 
@@ -567,7 +586,10 @@ def test_superseded_stale_and_repeated_commands():
     model, opt = _fresh(19)
     results = []
     opt.on_command_result = lambda *r: results.append(r)
-    mk = lambda v, a: layrot_pb2.RateCommand(version=v, alpha=a, schedule=layrot_pb2.RhoSchedule(rho0=0.03))
+
+    def mk(v, a):
+        return layrot_pb2.RateCommand(version=v, alpha=a, schedule=layrot_pb2.RhoSchedule(rho0=0.03))
+
     opt.submit_command(mk(6, 0.1))
     opt.submit_command(mk(5, 0.2))
     train(model, opt, batches(1))
@@ -587,6 +609,7 @@ def test_broken_listener_does_not_stop_training():
 
     def boom(*r):
         raise RuntimeError("listener bug")
+
     opt.add_command_listener(boom)
     opt.submit_command(layrot_pb2.RateCommand(version=1, alpha=0.0, schedule=layrot_pb2.RhoSchedule(rho0=0.01)))
     train(model, opt, batches(2))
@@ -597,9 +620,15 @@ _garbage = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(alpha=_garbage, rho0=_garbage, mults=st.lists(_garbage, max_size=8),
-       kind=st.sampled_from(["", "constant", "step", "cosine", "?"]), total=st.integers(0, 50),
-       milestones=st.lists(_garbage, max_size=2), factor=_garbage)
+@given(
+    alpha=_garbage,
+    rho0=_garbage,
+    mults=st.lists(_garbage, max_size=8),
+    kind=st.sampled_from(["", "constant", "step", "cosine", "?"]),
+    total=st.integers(0, 50),
+    milestones=st.lists(_garbage, max_size=2),
+    factor=_garbage,
+)
 def test_random_garbage_commands_never_break_training(alpha, rho0, mults, kind, total, milestones, factor):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(IN, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, CLASSES))
@@ -607,13 +636,19 @@ def test_random_garbage_commands_never_break_training(alpha, rho0, mults, kind, 
     results = []
     opt.on_command_result = lambda *r: results.append(r)
     before = opt.current_rates().copy()
-    opt.submit_command(layrot_pb2.RateCommand(
-        version=1, alpha=alpha, multipliers=mults,
-        schedule=layrot_pb2.RhoSchedule(rho0=rho0, kind=kind, total_steps=total, milestones=milestones,
-                                        factor=factor)))
+    opt.submit_command(
+        layrot_pb2.RateCommand(
+            version=1,
+            alpha=alpha,
+            multipliers=mults,
+            schedule=layrot_pb2.RhoSchedule(
+                rho0=rho0, kind=kind, total_steps=total, milestones=milestones, factor=factor
+            ),
+        )
+    )
     data = batches(2)
     train(model, opt, data)
-    (version, applied, reason, step), = results
+    ((version, applied, reason, step),) = results
     rates = opt.current_rates()
     if applied:
         assert np.all(np.isfinite(rates)) and np.all(rates >= 0) and np.all(rates <= 0.5 + 1e-12)

@@ -1,4 +1,5 @@
-"""The shared layer rule (layrot.hooks.layer_rule): the same answers for every framework."""
+"""The shared layer rule (layrot.core.layer_rule): the same answers for every framework."""
+
 from __future__ import annotations
 
 import re
@@ -6,10 +7,16 @@ import re
 import numpy as np
 import pytest
 
-from layrot.hooks.layer_rule import select_layers
+from layrot.core.layer_rule import select_layers
 
-NAMED = [("enc/kernel", np.zeros((4, 3))), ("enc/bias", np.zeros(3)), ("ln/gamma", np.zeros(3)),
-         ("head/kernel", np.zeros((3, 2))), ("head/bias", np.zeros(2)), ("emb", np.zeros((5, 2, 2)))]
+NAMED = [
+    ("enc/kernel", np.zeros((4, 3))),
+    ("enc/bias", np.zeros(3)),
+    ("ln/gamma", np.zeros(3)),
+    ("head/kernel", np.zeros((3, 2))),
+    ("head/bias", np.zeros(2)),
+    ("emb", np.zeros((5, 2, 2))),
+]
 
 
 def names(layers):
@@ -31,9 +38,16 @@ def test_exact_names_pick_anything_in_their_order():
     assert names(["head/bias", "enc/kernel"]) == ["head/bias", "enc/kernel"]
 
 
-@pytest.mark.parametrize("layers, match", [(["nope"], "not found"), (["enc/kernel", "enc/kernel"], "twice"),
-                                           ([], "empty"), ("bias", "no layers selected"),
-                                           (lambda n, t: False, "no layers selected")])
+@pytest.mark.parametrize(
+    "layers, match",
+    [
+        (["nope"], "not found"),
+        (["enc/kernel", "enc/kernel"], "twice"),
+        ([], "empty"),
+        ("bias", "no layers selected"),
+        (lambda n, t: False, "no layers selected"),
+    ],
+)
 def test_bad_selections_say_why(layers, match):
     with pytest.raises(ValueError, match=match):
         names(layers)

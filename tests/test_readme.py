@@ -1,4 +1,5 @@
 """The README opens with exactly two commands, and CI runs the second one."""
+
 from __future__ import annotations
 
 import re

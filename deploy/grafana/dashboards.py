@@ -138,7 +138,14 @@ def timeseries(
     }
     legend = {k: v for k, v in legend.items() if v is not None}
     return panel(
-        ids, "timeseries", title, grid, targets, description, defaults, overrides,
+        ids,
+        "timeseries",
+        title,
+        grid,
+        targets,
+        description,
+        defaults,
+        overrides,
         {"legend": legend, "tooltip": {"mode": "multi", "sort": "desc"}},
     )
 
@@ -160,7 +167,14 @@ def stat(
     if mappings:
         defaults["mappings"] = mappings
     return panel(
-        ids, "stat", title, grid, [target(expr, instant=True)], description, defaults, None,
+        ids,
+        "stat",
+        title,
+        grid,
+        [target(expr, instant=True)],
+        description,
+        defaults,
+        None,
         {
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
             "colorMode": "value",
@@ -173,7 +187,13 @@ def stat(
 
 
 YES_NO = [
-    {"type": "value", "options": {"0": {"text": "no", "color": "red", "index": 0}, "1": {"text": "yes", "color": "green", "index": 1}}}
+    {
+        "type": "value",
+        "options": {
+            "0": {"text": "no", "color": "red", "index": 0},
+            "1": {"text": "yes", "color": "green", "index": 1},
+        },
+    }
 ]
 
 # Rotation near 1 means the layer has moved far from its initialization, which the
@@ -223,7 +243,9 @@ def query_variable(
     return v
 
 
-def dashboard(uid: str, title: str, description: str, panels: list, variables: list, annotations: list | None = None) -> dict:
+def dashboard(
+    uid: str, title: str, description: str, panels: list, variables: list, annotations: list | None = None
+) -> dict:
     builtin = {
         "builtIn": 1,
         "datasource": {"type": "grafana", "uid": "-- Grafana --"},
@@ -274,25 +296,55 @@ def overview() -> dict:
     ids = _Ids()
     alerts_1h = "sum by (run) " + new_events("layrot_alerts_total", "1h")
     panels = [
-        stat(ids, "Runs", (0, 0, 4, 4), "count(max by (run) (layrot_run_step)) or vector(0)",
-             "Runs the collector knows about (connected or not)."),
-        stat(ids, "Connected runs", (4, 0, 4, 4), "sum(max by (run) (layrot_run_connected)) or vector(0)",
-             "Runs with an open reporting stream."),
-        stat(ids, "Alerts (last hour)", (8, 0, 4, 4), f"sum({alerts_1h}) or vector(0)",
-             "Alerts the collector raised in the last hour, all runs and kinds.",
-             steps=(("green", None), ("orange", 1))),
-        stat(ids, "Stalled runs", (12, 0, 4, 4),
-             "count((time() - max by (run) (layrot_run_last_report_timestamp_seconds) > 900)"
-             " and on (run) (max by (run) (layrot_run_connected) == 1)) or vector(0)",
-             "Connected runs that have not reported for more than 15 minutes.",
-             steps=(("green", None), ("orange", 1))),
-        stat(ids, "Diverged runs", (16, 0, 4, 4),
-             "count(max by (run) (layrot_run_nonfinite_samples_total) > 0) or vector(0)",
-             "Runs that reported NaN or Inf weights.",
-             steps=(("green", None), ("red", 1))),
-        stat(ids, "Lowest min rotation", (20, 0, 4, 4), "min(layrot_run_rotation_min and on (run) (layrot_run_connected == 1))",
-             "Smallest per-run minimum layer rotation among connected runs: a layer that barely moved from its "
-             "initialization.", decimals=3, steps=ROTATION_STEPS),
+        stat(
+            ids,
+            "Runs",
+            (0, 0, 4, 4),
+            "count(max by (run) (layrot_run_step)) or vector(0)",
+            "Runs the collector knows about (connected or not).",
+        ),
+        stat(
+            ids,
+            "Connected runs",
+            (4, 0, 4, 4),
+            "sum(max by (run) (layrot_run_connected)) or vector(0)",
+            "Runs with an open reporting stream.",
+        ),
+        stat(
+            ids,
+            "Alerts (last hour)",
+            (8, 0, 4, 4),
+            f"sum({alerts_1h}) or vector(0)",
+            "Alerts the collector raised in the last hour, all runs and kinds.",
+            steps=(("green", None), ("orange", 1)),
+        ),
+        stat(
+            ids,
+            "Stalled runs",
+            (12, 0, 4, 4),
+            "count((time() - max by (run) (layrot_run_last_report_timestamp_seconds) > 900)"
+            " and on (run) (max by (run) (layrot_run_connected) == 1)) or vector(0)",
+            "Connected runs that have not reported for more than 15 minutes.",
+            steps=(("green", None), ("orange", 1)),
+        ),
+        stat(
+            ids,
+            "Diverged runs",
+            (16, 0, 4, 4),
+            "count(max by (run) (layrot_run_nonfinite_samples_total) > 0) or vector(0)",
+            "Runs that reported NaN or Inf weights.",
+            steps=(("green", None), ("red", 1)),
+        ),
+        stat(
+            ids,
+            "Lowest min rotation",
+            (20, 0, 4, 4),
+            "min(layrot_run_rotation_min and on (run) (layrot_run_connected == 1))",
+            "Smallest per-run minimum layer rotation among connected runs: a layer that barely moved from its "
+            "initialization.",
+            decimals=3,
+            steps=ROTATION_STEPS,
+        ),
     ]
     table_targets = [
         target("max by (run) (layrot_run_step)", ref="A", instant=True, fmt="table"),
@@ -306,72 +358,159 @@ def overview() -> dict:
         target("max by (run, framework, host) (layrot_run_info)", ref="I", instant=True, fmt="table"),
     ]
     renames = {
-        "run": "Run", "framework": "Framework", "host": "Host",
-        "Value #A": "Step", "Value #B": "Layers", "Value #C": "Min rotation", "Value #D": "Mean rotation",
-        "Value #E": "Connected", "Value #F": "Last report", "Value #G": "Alerts (1h)", "Value #H": "Non-finite samples",
+        "run": "Run",
+        "framework": "Framework",
+        "host": "Host",
+        "Value #A": "Step",
+        "Value #B": "Layers",
+        "Value #C": "Min rotation",
+        "Value #D": "Mean rotation",
+        "Value #E": "Connected",
+        "Value #F": "Last report",
+        "Value #G": "Alerts (1h)",
+        "Value #H": "Non-finite samples",
     }
-    order = ["run", "framework", "host", "Value #A", "Value #B", "Value #C", "Value #D", "Value #E",
-             "Value #F", "Value #G", "Value #H"]
+    order = [
+        "run",
+        "framework",
+        "host",
+        "Value #A",
+        "Value #B",
+        "Value #C",
+        "Value #D",
+        "Value #E",
+        "Value #F",
+        "Value #G",
+        "Value #H",
+    ]
 
     def by_name(name: str, *props: tuple[str, Any]) -> dict:
         return {"matcher": {"id": "byName", "options": name}, "properties": [{"id": k, "value": v} for k, v in props]}
 
     cell = lambda mode: ("custom.cellOptions", {"type": mode})  # noqa: E731
-    panels.append(panel(
-        ids, "table", "Runs", (0, 4, 24, 10), table_targets,
-        "One row per run. Rotation is the cosine distance of a layer's weights to their initialization "
-        "(0 = unchanged, 1 = orthogonal); runs whose every layer gets near 1 generalize best. "
-        "Click a run to open its layer view.",
-        {"custom": {"align": "auto", "filterable": True}, "thresholds": thresholds(("green", None))},
-        [
-            by_name("Run", ("links", [{
-                "title": "Open run ${__value.text}",
-                "url": "/d/layrot-run/layrot-run?var-run=${__value.text}&${__url_time_range}",
-            }])),
-            by_name("Min rotation", ("decimals", 3), ("min", 0), ("max", 1), cell("color-background"),
-                    ("thresholds", thresholds(*ROTATION_STEPS)), ("color", {"mode": "thresholds"})),
-            by_name("Mean rotation", ("decimals", 3), ("min", 0), ("max", 1), cell("gauge"),
-                    ("thresholds", thresholds(*ROTATION_STEPS)), ("color", {"mode": "thresholds"})),
-            by_name("Connected", ("mappings", YES_NO), cell("color-text")),
-            by_name("Last report", ("unit", "s"), ("decimals", 0)),
-            by_name("Alerts (1h)", ("decimals", 0), cell("color-text"),
-                    ("thresholds", thresholds(("green", None), ("orange", 1))), ("color", {"mode": "thresholds"})),
-            by_name("Non-finite samples", ("decimals", 0), cell("color-text"),
-                    ("thresholds", thresholds(("green", None), ("red", 1))), ("color", {"mode": "thresholds"})),
-        ],
-        {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"], "fields": ""},
-         "sortBy": [{"displayName": "Run", "desc": False}]},
-        transformations=[
-            {"id": "merge", "options": {}},
-            {"id": "organize", "options": {
-                "excludeByName": {"Time": True, "Value #I": True},
-                "indexByName": {name: i for i, name in enumerate(order)},
-                "renameByName": renames,
-            }},
-        ],
-    ))
+    panels.append(
+        panel(
+            ids,
+            "table",
+            "Runs",
+            (0, 4, 24, 10),
+            table_targets,
+            "One row per run. Rotation is the cosine distance of a layer's weights to their initialization "
+            "(0 = unchanged, 1 = orthogonal); runs whose every layer gets near 1 generalize best. "
+            "Click a run to open its layer view.",
+            {"custom": {"align": "auto", "filterable": True}, "thresholds": thresholds(("green", None))},
+            [
+                by_name(
+                    "Run",
+                    (
+                        "links",
+                        [
+                            {
+                                "title": "Open run ${__value.text}",
+                                "url": "/d/layrot-run/layrot-run?var-run=${__value.text}&${__url_time_range}",
+                            }
+                        ],
+                    ),
+                ),
+                by_name(
+                    "Min rotation",
+                    ("decimals", 3),
+                    ("min", 0),
+                    ("max", 1),
+                    cell("color-background"),
+                    ("thresholds", thresholds(*ROTATION_STEPS)),
+                    ("color", {"mode": "thresholds"}),
+                ),
+                by_name(
+                    "Mean rotation",
+                    ("decimals", 3),
+                    ("min", 0),
+                    ("max", 1),
+                    cell("gauge"),
+                    ("thresholds", thresholds(*ROTATION_STEPS)),
+                    ("color", {"mode": "thresholds"}),
+                ),
+                by_name("Connected", ("mappings", YES_NO), cell("color-text")),
+                by_name("Last report", ("unit", "s"), ("decimals", 0)),
+                by_name(
+                    "Alerts (1h)",
+                    ("decimals", 0),
+                    cell("color-text"),
+                    ("thresholds", thresholds(("green", None), ("orange", 1))),
+                    ("color", {"mode": "thresholds"}),
+                ),
+                by_name(
+                    "Non-finite samples",
+                    ("decimals", 0),
+                    cell("color-text"),
+                    ("thresholds", thresholds(("green", None), ("red", 1))),
+                    ("color", {"mode": "thresholds"}),
+                ),
+            ],
+            {
+                "showHeader": True,
+                "cellHeight": "sm",
+                "footer": {"show": False, "reducer": ["sum"], "fields": ""},
+                "sortBy": [{"displayName": "Run", "desc": False}],
+            },
+            transformations=[
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True, "Value #I": True},
+                        "indexByName": {name: i for i, name in enumerate(order)},
+                        "renameByName": renames,
+                    },
+                },
+            ],
+        )
+    )
     panels += [
-        timeseries(ids, "Minimum layer rotation per run", (0, 14, 12, 9),
-                   [target("max by (run) (layrot_run_rotation_min)", "{{run}}")],
-                   "The least-rotated layer of each run. The paper's best runs bring every layer close to 1.",
-                   unit="none", min_=0, max_=1),
-        timeseries(ids, "Mean layer rotation per run", (12, 14, 12, 9),
-                   [target("max by (run) (layrot_run_rotation_mean)", "{{run}}")],
-                   unit="none", min_=0, max_=1),
-        timeseries(ids, "Alerts by run and kind", (0, 23, 12, 8),
-                   [target("sum by (run, kind) " + new_events("layrot_alerts_total", "$__rate_interval"),
-                           "{{run}} {{kind}}")],
-                   "Alerts raised by the collector: abrupt_rotation, divergence, stalled, rejections.",
-                   unit="short", bars=True),
-        timeseries(ids, "Steps per second per run", (12, 23, 12, 8),
-                   [target("max by (run) (deriv(layrot_run_step[$__rate_interval]))", "{{run}}")],
-                   "Training speed as seen by the collector (reported step numbers).",
-                   unit="short", min_=0),
+        timeseries(
+            ids,
+            "Minimum layer rotation per run",
+            (0, 14, 12, 9),
+            [target("max by (run) (layrot_run_rotation_min)", "{{run}}")],
+            "The least-rotated layer of each run. The paper's best runs bring every layer close to 1.",
+            unit="none",
+            min_=0,
+            max_=1,
+        ),
+        timeseries(
+            ids,
+            "Mean layer rotation per run",
+            (12, 14, 12, 9),
+            [target("max by (run) (layrot_run_rotation_mean)", "{{run}}")],
+            unit="none",
+            min_=0,
+            max_=1,
+        ),
+        timeseries(
+            ids,
+            "Alerts by run and kind",
+            (0, 23, 12, 8),
+            [target("sum by (run, kind) " + new_events("layrot_alerts_total", "$__rate_interval"), "{{run}} {{kind}}")],
+            "Alerts raised by the collector: abrupt_rotation, divergence, stalled, rejections.",
+            unit="short",
+            bars=True,
+        ),
+        timeseries(
+            ids,
+            "Steps per second per run",
+            (12, 23, 12, 8),
+            [target("max by (run) (deriv(layrot_run_step[$__rate_interval]))", "{{run}}")],
+            "Training speed as seen by the collector (reported step numbers).",
+            unit="short",
+            min_=0,
+        ),
     ]
     return dashboard(
-        "layrot-overview", "layrot / Overview",
+        "layrot-overview",
+        "layrot / Overview",
         "All runs watched by layrot: progress, layer rotation, alerts.",
-        panels, [datasource_variable()],
+        panels,
+        [datasource_variable()],
     )
 
 
@@ -384,41 +523,99 @@ def run_view() -> dict:
     stats = [
         stat(ids, "Step", (0, 0, 3, 4), f"max(layrot_run_step{{{RUN}}})"),
         stat(ids, "Layers", (3, 0, 3, 4), f"max(layrot_run_layers{{{RUN}}})"),
-        stat(ids, "Min rotation", (6, 0, 3, 4), f"min(layrot_run_rotation_min{{{RUN}}})",
-             "Rotation of the least-rotated layer.", decimals=3, steps=ROTATION_STEPS),
-        stat(ids, "Mean rotation", (9, 0, 3, 4), f"max(layrot_run_rotation_mean{{{RUN}}})",
-             decimals=3, steps=ROTATION_STEPS),
-        stat(ids, "Connected", (12, 0, 3, 4), f"max(layrot_run_connected{{{RUN}}})",
-             steps=(("red", None), ("green", 1)), mappings=YES_NO),
-        stat(ids, "Last report", (15, 0, 3, 4), f"time() - max(layrot_run_last_report_timestamp_seconds{{{RUN}}})",
-             "Seconds since the run last reported a step.", unit="s", decimals=0,
-             steps=(("green", None), ("orange", 300), ("red", 900))),
-        stat(ids, "Non-finite samples", (18, 0, 3, 4), f"max(layrot_run_nonfinite_samples_total{{{RUN}}})",
-             "Reported layer samples with NaN or Inf weights: the run diverged.",
-             decimals=0, steps=(("green", None), ("red", 1))),
-        stat(ids, "Alerts (last hour)", (21, 0, 3, 4),
-             "sum(" + new_events(f"layrot_alerts_total{{{RUN}}}", "1h") + ") or vector(0)",
-             decimals=0, steps=(("green", None), ("orange", 1))),
+        stat(
+            ids,
+            "Min rotation",
+            (6, 0, 3, 4),
+            f"min(layrot_run_rotation_min{{{RUN}}})",
+            "Rotation of the least-rotated layer.",
+            decimals=3,
+            steps=ROTATION_STEPS,
+        ),
+        stat(
+            ids,
+            "Mean rotation",
+            (9, 0, 3, 4),
+            f"max(layrot_run_rotation_mean{{{RUN}}})",
+            decimals=3,
+            steps=ROTATION_STEPS,
+        ),
+        stat(
+            ids,
+            "Connected",
+            (12, 0, 3, 4),
+            f"max(layrot_run_connected{{{RUN}}})",
+            steps=(("red", None), ("green", 1)),
+            mappings=YES_NO,
+        ),
+        stat(
+            ids,
+            "Last report",
+            (15, 0, 3, 4),
+            f"time() - max(layrot_run_last_report_timestamp_seconds{{{RUN}}})",
+            "Seconds since the run last reported a step.",
+            unit="s",
+            decimals=0,
+            steps=(("green", None), ("orange", 300), ("red", 900)),
+        ),
+        stat(
+            ids,
+            "Non-finite samples",
+            (18, 0, 3, 4),
+            f"max(layrot_run_nonfinite_samples_total{{{RUN}}})",
+            "Reported layer samples with NaN or Inf weights: the run diverged.",
+            decimals=0,
+            steps=(("green", None), ("red", 1)),
+        ),
+        stat(
+            ids,
+            "Alerts (last hour)",
+            (21, 0, 3, 4),
+            "sum(" + new_events(f"layrot_alerts_total{{{RUN}}}", "1h") + ") or vector(0)",
+            decimals=0,
+            steps=(("green", None), ("orange", 1)),
+        ),
     ]
     rotation = timeseries(
-        ids, "Layer rotation", (0, 4, 12, 11),
+        ids,
+        "Layer rotation",
+        (0, 4, 12, 11),
         [target(f"layrot_layer_rotation{{{sel}}}", "{{layer}}")],
         "Cosine distance between each layer's weights and their initialization (the paper's layer rotation "
         "curves). 0 = unchanged, 1 = orthogonal to the start.",
-        unit="none", min_=0, max_=1, legend_right=True,
+        unit="none",
+        min_=0,
+        max_=1,
+        legend_right=True,
     )
     heatmap = panel(
-        ids, "heatmap", "Layer rotation heatmap (layer index x time)", (12, 4, 12, 11),
+        ids,
+        "heatmap",
+        "Layer rotation heatmap (layer index x time)",
+        (12, 4, 12, 11),
         [target(f"layrot_layer_rotation{{{sel}}}", "{{index}}")],
         "One row per layer in forward order (row label = layer index), colour = rotation.",
-        {"custom": {"scaleDistribution": {"type": "linear"},
-                    "hideFrom": {"legend": False, "tooltip": False, "viz": False}}},
+        {
+            "custom": {
+                "scaleDistribution": {"type": "linear"},
+                "hideFrom": {"legend": False, "tooltip": False, "viz": False},
+            }
+        },
         None,
         {
             "calculate": False,
             "cellGap": 1,
-            "color": {"mode": "scheme", "scheme": "Viridis", "fill": "dark-orange", "scale": "linear",
-                      "exponent": 0.5, "steps": 64, "reverse": False, "min": 0, "max": 1},
+            "color": {
+                "mode": "scheme",
+                "scheme": "Viridis",
+                "fill": "dark-orange",
+                "scale": "linear",
+                "exponent": 0.5,
+                "steps": 64,
+                "reverse": False,
+                "min": 0,
+                "max": 1,
+            },
             # Series named by layer index become rows, sorted numerically; "unknown" is
             # the editor's "Middle" bucket layout: a row is centred on its index.
             "rowsFrame": {"layout": "unknown"},
@@ -432,54 +629,92 @@ def run_view() -> dict:
         maxDataPoints=200,
     )
     angles = timeseries(
-        ids, "Step angle per layer", (0, 15, 12, 10),
+        ids,
+        "Step angle per layer",
+        (0, 15, 12, 10),
         [target(f"layrot_layer_step_angle_radians{{{sel}}}", "{{layer}}")],
         "Angle each layer rotated in one optimizer step (log scale). Spikes are abrupt rotations; the "
         "annotations mark the collector's alerts. Under Layca the angle is arctan(rho).",
-        unit="radian", log=True, legend_right=True,
+        unit="radian",
+        log=True,
+        legend_right=True,
     )
     rho = timeseries(
-        ids, "Layca rate: requested vs applied", (12, 15, 12, 10),
+        ids,
+        "Layca rate: requested vs applied",
+        (12, 15, 12, 10),
         [
             target(f"layrot_layer_rho_requested{{{sel}}}", "{{layer}} requested", "A"),
             target(f"layrot_layer_rho_applied{{{sel}}}", "{{layer}} applied", "B"),
         ],
         "Per-layer Layca rate rho_l(t) the controller asked for (dashed) and what the job applied. "
         "Empty for runs not under Layca control.",
-        unit="none", log=True, legend_right=True,
-        overrides=[{
-            "matcher": {"id": "byRegexp", "options": ".* requested$"},
-            "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}],
-        }],
+        unit="none",
+        log=True,
+        legend_right=True,
+        overrides=[
+            {
+                "matcher": {"id": "byRegexp", "options": ".* requested$"},
+                "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}],
+            }
+        ],
     )
     now = panel(
-        ids, "bargauge", "Rotation per layer (latest)", (0, 25, 8, 12),
+        ids,
+        "bargauge",
+        "Rotation per layer (latest)",
+        (0, 25, 8, 12),
         [target(f"layrot_layer_rotation{{{sel}}}", "{{index}} {{layer}}", instant=True)],
         "Latest rotation of every layer, in forward order.",
-        {"unit": "none", "min": 0, "max": 1, "decimals": 3, "thresholds": thresholds(*ROTATION_STEPS),
-         "color": {"mode": "thresholds"}},
+        {
+            "unit": "none",
+            "min": 0,
+            "max": 1,
+            "decimals": 3,
+            "thresholds": thresholds(*ROTATION_STEPS),
+            "color": {"mode": "thresholds"},
+        },
         None,
-        {"orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True, "valueMode": "color",
-         "namePlacement": "left", "sizing": "auto", "minVizHeight": 10, "minVizWidth": 0, "maxVizHeight": 300,
-         "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
+        {
+            "orientation": "horizontal",
+            "displayMode": "gradient",
+            "showUnfilled": True,
+            "valueMode": "color",
+            "namePlacement": "left",
+            "sizing": "auto",
+            "minVizHeight": 10,
+            "minVizWidth": 0,
+            "maxVizHeight": 300,
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        },
     )
     norms = timeseries(
-        ids, "Weight norm per layer", (8, 25, 8, 12),
+        ids,
+        "Weight norm per layer",
+        (8, 25, 8, 12),
         [target(f"layrot_layer_weight_norm{{{sel}}}", "{{layer}}")],
         "||w_l(t)||. Layca keeps it at ||w_l(0)||; weight decay shrinks it under SGD.",
         unit="short",
     )
     alerts = panel(
-        ids, "table", "Alerts since collector start", (16, 25, 8, 12),
+        ids,
+        "table",
+        "Alerts since collector start",
+        (16, 25, 8, 12),
         [target(f"sum by (layer, kind, severity) (layrot_alerts_total{{{RUN}}})", instant=True, fmt="table")],
         "Alert counts for this run by layer and kind. `layrot-agent alerts --run RUN` shows each event.",
         {"custom": {"align": "auto", "filterable": True}, "thresholds": thresholds(("green", None))},
         None,
         {"showHeader": True, "cellHeight": "sm", "sortBy": [{"displayName": "Count", "desc": True}]},
-        transformations=[{"id": "organize", "options": {
-            "excludeByName": {"Time": True},
-            "renameByName": {"layer": "Layer", "kind": "Kind", "severity": "Severity", "Value": "Count"},
-        }}],
+        transformations=[
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "renameByName": {"layer": "Layer", "kind": "Kind", "severity": "Severity", "Value": "Count"},
+                },
+            }
+        ],
     )
     annotation = {
         "name": "layrot alerts",
@@ -487,8 +722,7 @@ def run_view() -> dict:
         "enable": True,
         "hide": False,
         "iconColor": "red",
-        "expr": "sum by (layer, kind, severity) "
-                + new_events(f"layrot_alerts_total{{{RUN}}}", "2m") + " > 0",
+        "expr": "sum by (layer, kind, severity) " + new_events(f"layrot_alerts_total{{{RUN}}}", "2m") + " > 0",
         "step": "1m",
         "titleFormat": "{{kind}} ({{severity}})",
         "textFormat": "layer {{layer}}",
@@ -499,13 +733,22 @@ def run_view() -> dict:
     variables = [
         datasource_variable(),
         query_variable("run", "Run", "label_values(layrot_run_step, run)"),
-        query_variable("layer", "Layer", f"label_values(layrot_layer_rotation{{{RUN}}}, layer)",
-                       multi=True, include_all=True, all_value=".*"),
+        query_variable(
+            "layer",
+            "Layer",
+            f"label_values(layrot_layer_rotation{{{RUN}}}, layer)",
+            multi=True,
+            include_all=True,
+            all_value=".*",
+        ),
     ]
     return dashboard(
-        "layrot-run", "layrot / Run",
+        "layrot-run",
+        "layrot / Run",
         "One run, layer by layer: rotation curves, rotation heatmap, step angles with alerts, Layca rates.",
-        stats + [rotation, heatmap, angles, rho, now, norms, alerts], variables, [annotation],
+        stats + [rotation, heatmap, angles, rho, now, norms, alerts],
+        variables,
+        [annotation],
     )
 
 
@@ -515,57 +758,153 @@ def run_view() -> dict:
 def collector() -> dict:
     ids = _Ids()
     panels = [
-        stat(ids, "Collectors up", (0, 0, 4, 4), f"sum(up{{{COLLECTOR}}})",
-             "Scrape targets of the layrot collector that answer.", steps=(("red", None), ("green", 1))),
-        stat(ids, "Active sessions", (4, 0, 4, 4), f"sum(layrot_sessions_active{{{COLLECTOR}}})",
-             "Open reporting streams (one per training process)."),
-        stat(ids, "Samples / s", (8, 0, 4, 4),
-             f"sum(rate(layrot_samples_ingested_total{{{COLLECTOR}}}[$__rate_interval]))", unit="short"),
-        stat(ids, "Steps / s", (12, 0, 4, 4),
-             f"sum(rate(layrot_steps_ingested_total{{{COLLECTOR}}}[$__rate_interval]))", unit="short"),
-        stat(ids, "Rejected / s", (16, 0, 4, 4),
-             f"sum(rate(layrot_messages_rejected_total{{{COLLECTOR}}}[$__rate_interval])) or vector(0)",
-             unit="short", steps=(("green", None), ("orange", 1e-9))),
-        stat(ids, "Store pending rows", (20, 0, 4, 4), f"sum(layrot_store_pending_rows{{{COLLECTOR}}})",
-             "Rows waiting to be written to the history store. A steady climb means the disk is too slow.",
-             steps=(("green", None), ("orange", 10000), ("red", 100000))),
-        timeseries(ids, "Ingest rate", (0, 4, 12, 9), [
-            target(f"sum by (instance) (rate(layrot_samples_ingested_total{{{COLLECTOR}}}[$__rate_interval]))",
-                   "{{instance}} samples/s", "A"),
-            target(f"sum by (instance) (rate(layrot_steps_ingested_total{{{COLLECTOR}}}[$__rate_interval]))",
-                   "{{instance}} steps/s", "B"),
-        ], "Layer samples and steps stored per second.", unit="short", min_=0),
-        timeseries(ids, "Rejected messages by reason", (12, 4, 12, 9), [
-            target(f"sum by (reason) (rate(layrot_messages_rejected_total{{{COLLECTOR}}}[$__rate_interval]))",
-                   "{{reason}}"),
-        ], "Messages the collector refused (bad token, malformed batch, unknown run...).", unit="short", min_=0),
-        timeseries(ids, "Sessions", (0, 13, 12, 9), [
-            target(f"sum by (instance) (layrot_sessions_active{{{COLLECTOR}}})", "{{instance}} active", "A"),
-            target(f"sum by (instance) (increase(layrot_sessions_opened_total{{{COLLECTOR}}}[$__rate_interval]))",
-                   "{{instance}} opened", "B"),
-        ], unit="short", min_=0),
-        timeseries(ids, "Store pending rows", (12, 13, 12, 9), [
-            target(f"sum by (instance) (layrot_store_pending_rows{{{COLLECTOR}}})", "{{instance}}"),
-        ], unit="short", min_=0),
-        timeseries(ids, "Scrape status", (0, 22, 12, 8), [
-            target(f"up{{{COLLECTOR}}}", "{{instance}}"),
-        ], "1 = Prometheus scraped the collector, 0 = down.", unit="none", min_=0, max_=1),
-        timeseries(ids, "Alerts raised by kind", (12, 22, 12, 8), [
-            target("sum by (kind, severity) "
-                   + new_events(f"layrot_alerts_total{{{COLLECTOR}}}", "$__rate_interval"),
-                   "{{kind}} ({{severity}})"),
-        ], unit="short", bars=True),
+        stat(
+            ids,
+            "Collectors up",
+            (0, 0, 4, 4),
+            f"sum(up{{{COLLECTOR}}})",
+            "Scrape targets of the layrot collector that answer.",
+            steps=(("red", None), ("green", 1)),
+        ),
+        stat(
+            ids,
+            "Active sessions",
+            (4, 0, 4, 4),
+            f"sum(layrot_sessions_active{{{COLLECTOR}}})",
+            "Open reporting streams (one per training process).",
+        ),
+        stat(
+            ids,
+            "Samples / s",
+            (8, 0, 4, 4),
+            f"sum(rate(layrot_samples_ingested_total{{{COLLECTOR}}}[$__rate_interval]))",
+            unit="short",
+        ),
+        stat(
+            ids,
+            "Steps / s",
+            (12, 0, 4, 4),
+            f"sum(rate(layrot_steps_ingested_total{{{COLLECTOR}}}[$__rate_interval]))",
+            unit="short",
+        ),
+        stat(
+            ids,
+            "Rejected / s",
+            (16, 0, 4, 4),
+            f"sum(rate(layrot_messages_rejected_total{{{COLLECTOR}}}[$__rate_interval])) or vector(0)",
+            unit="short",
+            steps=(("green", None), ("orange", 1e-9)),
+        ),
+        stat(
+            ids,
+            "Store pending rows",
+            (20, 0, 4, 4),
+            f"sum(layrot_store_pending_rows{{{COLLECTOR}}})",
+            "Rows waiting to be written to the history store. A steady climb means the disk is too slow.",
+            steps=(("green", None), ("orange", 10000), ("red", 100000)),
+        ),
+        timeseries(
+            ids,
+            "Ingest rate",
+            (0, 4, 12, 9),
+            [
+                target(
+                    f"sum by (instance) (rate(layrot_samples_ingested_total{{{COLLECTOR}}}[$__rate_interval]))",
+                    "{{instance}} samples/s",
+                    "A",
+                ),
+                target(
+                    f"sum by (instance) (rate(layrot_steps_ingested_total{{{COLLECTOR}}}[$__rate_interval]))",
+                    "{{instance}} steps/s",
+                    "B",
+                ),
+            ],
+            "Layer samples and steps stored per second.",
+            unit="short",
+            min_=0,
+        ),
+        timeseries(
+            ids,
+            "Rejected messages by reason",
+            (12, 4, 12, 9),
+            [
+                target(
+                    f"sum by (reason) (rate(layrot_messages_rejected_total{{{COLLECTOR}}}[$__rate_interval]))",
+                    "{{reason}}",
+                ),
+            ],
+            "Messages the collector refused (bad token, malformed batch, unknown run...).",
+            unit="short",
+            min_=0,
+        ),
+        timeseries(
+            ids,
+            "Sessions",
+            (0, 13, 12, 9),
+            [
+                target(f"sum by (instance) (layrot_sessions_active{{{COLLECTOR}}})", "{{instance}} active", "A"),
+                target(
+                    f"sum by (instance) (increase(layrot_sessions_opened_total{{{COLLECTOR}}}[$__rate_interval]))",
+                    "{{instance}} opened",
+                    "B",
+                ),
+            ],
+            unit="short",
+            min_=0,
+        ),
+        timeseries(
+            ids,
+            "Store pending rows",
+            (12, 13, 12, 9),
+            [
+                target(f"sum by (instance) (layrot_store_pending_rows{{{COLLECTOR}}})", "{{instance}}"),
+            ],
+            unit="short",
+            min_=0,
+        ),
+        timeseries(
+            ids,
+            "Scrape status",
+            (0, 22, 12, 8),
+            [
+                target(f"up{{{COLLECTOR}}}", "{{instance}}"),
+            ],
+            "1 = Prometheus scraped the collector, 0 = down.",
+            unit="none",
+            min_=0,
+            max_=1,
+        ),
+        timeseries(
+            ids,
+            "Alerts raised by kind",
+            (12, 22, 12, 8),
+            [
+                target(
+                    "sum by (kind, severity) " + new_events(f"layrot_alerts_total{{{COLLECTOR}}}", "$__rate_interval"),
+                    "{{kind}} ({{severity}})",
+                ),
+            ],
+            unit="short",
+            bars=True,
+        ),
     ]
     variables = [
         datasource_variable(),
         query_variable("job", "Job", "label_values(layrot_sessions_active, job)", multi=True, include_all=True),
-        query_variable("instance", "Collector", 'label_values(layrot_sessions_active{job=~"$job"}, instance)',
-                       multi=True, include_all=True),
+        query_variable(
+            "instance",
+            "Collector",
+            'label_values(layrot_sessions_active{job=~"$job"}, instance)',
+            multi=True,
+            include_all=True,
+        ),
     ]
     return dashboard(
-        "layrot-collector", "layrot / Collector",
+        "layrot-collector",
+        "layrot / Collector",
         "Health of the layrot collector: ingest, rejections, sessions, history store.",
-        panels, variables,
+        panels,
+        variables,
     )
 
 

@@ -22,6 +22,7 @@ triangle formula remains for jobs that send norms only.
 Everything is vectorised: one call per quantity per batch, any broadcastable
 shapes, NaN out for NaN/Inf in, never an exception for bad numbers.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -131,7 +132,7 @@ def radial_angle(ref_norm: ArrayLike, dist: ArrayLike, dot: ArrayLike) -> np.nda
         p = np.asarray(dot, dtype=np.float64) / a
         q2 = (c - p) * (c + p)
         # Beyond rounding, |p| > ||d|| cannot come from real vectors.
-        inconsistent = q2 < -(TRIANGLE_RTOL * np.maximum(c, np.abs(p))) ** 2
+        inconsistent = q2 < -((TRIANGLE_RTOL * np.maximum(c, np.abs(p))) ** 2)
         theta = np.arctan2(np.sqrt(np.maximum(q2, 0.0)), a + p)
         theta = np.where(inconsistent | ~(a > 0), np.nan, theta)
         return np.where(np.isfinite(a) & np.isfinite(c) & np.isfinite(p), theta, np.nan)

@@ -12,10 +12,12 @@ or overrides that choice the same way in PyTorch and TensorFlow:
 
 Framework-free: callers pass (name, tensor) pairs and how to read a tensor's ndim.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence, TypeVar, Union
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -23,8 +25,12 @@ T = TypeVar("T")
 LayerSelector = Union[None, str, "re.Pattern[str]", Sequence[str], Callable[[str, Any], bool]]
 
 
-def select_layers(named: Sequence[tuple[str, T]], ndim: Callable[[T], int], layers: LayerSelector = None,
-                  what: str = "trainable parameters") -> list[tuple[str, T]]:
+def select_layers(
+    named: Sequence[tuple[str, T]],
+    ndim: Callable[[T], int],
+    layers: LayerSelector = None,
+    what: str = "trainable parameters",
+) -> list[tuple[str, T]]:
     """The (name, tensor) pairs of ``named`` that ``layers`` selects, in ``named``'s order
     (for a sequence of names: in the sequence's order).
 
@@ -40,8 +46,10 @@ def select_layers(named: Sequence[tuple[str, T]], ndim: Callable[[T], int], laye
             keep = layers  # type: ignore[assignment]
         chosen = [(n, t) for n, t in named if ndim(t) >= 2 and keep(n, t)]
         if not chosen:
-            raise ValueError(f"no layers selected: none of the {what} with ndim >= 2 matches `layers`"
-                             + ("" if layers is None else f" ({layers!r})"))
+            raise ValueError(
+                f"no layers selected: none of the {what} with ndim >= 2 matches `layers`"
+                + ("" if layers is None else f" ({layers!r})")
+            )
         return chosen
     wanted = [layers] if isinstance(layers, bytes) else list(layers)
     by_name = dict(named)

@@ -13,8 +13,9 @@ The layer sizes make the shards uneven (33 rows -> 17 + 16) and give rank 1 an
 empty shard (a 1-row layer), and the head is registered before the layers it
 follows, so forward order is exercised too.
 
-Run as a script, this file is the worker: ``python test_fsdp.py worker ...``.
+Run as a script, this file is the worker: ``python test_torch_shards.py worker ...``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ def build_model() -> Any:
 
         def forward(self, x: Any) -> Any:
             import torch
+
             return self.head(torch.tanh(self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))))
 
     return Net()
@@ -77,10 +79,18 @@ def worker_main(argv: list[str]) -> None:
     import layrot
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world,
-                            timeout=timedelta(seconds=WORKER_TIMEOUT))
-    mesh = (init_device_mesh("cpu", (1, a.world), mesh_dim_names=("replicate", "shard")) if a.hsdp
-            else init_device_mesh("cpu", (a.world,)))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{a.port}",
+        rank=a.rank,
+        world_size=a.world,
+        timeout=timedelta(seconds=WORKER_TIMEOUT),
+    )
+    mesh = (
+        init_device_mesh("cpu", (1, a.world), mesh_dim_names=("replicate", "shard"))
+        if a.hsdp
+        else init_device_mesh("cpu", (a.world,))
+    )
     torch.manual_seed(0)  # same full init on every rank; each keeps its shard
     model = build_model()
     for m in model.modules():
@@ -106,8 +116,14 @@ def worker_main(argv: list[str]) -> None:
     except ValueError as exc:
         report["every_error"] = str(exc)
 
-    handle = layrot.watch(model, opt, run=a.run, collector=a.collector, every=a.every,
-                          reporter_options={"backoff_initial": 0.05, "backoff_max": 0.5})
+    handle = layrot.watch(
+        model,
+        opt,
+        run=a.run,
+        collector=a.collector,
+        every=a.every,
+        reporter_options={"backoff_initial": 0.05, "backoff_max": 0.5},
+    )
     params = dict(model.named_parameters())
 
     def shards() -> list[np.ndarray]:
@@ -131,8 +147,10 @@ def worker_main(argv: list[str]) -> None:
     # Resume: the state carries this rank's shards; another rank's state or sharding is refused.
     state = handle.state_dict()
     report["state_shapes"] = [list(w.shape) for w in state["w0"]]
-    for key, bad in (("resume_rank_error", dict(state, rank=1 - a.rank)),
-                     ("resume_shape_error", dict(state, w0=[w[:1] for w in state["w0"]]))):
+    for key, bad in (
+        ("resume_rank_error", dict(state, rank=1 - a.rank)),
+        ("resume_shape_error", dict(state, w0=[w[:1] for w in state["w0"]])),
+    ):
         try:
             handle.load_state_dict(bad)
             report[key] = ""
@@ -140,8 +158,7 @@ def worker_main(argv: list[str]) -> None:
             report[key] = str(exc)
     handle.load_state_dict(state)
     handle.close()
-    np.savez(Path(a.out) / f"rank{a.rank}.npz",
-             **{f"w{i}": np.stack([s[i] for s in saved]) for i in range(len(NAMES))})
+    np.savez(Path(a.out) / f"rank{a.rank}.npz", **{f"w{i}": np.stack([s[i] for s in saved]) for i in range(len(NAMES))})
     (Path(a.out) / f"rank{a.rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
@@ -155,10 +172,10 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
 # ---------------------------------------------------------------- tests
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from layrot.agent.query import QueryClient  # noqa: E402
-from layrot.hooks.torch_shards import ShardGroups  # noqa: E402
 from reference import angle, cosine_distance, rel_err  # noqa: E402
+
+from layrot.client.query import QueryClient  # noqa: E402
+from layrot.hooks.torch_shards import ShardGroups  # noqa: E402
 
 
 def free_port() -> int:
@@ -170,13 +187,38 @@ def free_port() -> int:
 def run_job(collector: Any, out: Path, run: str, every: int = 1, hsdp: bool = False) -> list[dict[str, Any]]:
     """Start both ranks, wait for them, return each rank's report (with its shards under "w")."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
     logs = [open(out / f"rank{r}.log", "w") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", "--rank", str(r), "--port", str(port),
-                               "--collector", collector.grpc_address, "--run", run, "--out", str(out),
-                               "--every", str(every)] + (["--hsdp"] if hsdp else []), env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "worker",
+                "--rank",
+                str(r),
+                "--port",
+                str(port),
+                "--collector",
+                collector.grpc_address,
+                "--run",
+                run,
+                "--out",
+                str(out),
+                "--every",
+                str(every),
+            ]
+            + (["--hsdp"] if hsdp else []),
+            env=env,
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     deadline = time.monotonic() + WORKER_TIMEOUT + 60
     try:
         for p in procs:
@@ -247,8 +289,9 @@ def test_fsdp_ranks_report_whole_layer_rotations(collector: Any, tmp_path: Path,
         assert rel_err(hist.weight_norm, norms).max() <= 1e-5
         assert np.isfinite(hist.loss).all()
     # A rank's own shard would give other numbers: the check above has teeth.
-    own = np.array([[cosine_distance(reports[0]["w"][l][0], reports[0]["w"][l][t]) for l in range(len(w))]
-                    for t in steps])
+    own = np.array(
+        [[cosine_distance(reports[0]["w"][l][0], reports[0]["w"][l][t]) for l in range(len(w))] for t in steps]
+    )
     assert rel_err(own, rot_ref).max() > 10 * TOL
 
     # The layer table is the whole layers'.

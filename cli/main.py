@@ -4,6 +4,7 @@ Commands that talk to a collector take ``--collector ADDR`` (or
 ``$LAYROT_COLLECTOR``, default ``localhost:50051``) and ``--token`` (or
 ``$LAYROT_TOKEN``). Errors print one line and exit with status 1.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,28 +14,52 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import click
 
-from layrot.agent.alerts_cli import alerts_command, serve_alert_options
-from layrot.agent.grafana import grafana_group
-from layrot.agent.cli_common import (
-    CONTEXT_SETTINGS, age as _age, client as _client, collector_options, echo_json as _echo_json, fmt as _fmt,
-    num as _num, table as _table,
+from layrot.cli.alerts_cli import alerts_command, serve_alert_options
+from layrot.cli.cli_common import (
+    CONTEXT_SETTINGS,
+    collector_options,
 )
-from layrot.agent.control_cli import control_group
-from layrot.agent.query import CollectorError, History
+from layrot.cli.cli_common import (
+    age as _age,
+)
+from layrot.cli.cli_common import (
+    client as _client,
+)
+from layrot.cli.cli_common import (
+    echo_json as _echo_json,
+)
+from layrot.cli.cli_common import (
+    fmt as _fmt,
+)
+from layrot.cli.cli_common import (
+    num as _num,
+)
+from layrot.cli.cli_common import (
+    table as _table,
+)
+from layrot.cli.control_cli import control_group
+from layrot.cli.grafana import grafana_group
+from layrot.client.query import CollectorError, History
 
-log = logging.getLogger("layrot.agent.cli")
+log = logging.getLogger("layrot.cli.main")
 
 EXPORT_FIELDS = ("run", "step", "layer", "layer_index", "rotation", "step_angle", "weight_norm", "rho")
 
+
 # ---------------------------------------------------------------- group
 @click.group(context_settings=CONTEXT_SETTINGS)
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-              help="Logging level (logs go to stderr).")
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Logging level (logs go to stderr).",
+)
 @click.version_option(package_name="layrot", prog_name="layrot-agent")
 def cli(log_level: str) -> None:
     """layrot: watch and steer layer rotation in running training jobs.
@@ -49,8 +74,9 @@ def cli(log_level: str) -> None:
     Or see everything end to end on a small model:
       layrot-agent demo
     """
-    logging.basicConfig(level=getattr(logging, log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 # ---------------------------------------------------------------- serve
@@ -58,17 +84,42 @@ def cli(log_level: str) -> None:
 @click.option("--grpc-host", default="0.0.0.0", show_default=True, help="Interface for gRPC (ingest + queries).")
 @click.option("--grpc-port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
 @click.option("--metrics-host", default="0.0.0.0", show_default=True, help="Interface for Prometheus /metrics.")
-@click.option("--metrics-port", default=9400, show_default=True, type=int,
-              help="Port of Prometheus /metrics (0 = any free port).")
-@click.option("--db", "db", default="./layrot.db", show_default=True, type=click.Path(dir_okay=False),
-              help="SQLite history database (created if missing; history survives restarts).")
-@click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True,
-              help="Require 'authorization: Bearer TOKEN' for ingest and write calls (reads stay open).")
-@click.option("--run-ttl", default=86400.0, show_default=True, type=float,
-              help="Seconds after its last report that a disconnected run leaves /metrics (history is kept).")
+@click.option(
+    "--metrics-port", default=9400, show_default=True, type=int, help="Port of Prometheus /metrics (0 = any free port)."
+)
+@click.option(
+    "--db",
+    "db",
+    default="./layrot.db",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="SQLite history database (created if missing; history survives restarts).",
+)
+@click.option(
+    "--token",
+    envvar="LAYROT_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="Require 'authorization: Bearer TOKEN' for ingest and write calls (reads stay open).",
+)
+@click.option(
+    "--run-ttl",
+    default=86400.0,
+    show_default=True,
+    type=float,
+    help="Seconds after its last report that a disconnected run leaves /metrics (history is kept).",
+)
 @serve_alert_options
-def serve(grpc_host: str, grpc_port: int, metrics_host: str, metrics_port: int, db: str, token: str | None,
-          run_ttl: float, alert_options: dict[str, Any]) -> None:
+def serve(
+    grpc_host: str,
+    grpc_port: int,
+    metrics_host: str,
+    metrics_port: int,
+    db: str,
+    token: str | None,
+    run_ttl: float,
+    alert_options: dict[str, Any],
+) -> None:
     """Run the collector daemon: gRPC ingest and queries, /metrics, history store.
 
     Stops cleanly on SIGTERM / Ctrl-C (pending history is flushed).
@@ -83,14 +134,25 @@ def serve(grpc_host: str, grpc_port: int, metrics_host: str, metrics_port: int, 
     """
     from layrot.server.app import Collector  # the daemon's dependencies only load here
 
-    collector = Collector(grpc_host=grpc_host, grpc_port=grpc_port, metrics_host=metrics_host,
-                          metrics_port=metrics_port, db_path=db, token=token, run_ttl=run_ttl, **alert_options)
+    collector = Collector(
+        grpc_host=grpc_host,
+        grpc_port=grpc_port,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        db_path=db,
+        token=token,
+        run_ttl=run_ttl,
+        **alert_options,
+    )
     try:
         collector.start()
     except Exception as exc:
         raise click.ClickException(f"cannot start the collector: {exc}") from None
-    click.echo(f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
-               f"db {db}{', token required' if token else ''}", err=True)
+    click.echo(
+        f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
+        f"db {db}{', token required' if token else ''}",
+        err=True,
+    )
     collector.serve_forever()
 
 
@@ -118,11 +180,26 @@ def runs(collector: str, token: str | None, as_json: bool) -> None:
         click.echo(f"no runs yet on {collector}")
         return
     now = time.time()
-    rows = [[r["run"], r["framework"] or "-", str(r["step"]), str(r["num_layers"]), _fmt(r["min_rotation"]),
-             _fmt(r["mean_rotation"]), "yes" if r["connected"] else "no", _age(r["last_report"], now)]
-            for r in items]
-    click.echo(_table(["RUN", "FRAMEWORK", "STEP", "LAYERS", "MIN ROT", "MEAN ROT", "CONNECTED", "LAST REPORT"],
-                      rows, right={2, 3, 4, 5}))
+    rows = [
+        [
+            r["run"],
+            r["framework"] or "-",
+            str(r["step"]),
+            str(r["num_layers"]),
+            _fmt(r["min_rotation"]),
+            _fmt(r["mean_rotation"]),
+            "yes" if r["connected"] else "no",
+            _age(r["last_report"], now),
+        ]
+        for r in items
+    ]
+    click.echo(
+        _table(
+            ["RUN", "FRAMEWORK", "STEP", "LAYERS", "MIN ROT", "MEAN ROT", "CONNECTED", "LAST REPORT"],
+            rows,
+            right={2, 3, 4, 5},
+        )
+    )
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -150,18 +227,34 @@ def show(run: str, collector: str, token: str | None, as_json: bool) -> None:
         _echo_json(detail)
         return
     now = time.time()
-    click.echo(f"run {detail['run']}  framework {detail['framework'] or '-'}  host {detail['host'] or '-'}  "
-               f"step {detail['step']}  layers {detail['num_layers']}  "
-               f"{'connected' if detail['connected'] else 'disconnected'}  "
-               f"last report {_age(detail['last_report'], now)}")
+    click.echo(
+        f"run {detail['run']}  framework {detail['framework'] or '-'}  host {detail['host'] or '-'}  "
+        f"step {detail['step']}  layers {detail['num_layers']}  "
+        f"{'connected' if detail['connected'] else 'disconnected'}  "
+        f"last report {_age(detail['last_report'], now)}"
+    )
     rows = []
     for lay in detail["layers"]:
         ang = lay["step_angle"]
-        rows.append([str(lay["index"]), lay["name"], "x".join(str(s) for s in lay["shape"]) or "-",
-                     _fmt(lay["rotation"]), _fmt(ang), _fmt(math.degrees(ang) if math.isfinite(ang) else None),
-                     _fmt(lay["weight_norm"]), _fmt(lay["rho"])])
-    click.echo(_table(["INDEX", "LAYER", "SHAPE", "ROTATION", "STEP ANGLE (RAD)", "(DEG)", "WEIGHT NORM", "RHO"],
-                      rows, right={0, 3, 4, 5, 6, 7}))
+        rows.append(
+            [
+                str(lay["index"]),
+                lay["name"],
+                "x".join(str(s) for s in lay["shape"]) or "-",
+                _fmt(lay["rotation"]),
+                _fmt(ang),
+                _fmt(math.degrees(ang) if math.isfinite(ang) else None),
+                _fmt(lay["weight_norm"]),
+                _fmt(lay["rho"]),
+            ]
+        )
+    click.echo(
+        _table(
+            ["INDEX", "LAYER", "SHAPE", "ROTATION", "STEP ANGLE (RAD)", "(DEG)", "WEIGHT NORM", "RHO"],
+            rows,
+            right={0, 3, 4, 5, 6, 7},
+        )
+    )
 
 
 # ---------------------------------------------------------------- export
@@ -172,8 +265,16 @@ def export_records(h: History) -> Iterator[dict[str, Any]]:
     names = h.layer_names
     for s, step in enumerate(steps):
         for i, name in enumerate(names):
-            yield {"run": h.run, "step": step, "layer": name, "layer_index": i, "rotation": _num(rot[s][i]),
-                   "step_angle": _num(ang[s][i]), "weight_norm": _num(wn[s][i]), "rho": _num(rho[s][i])}
+            yield {
+                "run": h.run,
+                "step": step,
+                "layer": name,
+                "layer_index": i,
+                "rotation": _num(rot[s][i]),
+                "step_angle": _num(ang[s][i]),
+                "weight_norm": _num(wn[s][i]),
+                "rho": _num(rho[s][i]),
+            }
 
 
 def _write_json(records: Iterator[dict[str, Any]], out: TextIO) -> None:
@@ -195,16 +296,19 @@ def _write_csv(records: Iterator[dict[str, Any]], out: TextIO) -> None:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
-@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True,
-              help="Output format.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default="-",
-              help="Output file (default: stdout).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True, help="Output format."
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True), default="-", help="Output file (default: stdout)."
+)
 @click.option("--since-step", type=click.IntRange(min=0), default=0, help="First step to export (inclusive).")
 @click.option("--until-step", type=click.IntRange(min=0), default=0, help="Last step to export (inclusive; 0 = end).")
 @click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True, help="Which rank's rows.")
 @collector_options
-def export(run: str, fmt: str, output: str, since_step: int, until_step: int, rank: int, collector: str,
-           token: str | None) -> None:
+def export(
+    run: str, fmt: str, output: str, since_step: int, until_step: int, rank: int, collector: str, token: str | None
+) -> None:
     """Export the per-step, per-layer history of RUN as JSON or CSV.
 
     One record per step and layer with the fields run, step (optimizer step,
@@ -242,15 +346,23 @@ def export(run: str, fmt: str, output: str, since_step: int, until_step: int, ra
     except CollectorError as exc:
         raise click.ClickException(str(exc)) from None
     if output != "-":
-        click.echo(f"wrote {counts['steps'] * counts['layers']} records ({counts['steps']} steps x "
-                   f"{counts['layers']} layers) to {output}", err=True)
+        click.echo(
+            f"wrote {counts['steps'] * counts['layers']} records ({counts['steps']} steps x "
+            f"{counts['layers']} layers) to {output}",
+            err=True,
+        )
 
 
 # ---------------------------------------------------------------- curves
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
-              help="Image file to write (.png, .svg, .pdf).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="Image file to write (.png, .svg, .pdf).",
+)
 @click.option("--log-x", is_flag=True, help="Logarithmic step axis (shows the first steps better).")
 @click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True, help="Which rank's rows.")
 @collector_options
@@ -267,7 +379,7 @@ def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token:
       layrot-agent curves resnet-a -o resnet-a.png
       layrot-agent curves resnet-a -o resnet-a.svg --log-x
     """
-    from layrot.agent.curves import plot_layer_rotation_curves
+    from layrot.cli.curves import plot_layer_rotation_curves
 
     try:
         with _client(collector, token) as q:
@@ -277,8 +389,9 @@ def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token:
     if len(h) == 0:
         raise click.ClickException(f"run {run!r} has no reported steps yet")
     try:
-        plot_layer_rotation_curves(h.steps, h.rotation, h.layer_names, output,
-                                   title=f"Layer rotation curves: {run}", log_x=log_x)
+        plot_layer_rotation_curves(
+            h.steps, h.rotation, h.layer_names, output, title=f"Layer rotation curves: {run}", log_x=log_x
+        )
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot write {output}: {exc}") from None
     click.echo(f"wrote {output} ({h.num_layers} layers, {len(h)} steps)", err=True)
@@ -287,12 +400,22 @@ def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token:
 # ---------------------------------------------------------------- demo
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Training steps.")
-@click.option("--every", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Report every N optimizer steps.")
-@click.option("--out", "out", default=None, type=click.Path(file_okay=False),
-              help="Directory for the demo's outputs (history db, curves); default: ./layrot-demo.")
-@click.option("--serve/--no-serve", default=False, show_default=True,
-              help="Keep the embedded collector running after training (Ctrl-C to stop).")
+@click.option(
+    "--every", default=1, show_default=True, type=click.IntRange(min=1), help="Report every N optimizer steps."
+)
+@click.option(
+    "--out",
+    "out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory for the demo's outputs (history db, curves); default: ./layrot-demo.",
+)
+@click.option(
+    "--serve/--no-serve",
+    default=False,
+    show_default=True,
+    help="Keep the embedded collector running after training (Ctrl-C to stop).",
+)
 def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
     """Train a small real model with the hook, end to end, on an embedded collector.
 
@@ -302,10 +425,11 @@ def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
       layrot-agent demo --steps 1000 --out ./demo-out --serve
     """
     try:
-        from layrot.demo import run_demo
+        from layrot.cli.demo import run_demo
     except ImportError as exc:
-        raise click.ClickException(f"the demo needs PyTorch and scikit-learn ({exc}); "
-                                   "pip install 'layrot[torch,demo]'") from None
+        raise click.ClickException(
+            f"the demo needs PyTorch and scikit-learn ({exc}); pip install 'layrot[torch,demo]'"
+        ) from None
     run_demo(steps=steps, every=every, out=out, serve=serve)
 
 

@@ -1,6 +1,6 @@
 """gRPC client of the collector's Query service (used by the CLI, usable from notebooks).
 
->>> from layrot.agent.query import QueryClient          # doctest: +SKIP
+>>> from layrot.client.query import QueryClient          # doctest: +SKIP
 >>> with QueryClient("localhost:50051") as q:
 ...     runs = q.list_runs()
 ...     h = q.history("resnet-a")           # numpy arrays, (steps, layers)
@@ -8,11 +8,13 @@
 
 Errors come out as ``CollectorError`` with a one-line, human message.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,8 +24,15 @@ from layrot.proto import layrot_pb2_grpc as pb_grpc
 
 DEFAULT_COLLECTOR = "localhost:50051"
 
-__all__ = ["DEFAULT_COLLECTOR", "CollectorError", "History", "QueryClient", "command_dict", "control_status_dict",
-           "default_address"]
+__all__ = [
+    "DEFAULT_COLLECTOR",
+    "CollectorError",
+    "History",
+    "QueryClient",
+    "command_dict",
+    "control_status_dict",
+    "default_address",
+]
 
 
 def default_address() -> str:
@@ -65,17 +74,38 @@ class History:
 def alert_dict(a: pb.Alert) -> dict[str, Any]:
     """An Alert as plain Python: run, layer, step, kind, severity, angle and baseline (radians), time
     (unix seconds), message, loss_before, loss_after; NaN where unknown."""
-    return {"run": a.run, "layer": a.layer, "step": a.step, "kind": a.kind, "severity": a.severity,
-            "angle": a.angle, "baseline": a.baseline, "time": a.time, "message": a.message,
-            "loss_before": a.loss_before, "loss_after": a.loss_after}
+    return {
+        "run": a.run,
+        "layer": a.layer,
+        "step": a.step,
+        "kind": a.kind,
+        "severity": a.severity,
+        "angle": a.angle,
+        "baseline": a.baseline,
+        "time": a.time,
+        "message": a.message,
+        "loss_before": a.loss_before,
+        "loss_after": a.loss_after,
+    }
 
 
 def _summary(s: pb.RunSummary) -> dict[str, Any]:
     return {
-        "run": s.run, "framework": s.framework, "host": s.host, "world_size": s.world_size, "step": s.step,
-        "last_report": s.last_report or None, "first_report": s.first_report or None, "num_layers": s.num_layers,
-        "min_rotation": s.min_rotation, "mean_rotation": s.mean_rotation, "connected": s.connected,
-        "sessions": s.sessions, "layca": s.layca, "control": s.control, "meta": dict(s.meta),
+        "run": s.run,
+        "framework": s.framework,
+        "host": s.host,
+        "world_size": s.world_size,
+        "step": s.step,
+        "last_report": s.last_report or None,
+        "first_report": s.first_report or None,
+        "num_layers": s.num_layers,
+        "min_rotation": s.min_rotation,
+        "mean_rotation": s.mean_rotation,
+        "connected": s.connected,
+        "sessions": s.sessions,
+        "layca": s.layca,
+        "control": s.control,
+        "meta": dict(s.meta),
     }
 
 
@@ -86,14 +116,15 @@ class QueryClient:
         self.address = address or default_address()
         self.token = token or None
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self._channel = grpc.insecure_channel(
+            self.address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
         self._stub = pb_grpc.QueryStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "QueryClient":
+    def __enter__(self) -> QueryClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -107,8 +138,10 @@ class QueryClient:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.UNAVAILABLE:
-            msg = (f"cannot reach the layrot collector at {self.address} (is 'layrot-agent serve' running? "
-                   "set --collector or LAYROT_COLLECTOR)")
+            msg = (
+                f"cannot reach the layrot collector at {self.address} (is 'layrot-agent serve' running? "
+                "set --collector or LAYROT_COLLECTOR)"
+            )
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             msg = f"the collector at {self.address} did not answer within {self.timeout:g} s"
         elif code == grpc.StatusCode.UNAUTHENTICATED:
@@ -124,8 +157,11 @@ class QueryClient:
         ``run`` None = every run; ``since`` unix seconds; ``limit`` the newest N (0 = all kept).
         """
         try:
-            resp = self._stub.ListAlerts(pb.ListAlertsRequest(run=run or "", limit=limit, since=since),
-                                         timeout=self.timeout, metadata=self._metadata)
+            resp = self._stub.ListAlerts(
+                pb.ListAlertsRequest(run=run or "", limit=limit, since=since),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return [alert_dict(a) for a in resp.alerts]
@@ -136,8 +172,9 @@ class QueryClient:
         First the newest ``backlog`` kept alerts with time >= ``since``. Close the
         generator (or break out of the loop) to end the stream.
         """
-        call = self._stub.WatchAlerts(pb.ListAlertsRequest(run=run or "", limit=backlog, since=since),
-                                      metadata=self._metadata)
+        call = self._stub.WatchAlerts(
+            pb.ListAlertsRequest(run=run or "", limit=backlog, since=since), metadata=self._metadata
+        )
         try:
             for a in call:
                 yield alert_dict(a)
@@ -157,13 +194,17 @@ class QueryClient:
         """
         bad = set(values) - set(pb.Thresholds.DESCRIPTOR.fields_by_name)
         if bad:
-            raise ValueError(f"unknown threshold(s) {sorted(bad)}; known: "
-                             f"{sorted(pb.Thresholds.DESCRIPTOR.fields_by_name)}")
+            raise ValueError(
+                f"unknown threshold(s) {sorted(bad)}; known: {sorted(pb.Thresholds.DESCRIPTOR.fields_by_name)}"
+            )
         try:
             resp = self._stub.SetThresholds(
-                pb.SetThresholdsRequest(run=run or "", thresholds=pb.Thresholds(**{k: v for k, v in values.items()
-                                                                                    if v is not None})),
-                timeout=self.timeout, metadata=self._metadata)
+                pb.SetThresholdsRequest(
+                    run=run or "", thresholds=pb.Thresholds(**{k: v for k, v in values.items() if v is not None})
+                ),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return {f.name: getattr(resp, f.name) for f in pb.Thresholds.DESCRIPTOR.fields}
@@ -184,9 +225,17 @@ class QueryClient:
             raise self._error(exc) from None
         out = _summary(resp.summary)
         out["layers"] = [
-            {"index": lay.index, "name": lay.name, "shape": list(lay.shape), "init_norm": lay.init_norm,
-             "rotation": lay.rotation, "step_angle": lay.step_angle, "weight_norm": lay.weight_norm,
-             "rho": lay.rho, "step": lay.step}
+            {
+                "index": lay.index,
+                "name": lay.name,
+                "shape": list(lay.shape),
+                "init_norm": lay.init_norm,
+                "rotation": lay.rotation,
+                "step_angle": lay.step_angle,
+                "weight_norm": lay.weight_norm,
+                "rho": lay.rho,
+                "step": lay.step,
+            }
             for lay in resp.layers
         ]
         return out
@@ -197,20 +246,27 @@ class QueryClient:
         try:
             # No overall deadline: a long history may take a while to stream.
             for chunk in self._stub.GetHistory(
-                    pb.HistoryRequest(run=run, since_step=since_step, until_step=until_step, rank=rank),
-                    metadata=self._metadata):
+                pb.HistoryRequest(run=run, since_step=since_step, until_step=until_step, rank=rank),
+                metadata=self._metadata,
+            ):
                 if chunk.layer_names:
                     names = list(chunk.layer_names)
                 S, L = len(chunk.steps), chunk.num_layers or len(names)
 
-                def arr(data: bytes) -> np.ndarray:
+                def arr(data: bytes, S: int = S, L: int = L) -> np.ndarray:
                     return np.frombuffer(data, dtype="<f8").reshape(S, L) if S and L else np.empty((S, L))
 
                 yield History(
-                    run=run, layer_names=names, steps=np.asarray(chunk.steps, dtype=np.int64),
-                    times=np.asarray(chunk.times, dtype=np.float64), loss=np.asarray(chunk.loss, dtype=np.float64),
-                    rotation=arr(chunk.rotation), step_angle=arr(chunk.step_angle),
-                    weight_norm=arr(chunk.weight_norm), rho=arr(chunk.rho))
+                    run=run,
+                    layer_names=names,
+                    steps=np.asarray(chunk.steps, dtype=np.int64),
+                    times=np.asarray(chunk.times, dtype=np.float64),
+                    loss=np.asarray(chunk.loss, dtype=np.float64),
+                    rotation=arr(chunk.rotation),
+                    step_angle=arr(chunk.step_angle),
+                    weight_norm=arr(chunk.weight_norm),
+                    rho=arr(chunk.rho),
+                )
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
@@ -226,9 +282,17 @@ class QueryClient:
                 return np.empty((0, L)) if two_d else np.empty(0)
             return np.concatenate(arrays, axis=0)
 
-        return History(run=run, layer_names=names, steps=cat("steps", False).astype(np.int64),
-                       times=cat("times", False), loss=cat("loss", False), rotation=cat("rotation"),
-                       step_angle=cat("step_angle"), weight_norm=cat("weight_norm"), rho=cat("rho"))
+        return History(
+            run=run,
+            layer_names=names,
+            steps=cat("steps", False).astype(np.int64),
+            times=cat("times", False),
+            loss=cat("loss", False),
+            rotation=cat("rotation"),
+            step_angle=cat("step_angle"),
+            weight_norm=cat("weight_norm"),
+            rho=cat("rho"),
+        )
 
     # ------------------------------------------------------------ control plane
     def set_control(self, run: str, command: pb.RateCommand) -> dict[str, Any]:
@@ -238,8 +302,9 @@ class QueryClient:
         command at its next step boundary; poll :meth:`get_control` for its answer.
         """
         try:
-            resp = self._stub.SetControl(pb.SetControlRequest(run=run, command=command), timeout=self.timeout,
-                                         metadata=self._metadata)
+            resp = self._stub.SetControl(
+                pb.SetControlRequest(run=run, command=command), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return control_status_dict(resp)
@@ -247,8 +312,7 @@ class QueryClient:
     def get_control(self, run: str) -> dict[str, Any]:
         """Control status of ``run``: requested command, applied version/step, rejection, rates, audit."""
         try:
-            resp = self._stub.GetControl(pb.GetControlRequest(run=run), timeout=self.timeout,
-                                         metadata=self._metadata)
+            resp = self._stub.GetControl(pb.GetControlRequest(run=run), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return control_status_dict(resp)
@@ -257,15 +321,31 @@ class QueryClient:
 def command_dict(cmd: pb.RateCommand) -> dict[str, Any]:
     """A RateCommand as plain Python (an AdaptCopy table as its extent, not its bytes)."""
     out: dict[str, Any] = {
-        "version": cmd.version, "run": cmd.run, "mode": cmd.mode or "layca", "alpha": cmd.alpha,
-        "schedule": None, "multipliers": list(cmd.multipliers), "layer_multipliers": dict(cmd.layer_multipliers),
-        "table": None, "reason": cmd.reason, "issued_by": cmd.issued_by, "issued_at": cmd.issued_at or None,
-        "controller": cmd.controller, "step_offset": cmd.step_offset, "apply_at_step": cmd.apply_at_step,
+        "version": cmd.version,
+        "run": cmd.run,
+        "mode": cmd.mode or "layca",
+        "alpha": cmd.alpha,
+        "schedule": None,
+        "multipliers": list(cmd.multipliers),
+        "layer_multipliers": dict(cmd.layer_multipliers),
+        "table": None,
+        "reason": cmd.reason,
+        "issued_by": cmd.issued_by,
+        "issued_at": cmd.issued_at or None,
+        "controller": cmd.controller,
+        "step_offset": cmd.step_offset,
+        "apply_at_step": cmd.apply_at_step,
     }
     if cmd.HasField("schedule"):
         s = cmd.schedule
-        out["schedule"] = {"rho0": s.rho0, "kind": s.kind or "constant", "milestones": list(s.milestones),
-                           "factor": s.factor, "total_steps": s.total_steps, "rho_min": s.rho_min}
+        out["schedule"] = {
+            "rho0": s.rho0,
+            "kind": s.kind or "constant",
+            "milestones": list(s.milestones),
+            "factor": s.factor,
+            "total_steps": s.total_steps,
+            "rho_min": s.rho_min,
+        }
     if cmd.HasField("table"):
         t = cmd.table
         n = len(t.rates) // (8 * t.num_layers) if t.num_layers else 0
@@ -285,10 +365,30 @@ def control_status_dict(st: pb.ControlStatus) -> dict[str, Any]:
         "layer_names": list(st.layer_names),
         "requested_rho": list(st.requested_rho),
         "applied_rho": list(st.applied_rho),
-        "audit": [{"version": a.version, "time": a.time, "who": a.who, "what": a.what, "event": a.event,
-                   "step": a.step, "reason": a.reason} for a in st.audit],
-        "ranks": [{"rank": r.rank, "applied_version": r.applied_version, "applied_step": r.applied_step,
-                   "wanted_step": r.wanted_step, "late": r.late, "rejected_version": r.rejected_version,
-                   "rejected_reason": r.rejected_reason, "step": r.step, "connected": r.connected}
-                  for r in st.ranks],
+        "audit": [
+            {
+                "version": a.version,
+                "time": a.time,
+                "who": a.who,
+                "what": a.what,
+                "event": a.event,
+                "step": a.step,
+                "reason": a.reason,
+            }
+            for a in st.audit
+        ],
+        "ranks": [
+            {
+                "rank": r.rank,
+                "applied_version": r.applied_version,
+                "applied_step": r.applied_step,
+                "wanted_step": r.wanted_step,
+                "late": r.late,
+                "rejected_version": r.rejected_version,
+                "rejected_reason": r.rejected_reason,
+                "step": r.step,
+                "connected": r.connected,
+            }
+            for r in st.ranks
+        ],
     }

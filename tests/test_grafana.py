@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from layrot.agent.grafana import GrafanaPushError, grafana_group, load_dashboards, push_dashboards
+from layrot.cli.grafana import GrafanaPushError, grafana_group, load_dashboards, push_dashboards
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCHANGES = json.loads((Path(__file__).parent / "data" / "grafana_exchange.json").read_text())["scenarios"]
@@ -80,15 +80,17 @@ class ReplayGrafana:
         with self._lock:
             self.requests.append({"method": method, "path": path, "query": query, "headers": headers, "json": body})
             if self.prefix and path.startswith(self.prefix + "/"):
-                path = path[len(self.prefix):]
+                path = path[len(self.prefix) :]
             if not self.expected:
                 self.mismatches.append(f"unexpected extra request {method} {raw_path}")
                 return 599, {"message": "no recorded exchange left"}
             exchange = self.expected.pop(0)
             want = exchange["request"]
             if (method, path) != (want["method"], want["path"]) or not is_subset(want.get("json", {}), body or {}):
-                self.mismatches.append(f"expected {want['method']} {want['path']} {want.get('json', '')}, "
-                                       f"got {method} {raw_path} {str(body)[:200]}")
+                self.mismatches.append(
+                    f"expected {want['method']} {want['path']} {want.get('json', '')}, "
+                    f"got {method} {raw_path} {str(body)[:200]}"
+                )
                 return 599, {"message": "request does not match the recording"}
             return exchange["response"]["status"], exchange["response"]["body"]
 
@@ -190,8 +192,11 @@ def test_bad_token_gives_one_clear_line(grafana):
 
 def test_cli_error_has_no_traceback(grafana):
     grafana.play("bad_token")
-    result = CliRunner().invoke(grafana_group, ["push", "--url", grafana.url, "--dir", str(DASHBOARD_DIR)],
-                                env={"LAYROT_GRAFANA_TOKEN": "wrong"})
+    result = CliRunner().invoke(
+        grafana_group,
+        ["push", "--url", grafana.url, "--dir", str(DASHBOARD_DIR)],
+        env={"LAYROT_GRAFANA_TOKEN": "wrong"},
+    )
     grafana.assert_all_played()
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -215,8 +220,11 @@ def test_server_error_is_reported(grafana):
 
 def test_cli_json_output_and_env_url(grafana):
     grafana.play("first_push")
-    result = CliRunner().invoke(grafana_group, ["push", "--json", "--dir", str(DASHBOARD_DIR)],
-                                env={"LAYROT_GRAFANA_URL": grafana.url, "LAYROT_GRAFANA_TOKEN": TOKEN})
+    result = CliRunner().invoke(
+        grafana_group,
+        ["push", "--json", "--dir", str(DASHBOARD_DIR)],
+        env={"LAYROT_GRAFANA_URL": grafana.url, "LAYROT_GRAFANA_TOKEN": TOKEN},
+    )
     grafana.assert_all_played()
     assert result.exit_code == 0, result.output
     done = json.loads(result.output)

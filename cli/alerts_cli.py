@@ -2,6 +2,7 @@
 
 Attached to the main CLI in agent/cli.py (``cli.add_command(alerts_command)``).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,44 @@ from typing import Any
 
 import click
 
-from layrot.agent.query import DEFAULT_COLLECTOR, CollectorError, QueryClient
+from layrot.client.query import DEFAULT_COLLECTOR, CollectorError, QueryClient
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-JSON_FIELDS = ("run", "layer", "step", "kind", "severity", "angle", "baseline", "time", "message", "loss_before",
-               "loss_after")
+JSON_FIELDS = (
+    "run",
+    "layer",
+    "step",
+    "kind",
+    "severity",
+    "angle",
+    "baseline",
+    "time",
+    "message",
+    "loss_before",
+    "loss_after",
+)
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def _collector_options(fn: Any) -> Any:
-    fn = click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True,
-                      help="Bearer token of the collector (needed for 'thresholds' changes when it has one).")(fn)
-    fn = click.option("--collector", "collector", envvar="LAYROT_COLLECTOR", default=DEFAULT_COLLECTOR,
-                      show_default=True, show_envvar=True, metavar="ADDR", help="Collector gRPC address host:port.")(fn)
+    fn = click.option(
+        "--token",
+        envvar="LAYROT_TOKEN",
+        default=None,
+        show_envvar=True,
+        help="Bearer token of the collector (needed for 'thresholds' changes when it has one).",
+    )(fn)
+    fn = click.option(
+        "--collector",
+        "collector",
+        envvar="LAYROT_COLLECTOR",
+        default=DEFAULT_COLLECTOR,
+        show_default=True,
+        show_envvar=True,
+        metavar="ADDR",
+        help="Collector gRPC address host:port.",
+    )(fn)
     return fn
 
 
@@ -64,8 +89,17 @@ HEADERS = ["TIME", "RUN", "LAYER", "STEP", "KIND", "SEVERITY", "ANGLE(DEG)", "BA
 
 
 def _row(a: dict[str, Any]) -> list[str]:
-    return [_when(a["time"]), a["run"], a["layer"] or "-", str(a["step"]), a["kind"], a["severity"], _deg(a["angle"]),
-            _deg(a["baseline"]), a["message"]]
+    return [
+        _when(a["time"]),
+        a["run"],
+        a["layer"] or "-",
+        str(a["step"]),
+        a["kind"],
+        a["severity"],
+        _deg(a["angle"]),
+        _deg(a["baseline"]),
+        a["message"],
+    ]
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -83,16 +117,34 @@ def _table(rows: list[list[str]]) -> str:
 @click.group("alerts", invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
 @click.option("--run", default=None, help="Only this run (default: every run).")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing alerts as the collector raises them (Ctrl-C stops).")
-@click.option("--since", default=None, metavar="WHEN",
-              help="Only alerts newer than this: a duration ago (30s, 15m, 2h, 1d) or unix seconds.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=0),
-              help="Show the newest N kept alerts (0 = all the collector keeps).")
-@click.option("--json", "as_json", is_flag=True,
-              help="JSON: one array; with --follow one object per line (JSON Lines).")
+@click.option(
+    "--since",
+    default=None,
+    metavar="WHEN",
+    help="Only alerts newer than this: a duration ago (30s, 15m, 2h, 1d) or unix seconds.",
+)
+@click.option(
+    "--limit",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Show the newest N kept alerts (0 = all the collector keeps).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="JSON: one array; with --follow one object per line (JSON Lines)."
+)
 @_collector_options
 @click.pass_context
-def alerts_command(ctx: click.Context, run: str | None, follow: bool, since: str | None, limit: int, as_json: bool,
-                   collector: str, token: str | None) -> None:
+def alerts_command(
+    ctx: click.Context,
+    run: str | None,
+    follow: bool,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+    collector: str,
+    token: str | None,
+) -> None:
     """Alerts raised by the collector: abrupt rotations, divergence, stalled runs, rejections.
 
     An abrupt rotation is a layer rotating a large angle within one optimizer
@@ -143,19 +195,36 @@ def alerts_command(ctx: click.Context, run: str | None, follow: bool, since: str
 @click.option("--abs-angle", type=float, default=None, help="Radians: fire above this whatever the baseline.")
 @click.option("--k", type=float, default=None, help="Fire above median + k * spread of the layer's recent angles.")
 @click.option("--window", type=click.IntRange(min=3), default=None, help="Baseline window (reported steps).")
-@click.option("--warmup", type=click.IntRange(min=1), default=None,
-              help="Reported steps before the baseline rule arms.")
+@click.option(
+    "--warmup", type=click.IntRange(min=1), default=None, help="Reported steps before the baseline rule arms."
+)
 @click.option("--stall-seconds", type=float, default=None, help="A connected run silent this long is stalled.")
 @click.option("--min-angle", type=float, default=None, help="Radians: the baseline rule never fires below this.")
 @click.option("--reset", is_flag=True, help="Back to the collector defaults (before applying other options).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--token", default=None, help="Bearer token (as for 'alerts'; $LAYROT_TOKEN).")
-@click.option("--collector", "collector", default=None, metavar="ADDR",
-              help="Collector gRPC address (as for 'alerts'; $LAYROT_COLLECTOR).")
+@click.option(
+    "--collector",
+    "collector",
+    default=None,
+    metavar="ADDR",
+    help="Collector gRPC address (as for 'alerts'; $LAYROT_COLLECTOR).",
+)
 @click.pass_obj
-def thresholds_command(obj: dict[str, Any], run: str, abs_angle: float | None, k: float | None, window: int | None,
-                       warmup: int | None, stall_seconds: float | None, min_angle: float | None, reset: bool,
-                       as_json: bool, token: str | None, collector: str | None) -> None:
+def thresholds_command(
+    obj: dict[str, Any],
+    run: str,
+    abs_angle: float | None,
+    k: float | None,
+    window: int | None,
+    warmup: int | None,
+    stall_seconds: float | None,
+    min_angle: float | None,
+    reset: bool,
+    as_json: bool,
+    token: str | None,
+    collector: str | None,
+) -> None:
     """Show or change the alert thresholds of RUN (no RUN: the collector defaults).
 
     Without options it prints the effective thresholds. Changes need the
@@ -174,10 +243,23 @@ def thresholds_command(obj: dict[str, Any], run: str, abs_angle: float | None, k
         with QueryClient(collector or obj["collector"], token or obj["token"]) as q:
             if reset:
                 defaults = q.set_thresholds("")
-                q.set_thresholds(run, abs_angle=-1, k=-1, stall_seconds=-1, min_angle=-1,
-                                 window=defaults["window"], warmup=defaults["warmup"])
-            for name, v in (("abs_angle", abs_angle), ("k", k), ("window", window), ("warmup", warmup),
-                            ("stall_seconds", stall_seconds), ("min_angle", min_angle)):
+                q.set_thresholds(
+                    run,
+                    abs_angle=-1,
+                    k=-1,
+                    stall_seconds=-1,
+                    min_angle=-1,
+                    window=defaults["window"],
+                    warmup=defaults["warmup"],
+                )
+            for name, v in (
+                ("abs_angle", abs_angle),
+                ("k", k),
+                ("window", window),
+                ("warmup", warmup),
+                ("stall_seconds", stall_seconds),
+                ("min_angle", min_angle),
+            ):
                 if v is not None:
                     if isinstance(v, float) and (math.isnan(v) or v <= 0) and name != "min_angle":
                         raise click.BadParameter(f"--{name.replace('_', '-')} must be > 0, got {v}")
@@ -186,8 +268,15 @@ def thresholds_command(obj: dict[str, Any], run: str, abs_angle: float | None, k
     except CollectorError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"run": run or None, **{k: (v if not isinstance(v, float) or math.isfinite(v)
-                                                          else None) for k, v in result.items()}}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "run": run or None,
+                    **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.items()},
+                },
+                indent=2,
+            )
+        )
         return
     click.echo(f"thresholds of {'run ' + run if run else 'the collector (defaults)'}:")
     for name, v in result.items():
@@ -201,46 +290,102 @@ def serve_alert_options(fn: Any) -> Any:
     of ``Collector`` keyword arguments. Defaults (None) are the engine's (server/alerts.py Thresholds)."""
     import functools
 
-    keys = ("alertmanager", "no_alerts", "alert_abs_angle", "alert_k", "alert_window", "alert_warmup",
-            "alert_min_angle", "stall_seconds", "alert_resolve_after")
+    keys = (
+        "alertmanager",
+        "no_alerts",
+        "alert_abs_angle",
+        "alert_k",
+        "alert_window",
+        "alert_warmup",
+        "alert_min_angle",
+        "stall_seconds",
+        "alert_resolve_after",
+    )
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         opts = {k: kwargs.pop(k) for k in keys}
-        thresholds = {name: opts[key] for name, key in (
-            ("abs_angle", "alert_abs_angle"), ("k", "alert_k"), ("window", "alert_window"),
-            ("warmup", "alert_warmup"), ("min_angle", "alert_min_angle"), ("stall_seconds", "stall_seconds"))
-            if opts[key] is not None}
+        thresholds = {
+            name: opts[key]
+            for name, key in (
+                ("abs_angle", "alert_abs_angle"),
+                ("k", "alert_k"),
+                ("window", "alert_window"),
+                ("warmup", "alert_warmup"),
+                ("min_angle", "alert_min_angle"),
+                ("stall_seconds", "stall_seconds"),
+            )
+            if opts[key] is not None
+        }
         from layrot.server.alerts import Thresholds  # serve loads the server anyway
 
         try:
             Thresholds(**thresholds)
         except ValueError as exc:
             raise click.UsageError(f"bad alert threshold: {exc}") from None
-        alert_options = {"alerts": not opts["no_alerts"], "thresholds": thresholds,
-                         "alertmanager_url": list(opts["alertmanager"]),
-                         "alert_quiet": opts["alert_resolve_after"]}
+        alert_options = {
+            "alerts": not opts["no_alerts"],
+            "thresholds": thresholds,
+            "alertmanager_url": list(opts["alertmanager"]),
+            "alert_quiet": opts["alert_resolve_after"],
+        }
         return fn(*args, alert_options=alert_options, **kwargs)
 
     options = [
-        click.option("--alertmanager", multiple=True, metavar="URL", envvar="LAYROT_ALERTMANAGER",
-                     show_envvar=True,
-                     help="Push alerts to this Alertmanager (http://host:9093; API v2). Repeat for an HA set."),
+        click.option(
+            "--alertmanager",
+            multiple=True,
+            metavar="URL",
+            envvar="LAYROT_ALERTMANAGER",
+            show_envvar=True,
+            help="Push alerts to this Alertmanager (http://host:9093; API v2). Repeat for an HA set.",
+        ),
         click.option("--no-alerts", is_flag=True, help="Do not evaluate alerts (stored ones stay listable)."),
-        click.option("--alert-abs-angle", type=float, default=None, metavar="RAD",
-                     help="Default absolute step-angle limit in radians [default: 0.3 = 17 deg; inf disables]."),
-        click.option("--alert-k", type=float, default=None,
-                     help="Default k: fire above median + k * spread of a layer's recent angles [default: 10]."),
-        click.option("--alert-window", type=click.IntRange(min=3, max=10_000), default=None,
-                     help="Default baseline window in reported steps [default: 50]."),
-        click.option("--alert-warmup", type=click.IntRange(min=1), default=None,
-                     help="Default reported steps before the baseline rule arms [default: 20]."),
-        click.option("--alert-min-angle", type=float, default=None, metavar="RAD",
-                     help="Default angle in radians below which the baseline rule never fires [default: 0.01]."),
-        click.option("--stall-seconds", type=float, default=None,
-                     help="Default seconds a connected run may stay silent before it is stalled [default: 900]."),
-        click.option("--alert-resolve-after", type=click.FloatRange(min=1.0), default=300.0, show_default=True,
-                     help="Seconds without a new event after which a pushed alert is resolved in Alertmanager."),
+        click.option(
+            "--alert-abs-angle",
+            type=float,
+            default=None,
+            metavar="RAD",
+            help="Default absolute step-angle limit in radians [default: 0.3 = 17 deg; inf disables].",
+        ),
+        click.option(
+            "--alert-k",
+            type=float,
+            default=None,
+            help="Default k: fire above median + k * spread of a layer's recent angles [default: 10].",
+        ),
+        click.option(
+            "--alert-window",
+            type=click.IntRange(min=3, max=10_000),
+            default=None,
+            help="Default baseline window in reported steps [default: 50].",
+        ),
+        click.option(
+            "--alert-warmup",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Default reported steps before the baseline rule arms [default: 20].",
+        ),
+        click.option(
+            "--alert-min-angle",
+            type=float,
+            default=None,
+            metavar="RAD",
+            help="Default angle in radians below which the baseline rule never fires [default: 0.01].",
+        ),
+        click.option(
+            "--stall-seconds",
+            type=float,
+            default=None,
+            help="Default seconds a connected run may stay silent before it is stalled [default: 900].",
+        ),
+        click.option(
+            "--alert-resolve-after",
+            type=click.FloatRange(min=1.0),
+            default=300.0,
+            show_default=True,
+            help="Seconds without a new event after which a pushed alert is resolved in Alertmanager.",
+        ),
     ]
     for opt in reversed(options):
         wrapper = opt(wrapper)

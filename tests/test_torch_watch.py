@@ -4,6 +4,7 @@ Every test trains a real small PyTorch model with the hook line, lets the
 collector compute rotations and step angles, and checks them against float64
 numpy computed from weights the test saves after every optimizer step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,12 +14,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from reference import angle, cosine_distance, rel_err
 from torch import nn
 
 import layrot
-from layrot.agent.query import QueryClient
+from layrot.client.query import QueryClient
 from layrot.server.app import Collector
-from reference import angle, cosine_distance, rel_err
 
 TOL = 1e-4
 
@@ -177,8 +178,9 @@ def test_collector_restart_mid_run_leaves_no_gap(tmp_path):
     torch.manual_seed(4)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    handle = layrot.watch(model, opt, run="restart", collector=f"127.0.0.1:{port}",
-                          reporter_options={"backoff_max": 0.5})
+    handle = layrot.watch(
+        model, opt, run="restart", collector=f"127.0.0.1:{port}", reporter_options={"backoff_max": 0.5}
+    )
     w0 = snapshot(model, [n for n, p in model.named_parameters() if p.ndim >= 2])
     saved = train(model, opt, handle, 20)
     assert handle.flush(10.0)
@@ -235,7 +237,7 @@ def test_grad_scaler_skipped_step_and_gradient_accumulation(collector):
     torch.manual_seed(6)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     handle = layrot.watch(model, opt, run="amp-accum", collector=collector.grpc_address)
     names = handle.layer_names
     w0 = snapshot(model, [n for n, p in model.named_parameters() if p.ndim >= 2])

@@ -4,6 +4,7 @@ References: mpmath at 60 digits (law of cosines / dot products are exact
 enough there), and the float64 formula 2*atan2(|u^ - v^|, |u^ + v^|) from
 the vectors themselves. Neither shares code with Kahan's triangle formula.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from layrot.server.rotation import TRIANGLE_RTOL, cosine_distance, rotation, step_angle, triangle_angle
+from layrot.core.rotation import TRIANGLE_RTOL, cosine_distance, rotation, step_angle, triangle_angle
 
 mpmath.mp.dps = 60
 
@@ -75,8 +76,14 @@ def test_triangle_angle_random_needles_vectorised() -> None:
     a = np.exp(rng.uniform(-5, 5, n))
     b = a * np.exp(rng.uniform(-1e-3, 1e-3, n))  # nearly equal sides
     theta = np.exp(rng.uniform(np.log(1e-10), np.log(3.0), n))
-    c = np.array([float(mpmath.sqrt(mpmath.mpf(x) ** 2 + mpmath.mpf(y) ** 2 - 2 * mpmath.mpf(x) * mpmath.mpf(y)
-                                    * mpmath.cos(t))) for x, y, t in zip(a, b, theta)])
+    c = np.array(
+        [
+            float(
+                mpmath.sqrt(mpmath.mpf(x) ** 2 + mpmath.mpf(y) ** 2 - 2 * mpmath.mpf(x) * mpmath.mpf(y) * mpmath.cos(t))
+            )
+            for x, y, t in zip(a, b, theta)
+        ]
+    )
     got = triangle_angle(a, b, c)  # one call for all
     want = np.array([float(mp_triangle_angle(x, y, z)) for x, y, z in zip(a, b, c)])
     assert got.shape == (n,)
@@ -107,8 +114,10 @@ def test_dot_product_formula_would_fail_where_we_succeed() -> None:
     u, v = rotated(rng, 1000, 1e-4, 1.0)  # cosine distance 5e-9
     u32, v32 = u.astype(np.float32), v.astype(np.float32)
     naive = 1.0 - float(u32 @ v32) / (float(np.linalg.norm(u32)) * float(np.linalg.norm(v32)))
-    n0, n1, d = (float(np.linalg.norm(x)) for x in (u32.astype(np.float64), v32.astype(np.float64),
-                                                     (u32.astype(np.float64) - v32.astype(np.float64))))
+    n0, n1, d = (
+        float(np.linalg.norm(x))
+        for x in (u32.astype(np.float64), v32.astype(np.float64), (u32.astype(np.float64) - v32.astype(np.float64)))
+    )
     exact = 2 * math.sin(1e-4 / 2) ** 2
     ours = float(rotation(n0, n1, d))
     assert abs(ours - exact) < 1e-3 * exact
@@ -135,16 +144,16 @@ def test_cosine_distance_values() -> None:
 def test_degenerate_and_non_finite_inputs() -> None:
     nan, inf = float("nan"), float("inf")
     cases = {
-        (0.0, 0.0, 0.0): 0.0,        # identical zero vectors
-        (2.0, 2.0, 0.0): 0.0,        # identical vectors
-        (0.0, 1.0, 1.0): nan,        # zero vector has no direction
+        (0.0, 0.0, 0.0): 0.0,  # identical zero vectors
+        (2.0, 2.0, 0.0): 0.0,  # identical vectors
+        (0.0, 1.0, 1.0): nan,  # zero vector has no direction
         (1.0, 0.0, 1.0): nan,
         (nan, 1.0, 1.0): nan,
         (1.0, inf, 1.0): nan,
         (1.0, 1.0, -inf): nan,
-        (-1.0, 1.0, 1.0): nan,       # negative length
-        (1.0, 1.0, 2.0): math.pi,    # opposite vectors
-        (1.0, 1.0, 3.0): nan,        # impossible triangle, far beyond rounding
+        (-1.0, 1.0, 1.0): nan,  # negative length
+        (1.0, 1.0, 2.0): math.pi,  # opposite vectors
+        (1.0, 1.0, 3.0): nan,  # impossible triangle, far beyond rounding
         (3.0, 1.0, 0.5): nan,
     }
     a, b, c = (np.array(x) for x in zip(*cases))
@@ -213,6 +222,6 @@ def test_property_scale_invariant(a: float, b: float, frac: float, j: int) -> No
     # Scaling by a power of two is exact in binary floating point, so the
     # angle must not move at all (no hidden absolute tolerances).
     c = abs(a - b) + frac * ((a + b) - abs(a - b))
-    k = 2.0 ** j
+    k = 2.0**j
     assume(c == 0.0 or min(c, c * k) > 1e-290)  # subnormal sides round when scaled
     assert float(triangle_angle(a * k, b * k, c * k)) == float(triangle_angle(a, b, c))

@@ -1,24 +1,38 @@
 """Pieces every ``layrot-agent`` command module shares: options, tables, JSON."""
+
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from layrot.agent.query import DEFAULT_COLLECTOR, QueryClient
+from layrot.client.query import DEFAULT_COLLECTOR, QueryClient
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def collector_options(fn: Callable) -> Callable:
     """--collector and --token, shared by every command that talks to a collector."""
-    fn = click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True,
-                      help="Bearer token of the collector (needed for write calls, e.g. control, when it runs with --token).")(fn)
-    fn = click.option("--collector", "collector", envvar="LAYROT_COLLECTOR", default=DEFAULT_COLLECTOR,
-                      show_default=True, show_envvar=True, metavar="ADDR",
-                      help="Collector gRPC address host:port.")(fn)
+    fn = click.option(
+        "--token",
+        envvar="LAYROT_TOKEN",
+        default=None,
+        show_envvar=True,
+        help="Bearer token of the collector (needed for write calls, e.g. control, when it runs with --token).",
+    )(fn)
+    fn = click.option(
+        "--collector",
+        "collector",
+        envvar="LAYROT_COLLECTOR",
+        default=DEFAULT_COLLECTOR,
+        show_default=True,
+        show_envvar=True,
+        metavar="ADDR",
+        help="Collector gRPC address host:port.",
+    )(fn)
     return fn
 
 
@@ -55,7 +69,9 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 

@@ -4,10 +4,12 @@ x: optimizer step, y: cosine distance between each layer's weights and their
 initialization, one line per layer coloured by depth (first layer dark,
 last layer bright), with a colour bar for the layer index.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,9 +17,15 @@ if TYPE_CHECKING:
     import matplotlib.figure
 
 
-def layer_rotation_figure(steps: Sequence[int] | np.ndarray, rotation: np.ndarray,
-                          layer_names: Sequence[str] | None = None, title: str = "", log_x: bool = False,
-                          cmap: str = "viridis", dpi: int = 120) -> "matplotlib.figure.Figure":
+def layer_rotation_figure(
+    steps: Sequence[int] | np.ndarray,
+    rotation: np.ndarray,
+    layer_names: Sequence[str] | None = None,
+    title: str = "",
+    log_x: bool = False,
+    cmap: str = "viridis",
+    dpi: int = 120,
+) -> matplotlib.figure.Figure:
     """Build the figure of ``rotation`` (steps x layers); the caller saves and closes it.
 
     A point at step 0 with rotation 0 (w(0) vs itself) is added on a linear
@@ -66,9 +74,16 @@ def layer_rotation_figure(steps: Sequence[int] | np.ndarray, rotation: np.ndarra
     return fig
 
 
-def plot_layer_rotation_curves(steps: Sequence[int] | np.ndarray, rotation: np.ndarray,
-                               layer_names: Sequence[str] | None, path: str | Path, title: str = "",
-                               log_x: bool = False, cmap: str = "viridis", dpi: int = 120) -> Path:
+def plot_layer_rotation_curves(
+    steps: Sequence[int] | np.ndarray,
+    rotation: np.ndarray,
+    layer_names: Sequence[str] | None,
+    path: str | Path,
+    title: str = "",
+    log_x: bool = False,
+    cmap: str = "viridis",
+    dpi: int = 120,
+) -> Path:
     """Write the layer rotation curves to ``path`` (format from the suffix: .png, .svg, .pdf)."""
     fig = layer_rotation_figure(steps, rotation, layer_names, title=title, log_x=log_x, cmap=cmap, dpi=dpi)
     path = Path(path)

@@ -6,6 +6,7 @@ control=True)`` with a ``layrot.Layca`` optimizer. The collector versions each
 command, delivers it on the job's session and keeps an audit trail; the job
 validates it, applies it at its next step boundary and acknowledges the version.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,23 @@ from typing import Any
 
 import click
 
-from layrot.agent.cli_common import (
-    CONTEXT_SETTINGS, client as _client, collector_options, echo_json as _echo_json, fmt as _fmt, table as _table,
+from layrot.cli.cli_common import (
+    CONTEXT_SETTINGS,
+    collector_options,
 )
-from layrot.agent.query import CollectorError, QueryClient
+from layrot.cli.cli_common import (
+    client as _client,
+)
+from layrot.cli.cli_common import (
+    echo_json as _echo_json,
+)
+from layrot.cli.cli_common import (
+    fmt as _fmt,
+)
+from layrot.cli.cli_common import (
+    table as _table,
+)
+from layrot.client.query import CollectorError, QueryClient
 
 __all__ = ["control_group"]
 
@@ -46,8 +60,7 @@ def _report_set(st: dict[str, Any], version: int, waited: bool, as_json: bool) -
     if as_json:
         _echo_json(st)
         return
-    what = next((a["what"] for a in reversed(st["audit"]) if a["event"] == "requested" and a["version"] == version),
-                "")
+    what = next((a["what"] for a in reversed(st["audit"]) if a["event"] == "requested" and a["version"] == version), "")
     click.echo(f"run {st['run']}: version {version} requested ({what})")
     if st["rejected_reason"] and st["requested_version"] == version:
         raise click.ClickException(f"the job rejected version {version}: {st['rejected_reason']}")
@@ -58,7 +71,9 @@ def _report_set(st: dict[str, Any], version: int, waited: bool, as_json: bool) -
         req = st.get("requested") or {}
         at = req.get("apply_at_step") if req.get("version") == version else 0
         when = f"every rank applies it at step {at}" if at else "the job applies it at its next optimizer step"
-        click.echo("not acknowledged yet: " + (when if sent else "no live session; the job gets it when it (re)connects"))
+        click.echo(
+            "not acknowledged yet: " + (when if sent else "no live session; the job gets it when it (re)connects")
+        )
 
 
 # ---------------------------------------------------------------- group
@@ -82,35 +97,90 @@ def control_group() -> None:
 # ---------------------------------------------------------------- set
 @control_group.command("set", context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
-@click.option("--alpha", type=float, default=0.0, show_default=True,
-              help="Eq. 1 profile in [-1, 1]: < 0 favours the first layers, > 0 the last, 0 uniform.")
-@click.option("--rho0", type=float, default=3.0 ** -3, show_default="3^-3",
-              help="Global rate rho(0) per step (the angle is arctan(rho)).")
-@click.option("--schedule", "kind", type=click.Choice(["constant", "step", "cosine"]), default=None,
-              help="rho(t): constant, step decays at --milestones, or cosine to --rho-min "
-                   "(default: step with --milestones, else constant).")
-@click.option("--milestones", default=None, metavar="LIST",
-              help="Step decay points: steps (>= 1) or fractions of --total-steps, e.g. 0.8,0.9,0.97.")
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Eq. 1 profile in [-1, 1]: < 0 favours the first layers, > 0 the last, 0 uniform.",
+)
+@click.option(
+    "--rho0",
+    type=float,
+    default=3.0**-3,
+    show_default="3^-3",
+    help="Global rate rho(0) per step (the angle is arctan(rho)).",
+)
+@click.option(
+    "--schedule",
+    "kind",
+    type=click.Choice(["constant", "step", "cosine"]),
+    default=None,
+    help="rho(t): constant, step decays at --milestones, or cosine to --rho-min "
+    "(default: step with --milestones, else constant).",
+)
+@click.option(
+    "--milestones",
+    default=None,
+    metavar="LIST",
+    help="Step decay points: steps (>= 1) or fractions of --total-steps, e.g. 0.8,0.9,0.97.",
+)
 @click.option("--factor", type=float, default=0.2, show_default=True, help="Decay factor at each milestone.")
-@click.option("--total-steps", type=click.IntRange(min=0), default=0,
-              help="Training length in optimizer steps (for fractional milestones and cosine).")
+@click.option(
+    "--total-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Training length in optimizer steps (for fractional milestones and cosine).",
+)
 @click.option("--rho-min", type=float, default=0.0, show_default=True, help="Floor of the cosine schedule.")
-@click.option("--multipliers", default=None, metavar="LIST",
-              help="Per-layer multipliers in forward order (one per layer).")
-@click.option("--layer", "layers", multiple=True, metavar="NAME=MULT",
-              help="Multiplier of one layer by name (repeatable), on top of --multipliers.")
-@click.option("--mode", type=click.Choice(["layca", "lars"]), default="layca", show_default=True,
-              help="Layca (Algorithm 1) or the LARS-like variant (Appendix A.4).")
-@click.option("--from-now", is_flag=True,
-              help="Start the schedule at the job's current step instead of step 1.")
+@click.option(
+    "--multipliers", default=None, metavar="LIST", help="Per-layer multipliers in forward order (one per layer)."
+)
+@click.option(
+    "--layer",
+    "layers",
+    multiple=True,
+    metavar="NAME=MULT",
+    help="Multiplier of one layer by name (repeatable), on top of --multipliers.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["layca", "lars"]),
+    default="layca",
+    show_default=True,
+    help="Layca (Algorithm 1) or the LARS-like variant (Appendix A.4).",
+)
+@click.option("--from-now", is_flag=True, help="Start the schedule at the job's current step instead of step 1.")
 @click.option("--reason", default="", help="Free text for the audit trail.")
-@click.option("--wait", "wait", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for the job's answer (0 = do not wait).")
+@click.option(
+    "--wait",
+    "wait",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the job's answer (0 = do not wait).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the control status as JSON.")
 @collector_options
-def set_cmd(run: str, alpha: float, rho0: float, kind: str | None, milestones: str | None, factor: float,
-            total_steps: int, rho_min: float, multipliers: str | None, layers: tuple[str, ...], mode: str,
-            from_now: bool, reason: str, wait: float, as_json: bool, collector: str, token: str | None) -> None:
+def set_cmd(
+    run: str,
+    alpha: float,
+    rho0: float,
+    kind: str | None,
+    milestones: str | None,
+    factor: float,
+    total_steps: int,
+    rho_min: float,
+    multipliers: str | None,
+    layers: tuple[str, ...],
+    mode: str,
+    from_now: bool,
+    reason: str,
+    wait: float,
+    as_json: bool,
+    collector: str,
+    token: str | None,
+) -> None:
     """Set a static rate profile for RUN: alpha profile x rho(t) x multipliers.
 
     The job validates the command (finite, rates <= its rho_max, known layer
@@ -129,8 +199,9 @@ def set_cmd(run: str, alpha: float, rho0: float, kind: str | None, milestones: s
     from layrot.controllers.profile import parse_floats, parse_layer_multipliers, profile_command, schedule_from_args
 
     try:
-        schedule = schedule_from_args(rho0, kind, parse_floats(milestones, "--milestones"), factor, total_steps,
-                                      rho_min)
+        schedule = schedule_from_args(
+            rho0, kind, parse_floats(milestones, "--milestones"), factor, total_steps, rho_min
+        )
         mults = parse_floats(multipliers, "--multipliers")
         by_name = parse_layer_multipliers(layers)
     except ValueError as exc:
@@ -140,8 +211,15 @@ def set_cmd(run: str, alpha: float, rho0: float, kind: str | None, milestones: s
             offset = 0
             if from_now:
                 offset = int(q.get_run(run)["step"])
-            cmd = profile_command(alpha=alpha, schedule=schedule, multipliers=mults, layer_multipliers=by_name,
-                                  mode=mode, reason=reason, step_offset=offset)
+            cmd = profile_command(
+                alpha=alpha,
+                schedule=schedule,
+                multipliers=mults,
+                layer_multipliers=by_name,
+                mode=mode,
+                reason=reason,
+                step_offset=offset,
+            )
             st = q.set_control(run, cmd)
             version = st["requested_version"]
             if wait > 0:
@@ -157,8 +235,14 @@ def set_cmd(run: str, alpha: float, rho0: float, kind: str | None, milestones: s
 @control_group.command("off", context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
 @click.option("--reason", default="", help="Free text for the audit trail.")
-@click.option("--wait", "wait", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for the job's answer (0 = do not wait).")
+@click.option(
+    "--wait",
+    "wait",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the job's answer (0 = do not wait).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the control status as JSON.")
 @collector_options
 def off_cmd(run: str, reason: str, wait: float, as_json: bool, collector: str, token: str | None) -> None:
@@ -184,8 +268,14 @@ def off_cmd(run: str, reason: str, wait: float, as_json: bool, collector: str, t
 # ---------------------------------------------------------------- status
 @control_group.command("status", context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
-@click.option("--audit", "audit_n", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Audit entries to print (newest last).")
+@click.option(
+    "--audit",
+    "audit_n",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Audit entries to print (newest last).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @collector_options
 def status_cmd(run: str, audit_n: int, as_json: bool, collector: str, token: str | None) -> None:
@@ -208,24 +298,34 @@ def status_cmd(run: str, audit_n: int, as_json: bool, collector: str, token: str
     if req is None:
         click.echo(f"run {run}: no control command (the job runs its own Layca settings)")
     else:
-        what = next((a["what"] for a in reversed(st["audit"])
-                     if a["event"] == "requested" and a["version"] == req["version"]), "")
+        what = next(
+            (a["what"] for a in reversed(st["audit"]) if a["event"] == "requested" and a["version"] == req["version"]),
+            "",
+        )
         at = f", from step {req['apply_at_step']} on every rank" if req.get("apply_at_step") else ""
-        click.echo(f"run {run}: requested version {req['version']} by {req['issued_by'] or '?'} "
-                   f"({req['controller'] or 'manual'}{at}): {what}")
+        click.echo(
+            f"run {run}: requested version {req['version']} by {req['issued_by'] or '?'} "
+            f"({req['controller'] or 'manual'}{at}): {what}"
+        )
         if req["reason"]:
             click.echo(f"  reason: {req['reason']}")
     applied = st["applied_version"]
-    click.echo(f"applied version {applied}" + (f" from step {st['applied_step']}" if applied else " (none)")
-               + ("" if req is None or applied == req["version"] else "  [requested version not applied]"))
+    click.echo(
+        f"applied version {applied}"
+        + (f" from step {st['applied_step']}" if applied else " (none)")
+        + ("" if req is None or applied == req["version"] else "  [requested version not applied]")
+    )
     if st["rejected_reason"]:
         click.echo(f"REJECTED by the job: {st['rejected_reason']}")
     ranks = st.get("ranks", [])
     if len(ranks) > 1 or any(r["late"] for r in ranks):
         for r in ranks:
             if r["applied_version"]:
-                when = (f"late at step {r['applied_step']} (wanted {r['wanted_step']})" if r["late"]
-                        else f"at step {r['applied_step']}")
+                when = (
+                    f"late at step {r['applied_step']} (wanted {r['wanted_step']})"
+                    if r["late"]
+                    else f"at step {r['applied_step']}"
+                )
                 line = f"version {r['applied_version']} applied {when}"
             else:
                 line = "no command applied"
@@ -240,10 +340,16 @@ def status_cmd(run: str, audit_n: int, as_json: bool, collector: str, token: str
         for i, name in enumerate(names):
             r = reqr[i] if i < len(reqr) else None
             a = appr[i] if i < len(appr) else None
-            rows.append([str(i), name, _fmt(r), _fmt(a),
-                         _fmt(math.degrees(math.atan(a)) if a is not None and math.isfinite(a) else None)])
-        click.echo(_table(["INDEX", "LAYER", "RHO REQUESTED", "RHO APPLIED", "ANGLE (DEG)"], rows,
-                          right={0, 2, 3, 4}))
+            rows.append(
+                [
+                    str(i),
+                    name,
+                    _fmt(r),
+                    _fmt(a),
+                    _fmt(math.degrees(math.atan(a)) if a is not None and math.isfinite(a) else None),
+                ]
+            )
+        click.echo(_table(["INDEX", "LAYER", "RHO REQUESTED", "RHO APPLIED", "ANGLE (DEG)"], rows, right={0, 2, 3, 4}))
     if audit_n and st["audit"]:
         click.echo("audit:")
         rows = []
@@ -251,8 +357,16 @@ def status_cmd(run: str, audit_n: int, as_json: bool, collector: str, token: str
             detail = a["what"] or a["reason"]
             if a["what"] and a["reason"]:
                 detail += f" ({a['reason']})"
-            rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["time"])), str(a["version"]),
-                         a["event"], str(a["step"]) if a["step"] else "-", a["who"], detail])
+            rows.append(
+                [
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["time"])),
+                    str(a["version"]),
+                    a["event"],
+                    str(a["step"]) if a["step"] else "-",
+                    a["who"],
+                    detail,
+                ]
+            )
         click.echo(_table(["TIME", "VERSION", "EVENT", "STEP", "WHO", "WHAT / REASON"], rows, right={1, 3}))
 
 
@@ -273,47 +387,111 @@ def _stop_on_signals() -> threading.Event:
 
 @control_group.command("auto", context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
-@click.option("--target", type=float, default=1.0, show_default=True,
-              help="Cosine distance to initialization every layer should reach by the end.")
-@click.option("--total-steps", type=click.IntRange(min=1), required=True,
-              help="Training length in optimizer steps; the loop stops there.")
-@click.option("--rho0", type=float, default=3.0 ** -3, show_default="3^-3", help="Global rate rho(0).")
+@click.option(
+    "--target",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Cosine distance to initialization every layer should reach by the end.",
+)
+@click.option(
+    "--total-steps",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Training length in optimizer steps; the loop stops there.",
+)
+@click.option("--rho0", type=float, default=3.0**-3, show_default="3^-3", help="Global rate rho(0).")
 @click.option("--alpha", type=float, default=0.0, show_default=True, help="Eq. 1 profile under the multipliers.")
-@click.option("--milestones", default="0.8,0.9,0.97", show_default=True, metavar="LIST",
-              help="Step decays of rho(t) (fractions of --total-steps); empty for constant.")
+@click.option(
+    "--milestones",
+    default="0.8,0.9,0.97",
+    show_default=True,
+    metavar="LIST",
+    help="Step decays of rho(t) (fractions of --total-steps); empty for constant.",
+)
 @click.option("--factor", type=float, default=0.2, show_default=True, help="Decay factor at each milestone.")
-@click.option("--reach", type=float, default=0.2, show_default=True,
-              help="Fraction of training by which the reference rotation reaches --target.")
-@click.option("--rho-max", type=float, default=0.4, show_default=True,
-              help="Largest per-step rate the controller asks for (at most the job's rho_max; much higher"
-                   " rates can wreck training).")
-@click.option("--min-mult", type=float, default=1.0, show_default=True,
-              help="Smallest multiplier: below 1, layers ahead of the reference are slowed below rho(t)"
-                   " (1 = never).")
-@click.option("--couple", type=float, default=0.4, show_default=True,
-              help="Neighbour coupling: each layer's log multiplier is at least this fraction of its forward"
-                   " neighbours' (a lagging layer only gets far from its initialization if the layers around it"
-                   " move too; 0 = off).")
-@click.option("--loss-guard", type=float, default=0.6, show_default=True,
-              help="Halve the multipliers' integral parts (at most once per 3 % of training) when the job's"
-                   " smoothed training loss climbs above this fraction of its initial loss (needs"
-                   " handle.observe_loss in the job; 0 = off).")
-@click.option("--loss-hold", type=float, default=0.4, show_default=True,
-              help="Stop raising multipliers while the smoothed loss is above this fraction of the initial"
-                   " loss (0 = off).")
-@click.option("--settle-tol", type=float, default=0.05, show_default=True,
-              help="From the first milestone on, stop pushing a layer within this fraction of --target (its"
-                   " boost decays; pushing it only jitters it around where it is); 0 = off.")
+@click.option(
+    "--reach",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Fraction of training by which the reference rotation reaches --target.",
+)
+@click.option(
+    "--rho-max",
+    type=float,
+    default=0.4,
+    show_default=True,
+    help="Largest per-step rate the controller asks for (at most the job's rho_max; much higher"
+    " rates can wreck training).",
+)
+@click.option(
+    "--min-mult",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Smallest multiplier: below 1, layers ahead of the reference are slowed below rho(t) (1 = never).",
+)
+@click.option(
+    "--couple",
+    type=float,
+    default=0.4,
+    show_default=True,
+    help="Neighbour coupling: each layer's log multiplier is at least this fraction of its forward"
+    " neighbours' (a lagging layer only gets far from its initialization if the layers around it"
+    " move too; 0 = off).",
+)
+@click.option(
+    "--loss-guard",
+    type=float,
+    default=0.6,
+    show_default=True,
+    help="Halve the multipliers' integral parts (at most once per 3 % of training) when the job's"
+    " smoothed training loss climbs above this fraction of its initial loss (needs"
+    " handle.observe_loss in the job; 0 = off).",
+)
+@click.option(
+    "--loss-hold",
+    type=float,
+    default=0.4,
+    show_default=True,
+    help="Stop raising multipliers while the smoothed loss is above this fraction of the initial loss (0 = off).",
+)
+@click.option(
+    "--settle-tol",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="From the first milestone on, stop pushing a layer within this fraction of --target (its"
+    " boost decays; pushing it only jitters it around where it is); 0 = off.",
+)
 @click.option("--interval", type=float, default=5.0, show_default=True, help="Seconds between updates.")
-@click.option("--wait", "wait", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for the run to appear.")
+@click.option(
+    "--wait", "wait", type=float, default=60.0, show_default=True, help="Seconds to wait for the run to appear."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @collector_options
-def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: float, milestones: str, factor: float,
-             reach: float, rho_max: float, min_mult: float, couple: float, loss_guard: float, loss_hold: float,
-             settle_tol: float, interval: float, wait: float,
-             as_json: bool,
-             collector: str, token: str | None) -> None:
+def auto_cmd(
+    run: str,
+    target: float,
+    total_steps: int,
+    rho0: float,
+    alpha: float,
+    milestones: str,
+    factor: float,
+    reach: float,
+    rho_max: float,
+    min_mult: float,
+    couple: float,
+    loss_guard: float,
+    loss_hold: float,
+    settle_tol: float,
+    interval: float,
+    wait: float,
+    as_json: bool,
+    collector: str,
+    token: str | None,
+) -> None:
     """Closed loop: steer per-layer multipliers so every layer of RUN reaches --target.
 
     Runs here, in this process: every --interval seconds it reads the layer
@@ -345,9 +523,23 @@ def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: floa
     echo = (lambda s: None) if as_json else click.echo
     try:
         with _client(collector, token) as q:
-            ctl = AutoController(q, run, total_steps, target=target, reach=reach, rho0=rho0, alpha=alpha,
-                                 milestones=ms, factor=factor, rho_max=rho_max, min_mult=min_mult,
-                                 couple=couple, loss_guard=loss_guard, loss_hold=loss_hold, settle_tol=settle_tol)
+            ctl = AutoController(
+                q,
+                run,
+                total_steps,
+                target=target,
+                reach=reach,
+                rho0=rho0,
+                alpha=alpha,
+                milestones=ms,
+                factor=factor,
+                rho_max=rho_max,
+                min_mult=min_mult,
+                couple=couple,
+                loss_guard=loss_guard,
+                loss_hold=loss_hold,
+                settle_tol=settle_tol,
+            )
             summary = ctl.run_loop(interval=interval, wait=wait, stop=stop, echo=echo)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -357,27 +549,50 @@ def auto_cmd(run: str, target: float, total_steps: int, rho0: float, alpha: floa
         _echo_json(summary)
     else:
         rot = ", ".join(_fmt(r, ".3f") for r in summary["rotation"])
-        click.echo(f"stopped: {summary['reason']}; {len(summary['versions'])} commands sent, "
-                   f"{summary['backoffs']} loss-guard back-offs, {summary['holds']} updates on hold;"
-                   f" rotations [{rot}]")
+        click.echo(
+            f"stopped: {summary['reason']}; {len(summary['versions'])} commands sent, "
+            f"{summary['backoffs']} loss-guard back-offs, {summary['holds']} updates on hold;"
+            f" rotations [{rot}]"
+        )
 
 
 @control_group.command("copy", context_settings=CONTEXT_SETTINGS)
 @click.option("--from", "source", required=True, metavar="RUN_A", help="Run whose recorded rates to replay.")
 @click.argument("run")
-@click.option("--window-steps", type=click.IntRange(min=1), default=None,
-              help="Steps per command (default: as many as fit in 4 MiB).")
-@click.option("--rho-max", type=float, default=1.0, show_default=True,
-              help="Clip recorded rates above this (the job refuses rates above its own rho_max).")
-@click.option("--interval", type=float, default=1.0, show_default=True,
-              help="Seconds between checks of the target's progress.")
-@click.option("--wait", "wait", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for the target run to appear.")
+@click.option(
+    "--window-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps per command (default: as many as fit in 4 MiB).",
+)
+@click.option(
+    "--rho-max",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Clip recorded rates above this (the job refuses rates above its own rho_max).",
+)
+@click.option(
+    "--interval", type=float, default=1.0, show_default=True, help="Seconds between checks of the target's progress."
+)
+@click.option(
+    "--wait", "wait", type=float, default=60.0, show_default=True, help="Seconds to wait for the target run to appear."
+)
 @click.option("--reason", default="", help="Free text for the audit trail.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @collector_options
-def copy_cmd(source: str, run: str, window_steps: int | None, rho_max: float, interval: float, wait: float,
-             reason: str, as_json: bool, collector: str, token: str | None) -> None:
+def copy_cmd(
+    source: str,
+    run: str,
+    window_steps: int | None,
+    rho_max: float,
+    interval: float,
+    wait: float,
+    reason: str,
+    as_json: bool,
+    collector: str,
+    token: str | None,
+) -> None:
     """AdaptCopy: replay RUN_A's measured per-layer, per-step rates in RUN.
 
     RUN_A is a monitored run (typically Adam or RMSprop); RUN runs Layca
@@ -396,8 +611,9 @@ def copy_cmd(source: str, run: str, window_steps: int | None, rho_max: float, in
     echo = (lambda s: None) if as_json else click.echo
     try:
         with _client(collector, token) as q:
-            summary = AdaptCopy(q, source, run, window_steps=window_steps, rho_max=rho_max,
-                                reason=reason).run(interval=interval, wait=wait, stop=stop, echo=echo)
+            summary = AdaptCopy(q, source, run, window_steps=window_steps, rho_max=rho_max, reason=reason).run(
+                interval=interval, wait=wait, stop=stop, echo=echo
+            )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     except CollectorError as exc:
@@ -405,5 +621,7 @@ def copy_cmd(source: str, run: str, window_steps: int | None, rho_max: float, in
     if as_json:
         _echo_json(summary)
     else:
-        click.echo(f"{'done' if summary['complete'] else 'stopped'}: {len(summary['versions'])} commands, "
-                   f"{summary['steps']} steps replayed in windows of {summary['window_steps']}")
+        click.echo(
+            f"{'done' if summary['complete'] else 'stopped'}: {len(summary['versions'])} commands, "
+            f"{summary['steps']} steps replayed in windows of {summary['window_steps']}"
+        )

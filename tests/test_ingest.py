@@ -5,6 +5,7 @@ Hello/StepBatch messages from real float64 weight vectors (see
 ``SimJob`` in conftest); the truth is computed from the vectors, not with
 the collector's formulas.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,12 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from metrics_text import scrape
 
-from layrot.agent.query import CollectorError, QueryClient
+from layrot.client.query import CollectorError, QueryClient
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import pack
-from metrics_text import scrape
 
 
 def value(samples: dict, name: str, **labels) -> float | None:
@@ -43,8 +44,12 @@ def open_job(ingest, collector, job, token=None):
 def rows_in_db(db_path: str, run: str) -> list[int]:
     conn = sqlite3.connect(db_path)
     try:
-        return [r[0] for r in conn.execute(
-            "SELECT step FROM steps JOIN runs ON runs.id = steps.run_id WHERE runs.run = ? ORDER BY step", (run,))]
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT step FROM steps JOIN runs ON runs.id = steps.run_id WHERE runs.run = ? ORDER BY step", (run,)
+            )
+        ]
     finally:
         conn.close()
 
@@ -106,8 +111,9 @@ def test_radial_dots_keep_float32_measurements_accurate(collector, ingest, sim_j
     assert err_norms > 1e-5  # the triangle from float32 norms alone cannot do this
     np.testing.assert_allclose(h_dots.rotation, with_dots.truth_array("rotation"), rtol=1e-4)
     conn = sqlite3.connect(collector.db_path)
-    stored = conn.execute("SELECT dot0, dotstep FROM steps JOIN runs ON runs.id = run_id WHERE run = 'dots'"
-                          " ORDER BY step").fetchall()
+    stored = conn.execute(
+        "SELECT dot0, dotstep FROM steps JOIN runs ON runs.id = run_id WHERE run = 'dots' ORDER BY step"
+    ).fetchall()
     conn.close()
     assert len(stored) == 3 and all(a is not None and b is not None for a, b in stored)
 
@@ -134,7 +140,8 @@ def test_nan_and_inf_are_stored_and_counted(collector, ingest, sim_job):
     m = scrape(collector)
     assert value(m, "layrot_run_nonfinite_samples_total", run="diverged") == 2
     assert value(m, "layrot_layer_rotation", run="diverged", layer=job.names[0]) == pytest.approx(
-        job.truth[2]["rotation"][0], rel=1e-9)
+        job.truth[2]["rotation"][0], rel=1e-9
+    )
     assert math.isnan(value(m, "layrot_layer_rotation", run="diverged", layer=job.names[1]))
 
 
@@ -349,7 +356,7 @@ def test_bad_batches_are_rejected_acked_and_session_survives(collector, ingest, 
     job = sim_job(run="badbatch", layer_sizes=(4, 5, 6))
     s = open_job(ingest, collector, job)
     cases = _bad_batches(job)
-    for seq, (name, b) in enumerate(cases.items(), start=1):
+    for seq, (_name, b) in enumerate(cases.items(), start=1):
         b.seq = seq
         s.send(b)
     n = len(cases)
@@ -375,8 +382,18 @@ def test_oversized_message_is_refused_and_collector_survives(collector, ingest, 
     s = open_job(ingest, collector, job)
     S = 500_000  # 1 layer: ~43 B per step -> ~21 MB > 16 MiB
     ones = np.ones((S, 1))
-    s.send(pb.StepBatch(seq=1, steps=range(1, S + 1), times=[1.0] * S, num_layers=1, norm=pack(ones),
-                        dist0=pack(ones), dstep=pack(ones), norm_prev=pack(ones)))
+    s.send(
+        pb.StepBatch(
+            seq=1,
+            steps=range(1, S + 1),
+            times=[1.0] * S,
+            num_layers=1,
+            norm=pack(ones),
+            dist0=pack(ones),
+            dstep=pack(ones),
+            norm_prev=pack(ones),
+        )
+    )
     assert s.wait_end(10)
     assert s.status is not None and s.status.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     time.sleep(0.1)
@@ -409,7 +426,8 @@ def test_control_ack_is_recorded(collector, ingest, sim_job):
     assert list(rs.control_acks)[-1]["reason"] == "not a Layca optimizer"
     conn = sqlite3.connect(collector.db_path)
     assert conn.execute("SELECT version, applied, reason, step FROM control_acks").fetchall() == [
-        (3, 0, "not a Layca optimizer", 10)]
+        (3, 0, "not a Layca optimizer", 10)
+    ]
     conn.close()
     # hook point for the control plane: live sessions of the run
     assert len(rs.sessions) == 1 and next(iter(rs.sessions)).rank == 0
@@ -457,8 +475,11 @@ def test_metrics_names_labels_values(collector, ingest, sim_job):
     m = scrape(collector)
     L = len(job.layer_sizes)
     truth = job.truth[4]
-    for name, key in (("layrot_layer_rotation", "rotation"), ("layrot_layer_step_angle_radians", "step_angle"),
-                      ("layrot_layer_weight_norm", "weight_norm")):
+    for name, key in (
+        ("layrot_layer_rotation", "rotation"),
+        ("layrot_layer_step_angle_radians", "step_angle"),
+        ("layrot_layer_weight_norm", "weight_norm"),
+    ):
         samples = [x for x in m[name] if x[0]["run"] == "metrics"]
         assert len(samples) == L
         for labels, v in samples:

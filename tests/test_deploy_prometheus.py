@@ -7,8 +7,9 @@ a remote rate command, an abrupt single-step rotation (a layer's weights are
 replaced), a rejected message, and the Debian ``prometheus`` binary scraping the
 collector every second. Only Grafana itself is absent (it cannot run here); the
 dashboards' queries are sent to Prometheus exactly as Grafana would send them,
-template variables filled in by ``layrot.agent.grafana.panel_exprs``.
+template variables filled in by ``layrot.cli.grafana.panel_exprs``.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,22 +19,22 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from test_deploy import DASHBOARDS, promql_query, start_prometheus
 from torch import nn
 
 import layrot
-from layrot.agent.grafana import interpolate, panel_exprs
-from layrot.agent.query import QueryClient
+from layrot.cli.grafana import interpolate, panel_exprs
+from layrot.client.query import QueryClient
 from layrot.controllers.profile import profile_command
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.app import Collector
-from test_deploy import DASHBOARDS, promql_query, start_prometheus
 
 RUN = "e2e-run"
 
 
 def train(model, opt, handle, steps, x, y, replace_at=None):
-    for i in range(steps):
+    for _i in range(steps):
         if replace_at is not None and handle.step + 1 == replace_at:
             with torch.no_grad():  # an abrupt rotation: tens of degrees in one step
                 model[2].weight.copy_(torch.randn_like(model[2].weight) * model[2].weight.std())
@@ -79,8 +80,12 @@ def test_every_dashboard_panel_returns_data(tmp_path):
         # Let Prometheus take enough scrapes for rate()/increase() windows, job still connected.
         time.sleep(8)
 
-        variables = {"run": RUN, "layer": layers, "job": ["layrot"],
-                     "instance": [f"127.0.0.1:{collector.metrics_port}"]}
+        variables = {
+            "run": RUN,
+            "layer": layers,
+            "job": ["layrot"],
+            "instance": [f"127.0.0.1:{collector.metrics_port}"],
+        }
         empty, checked = [], 0
         for path in sorted(Path(DASHBOARDS).glob("*.json")):
             dashboard = json.loads(path.read_text())
@@ -92,7 +97,7 @@ def test_every_dashboard_panel_returns_data(tmp_path):
                     empty.append(f"{path.name}: {expr}")
             for v in dashboard["templating"]["list"]:
                 if v["type"] == "query" and v["query"]["query"].startswith("label_values("):
-                    selector = interpolate(v["query"]["query"][len("label_values("):].rsplit(",", 1)[0], variables)
+                    selector = interpolate(v["query"]["query"][len("label_values(") :].rsplit(",", 1)[0], variables)
                     status, body = promql_query(prom, selector)
                     assert body["data"]["result"], f"{path.name}: variable {v['name']} has no values"
         handle.close()

@@ -5,6 +5,7 @@ ports, trains a small CNN with BatchNorm on scikit-learn's bundled 8x8 digits
 with the one hook line, then prints a per-layer summary, the path of the layer
 rotation curves PNG and the /metrics URL.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-log = logging.getLogger("layrot.demo")
+log = logging.getLogger("layrot.cli.demo")
 
 
 def _digits() -> tuple[Any, Any, Any, Any]:
@@ -35,21 +36,33 @@ def _model() -> Any:
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
-def run_demo(steps: int = 300, every: int = 1, out: str | None = None, serve: bool = False,
-             lr: float = 0.1, batch_size: int = 64) -> dict[str, Any]:
+def run_demo(
+    steps: int = 300, every: int = 1, out: str | None = None, serve: bool = False, lr: float = 0.1, batch_size: int = 64
+) -> dict[str, Any]:
     """Run the demo; returns what it printed as a dict (paths, accuracy, per-layer rows)."""
     import torch
 
     import layrot
-    from layrot.agent.curves import plot_layer_rotation_curves
-    from layrot.agent.query import QueryClient
+    from layrot.cli.curves import plot_layer_rotation_curves
+    from layrot.client.query import QueryClient
     from layrot.server.app import Collector
 
     out_dir = Path(out or "layrot-demo").resolve()
@@ -61,15 +74,21 @@ def run_demo(steps: int = 300, every: int = 1, out: str | None = None, serve: bo
     run = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
 
     collector = Collector(grpc_port=0, metrics_port=0, db_path=out_dir / "layrot-demo.db").start()
-    click.echo(f"collector: grpc {collector.grpc_address}, metrics {collector.metrics_url}, "
-               f"history {out_dir / 'layrot-demo.db'}")
+    click.echo(
+        f"collector: grpc {collector.grpc_address}, metrics {collector.metrics_url}, "
+        f"history {out_dir / 'layrot-demo.db'}"
+    )
     try:
         handle = layrot.watch(model, opt, run=run, every=every, collector=collector.grpc_address)
         g = torch.Generator().manual_seed(1)
         losses: list[float] = []
         t0 = time.perf_counter()
-        with click.progressbar(length=steps, label="training", show_pos=True,
-                               item_show_func=lambda _: f"loss {losses[-1]:.3f}" if losses else "") as bar:
+        with click.progressbar(
+            length=steps,
+            label="training",
+            show_pos=True,
+            item_show_func=lambda _: f"loss {losses[-1]:.3f}" if losses else "",
+        ) as bar:
             for step in range(steps):
                 idx = torch.randint(0, len(ytr), (batch_size,), generator=g)
                 opt.zero_grad(set_to_none=True)
@@ -92,25 +111,39 @@ def run_demo(steps: int = 300, every: int = 1, out: str | None = None, serve: bo
         hist = client.history(run)
         client.close()
         png = out_dir / f"{run}-curves.png"
-        plot_layer_rotation_curves(hist.steps, hist.rotation, hist.layer_names, png,
-                                   title=f"Layer rotation curves: {run} (SGD, digits)")
+        plot_layer_rotation_curves(
+            hist.steps, hist.rotation, hist.layer_names, png, title=f"Layer rotation curves: {run} (SGD, digits)"
+        )
 
-        click.echo(f"\ntrained {handle.step} steps in {train_s:.1f}s; test accuracy {acc:.3f}; "
-                   f"{handle.stats.acked_steps} reported steps stored, {handle.stats.dropped} dropped\n")
+        click.echo(
+            f"\ntrained {handle.step} steps in {train_s:.1f}s; test accuracy {acc:.3f}; "
+            f"{handle.stats.acked_steps} reported steps stored, {handle.stats.dropped} dropped\n"
+        )
         header = f"{'idx':>3}  {'layer':<12} {'shape':<16} {'rotation':>9} {'step angle':>12} {'|w|':>8}"
         click.echo(header)
         click.echo("-" * len(header))
         for lay in detail["layers"]:
             shape = "x".join(str(s) for s in lay["shape"])
-            click.echo(f"{lay['index']:>3}  {lay['name']:<12} {shape:<16} {lay['rotation']:9.4f} "
-                       f"{np.degrees(lay['step_angle']):10.4f}deg {lay['weight_norm']:8.3f}")
+            click.echo(
+                f"{lay['index']:>3}  {lay['name']:<12} {shape:<16} {lay['rotation']:9.4f} "
+                f"{np.degrees(lay['step_angle']):10.4f}deg {lay['weight_norm']:8.3f}"
+            )
         click.echo(f"\nlayer rotation curves: {png}")
         click.echo(f"metrics:               {collector.metrics_url}")
         if not serve:
-            click.echo("(the embedded collector stops now; rerun with --serve to keep /metrics and the "
-                       "query API up, e.g. for `layrot-agent show RUN --collector ADDR`)")
-        result = {"run": run, "png": str(png), "metrics_url": collector.metrics_url, "accuracy": acc,
-                  "layers": detail["layers"], "steps": handle.step, "train_seconds": train_s}
+            click.echo(
+                "(the embedded collector stops now; rerun with --serve to keep /metrics and the "
+                "query API up, e.g. for `layrot-agent show RUN --collector ADDR`)"
+            )
+        result = {
+            "run": run,
+            "png": str(png),
+            "metrics_url": collector.metrics_url,
+            "accuracy": acc,
+            "layers": detail["layers"],
+            "steps": handle.step,
+            "train_seconds": train_s,
+        }
         if serve:
             click.echo("\ncollector keeps serving; Ctrl-C to stop")
             try:

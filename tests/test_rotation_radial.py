@@ -1,11 +1,13 @@
 """radial_angle: the collector's well-conditioned angle from ||w_ref||, ||d||, d.w_ref."""
+
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
-
-from layrot.server.rotation import radial_angle, triangle_angle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import angle, rel_err
+
+from layrot.core.rotation import radial_angle, triangle_angle
 
 
 def pair(rng: np.random.Generator, n: int, step: float, radial: float) -> tuple[np.ndarray, np.ndarray]:

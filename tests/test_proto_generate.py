@@ -1,4 +1,5 @@
 """The committed generated gRPC code matches a fresh generation from layrot.proto."""
+
 from __future__ import annotations
 
 import shutil
@@ -27,6 +28,7 @@ def test_stale_check_detects_an_edit(tmp_path, monkeypatch):
 
 def test_wire_unpack_rejects_wrong_length():
     import numpy as np
+
     from layrot.proto.wire import pack, unpack
 
     a = np.arange(6, dtype=float).reshape(2, 3)

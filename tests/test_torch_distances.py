@@ -4,6 +4,7 @@ The fused C kernel, the ATen blocked pass and the foreach pass must all give
 ||w - w0||^2, (w - w0).w0, ||w - w_prev||^2 and (w - w_prev).w for each layer,
 and leave w_prev = w when asked to refresh it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -101,7 +102,6 @@ def test_channels_last_layers_take_the_fused_path():
 
 def test_wire_rows_recover_norms_exactly():
     ws, w0, prev = make_layers(torch.float64)
-    rows = wire_rows(LayerDistances(ws, w0, prev).measure(False).numpy(),
-                     np.array([float(a.norm()) for a in w0]))
+    rows = wire_rows(LayerDistances(ws, w0, prev).measure(False).numpy(), np.array([float(a.norm()) for a in w0]))
     np.testing.assert_allclose(rows[0], [float(w.norm()) for w in ws], rtol=1e-12)
     np.testing.assert_allclose(rows[3], [float(b.norm()) for b in prev], rtol=1e-12)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import click
 
-logger = logging.getLogger("layrot.agent.grafana")
+logger = logging.getLogger("layrot.cli.grafana")
 
 DEFAULT_FOLDER = "layrot"
 PUSH_MESSAGE = "layrot-agent grafana push"
@@ -48,8 +49,10 @@ class GrafanaPushError(Exception):
 
 
 def default_dashboards_dir() -> Path:
-    """deploy/grafana/dashboards of the layrot source tree this module belongs to."""
-    return Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dashboards"
+    """The dashboards shipped with layrot (``deploy/grafana/dashboards``, package data of ``layrot.deploy``)."""
+    from importlib.resources import files
+
+    return Path(str(files("layrot.deploy") / "grafana" / "dashboards"))
 
 
 def load_dashboards(dashboards_dir: str | Path | None = None) -> list[tuple[Path, dict]]:
@@ -117,8 +120,13 @@ def _connect(url: str, token: str | None, verify: bool, timeout: float):
     else:
         auth = None
     return GrafanaApi(
-        auth=auth, host=parsed.hostname, port=port, protocol=parsed.scheme,
-        url_path_prefix=prefix, verify=verify, timeout=timeout,
+        auth=auth,
+        host=parsed.hostname,
+        port=port,
+        protocol=parsed.scheme,
+        url_path_prefix=prefix,
+        verify=verify,
+        timeout=timeout,
     )
 
 
@@ -234,8 +242,17 @@ def push_dashboards(
             resp = api.dashboard.update_dashboard(payload)
         except GrafanaClientError as exc:
             if exc.status_code == 412 and not overwrite:
-                done.append({"kind": "dashboard", "action": "skipped", "uid": model["uid"],
-                             "title": model["title"], "version": None, "url": None, "file": str(path)})
+                done.append(
+                    {
+                        "kind": "dashboard",
+                        "action": "skipped",
+                        "uid": model["uid"],
+                        "title": model["title"],
+                        "version": None,
+                        "url": None,
+                        "file": str(path),
+                    }
+                )
                 continue
             raise _describe(exc, url, what) from None
         except Exception as exc:
@@ -244,15 +261,17 @@ def push_dashboards(
             raise GrafanaPushError(f"Grafana at {url} did not confirm {what}: {resp!r}")
         version = resp.get("version")
         rel = resp.get("url") or f"/d/{model['uid']}"
-        done.append({
-            "kind": "dashboard",
-            "action": "created" if version == 1 else "updated",
-            "uid": resp.get("uid", model["uid"]),
-            "title": model["title"],
-            "version": version,
-            "url": base + rel if rel.startswith("/") else rel,
-            "file": str(path),
-        })
+        done.append(
+            {
+                "kind": "dashboard",
+                "action": "created" if version == 1 else "updated",
+                "uid": resp.get("uid", model["uid"]),
+                "title": model["title"],
+                "version": version,
+                "url": base + rel if rel.startswith("/") else rel,
+                "file": str(path),
+            }
+        )
         logger.info("saved Grafana dashboard %s (version %s)", model["uid"], version)
     return done
 
@@ -326,22 +345,45 @@ def grafana_group() -> None:
 
 
 @grafana_group.command("push")
-@click.option("--url", envvar="LAYROT_GRAFANA_URL", required=True, show_envvar=True,
-              help="Grafana base URL, e.g. http://localhost:3000")
-@click.option("--token", envvar="LAYROT_GRAFANA_TOKEN", default=None, show_envvar=True,
-              help="Service account token (Editor role). Omit to use user:password in the URL.")
+@click.option(
+    "--url",
+    envvar="LAYROT_GRAFANA_URL",
+    required=True,
+    show_envvar=True,
+    help="Grafana base URL, e.g. http://localhost:3000",
+)
+@click.option(
+    "--token",
+    envvar="LAYROT_GRAFANA_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="Service account token (Editor role). Omit to use user:password in the URL.",
+)
 @click.option("--folder", default=DEFAULT_FOLDER, show_default=True, help="Folder to put the dashboards in.")
-@click.option("--dir", "dashboards_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of dashboard JSON files [default: the layrot dashboards].")
+@click.option(
+    "--dir",
+    "dashboards_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of dashboard JSON files [default: the layrot dashboards].",
+)
 @click.option("--no-overwrite", is_flag=True, help="Leave dashboards that already exist untouched.")
 @click.option("--insecure", is_flag=True, help="Do not verify the server's TLS certificate.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-def push_command(url: str, token: str | None, folder: str, dashboards_dir: Path | None,
-                 no_overwrite: bool, insecure: bool, as_json: bool) -> None:
+def push_command(
+    url: str,
+    token: str | None,
+    folder: str,
+    dashboards_dir: Path | None,
+    no_overwrite: bool,
+    insecure: bool,
+    as_json: bool,
+) -> None:
     """Create or update the layrot dashboards in Grafana (idempotent)."""
     try:
-        done = push_dashboards(url, token, folder=folder, dashboards_dir=dashboards_dir,
-                               overwrite=not no_overwrite, verify=not insecure)
+        done = push_dashboards(
+            url, token, folder=folder, dashboards_dir=dashboards_dir, overwrite=not no_overwrite, verify=not insecure
+        )
     except GrafanaPushError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

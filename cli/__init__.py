@@ -1,0 +1,1 @@
+"""layrot.cli: the ``layrot-agent`` command line (operators), on top of client and controllers."""

@@ -1,0 +1,1 @@
+"""layrot.core: the pure domain (numpy only): rotation math, Layca rate rules, the layer rule."""

@@ -1,0 +1,1 @@
+"""layrot.deploy: deployment files (dashboards, rules, manifests) shipped as package data."""
