@@ -33,7 +33,7 @@ from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import pack
 
-log = logging.getLogger("layrot.agent.reporter")
+log = logging.getLogger(__name__)
 
 DEFAULT_COLLECTOR = "localhost:50051"
 _STOP = object()

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-log = logging.getLogger("layrot.cli.demo")
+log = logging.getLogger(__name__)
 
 
 def _digits() -> tuple[Any, Any, Any, Any]:

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import click
 
-logger = logging.getLogger("layrot.cli.grafana")
+logger = logging.getLogger(__name__)
 
 DEFAULT_FOLDER = "layrot"
 PUSH_MESSAGE = "layrot-agent grafana push"

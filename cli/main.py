@@ -46,7 +46,7 @@ from layrot.cli.control_cli import control_group
 from layrot.cli.grafana import grafana_group
 from layrot.client.query import CollectorError, History
 
-log = logging.getLogger("layrot.cli.main")
+log = logging.getLogger(__name__)
 
 EXPORT_FIELDS = ("run", "step", "layer", "layer_index", "rotation", "step_angle", "weight_norm", "rho")
 

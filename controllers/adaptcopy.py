@@ -30,7 +30,7 @@ from layrot.controllers.profile import issuer
 from layrot.controllers.runs import wait_for_run
 from layrot.proto import layrot_pb2 as pb
 
-log = logging.getLogger("layrot.controllers.adaptcopy")
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_WINDOW_BYTES", "CopyPlan", "recorded_rates", "AdaptCopy"]
 

@@ -91,7 +91,7 @@ from layrot.controllers.runs import wait_for_run
 from layrot.core.rates import RhoSchedule, alpha_profile
 from layrot.proto import layrot_pb2 as pb
 
-log = logging.getLogger("layrot.controllers.auto")
+log = logging.getLogger(__name__)
 
 __all__ = ["AutoPolicy", "AutoController"]
 

@@ -28,7 +28,7 @@ import keras
 from layrot.agent.reporter import ReporterStats
 from layrot.hooks.tf_watch import LayerSelector, TFWatchHandle
 
-log = logging.getLogger("layrot.hooks.keras")
+log = logging.getLogger(__name__)
 
 
 class RotationCallback(keras.callbacks.Callback):

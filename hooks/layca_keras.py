@@ -61,7 +61,7 @@ from layrot.proto.commands import resolve_commands, split_due
 
 __all__ = ["Layca", "CommandListener"]
 
-logger = logging.getLogger("layrot.hooks.layca_keras")
+logger = logging.getLogger(__name__)
 
 #: ``listener(version, applied, reason, step)``; ``step`` is the first step the command governs.
 CommandListener = Callable[[int, bool, str, int], None]

@@ -37,7 +37,7 @@ from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
 from layrot.hooks.watch_base import WatchBase
 
-log = logging.getLogger("layrot.hooks.tf")
+log = logging.getLogger(__name__)
 
 
 def _owner_types(target: Any) -> dict[int, str]:

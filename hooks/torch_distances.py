@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-log = logging.getLogger("layrot.hooks.torch_distances")
+log = logging.getLogger(__name__)
 
 BLOCK = 1 << 19  # elements per block: 2 MiB of float32; w, w(0), w(t-1) blocks stay in cache
 

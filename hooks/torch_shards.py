@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger("layrot.hooks.torch_shards")
+log = logging.getLogger(__name__)
 
 
 def _dtensor_type() -> type | None:

@@ -29,7 +29,7 @@ from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candi
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
 from layrot.hooks.watch_base import WatchBase
 
-log = logging.getLogger("layrot.hooks.torch")
+log = logging.getLogger(__name__)
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -40,7 +40,7 @@ from typing import Any
 
 from layrot.proto import layrot_pb2 as pb
 
-log = logging.getLogger("layrot.server.alertmanager")
+log = logging.getLogger(__name__)
 
 SOURCE = "layrot-collector"
 # Alert names as in deploy/prometheus/rules/layrot.rules.yml, so pushed alerts

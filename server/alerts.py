@@ -92,7 +92,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from layrot.proto import layrot_pb2 as pb
 
-log = logging.getLogger("layrot.server.alerts")
+log = logging.getLogger(__name__)
 
 NAN = float("nan")
 

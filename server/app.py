@@ -30,7 +30,7 @@ from layrot.server.query import QueryServicer
 from layrot.server.state import CollectorState
 from layrot.server.store import Store
 
-log = logging.getLogger("layrot.server.app")
+log = logging.getLogger(__name__)
 
 # Largest message the collector accepts (16 MiB): a StepBatch of S steps x L
 # layers is ~32*S*L bytes, so this allows e.g. 500 steps x 1000 layers.

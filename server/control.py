@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # imported for type hints only: state.py imports this module
     from layrot.server.state import CollectorState, LiveSession, RunState
     from layrot.server.store import Store
 
-log = logging.getLogger("layrot.server.control")
+log = logging.getLogger(__name__)
 
 # Audit entries kept in memory per run (all of them are in the store).
 AUDIT_KEEP = 1000

@@ -32,7 +32,7 @@ from layrot.server import control
 from layrot.server.state import ACK, END, CollectorState, LiveSession, Snapshot
 from layrot.server.store import LayerRecord, RunRecord, Store, insert_run_sql
 
-log = logging.getLogger("layrot.server.ingest")
+log = logging.getLogger(__name__)
 
 MAX_RUN_NAME = 200
 # When the writer thread falls this far behind, stop reading from the

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from layrot.server.state import CollectorState
 from layrot.server.store import Store
 
-log = logging.getLogger("layrot.server.metrics")
+log = logging.getLogger(__name__)
 
 LAYER_LABELS = ["run", "layer", "index"]
 

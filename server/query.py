@@ -21,7 +21,7 @@ from layrot.server.ingest import check_token
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store import Store
 
-log = logging.getLogger("layrot.server.query")
+log = logging.getLogger(__name__)
 
 # Steps per HistoryChunk: 2000 steps x 100 layers x 4 arrays x 8 B = 6.4 MB,
 # well under the default 16 MiB message limit for models up to ~250 layers.

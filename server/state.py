@@ -20,7 +20,7 @@ import numpy as np
 from layrot.server.control import RunControl
 from layrot.server.store import LayerRecord, RunRecord
 
-log = logging.getLogger("layrot.server.state")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

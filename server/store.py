@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("layrot.server.store")
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
