@@ -210,7 +210,7 @@ class AdaptCopy:
         detail = wait_for_run(self.client, self.target, wait, stop)
         plan = self.load([lay["name"] for lay in detail["layers"]])
         echo(
-            f"AdaptCopy {self.source} -> {self.target}: {plan.num_steps} steps x {len(self.order)} layers, "
+            f"AdaptCopy {self.source} -> {self.target}: {plan.num_steps} steps x {len(detail['layers'])} layers, "
             f"window {self.window_steps} steps; clipped {plan.clipped} values to rho_max {self.rho_max:g}, "
             f"filled {plan.filled} unreported steps"
         )

@@ -82,6 +82,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -332,7 +333,7 @@ class AutoController:
         self.rho_max = float(rho_max)
         if rho0 <= 0 or rho0 > rho_max:
             raise ValueError(f"rho0 must be in (0, rho_max={rho_max:g}], got {rho0:g}")
-        self.policy_args = dict(
+        self.policy_args: dict[str, Any] = dict(
             total_steps=self.total_steps,
             target=target,
             reach=reach,

@@ -43,7 +43,7 @@ def select_layers(
             pattern = re.compile(layers) if isinstance(layers, str) else layers
             keep = lambda n, t: bool(pattern.search(n))  # noqa: E731
         else:
-            keep = layers  # type: ignore[assignment]
+            keep = layers
         chosen = [(n, t) for n, t in named if ndim(t) >= 2 and keep(n, t)]
         if not chosen:
             raise ValueError(

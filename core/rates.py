@@ -162,7 +162,7 @@ class RhoSchedule:
         if self.kind == "constant":
             return self.rho0
         if self.kind == "step":
-            k = sum(1 for m in self._milestone_steps if step > m)  # type: ignore[attr-defined]
+            k = len([m for m in self.milestone_steps if step > m])
             return self.rho0 * self.factor**k
         p = min((step - 1) / self.total_steps, 1.0)
         return self.rho_min + (self.rho0 - self.rho_min) * 0.5 * (1.0 + math.cos(math.pi * p))

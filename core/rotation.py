@@ -46,6 +46,10 @@ __all__ = [
 TRIANGLE_RTOL = 1e-3
 
 
+def _f64(x: ArrayLike) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
 def triangle_angle(a: ArrayLike, b: ArrayLike, c: ArrayLike) -> np.ndarray:
     """Angle (radians, in [0, pi]) opposite side ``c`` of the triangle with sides ``a, b, c``.
 
@@ -69,9 +73,10 @@ def triangle_angle(a: ArrayLike, b: ArrayLike, c: ArrayLike) -> np.ndarray:
       (rounding in the measured norms) -> clamped: 0 when ``c`` is too short,
       pi when it is too long. Larger violations -> NaN.
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    c = np.asarray(c, dtype=np.float64)
+    return _triangle(_f64(a), _f64(b), _f64(c))
+
+
+def _triangle(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         hi = np.maximum(a, b)  # NaN-propagating
         lo = np.minimum(a, b)
