@@ -43,28 +43,24 @@ import base64
 import json
 import logging
 import math
+import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from layrot.agent.commands import notify_listeners
-from layrot.core.layer_rule import select_layers
+from layrot.agent.commands import CommandInbox, CommandListener, RateCommand
+from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule
 from layrot.hooks.layca_rule_view import RuleView
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
-from layrot.proto import layrot_pb2
-from layrot.proto.commands import resolve_commands, split_due
 
 __all__ = ["Layca", "CommandListener"]
 
 logger = logging.getLogger(__name__)
-
-#: ``listener(version, applied, reason, step)``; ``step`` is the first step the command governs.
-CommandListener = Callable[[int, bool, str, int], None]
 
 _STATE_FORMAT = 1
 _KINDS = {"constant": 0.0, "step": 1.0, "cosine": 2.0}
@@ -163,9 +159,7 @@ _HOST_ATTRS = frozenset(
         "_dev",
         "_restored",
         "_cmd_lock",
-        "_pending",
-        "_last_result",
-        "_listeners",
+        "_inbox",
         "on_command_result",
         "_warned_xla",
     }
@@ -178,7 +172,8 @@ class Layca(keras.optimizers.Optimizer, RuleView):
 
     Args:
         optimizer: the base optimizer (``SGD``, ``SGD(momentum=0.9)``, ``Adam``,
-            ``RMSprop``..., or a name Keras knows, e.g. ``"sgd"``). It proposes the
+            ``RMSprop``..., or a name Keras knows, e.g. ``"sgd"``; afterwards
+            :attr:`base_optimizer`, as on ``layrot.Layca``). It proposes the
             step direction and updates every non-layer variable; its learning rate,
             schedules, weight decay and clipping work unchanged.
         rho: initial global rate rho(0) (the paper's best: 3**-3). Ignored when
@@ -188,11 +183,13 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
         rho_max: the largest rate any rule may produce; remote commands above it are
             refused (1.0 = 45 degrees per step).
-        layers: which variables are layers: None for every trainable variable with
-            ndim >= 2 (kernels, embeddings) in the order the optimizer is built with
-            (``model.trainable_variables``: layer order for Sequential and functional
-            models), a regex on variable paths (filtering those ndim >= 2 variables), or a
-            list of exact paths; the rule of :mod:`layrot.core.layer_rule`.
+        layers: which variables are layers, by the layer rule of
+            :mod:`layrot.core.layer_rule` shared with the watch hooks: None for every
+            trainable variable with ndim >= 2 (kernels, embeddings) in the order the
+            optimizer is built with (``model.trainable_variables``: layer order for
+            Sequential and functional models), a regex or a predicate
+            ``(name, variable) -> bool`` filtering those ndim >= 2 variables, or a
+            list of exact paths. A predicate is saved in the config as the names it chose.
 
     Steps are counted by the base optimizer's ``iterations`` (step 1 is the first).
     Memory: none beyond the base optimizer (the old weights are a read snapshot).
@@ -206,7 +203,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         schedule: RhoSchedule | dict | None = None,
         mode: str = "layca",
         rho_max: float = 1.0,
-        layers: str | Sequence[str] | None = None,
+        layers: LayerSelector = None,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -232,9 +229,12 @@ class Layca(keras.optimizers.Optimizer, RuleView):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if schedule.rho0 > rho_max:
             raise ValueError(f"rho0={schedule.rho0:g} is above rho_max={rho_max:g} (raise rho_max to allow it)")
-        if layers is not None and not isinstance(layers, str):
+        if layers is not None and not isinstance(layers, (str, re.Pattern)) and not callable(layers):
             layers = [str(n) for n in layers]
         super().__init__(learning_rate=0.0, name=name)
+        # Stored (and tracked by Keras and tf.train.Checkpoint) as ``inner_optimizer``, Keras'
+        # name for a wrapped optimizer: checkpoints name it so, and Keras callbacks
+        # (SwapEMAWeights, TensorBoard) look for it. ``base_optimizer`` is the public name.
         self.inner_optimizer = optimizer
         self._rho_max = float(rho_max)
         self._layers_arg = layers
@@ -246,11 +246,9 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         self._w0n: np.ndarray | None = None
         self._dev: _DeviceRule | None = None
         self._restored: dict | None = None
+        # Guards the rules and their device copies (set_rule vs. a command decided in a host callback).
         self._cmd_lock = threading.Lock()
-        self._pending: list[layrot_pb2.RateCommand] = []
-        self._last_result: tuple[int, bool, str, int] | None = None
-        self._listeners: list[CommandListener] = []
-        self.on_command_result: CommandListener | None = None
+        self._inbox = CommandInbox()
         self._warned_xla = False
         # Tracked by tf.train.Checkpoint (a Trackable attribute); the rest is host state.
         self.layca_state = _PythonState(self)
@@ -264,6 +262,22 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         super().__setattr__(name, value)
 
     # ------------------------------------------------------------ Keras optimizer surface
+    @property
+    def base_optimizer(self) -> keras.optimizers.Optimizer:
+        """The wrapped optimizer (the name ``layrot.Layca`` uses too).
+
+        ``inner_optimizer`` is the same object under Keras' own name for a wrapped
+        optimizer (``LossScaleOptimizer``'s): it stays, silently, because Keras
+        callbacks look for it and saved checkpoints record the base optimizer's
+        state under it.
+        """
+        return self.inner_optimizer
+
+    def __dir__(self) -> list[str]:
+        # Keras' .keras saving walks dir() and records each object under the first
+        # name it meets; hiding the alias keeps the file layout ("inner_optimizer").
+        return [n for n in super().__dir__() if n != "base_optimizer"]
+
     @property
     def variables(self) -> list:
         return self._variables[:] + self.inner_optimizer.variables
@@ -313,9 +327,8 @@ class Layca(keras.optimizers.Optimizer, RuleView):
                 self._load_state_dict(restored)
             else:
                 self._upload_rule()
-            with self._cmd_lock:
-                if self._pending:
-                    self._dev.pending.assign(1)
+            # From now on the device flag mirrors whether commands wait (set now if some already do).
+            self._inbox.set_on_pending(self._flag_pending)
 
     def _select_layers(self, var_list: list) -> tuple[list, list[str]]:
         trainable = [v for v in var_list if getattr(v, "trainable", True)]
@@ -336,8 +349,21 @@ class Layca(keras.optimizers.Optimizer, RuleView):
             "schedule": base.schedule.to_dict(),
             "mode": base.mode,
             "rho_max": self._rho_max,
-            "layers": self._layers_arg,
+            "layers": self._layers_config(),
         }
+
+    def _layers_config(self) -> Any:
+        layers = self._layers_arg
+        if layers is None or isinstance(layers, str):
+            return layers
+        if isinstance(layers, re.Pattern):
+            return layers.pattern
+        if callable(layers):
+            if self.built:
+                return list(self._names)  # the predicate's choice, as exact names
+            logger.warning("Layca: a layers= predicate cannot be saved before build; the config keeps the default")
+            return None
+        return list(layers)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Layca:
@@ -385,7 +411,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
                 "init_norms": None if self._w0n is None else [float(x) for x in self._w0n],
                 "rule": self._rule.to_dict(),
                 "base_rule": self._base_rule.to_dict(),
-                "last_result": None if self._last_result is None else list(self._last_result),
+                **self._inbox.state_dict(),  # "last_result"
             }
         )
 
@@ -413,7 +439,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         with self._cmd_lock:
             self._rule = rule
             self._base_rule = base_rule
-            self._last_result = None if d["last_result"] is None else tuple(d["last_result"])  # type: ignore
+            self._inbox.load_state_dict(d)
             if d["init_norms"] is not None:
                 w0n = np.asarray(d["init_norms"], dtype=np.float64)
                 if w0n.shape != (len(names),):
@@ -548,7 +574,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         return tf.where(in_table, table_rates, rates), sc[_MODE] == 1.0
 
     # ------------------------------------------------------------ control plane
-    def submit_command(self, cmd: layrot_pb2.RateCommand) -> None:
+    def submit_command(self, cmd: RateCommand) -> None:
         """Queue a RateCommand; thread-safe (call it from any thread).
 
         At the next step boundary (or the one before its ``apply_at_step``, see
@@ -557,25 +583,32 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         older queued ones are reported as superseded, versions older than the last
         one handled as stale, and a repeat of the last one gets its earlier answer.
         Listeners get ``(version, applied, reason, step)``. A rejected command
-        never changes the rates.
+        never changes the rates. The queue is the shared
+        :class:`~layrot.agent.commands.CommandInbox`.
         """
-        copy = layrot_pb2.RateCommand()
-        copy.CopyFrom(cmd)
-        with self._cmd_lock:
-            self._pending.append(copy)
-            if self._dev is not None:
-                self._dev.pending.assign(1)
+        self._inbox.submit(cmd)
 
     def add_command_listener(self, fn: CommandListener) -> None:
         """Call ``fn(version, applied, reason, step)`` for every command result."""
-        self._listeners.append(fn)
+        self._inbox.add_listener(fn)
 
     def remove_command_listener(self, fn: CommandListener) -> None:
-        self._listeners.remove(fn)
+        """Stop calling ``fn``; raises ValueError if it was not added."""
+        self._inbox.remove_listener(fn)
+
+    @property
+    def on_command_result(self) -> CommandListener | None:
+        """One more listener, set as an attribute (None: none)."""
+        return self._inbox.on_result
+
+    @on_command_result.setter
+    def on_command_result(self, fn: CommandListener | None) -> None:
+        self._inbox.on_result = fn
 
     @property
     def has_pending_commands(self) -> bool:
-        return bool(self._pending)
+        """Whether commands wait for a step boundary."""
+        return self._inbox.has_pending
 
     def step_boundary(self, next_step: int) -> None:
         """Handle waiting commands now; ``next_step`` is the step they will govern.
@@ -583,37 +616,24 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         Hooks call it between optimizer steps (the Keras callback before each
         batch, ``tf.watch`` in ``.step()``). Cheap when nothing waits.
         """
-        if self._pending and self.built:
+        if self._inbox.has_pending and self.built:
             self._process_commands(int(next_step))
 
+    def _flag_pending(self, waiting: bool) -> None:
+        # Called under the inbox's lock; the traced step calls back into Python only while set.
+        if self._dev is not None:
+            self._dev.pending.assign(1 if waiting else 0)
+
     def _process_commands(self, step: int) -> None:
-        with self._cmd_lock:
-            pending, self._pending = self._pending, []
-            if self._dev is not None:
-                self._dev.pending.assign(0)
-        if not pending:
-            return
-        # Commands whose apply_at_step is ahead wait in the queue (the graph keeps
+        # Commands whose apply_at_step is ahead stay queued (the graph keeps
         # calling back while they do; only multi-rank jobs get such commands).
-        due, held, results = split_due(pending, step)
-        if held:
-            with self._cmd_lock:
-                self._pending[:0] = held
-                if self._dev is not None:
-                    self._dev.pending.assign(1)
-        if not due:
-            notify_listeners(results, [*self._listeners, self.on_command_result])
-            return
-        rule, answers, self._last_result = resolve_commands(
-            due, step, self._last_result, self._names, self._rho_max, self._base_rule
-        )
-        results += answers
-        if rule is not None:
-            with self._cmd_lock:
-                self._rule = rule
-                with tf.init_scope():
-                    self._upload_rule()
-        notify_listeners(results, [*self._listeners, self.on_command_result])
+        self._inbox.decide(step, self._names, self._rho_max, self._base_rule, install=self._install_command_rule)
+
+    def _install_command_rule(self, rule: RateRule) -> None:
+        with self._cmd_lock:
+            self._rule = rule
+            with tf.init_scope():
+                self._upload_rule()
 
     def _py_boundary(self, step: tf.Tensor) -> tf.Tensor:
         try:
@@ -658,7 +678,7 @@ class Layca(keras.optimizers.Optimizer, RuleView):
             return
         it = self.inner_optimizer.iterations
         if tf.executing_eagerly():
-            if self._pending:
+            if self._inbox.has_pending:
                 self._process_commands(int(it.numpy()) + 1)
             barrier = None
         else:

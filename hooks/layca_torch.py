@@ -38,9 +38,11 @@ Precision notes:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-import threading
+import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,19 +50,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from layrot.agent.commands import notify_listeners
+from layrot.agent.commands import CommandInbox, CommandListener, RateCommand
+from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule
 from layrot.hooks.layca_rule_view import RuleView
 from layrot.hooks.torch_shards import reject_sharded_layca
-from layrot.proto import layrot_pb2
-from layrot.proto.commands import resolve_commands, split_due
 
 __all__ = ["Layca", "CommandListener"]
 
 logger = logging.getLogger(__name__)
-
-#: ``listener(version, applied, reason, step)``; ``step`` is the first step the command governs.
-CommandListener = Callable[[int, bool, str, int], None]
 
 _STATE_FORMAT = 1
 
@@ -188,6 +186,36 @@ class _Group:
         return torch.stack(out).to(self.sd)
 
 
+def _takes_one_argument(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is an old-style ``fn(param)`` predicate (it cannot take ``(name, param)``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: assume the current form
+        return False
+    try:
+        sig.bind(None, None)
+        return False
+    except TypeError:
+        pass
+    try:
+        sig.bind(None)
+        return True
+    except TypeError:
+        return False
+
+
+def _positions_of(flat: list[torch.Tensor], params: Sequence[torch.Tensor]) -> list[int]:
+    where = {id(p): i for i, p in enumerate(flat)}
+    index = []
+    for p in params:
+        if id(p) not in where:
+            raise ValueError("a parameter in layers= is not optimized by the base optimizer")
+        index.append(where[id(p)])
+    if len(set(index)) != len(index):
+        raise ValueError("layers= lists a parameter twice")
+    return index
+
+
 class Layca(torch.optim.Optimizer, RuleView):
     """Layca around any ``torch.optim.Optimizer``; itself a ``torch.optim.Optimizer``.
 
@@ -200,10 +228,14 @@ class Layca(torch.optim.Optimizer, RuleView):
         alpha: Eq. 1 profile parameter in [-1, 1] (< 0 favours first layers).
         schedule: a :class:`~layrot.core.rates.RhoSchedule` (default constant ``rho``).
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
-        layers: which parameters are layers (multiplicative weights): None for every
-            trainable parameter with ``ndim >= 2`` in the optimizer's order (the
-            monitoring hook's default choice too), a list of
-            parameters, or a predicate ``param -> bool``.
+        layers: which parameters are layers (multiplicative weights), by the layer
+            rule of :mod:`layrot.core.layer_rule` shared with ``layrot.watch``: None
+            for every trainable parameter with ``ndim >= 2`` in the optimizer's
+            order, a regex or a predicate ``(name, param) -> bool`` filtering those,
+            or a list of exact names. Names are the base optimizer's
+            ``param_names`` (build it from ``model.named_parameters()``), else
+            ``"param{i}"`` by optimizer position. Deprecated (they warn): a list of
+            parameter tensors, a one-argument predicate ``param -> bool``.
         rho_max: the largest rate any rule may produce; remote commands above it are
             refused (1.0 = 45 degrees per step).
         foreach: use ``torch._foreach_*`` kernels; None picks them on devices that
@@ -233,7 +265,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         alpha: float = 0.0,
         schedule: RhoSchedule | None = None,
         mode: str = "layca",
-        layers: Sequence[torch.Tensor] | Callable[[torch.Tensor], bool] | None = None,
+        layers: LayerSelector = None,
         rho_max: float = 1.0,
         foreach: bool | None = None,
     ) -> None:
@@ -258,19 +290,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         self._rho_max = float(rho_max)
         self._foreach_arg = foreach
         flat = self._flat_params()
-        if layers is None:
-            index = [i for i, p in enumerate(flat) if p.ndim >= 2 and p.requires_grad]
-        elif callable(layers):
-            index = [i for i, p in enumerate(flat) if layers(p)]
-        else:
-            where = {id(p): i for i, p in enumerate(flat)}
-            index = []
-            for p in layers:
-                if id(p) not in where:
-                    raise ValueError("a parameter in layers= is not optimized by the base optimizer")
-                index.append(where[id(p)])
-            if len(set(index)) != len(index):
-                raise ValueError("layers= lists a parameter twice")
+        index = self._select_layers(flat, layers)
         self._layer_index: list[int] = index
         self._names: tuple[str, ...] = tuple(self._default_names()[i] for i in index)
         names = dict(zip((id(flat[i]) for i in index), self._names))
@@ -293,15 +313,37 @@ class Layca(torch.optim.Optimizer, RuleView):
         self._w0n: list[torch.Tensor] | None = None  # per layer, global order, 0-d tensors
         self._groups: list[_Group] | None = None
 
-        self._lock = threading.Lock()
-        self._pending: list[layrot_pb2.RateCommand] = []
-        # First step whose boundary must look at _pending: 0 after a new command
-        # arrives, else the earliest apply_at_step of the held ones (one int
-        # compare per step while commands wait for their step).
-        self._pending_due = 0
-        self._last_result: tuple[int, bool, str, int] | None = None
-        self._listeners: list[CommandListener] = []
-        self.on_command_result: CommandListener | None = None
+        self._inbox = CommandInbox()
+
+    def _select_layers(self, flat: list[torch.Tensor], layers: Any) -> list[int]:
+        """Optimizer positions of the layer parameters chosen by ``layers=``."""
+        if layers is None:
+            return [i for i, p in enumerate(flat) if p.ndim >= 2 and p.requires_grad]
+        if callable(layers) and not isinstance(layers, re.Pattern) and _takes_one_argument(layers):
+            warnings.warn(
+                "Layca(layers=fn) with a one-argument predicate fn(param) is deprecated; "
+                "pass fn(name, param) -> bool (the layer rule of layrot.watch)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return [i for i, p in enumerate(flat) if layers(p)]
+        if not isinstance(layers, (str, re.Pattern)) and not callable(layers):
+            items = list(layers)
+            if items and all(isinstance(p, torch.Tensor) for p in items):
+                warnings.warn(
+                    "Layca(layers=[param, ...]) is deprecated; pass parameter names, a regex or "
+                    "a predicate (name, param) -> bool (the layer rule of layrot.watch)",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
+                return _positions_of(flat, items)
+            if not all(isinstance(n, str) for n in items):
+                raise TypeError("layers= must be names (str), a regex, a predicate (name, param) -> bool or None")
+            layers = items
+        names = self._default_names()
+        named = [(names[i], p) for i, p in enumerate(flat) if p.requires_grad]
+        chosen = select_layers(named, lambda p: p.ndim, layers, "optimizer's trainable parameters (Layca)")
+        return _positions_of(flat, [p for _, p in chosen])
 
     # ------------------------------------------------------------ torch.optim surface
     @property
@@ -345,18 +387,18 @@ class Layca(torch.optim.Optimizer, RuleView):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for k in ("_lock", "_groups", "_listeners", "on_command_result", "_pending"):
-            state.pop(k, None)
-        return state
+        state.pop("_groups", None)  # device buffers, rebuilt at the next step
+        return state  # the inbox pickles without its queue and listeners
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_inbox" not in state:  # pickled before the shared inbox existed
+            inbox = CommandInbox()
+            inbox.last_result = state.pop("_last_result", None)
+            for k in ("_lock", "_pending", "_pending_due", "_listeners", "on_command_result"):
+                state.pop(k, None)
+            state["_inbox"] = inbox
         self.__dict__.update(state)
-        self._lock = threading.Lock()
         self._groups = None
-        self._listeners = []
-        self.on_command_result = None
-        self._pending = []
-        self._pending_due = 0
         self._patch_step_function()
 
     # ------------------------------------------------------------ layers
@@ -489,7 +531,7 @@ class Layca(torch.optim.Optimizer, RuleView):
             self._upload_rule(self._groups)
 
     # ------------------------------------------------------------ control plane
-    def submit_command(self, cmd: layrot_pb2.RateCommand) -> None:
+    def submit_command(self, cmd: RateCommand) -> None:
         """Queue a RateCommand; thread-safe (call it from any thread).
 
         A command is handled at the step boundary before its ``apply_at_step``
@@ -498,38 +540,35 @@ class Layca(torch.optim.Optimizer, RuleView):
         rejected. Older queued ones that it overrides are reported as superseded
         (:func:`~layrot.proto.commands.split_due`), versions older than the last one
         handled as stale, and a repeat of the last one gets its earlier answer.
-        Listeners get ``(version, applied, reason, step)``.
+        Listeners get ``(version, applied, reason, step)``. The queue is the shared
+        :class:`~layrot.agent.commands.CommandInbox`.
         """
-        copy = layrot_pb2.RateCommand()
-        copy.CopyFrom(cmd)
-        with self._lock:
-            self._pending.append(copy)
-            self._pending_due = 0
+        self._inbox.submit(cmd)
 
     def add_command_listener(self, fn: CommandListener) -> None:
         """Call ``fn(version, applied, reason, step)`` for every command result."""
-        self._listeners.append(fn)
+        self._inbox.add_listener(fn)
 
     def remove_command_listener(self, fn: CommandListener) -> None:
-        self._listeners.remove(fn)
+        """Stop calling ``fn``; raises ValueError if it was not added."""
+        self._inbox.remove_listener(fn)
+
+    @property
+    def on_command_result(self) -> CommandListener | None:
+        """One more listener, set as an attribute (None: none)."""
+        return self._inbox.on_result
+
+    @on_command_result.setter
+    def on_command_result(self, fn: CommandListener | None) -> None:
+        self._inbox.on_result = fn
+
+    @property
+    def has_pending_commands(self) -> bool:
+        """Whether commands wait for a step boundary."""
+        return self._inbox.has_pending
 
     def _process_commands(self) -> None:
-        t = self._step + 1
-        with self._lock:
-            pending, self._pending = self._pending, []
-        due, held, results = split_due(pending, t)
-        with self._lock:
-            # Commands that arrived meanwhile are looked at next step (due 0).
-            self._pending_due = 0 if self._pending else min((int(c.apply_at_step) for c in held), default=0)
-            self._pending[:0] = held
-        if due:
-            rule, answers, self._last_result = resolve_commands(
-                due, t, self._last_result, self._names, self._rho_max, self._base_rule
-            )
-            results += answers
-            if rule is not None:
-                self._install_rule(rule)
-        notify_listeners(results, [*self._listeners, self.on_command_result])
+        self._inbox.decide(self._step + 1, self._names, self._rho_max, self._base_rule, install=self._install_rule)
 
     # ------------------------------------------------------------ device state
     def _use_foreach(self, params: list[torch.Tensor]) -> bool:
@@ -580,7 +619,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         Pending control commands are handled first (this is the step boundary).
         Returns the closure's loss like any optimizer.
         """
-        if self._pending and self._step + 1 >= self._pending_due:
+        if self._step + 1 >= self._inbox.due_at:  # one compare while nothing is due
             self._process_commands()
         if not self._layer_index:
             loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
@@ -669,7 +708,7 @@ class Layca(torch.optim.Optimizer, RuleView):
             "rule": self._rule.to_dict(),
             "rule_step": self._rule_step,
             "base_rule": self._base_rule.to_dict(),
-            "last_result": None if self._last_result is None else list(self._last_result),
+            **self._inbox.state_dict(),  # "last_result"
         }
         for post in self._optimizer_state_dict_post_hooks.values():
             out = post(self, sd)
@@ -713,7 +752,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         self._rule_step = int(d["rule_step"])
         self._step = int(d["step"])
         self._last_rule = rule if self._rule_step <= self._step else None
-        self._last_result = None if d["last_result"] is None else tuple(d["last_result"])  # type: ignore[assignment]
+        self._inbox.load_state_dict(d)
         init = d["init_norms"]
         if init is None:
             self._w0n = None
