@@ -146,6 +146,20 @@ INSERT_STEP = (
     " weight_norm, rho, dist0, dstep, norm_prev, dot0, dotstep) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
+INSERT_CONTROL_ACK = (
+    "INSERT INTO control_acks (run_id, rank, session_id, version, applied, reason, step, time) VALUES (?,?,?,?,?,?,?,?)"
+)
+INSERT_COMMAND = (
+    "INSERT OR REPLACE INTO commands (run_id, version, time, issued_by, controller, command) VALUES (?,?,?,?,?,?)"
+)
+INSERT_AUDIT = (
+    "INSERT INTO audit (run_id, version, time, who, what, event, step, reason, rank) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+INSERT_ALERT = (
+    "INSERT INTO alerts (run, layer, step, kind, severity, angle, baseline, time, message, loss_before,"
+    " loss_after) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+
 # Upper bound of rows per transaction, so one commit never holds callbacks
 # (acks) back for long under a flood.
 MAX_ROWS_PER_COMMIT = 20_000
@@ -414,6 +428,139 @@ class Store:
             r
             for (r,) in self.reader().execute("SELECT DISTINCT rank FROM steps WHERE run_id=? ORDER BY rank", (run_id,))
         ]
+
+    # ------------------------------------------------------------ runs (ingest)
+    def insert_run(self, rec: RunRecord) -> None:
+        """Queue a new run and its layer table."""
+        for sql, params in insert_run_sql(rec):
+            self.submit(sql, params)
+
+    def set_world_size(self, run_id: int, world_size: int) -> None:
+        """Queue a run's larger world size (a later Hello announced more ranks)."""
+        self.submit("UPDATE runs SET world_size=? WHERE id=?", (world_size, run_id))
+
+    def set_first_report(self, run_id: int, t: float) -> None:
+        """Queue the time of a run's first reported step."""
+        self.submit("UPDATE runs SET first_report=? WHERE id=?", (t, run_id))
+
+    def update_progress(self, run_id: int, last_seen: float | None, nonfinite: int, token: Any = None) -> None:
+        """Queue a run's newest report time and non-finite count; ``token`` is released with its commit."""
+        self.submit("UPDATE runs SET last_seen=?, nonfinite=? WHERE id=?", (last_seen, nonfinite, run_id), token=token)
+
+    def insert_control_ack(self, params: Sequence[Any]) -> None:
+        """Queue a ControlAck: (run_id, rank, session_id, version, applied, reason, step, time)."""
+        self.submit(INSERT_CONTROL_ACK, params)
+
+    # ------------------------------------------------------------ control plane (server/control.py)
+    def insert_command(self, params: Sequence[Any]) -> None:
+        """Queue a RateCommand as sent: (run_id, version, time, issued_by, controller, serialized command)."""
+        self.submit(INSERT_COMMAND, params)
+
+    def insert_audit(self, params: Sequence[Any]) -> None:
+        """Queue an audit entry: (run_id, version, time, who, what, event, step, reason, rank)."""
+        self.submit(INSERT_AUDIT, params)
+
+    def current_commands(self) -> list[tuple[int, int, bytes]]:
+        """(run_id, version, serialized command) of the newest command of every run."""
+        return (
+            self.reader()
+            .execute(
+                "SELECT run_id, version, command FROM commands c WHERE version ="
+                " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)"
+            )
+            .fetchall()
+        )
+
+    def last_applied(self) -> list[tuple]:
+        """(run_id, rank, version, step, time, reason) of every rank's newest 'applied' audit entry."""
+        return (
+            self.reader()
+            .execute(
+                "SELECT run_id, rank, version, step, time, reason FROM audit a WHERE event = 'applied' AND id ="
+                " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"
+            )
+            .fetchall()
+        )
+
+    def last_rejected(self) -> list[tuple]:
+        """(run_id, rank, version, reason) of every rank's newest 'rejected' audit entry."""
+        return (
+            self.reader()
+            .execute(
+                "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
+                " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"
+            )
+            .fetchall()
+        )
+
+    def recent_audit(self, run_id: int, limit: int) -> list[tuple]:
+        """The newest ``limit`` audit entries of a run, newest first.
+
+        Rows are (version, time, who, what, event, step, reason).
+        """
+        return (
+            self.reader()
+            .execute(
+                "SELECT version, time, who, what, event, step, reason FROM audit WHERE run_id = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (run_id, limit),
+            )
+            .fetchall()
+        )
+
+    def recent_steps(self, run_id: int, rank: int, limit: int) -> list[tuple[int, float]]:
+        """(step, time) of the newest ``limit`` stored steps of one rank, newest first."""
+        return (
+            self.reader()
+            .execute(
+                "SELECT step, time FROM steps WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT ?",
+                (run_id, rank, limit),
+            )
+            .fetchall()
+        )
+
+    # ------------------------------------------------------------ alerts (server/alert_hub.py, server/alerts.py)
+    def insert_alert(self, params: Sequence[Any]) -> None:
+        """Queue an alert.
+
+        ``params``: (run, layer, step, kind, severity, angle, baseline, time, message, loss_before, loss_after).
+        """
+        self.submit(INSERT_ALERT, params)
+
+    def alert_counts(self) -> dict[tuple[str, str, str, str], int]:
+        """Stored alerts counted by (run, layer, kind, severity)."""
+        return {
+            (run, layer, kind, severity): n
+            for run, layer, kind, severity, n in self.reader().execute(
+                "SELECT run, COALESCE(layer, ''), kind, severity, COUNT(*) FROM alerts"
+                " GROUP BY run, layer, kind, severity"
+            )
+        }
+
+    def alert_runs(self) -> list[str]:
+        """Runs with stored alerts."""
+        return [r for (r,) in self.reader().execute("SELECT DISTINCT run FROM alerts")]
+
+    def recent_alerts(self, run: str, limit: int) -> list[tuple]:
+        """The newest ``limit`` stored alerts of a run, newest first, in ``insert_alert`` column order."""
+        return (
+            self.reader()
+            .execute(
+                "SELECT run, layer, step, kind, severity, angle, baseline, time, message, loss_before, loss_after"
+                " FROM alerts WHERE run=? ORDER BY id DESC LIMIT ?",
+                (run, limit),
+            )
+            .fetchall()
+        )
+
+    def save_thresholds(self, run: str, overrides: str, updated: float) -> None:
+        """Queue a run's threshold overrides (json)."""
+        sql = "INSERT OR REPLACE INTO alert_thresholds (run, overrides, updated) VALUES (?,?,?)"
+        self.submit(sql, (run, overrides, updated))
+
+    def load_thresholds(self) -> list[tuple[str, str]]:
+        """(run, overrides json) of every run with stored overrides."""
+        return self.reader().execute("SELECT run, overrides FROM alert_thresholds").fetchall()
 
 
 def insert_run_sql(rec: RunRecord) -> Iterable[tuple[str, tuple]]:
