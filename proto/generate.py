@@ -2,36 +2,76 @@
 
 Run ``python -m layrot.proto.generate`` after editing the .proto file; pass
 ``--check`` to exit non-zero when the committed code is stale (the test suite
-does this). Needs ``grpcio-tools`` (the ``dev`` extra).
+does this).
+
+The generator is pinned (``GENERATOR``) and runs from its own folder, not from
+the environment: grpcio-tools 1.62 emits protobuf 4.25 gencode, which carries no
+runtime version check, so the committed code works with every protobuf from
+4.25.1 to 7.x and every grpcio from 1.62.3 (the floors in pyproject.toml; newer
+grpcio-tools would raise both floors to their own version and rule out
+TensorFlow 2.16-2.19, which need protobuf < 5 or < 6). That grpcio-tools
+requires protobuf < 5, which would clash with the environment's, so it is
+installed with ``pip install --no-deps --target`` into a cache folder
+(``$LAYROT_GENERATOR_CACHE``, default ``~/.cache/layrot``) on first use; its
+protoc needs neither grpcio nor protobuf to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 PROTO = "layrot.proto"
 GENERATED = ("layrot_pb2.py", "layrot_pb2_grpc.py", "layrot_pb2.pyi")
+GENERATOR = "grpcio-tools==1.62.3"
+
+
+def generator_dir() -> Path:
+    """Folder holding the pinned grpcio-tools (installed there on first use)."""
+    base = Path(os.environ.get("LAYROT_GENERATOR_CACHE") or Path.home() / ".cache" / "layrot")
+    tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"  # it has a C extension
+    target = base / f"{GENERATOR.replace('==', '-')}-{tag}"
+    if not (target / "grpc_tools" / "protoc.py").exists():
+        log.info("installing %s into %s", GENERATOR, target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=base if base.exists() else None))
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp), GENERATOR]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"cannot install the proto generator {GENERATOR}: {done.stderr.strip()[-2000:]}")
+        base.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process got there first
+            if not (target / "grpc_tools" / "protoc.py").exists():
+                raise
+    return target
 
 
 def generate(out_dir: Path) -> None:
     """Write the generated modules into ``out_dir``."""
-    import importlib.resources
-    import subprocess
-
-    include = str(importlib.resources.files("grpc_tools") / "_proto")  # dev-only dependency
+    tools = generator_dir()
+    include = tools / "grpc_tools" / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         # Map this folder to the virtual path layrot/proto so the generated
         # imports read "from layrot.proto import layrot_pb2".
-        # protoc runs in its own process: its bundled C++ protobuf must not meet
-        # whatever extension modules the calling process has loaded.
+        # protoc runs in its own process, with only the pinned generator on its
+        # path (-I: no site-packages, so no other grpc_tools can be picked up).
         args = [
             sys.executable,
-            "-m",
-            "grpc_tools.protoc",
+            "-I",
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv.pop(1)); from grpc_tools import protoc; "
+            "sys.exit(protoc.main(sys.argv))",
+            str(tools),
             f"-I{include}",
             f"-Ilayrot/proto={HERE}",
             f"--python_out={tmp}",
@@ -56,9 +96,10 @@ def stale_files() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only report stale files")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.check:
         stale = stale_files()
         if stale:

@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -44,7 +43,7 @@ class Layer(_message.Message):
     numel: int
     module_type: str
     sharded: bool
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., init_norm: _Optional[float] = ..., numel: _Optional[int] = ..., module_type: _Optional[str] = ..., sharded: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., init_norm: _Optional[float] = ..., numel: _Optional[int] = ..., module_type: _Optional[str] = ..., sharded: bool = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("layca", "control", "loss")
@@ -54,7 +53,7 @@ class Capabilities(_message.Message):
     layca: bool
     control: bool
     loss: bool
-    def __init__(self, layca: _Optional[bool] = ..., control: _Optional[bool] = ..., loss: _Optional[bool] = ...) -> None: ...
+    def __init__(self, layca: bool = ..., control: bool = ..., loss: bool = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("run", "rank", "world_size", "framework", "framework_version", "host", "pid", "layers", "capabilities", "client_version", "every", "meta", "applied_command_version", "session_id")
@@ -135,7 +134,7 @@ class ControlAck(_message.Message):
     applied: bool
     reason: str
     step: int
-    def __init__(self, version: _Optional[int] = ..., applied: _Optional[bool] = ..., reason: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., applied: bool = ..., reason: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("last_seq", "reason")
@@ -269,7 +268,7 @@ class RunSummary(_message.Message):
     control: bool
     first_report: float
     meta: _containers.ScalarMap[str, str]
-    def __init__(self, run: _Optional[str] = ..., framework: _Optional[str] = ..., host: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_report: _Optional[float] = ..., num_layers: _Optional[int] = ..., min_rotation: _Optional[float] = ..., mean_rotation: _Optional[float] = ..., connected: _Optional[bool] = ..., sessions: _Optional[int] = ..., layca: _Optional[bool] = ..., control: _Optional[bool] = ..., first_report: _Optional[float] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, run: _Optional[str] = ..., framework: _Optional[str] = ..., host: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_report: _Optional[float] = ..., num_layers: _Optional[int] = ..., min_rotation: _Optional[float] = ..., mean_rotation: _Optional[float] = ..., connected: bool = ..., sessions: _Optional[int] = ..., layca: bool = ..., control: bool = ..., first_report: _Optional[float] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
@@ -423,7 +422,7 @@ class RankControl(_message.Message):
     rejected_reason: str
     step: int
     connected: bool
-    def __init__(self, rank: _Optional[int] = ..., applied_version: _Optional[int] = ..., applied_step: _Optional[int] = ..., wanted_step: _Optional[int] = ..., late: _Optional[bool] = ..., rejected_version: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., step: _Optional[int] = ..., connected: _Optional[bool] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., applied_version: _Optional[int] = ..., applied_step: _Optional[int] = ..., wanted_step: _Optional[int] = ..., late: bool = ..., rejected_version: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., step: _Optional[int] = ..., connected: bool = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("run", "layer", "step", "kind", "severity", "angle", "baseline", "time", "message", "loss_before", "loss_after")

@@ -35,3 +35,16 @@ def test_wire_unpack_rejects_wrong_length():
     assert (unpack(pack(a), 2, 3) == a).all()
     with pytest.raises(ValueError, match="expected 48 bytes"):
         unpack(pack(a)[:-1], 2, 3)
+
+
+def test_generated_code_does_not_pin_its_runtime():
+    """The floors in pyproject.toml (protobuf 4.25.1, grpcio 1.62.3) hold while the gencode checks no runtime."""
+    src = Path(generate.__file__).resolve().parent
+    pb2 = (src / "layrot_pb2.py").read_text()
+    grpc_code = (src / "layrot_pb2_grpc.py").read_text()
+    assert "ValidateProtobufRuntimeVersion" not in pb2 and "runtime_version" not in pb2
+    assert "GRPC_GENERATED_VERSION" not in grpc_code
+    assert "# Protobuf Python Version: 4.25.1" in pb2
+    assert generate.GENERATOR == "grpcio-tools==1.62.3"
+    pyproject = (src.parent / "pyproject.toml").read_text()
+    assert '"protobuf>=4.25.1,<8"' in pyproject and '"grpcio>=1.62.3"' in pyproject
