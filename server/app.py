@@ -4,6 +4,11 @@
 or as the daemon behind ``layrot-agent serve`` (``serve_forever``). The gRPC
 server is a grpc.aio server on its own asyncio loop in a background thread;
 the history store has its own writer thread; ``/metrics`` its own HTTP thread.
+
+This module is the collector's one composition root: ``Collector.start``
+creates every part (store, state, control plane, alert hub and engine,
+Alertmanager pushers, servicers, metrics) and hands each its collaborators as
+constructor arguments; no other module creates a collaborator of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from grpc_health.v1.health import aio as health_aio
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.alertmanager import AlertmanagerPusher
 from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
+from layrot.server.control import ControlPlane
 from layrot.server.ingest import IngestServicer
 from layrot.server.metrics import LayrotCollector, MetricsServer
 from layrot.server.query import QueryServicer
@@ -93,7 +99,9 @@ class Collector:
         self._pushers: list[AlertmanagerPusher] = []
         self.state = CollectorState()
         self.store: Store | None = None
+        self.control: ControlPlane | None = None
         self.ingest: IngestServicer | None = None
+        self.query: QueryServicer | None = None
         self.health: health_aio.HealthServicer | None = None
         self.metrics: MetricsServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -126,17 +134,13 @@ class Collector:
         """Open the store, restore history, start serving; returns once listening."""
         if self._running:
             return self
-        if self.db_path != ":memory:":
-            Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.db_path)
-        self.state = CollectorState()
-        self.state.restore(self.store.load_runs())
-        self.ingest = IngestServicer(self.state, self.store, self.token)
-        self._start_alerts()
+        self._wire()
         try:
             if self.metrics_port is not None:
                 self.metrics = MetricsServer(
-                    LayrotCollector(self.state, self.store, self.run_ttl), self.metrics_host, self.metrics_port
+                    LayrotCollector(self.state, self.store, self.run_ttl, alerts=self.alert_engine),
+                    self.metrics_host,
+                    self.metrics_port,
                 )
                 self.metrics_port = self.metrics.port
             self._ready.clear()
@@ -151,6 +155,24 @@ class Collector:
         self._running = True
         log.info("collector listening: grpc %s, metrics %s, db %s", self.grpc_address, self.metrics_url, self.db_path)
         return self
+
+    def _wire(self) -> None:
+        """Create the collector's parts in dependency order, each restored from the store."""
+        if self.db_path != ":memory:":
+            Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        store = self.store = Store(self.db_path)
+        state = self.state = CollectorState()
+        state.restore(store.load_runs())
+        control = self.control = ControlPlane(state, store)
+        control.restore()
+        engine = self.alert_engine = self._start_alerts(store)
+        # The state carries them too, for code that holds only the state.
+        state.control = control
+        state.alerts = engine
+        self.ingest = IngestServicer(state, store, control, engine, token=self.token)
+        store.on_commit = self.ingest.on_store_commit
+        store.on_failure = self.ingest.on_store_failure
+        self.query = QueryServicer(state, store, control, engine, token=self.token)
 
     def _thread_main(self) -> None:
         loop = asyncio.new_event_loop()
@@ -174,7 +196,7 @@ class Collector:
                 self._stopped.set()
 
     async def _serve(self) -> None:
-        assert self.ingest is not None and self.store is not None
+        assert self.ingest is not None and self.query is not None
         loop = asyncio.get_running_loop()
         self.ingest.loop = loop
         self._stop_future = loop.create_future()
@@ -195,7 +217,7 @@ class Collector:
             ]
         )
         pb_grpc.add_IngestServicer_to_server(self.ingest, server)
-        pb_grpc.add_QueryServicer_to_server(QueryServicer(self.state, self.store, self.token), server)
+        pb_grpc.add_QueryServicer_to_server(self.query, server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = server.add_insecure_port(f"{self.grpc_host}:{self.grpc_port}")
@@ -240,20 +262,19 @@ class Collector:
             self.store = None
 
     # ------------------------------------------------------------ alerts
-    def _start_alerts(self) -> None:
-        """Alert hub (memory, store, counters, pushers) and engine on the fresh state."""
-        assert self.store is not None
+    def _start_alerts(self, store: Store) -> AlertEngine:
+        """Alertmanager pushers, the alert hub (memory, store, counters, pushers) and the engine, restored."""
         self._pushers = [
             AlertmanagerPusher(u, quiet=self.alert_quiet, resend=self.alert_resend).start()
             for u in self.alertmanager_urls
         ]
-        hub = AlertHub(self.store, self._pushers)
+        hub = AlertHub(store, self._pushers)
         hub.restore()
         engine = AlertEngine(hub, self.thresholds, enabled=self.alerts_enabled)
         engine.restore_thresholds()
-        self.alert_engine = self.state.alerts = engine
         if self._pushers:
             log.info("pushing alerts to Alertmanager: %s", ", ".join(p.url for p in self._pushers))
+        return engine
 
     def _start_alert_timer(self) -> asyncio.Task | None:
         """The engine's timer (late losses, stalled runs, rejection bursts) on the collector loop."""

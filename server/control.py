@@ -27,8 +27,9 @@ status, in the audit trail and in ``layrot_control_late_total{run}``.
 Single-rank runs keep ``apply_at_step`` 0 (the next boundary, lowest latency).
 
 Everything here runs on the collector's asyncio loop thread, except
-``RunControl.requested_rates`` which the metrics thread calls: it only reads
-attributes that are replaced in one assignment.
+``RunControl.requested_rates`` and ``applied_state`` which the metrics thread
+calls: they only read attributes that are replaced in one assignment (the
+``applied`` dict included: a new dict per change, never an update in place).
 """
 
 from __future__ import annotations
@@ -83,13 +84,6 @@ FALLBACK_STEP_RATE = 100.0
 RATE_REPORTS = 64
 # apply_at_step of past versions kept in memory, to tell late acknowledgements.
 APPLY_AT_KEEP = 4096
-
-INSERT_COMMAND = (
-    "INSERT OR REPLACE INTO commands (run_id, version, time, issued_by, controller, command) VALUES (?,?,?,?,?,?)"
-)
-INSERT_AUDIT = (
-    "INSERT INTO audit (run_id, version, time, who, what, event, step, reason, rank) VALUES (?,?,?,?,?,?,?,?,?)"
-)
 
 
 class ControlRefused(Exception):
@@ -222,9 +216,10 @@ class RunControl:
 
     def applied_state(self) -> tuple[int, int]:
         """(version, first step) applied by the lowest rank that answered; (0, 0) if none."""
-        if not self.applied:
+        applied = self.applied
+        if not applied:
             return 0, 0
-        a = self.applied[min(self.applied)]
+        a = applied[min(applied)]
         return a.version, a.step
 
     def remember_apply_at(self, version: int, step: int) -> None:
@@ -268,17 +263,15 @@ class ControlPlane:
     def restore(self) -> None:
         """Load current commands, per-rank answers and recent audit from the store."""
         try:
-            self._restore(self.store.reader())
+            self._restore()
         except sqlite3.Error:  # an old db without the tables: nothing to restore
             log.exception("control plane: cannot restore commands from the history store")
 
-    def _restore(self, conn: sqlite3.Connection) -> None:
+    def _restore(self) -> None:
+        store = self.store
         by_id = {rs.run_id: rs for rs in self.state.runs.values()}
         n = 0
-        for run_id, version, blob in conn.execute(
-            "SELECT run_id, version, command FROM commands c WHERE version ="
-            " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)"
-        ):
+        for run_id, version, blob in store.current_commands():
             rs = by_id.get(run_id)
             if rs is None:
                 continue
@@ -290,29 +283,20 @@ class ControlPlane:
             rc.last_version = max(rc.last_version, int(version))
             rc.remember_apply_at(cmd.version, cmd.apply_at_step)
             n += 1
-        for run_id, rank, version, step, t, reason in conn.execute(
-            "SELECT run_id, rank, version, step, time, reason FROM audit a WHERE event = 'applied' AND id ="
-            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"
-        ):
+        for run_id, rank, version, step, t, reason in store.last_applied():
             rs = by_id.get(run_id)
             if rs is not None:
                 # A late (or early) application records the step it wanted in its audit reason.
                 m = _WANTED.search(reason or "")
                 wanted = int(m.group(1)) if m else rs.control.wanted_step(int(version))
-                rs.control.applied[int(rank)] = Applied(int(version), int(step or 0), float(t or 0.0), wanted)
-        for run_id, rank, version, reason in conn.execute(
-            "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
-            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"
-        ):
+                rc = rs.control
+                rc.applied = {**rc.applied, int(rank): Applied(int(version), int(step or 0), float(t or 0.0), wanted)}
+        for run_id, rank, version, reason in store.last_rejected():
             rs = by_id.get(run_id)
             if rs is not None:
                 rs.control.rejected[int(rank)] = (int(version), reason or "")
         for rs in by_id.values():
-            rows = conn.execute(
-                "SELECT version, time, who, what, event, step, reason FROM audit WHERE run_id = ?"
-                " ORDER BY id DESC LIMIT ?",
-                (rs.run_id, AUDIT_KEEP),
-            ).fetchall()
+            rows = store.recent_audit(rs.run_id, AUDIT_KEEP)
             for version, t, who, what, event, step, reason in reversed(rows):
                 rs.control.audit.append(
                     pb.AuditEntry(
@@ -344,7 +328,7 @@ class ControlPlane:
             version=version, time=time.time(), who=who, what=what, event=event, step=step, reason=reason
         )
         rs.control.audit.append(entry)
-        self.store.submit(INSERT_AUDIT, (rs.run_id, version, entry.time, who, what, event, step, reason, rank))
+        self.store.insert_audit((rs.run_id, version, entry.time, who, what, event, step, reason, rank))
 
     @staticmethod
     def _job_who(sess: LiveSession) -> str:
@@ -388,8 +372,7 @@ class ControlPlane:
         rc.remember_apply_at(stored.version, stored.apply_at_step)
         rc.current = stored
         rc.rule = _requested_rule(stored, rs.names)
-        self.store.submit(
-            INSERT_COMMAND,
+        self.store.insert_command(
             (
                 rs.run_id,
                 stored.version,
@@ -441,14 +424,7 @@ class ControlPlane:
         # A primary-key range read of a few dozen rows: ~0.1 ms on the loop thread,
         # once per SetControl of a multi-rank run.
         try:
-            rows = (
-                self.store.reader()
-                .execute(
-                    "SELECT step, time FROM steps WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT ?",
-                    (rs.run_id, rank, RATE_REPORTS),
-                )
-                .fetchall()
-            )
+            rows = self.store.recent_steps(rs.run_id, rank, RATE_REPORTS)
         except sqlite3.Error:
             log.exception("control plane: cannot read the step history of run %s", rs.run)
             return None
@@ -487,7 +463,8 @@ class ControlPlane:
             # A re-sent command is answered again with its first result: count a late one once.
             repeat = prev is not None and (prev.version, prev.step) == (now.version, now.step)
             if prev is None or ack.version >= prev.version:
-                rc.applied[sess.rank] = now
+                # A new dict, not an update in place: the metrics thread reads it (applied_state).
+                rc.applied = {**rc.applied, sess.rank: now}
             old = rc.rejected.get(sess.rank)
             if old is not None and old[0] <= ack.version:
                 del rc.rejected[sess.rank]
@@ -575,10 +552,13 @@ class ControlPlane:
 
 
 def attach(state: CollectorState, store: Store) -> ControlPlane:
-    """Create the control plane of a collector, restore it, and hang it on ``state.control``."""
+    """Create the control plane of a collector, restore it, and hang it on ``state.control``.
+
+    The collector wires its plane in server/app.py; this stays for embedders.
+    """
     plane = ControlPlane(state, store)
     plane.restore()
-    state.control = plane  # type: ignore[attr-defined]
+    state.control = plane
     return plane
 
 

@@ -6,9 +6,18 @@ answers with ``Ack(seq)`` once the batch ``seq`` is committed to the history
 store, ``SessionError`` for bad input, and (later) ``RateCommand``s.
 
 Everything runs on one asyncio loop (grpc.aio): thousands of sessions cost
-coroutines, not threads. The per-message work is a handful of vectorised
-numpy calls over the (steps x layers) arrays, then one queue put to the
-store's writer thread.
+coroutines, not threads. A StepBatch goes through a pipeline of plain steps,
+each a handful of vectorised numpy calls over the (steps x layers) arrays:
+
+1. ``decode_batch`` (server/decode.py): validate, view the bytes as arrays;
+2. ``derive`` (server/derive.py): rotations, step angles, non-finite mask;
+3. ``AlertEngine.observe`` (server/alerts.py): alert evaluation;
+4. ``step_rows`` / ``newest_snapshot`` (server/records.py): history rows and
+   the run's newest values, then the run-state update and one queue put to
+   the store's writer thread (``_record``).
+
+The servicer gets its collaborators (state, store, control plane, alert
+engine) from the composition root, server/app.py.
 """
 
 from __future__ import annotations
@@ -16,25 +25,27 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from layrot.core import rotation as rot
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
-from layrot.proto.wire import unpack
-from layrot.server import control
-from layrot.server.state import ACK, END, CollectorState, LiveSession, Snapshot
-from layrot.server.store import LayerRecord, RunRecord, Store, insert_run_sql
+from layrot.server.decode import MAX_RUN_NAME, SessionReject, capabilities, decode_batch, validate_hello
+from layrot.server.derive import derive
+from layrot.server.records import newest_snapshot, step_rows
+from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot
+from layrot.server.store import RunRecord, Store
+
+if TYPE_CHECKING:
+    from layrot.server.alerts import AlertEngine
+    from layrot.server.control import ControlPlane
 
 log = logging.getLogger(__name__)
 
-MAX_RUN_NAME = 200
 # When the writer thread falls this far behind, stop reading from the
 # streams: gRPC flow control then pushes back to the jobs, whose bounded
 # queues drop (fail open) instead of the collector growing without limit.
@@ -42,15 +53,17 @@ MAX_PENDING_SAMPLES = 2_000_000  # layer-samples, ~9 float64 each stored: ~150 M
 # How long a closing session waits for its last commits before ending anyway.
 DRAIN_TIMEOUT = 10.0
 
-
-class SessionReject(Exception):
-    """Bad input that ends (Hello) or skips (StepBatch) with a SessionError."""
-
-    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.reason = reason or code
+# Moved to server/decode.py; the old names stay importable from here.
+_capabilities = capabilities
+__all__ = [
+    "DRAIN_TIMEOUT",
+    "MAX_PENDING_SAMPLES",
+    "MAX_RUN_NAME",
+    "IngestServicer",
+    "SessionReject",
+    "check_token",
+    "validate_hello",
+]
 
 
 def check_token(context: grpc.aio.ServicerContext, token: str | None) -> bool:
@@ -63,74 +76,35 @@ def check_token(context: grpc.aio.ServicerContext, token: str | None) -> bool:
     return False
 
 
-def validate_hello(hello: pb.Hello) -> list[LayerRecord]:
-    """Check a Hello; return its layer table in forward order, or raise SessionReject("bad_hello")."""
-    run = hello.run
-    if not run or len(run) > MAX_RUN_NAME or not run.isprintable():
-        raise SessionReject("bad_hello", f"run must be 1..{MAX_RUN_NAME} printable characters, got {run!r:.220}")
-    if hello.world_size and hello.rank >= hello.world_size:
-        raise SessionReject("bad_hello", f"rank {hello.rank} >= world_size {hello.world_size}")
-    n = len(hello.layers)
-    if n == 0:
-        raise SessionReject("bad_hello", "the layer table is empty")
-    names = [lay.name for lay in hello.layers]
-    if any(not name for name in names):
-        raise SessionReject("bad_hello", "a layer has an empty name")
-    if len(set(names)) != n:
-        dup = sorted({x for x in names if names.count(x) > 1})[:5]
-        raise SessionReject("bad_hello", f"duplicate layer names: {dup}")
-    indices = sorted(lay.index for lay in hello.layers)
-    if indices != list(range(n)):
-        raise SessionReject("bad_hello", f"layer indices must be exactly 0..{n - 1}")
-    layers = []
-    for lay in sorted(hello.layers, key=lambda x: x.index):
-        if not (math.isfinite(lay.init_norm) and lay.init_norm >= 0.0):
-            raise SessionReject(
-                "bad_hello", f"layer {lay.name!r}: init_norm must be finite and >= 0, got {lay.init_norm}"
-            )
-        layers.append(
-            LayerRecord(
-                index=lay.index,
-                name=lay.name,
-                shape=list(lay.shape),
-                init_norm=lay.init_norm,
-                numel=lay.numel,
-                module_type=lay.module_type,
-                sharded=lay.sharded,
-            )
-        )
-    return layers
-
-
-def _capabilities(hello: pb.Hello) -> dict[str, bool]:
-    c = hello.capabilities
-    return {"layca": bool(c.layca), "control": bool(c.control), "loss": bool(c.loss)}
-
-
 class IngestServicer(pb_grpc.IngestServicer):
-    """The Ingest service on a grpc.aio server."""
+    """The Ingest service on a grpc.aio server.
+
+    ``on_store_commit`` / ``on_store_failure`` are the store's callbacks (the
+    composition root connects them): commits become Acks.
+    """
 
     def __init__(
         self,
         state: CollectorState,
         store: Store,
+        control: ControlPlane,
+        alerts: AlertEngine | None = None,
         token: str | None = None,
         max_pending_samples: int = MAX_PENDING_SAMPLES,
     ) -> None:
         self.state = state
         self.store = store
+        self.control = control
+        self.alerts = alerts
         self.token = token
         self.max_pending_samples = max_pending_samples
         self.pending_samples = 0  # accepted, not yet committed (loop thread only)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: set[LiveSession] = set()
-        store.on_commit = self._on_commit_thread
-        store.on_failure = self._on_failure_thread
-        # Control plane (server/control.py): commands, their delivery and audit.
-        self.control = control.attach(state, store)
 
     # ------------------------------------------------------------ commits -> acks
-    def _on_commit_thread(self, tokens: list[Any]) -> None:
+    def on_store_commit(self, tokens: list[Any]) -> None:
+        """Store writer thread: these batches are committed; ack them on the loop."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
@@ -138,7 +112,8 @@ class IngestServicer(pb_grpc.IngestServicer):
             except RuntimeError:  # loop closed during shutdown: nobody left to ack
                 pass
 
-    def _on_failure_thread(self, tokens: list[Any]) -> None:
+    def on_store_failure(self, tokens: list[Any]) -> None:
+        """Store writer thread: these batches were rolled back; tell their jobs on the loop."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
@@ -301,7 +276,7 @@ class IngestServicer(pb_grpc.IngestServicer):
                 host=hello.host,
                 world_size=max(1, hello.world_size),
                 every=max(1, hello.every),
-                capabilities=_capabilities(hello),
+                capabilities=capabilities(hello),
                 meta=dict(hello.meta),
                 created=now,
                 last_seen=None,
@@ -310,8 +285,7 @@ class IngestServicer(pb_grpc.IngestServicer):
                 layers=layers,
             )
             rs = state.add_run(rec)
-            for sql, params in insert_run_sql(rec):
-                self.store.submit(sql, params)
+            self.store.insert_run(rec)
             log.info("new run %s: %d layers, framework=%s host=%s", rec.run, len(layers), rec.framework, rec.host)
         else:
             names = [lay.name for lay in layers]
@@ -326,14 +300,14 @@ class IngestServicer(pb_grpc.IngestServicer):
                 )
             if hello.world_size > rs.world_size:
                 rs.world_size = hello.world_size
-                self.store.submit("UPDATE runs SET world_size=? WHERE id=?", (rs.world_size, rs.run_id))
+                self.store.set_world_size(rs.run_id, rs.world_size)
         sess.run = rs
         sess.rank = hello.rank
         sess.world_size = max(1, hello.world_size)
         sess.session_id = hello.session_id
         sess.pid = hello.pid
         sess.host = hello.host
-        sess.capabilities = _capabilities(hello)
+        sess.capabilities = capabilities(hello)
         sess.applied_command_version = hello.applied_command_version
         # Each session computes rotations against its own ||w(0)||: a resumed
         # job or another rank may carry (slightly) different init norms.
@@ -353,138 +327,44 @@ class IngestServicer(pb_grpc.IngestServicer):
 
     # ------------------------------------------------------------ StepBatch
     def _batch(self, b: pb.StepBatch, sess: LiveSession) -> None:
+        """The StepBatch pipeline: decode -> derive -> alerts -> rows and run state."""
         rs = sess.run
         assert rs is not None
         try:
-            rows, snap, nonfinite, n_steps = self._decode(b, sess)
+            batch = decode_batch(b, sess.num_layers)
         except SessionReject as exc:
-            self.state.reject(exc.reason, rs)
-            log.warning("run %s rank %d: batch seq=%d rejected: %s", rs.run, sess.rank, b.seq, exc.message)
-            sess.send(pb.CollectorMessage(error=pb.SessionError(code=exc.code, message=exc.message, seq=b.seq)))
-            # Acknowledge it anyway (after everything queued before it): a
-            # malformed batch stays malformed, resending it would loop forever.
-            sess.inflight += 1
-            self.store.barrier((sess, b.seq, 0, 0))
+            self._refuse_batch(b.seq, sess, rs, exc)
             return
+        derived = derive(batch, sess.init_norm)  # type: ignore[arg-type]
+        alerts = self.alerts
+        if alerts is not None and alerts.enabled:  # vectorised, never raises
+            alerts.observe(rs, sess.rank, batch.steps, derived.angle, derived.bad, batch.rho, batch.loss)
+        rows = step_rows(batch, derived, rs.run_id, sess.rank)
+        snap = newest_snapshot(batch, derived, sess.rank)
+        self._record(b.seq, sess, batch.num_steps, rows, snap, derived.nonfinite)
+
+    def _refuse_batch(self, seq: int, sess: LiveSession, rs: RunState, exc: SessionReject) -> None:
+        self.state.reject(exc.reason, rs)
+        log.warning("run %s rank %d: batch seq=%d rejected: %s", rs.run, sess.rank, seq, exc.message)
+        sess.send(pb.CollectorMessage(error=pb.SessionError(code=exc.code, message=exc.message, seq=seq)))
+        # Acknowledge it anyway (after everything queued before it): a
+        # malformed batch stays malformed, resending it would loop forever.
+        sess.inflight += 1
+        self.store.barrier((sess, seq, 0, 0))
+
+    def _record(
+        self, seq: int, sess: LiveSession, n_steps: int, rows: list[tuple], snap: Snapshot, nonfinite: int
+    ) -> None:
+        """Update the run state (one published view) and queue the batch for the store; its commit acks ``seq``."""
+        rs = sess.run
+        assert rs is not None
         n_samples = n_steps * sess.num_layers
         self.pending_samples += n_samples
-        if nonfinite:
-            rs.nonfinite += nonfinite
-        if rs.first_report is None:
-            rs.first_report = snap.time
-            self.store.submit("UPDATE runs SET first_report=? WHERE id=?", (snap.time, rs.run_id))
-        if rs.last_report is None or snap.time >= rs.last_report:
-            rs.last_report = snap.time
-        rs.update(snap)
+        if rs.record_batch(snap, nonfinite):
+            self.store.set_first_report(rs.run_id, snap.time)
         sess.inflight += 1
         self.store.submit_rows(rows)
-        self.store.submit(
-            "UPDATE runs SET last_seen=?, nonfinite=? WHERE id=?",
-            (rs.last_report, rs.nonfinite, rs.run_id),
-            token=(sess, b.seq, n_steps, n_samples),
-        )
-
-    def _decode(self, b: pb.StepBatch, sess: LiveSession) -> tuple[list[tuple], Snapshot, int, int]:
-        L = sess.num_layers
-        S = len(b.steps)
-        if b.num_layers != L:
-            raise SessionReject("bad_batch", f"num_layers={b.num_layers} but the Hello declared {L} layers")
-        if S == 0 or len(b.times) != S:
-            raise SessionReject(
-                "bad_batch", f"need >= 1 step and len(times) == len(steps), got {S} steps, {len(b.times)} times"
-            )
-        steps = np.fromiter(b.steps, dtype=np.uint64, count=S)
-        if steps.min() < 1:
-            raise SessionReject("bad_batch", "steps must be >= 1 (1 after the first optimizer step)")
-        if steps.max() >= 2**63:
-            raise SessionReject("bad_batch", "step out of range")
-        times = np.fromiter(b.times, dtype=np.float64, count=S)
-        if not np.isfinite(times).all():
-            raise SessionReject("bad_batch", "times must be finite unix seconds")
-        if len(b.loss) not in (0, S):
-            raise SessionReject("bad_batch", f"len(loss) must be 0 or {S}, got {len(b.loss)}")
-        if len(b.command_version) not in (0, S):
-            raise SessionReject("bad_batch", f"len(command_version) must be 0 or {S}, got {len(b.command_version)}")
-        try:
-            norm = unpack(b.norm, S, L)
-            dist0 = unpack(b.dist0, S, L)
-            dstep = unpack(b.dstep, S, L)
-            norm_prev = unpack(b.norm_prev, S, L)
-            rho = unpack(b.rho, S, L) if b.rho else None
-            dot0 = unpack(b.dot0, S, L) if b.dot0 else None
-            dotstep = unpack(b.dotstep, S, L) if b.dotstep else None
-        except ValueError as exc:
-            raise SessionReject("bad_batch", f"bad array size: {exc}") from None
-
-        # With the radial dots the angles are well conditioned even for mostly
-        # radial steps; without them (older or minimal clients) use the triangle.
-        if dot0 is not None:
-            rotation = rot.cosine_distance(rot.radial_angle(sess.init_norm[None, :], dist0, dot0))
-        else:
-            rotation = rot.rotation(sess.init_norm[None, :], norm, dist0)
-        if dotstep is not None:
-            angle = rot.radial_angle(norm_prev, dstep, dotstep)
-        else:
-            angle = rot.step_angle(norm_prev, norm, dstep)
-        bad = ~(np.isfinite(norm) & np.isfinite(dist0) & np.isfinite(dstep) & np.isfinite(norm_prev))
-        for extra in (dot0, dotstep):
-            if extra is not None:
-                bad |= ~np.isfinite(extra)
-        nonfinite = int(np.count_nonzero(bad))
-        alerts = self.state.alerts
-        if alerts is not None and alerts.enabled:  # alert engine (server/alerts.py): vectorised, never raises
-            alerts.observe(sess.run, sess.rank, steps, angle, bad, rho, b.loss)
-
-        stride = L * 8
-        rot_b = rotation.tobytes()
-        ang_b = angle.tobytes()
-        raw_norm, raw_d0, raw_ds, raw_np = b.norm, b.dist0, b.dstep, b.norm_prev
-        raw_rho = b.rho if rho is not None else None
-        raw_dot0 = b.dot0 if dot0 is not None else None
-        raw_dotstep = b.dotstep if dotstep is not None else None
-        losses = list(b.loss) if len(b.loss) else [None] * S
-        versions = list(b.command_version) if len(b.command_version) else [None] * S
-        run_id, rank = sess.run.run_id, sess.rank  # type: ignore[union-attr]
-        steps_l = steps.tolist()
-        times_l = times.tolist()
-        rows = []
-        for i in range(S):
-            lo, hi = i * stride, (i + 1) * stride
-            loss = losses[i]
-            if loss is not None and not math.isfinite(loss):
-                loss = None
-            rows.append(
-                (
-                    run_id,
-                    rank,
-                    steps_l[i],
-                    times_l[i],
-                    loss,
-                    versions[i],
-                    rot_b[lo:hi],
-                    ang_b[lo:hi],
-                    raw_norm[lo:hi],
-                    None if raw_rho is None else raw_rho[lo:hi],
-                    raw_d0[lo:hi],
-                    raw_ds[lo:hi],
-                    raw_np[lo:hi],
-                    None if raw_dot0 is None else raw_dot0[lo:hi],
-                    None if raw_dotstep is None else raw_dotstep[lo:hi],
-                )
-            )
-        last = int(np.argmax(steps))
-        loss_last = losses[last]
-        snap = Snapshot(
-            rank=rank,
-            step=steps_l[last],
-            time=times_l[last],
-            loss=float("nan") if loss_last is None else float(loss_last),
-            rotation=rotation[last].copy(),
-            step_angle=angle[last].copy(),
-            weight_norm=norm[last].copy(),
-            rho=None if rho is None else rho[last].copy(),
-        )
-        return rows, snap, nonfinite, S
+        self.store.update_progress(rs.run_id, rs.last_report, rs.nonfinite, token=(sess, seq, n_steps, n_samples))
 
     # ------------------------------------------------------------ ControlAck
     def _control_ack(self, ack: pb.ControlAck, sess: LiveSession) -> None:
@@ -511,9 +391,7 @@ class IngestServicer(pb_grpc.IngestServicer):
             ack.step,
             ack.reason,
         )
-        self.store.submit(
-            "INSERT INTO control_acks (run_id, rank, session_id, version, applied, reason, step, time)"
-            " VALUES (?,?,?,?,?,?,?,?)",
+        self.store.insert_control_ack(
             (rs.run_id, sess.rank, sess.session_id, ack.version, int(ack.applied), ack.reason, ack.step, entry["time"]),
         )
         self.control.on_ack(sess, ack)

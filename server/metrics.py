@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import make_wsgi_app
@@ -25,15 +25,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from layrot.server.state import CollectorState
+from layrot.server.state import CollectorState, RunState
 from layrot.server.store import Store
+
+if TYPE_CHECKING:
+    from layrot.server.alerts import AlertEngine
 
 log = logging.getLogger(__name__)
 
 LAYER_LABELS = ["run", "layer", "index"]
 
 
-def control_families(runs: list) -> Iterator[Metric]:
+def control_families(runs: list[RunState]) -> Iterator[Metric]:
     """Control plane metrics: requested rates, command versions, late applications (server/control.py).
 
     ``layrot_layer_rho_requested`` is the current command evaluated at the run's
@@ -68,7 +71,7 @@ def control_families(runs: list) -> Iterator[Metric]:
         version.add_metric([rs.run], rc.version)
         applied.add_metric([rs.run], rc.applied_state()[0])
         late.add_metric([rs.run], rc.late_total)
-        snap = rs.primary()
+        snap = rs.view.primary
         rates = rc.requested_rates(snap.step if snap is not None else 1)
         if rates is None:
             continue
@@ -78,7 +81,12 @@ def control_families(runs: list) -> Iterator[Metric]:
 
 
 class LayrotCollector(Collector):
-    """Metric families over a ``CollectorState`` (see module docstring for names)."""
+    """Metric families over a ``CollectorState`` (see module docstring for names).
+
+    Runs on the metrics HTTP thread while the loop ingests: per run it reads
+    the published ``RunState.view`` once, so every number of a run in one
+    scrape comes from the same batch.
+    """
 
     def __init__(
         self,
@@ -86,18 +94,21 @@ class LayrotCollector(Collector):
         store: Store | None = None,
         run_ttl: float = 86400.0,
         clock: Callable[[], float] = time.time,
+        alerts: AlertEngine | None = None,
     ) -> None:
         self.state = state
         self.store = store
         self.run_ttl = run_ttl
         self.clock = clock
+        self.alerts = alerts
 
-    def visible_runs(self) -> list:
+    def visible_runs(self) -> list[RunState]:
         """Runs that are connected or reported within ``run_ttl`` seconds."""
         now = self.clock()
         out = []
         for rs in self.state.snapshot_runs():
-            last = rs.last_report if rs.last_report is not None else rs.created
+            last_report = rs.view.last_report
+            last = last_report if last_report is not None else rs.created
             if rs.connected or (now - last) <= self.run_ttl:
                 out.append(rs)
         return out
@@ -138,19 +149,21 @@ class LayrotCollector(Collector):
             labels=["run"],
         )
 
-        for rs in self.visible_runs():
+        runs = self.visible_runs()
+        for rs in runs:
             run = rs.run
-            snap = rs.primary()
+            view = rs.view  # one read: every number below is of the same batch
+            snap = view.primary
             nlayers.add_metric([run], rs.num_layers)
             connected.add_metric([run], 1.0 if rs.connected else 0.0)
             info.add_metric([run, rs.framework, rs.host], 1.0)
-            nonfinite.add_metric([run], rs.nonfinite)
+            nonfinite.add_metric([run], view.nonfinite)
             if snap is None:
                 continue
             step.add_metric([run], snap.step)
-            if rs.last_report is not None:
-                last.add_metric([run], rs.last_report)
-            mn, mean = rs.summary_stats()
+            if view.last_report is not None:
+                last.add_metric([run], view.last_report)
+            mn, mean = view.summary_stats()
             rmin.add_metric([run], mn)
             rmean.add_metric([run], mean)
             rot_l = snap.rotation.tolist()
@@ -165,7 +178,7 @@ class LayrotCollector(Collector):
                 if rho_l is not None and not math.isnan(rho_l[i]):
                     rho.add_metric(labels, rho_l[i])
         yield from (rotation, angle, norm, rho, step, last, nlayers, rmin, rmean, connected, info, nonfinite)
-        yield from control_families(self.visible_runs())
+        yield from control_families(runs)
 
         st = self.state
         yield CounterMetricFamily(
@@ -196,8 +209,8 @@ class LayrotCollector(Collector):
             yield CounterMetricFamily(
                 "layrot_store_errors", "Failed history store transactions", value=self.store.errors
             )
-        if st.alerts is not None:  # layrot_alerts_total{run,layer,kind,severity} etc. (server/alerts.py)
-            yield from st.alerts.hub.metric_families(rs.run for rs in self.visible_runs())
+        if self.alerts is not None:  # layrot_alerts_total{run,layer,kind,severity} etc. (server/alert_hub.py)
+            yield from self.alerts.hub.metric_families(rs.run for rs in runs)
 
 
 class _Server(ThreadingWSGIServer):

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
-from layrot.server.control import ControlRefused, client_who
+from layrot.server.control import ControlPlane, ControlRefused, client_who
 from layrot.server.ingest import check_token
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store import Store
+
+if TYPE_CHECKING:
+    from layrot.server.alerts import AlertEngine
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +59,24 @@ def run_summary(rs: RunState) -> pb.RunSummary:
 
 
 class QueryServicer(pb_grpc.QueryServicer):
-    """Read queries; control and alert calls arrive in later versions."""
+    """Read queries, control commands (``SetControl``/``GetControl``) and alerts.
 
-    def __init__(self, state: CollectorState, store: Store, token: str | None = None) -> None:
+    Collaborators come from the composition root (server/app.py); ``alerts``
+    None answers the alert calls with UNIMPLEMENTED.
+    """
+
+    def __init__(
+        self,
+        state: CollectorState,
+        store: Store,
+        control: ControlPlane,
+        alerts: AlertEngine | None = None,
+        token: str | None = None,
+    ) -> None:
         self.state = state
         self.store = store
+        self.control = control
+        self.alerts = alerts
         self.token = token
 
     async def _run(self, name: str, context: grpc.aio.ServicerContext) -> RunState:
@@ -144,7 +161,7 @@ class QueryServicer(pb_grpc.QueryServicer):
             self.state.reject("unauthenticated_control")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
         rs = await self._run(request.run, context)
-        plane = self.state.control
+        plane = self.control
         who = client_who(request.command.issued_by, context.peer())
         try:
             plane.set_command(rs, request.command, who)
@@ -155,14 +172,14 @@ class QueryServicer(pb_grpc.QueryServicer):
     async def GetControl(self, request: pb.GetControlRequest, context: grpc.aio.ServicerContext) -> pb.ControlStatus:
         """Requested vs applied command of a run, per-layer rates, audit trail."""
         rs = await self._run(request.run, context)
-        return self.state.control.status(rs)
+        return self.control.status(rs)
 
     # ------------------------------------------------------------ alerts (server/alerts.py)
-    async def _alert_hub(self, context: grpc.aio.ServicerContext):
-        engine = self.state.alerts
+    async def _alert_hub(self, context: grpc.aio.ServicerContext) -> AlertEngine:
+        engine = self.alerts
         if engine is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector has no alert engine")
-        return engine
+        return engine  # type: ignore[return-value]
 
     async def ListAlerts(
         self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext

@@ -2,8 +2,11 @@
 
 Mutated only on the asyncio loop thread (ingest, query). The metrics thread
 reads it concurrently: structural changes (new runs) happen under ``lock``,
-and the newest values of a rank are an immutable ``Snapshot`` replaced in
-one assignment, so a scrape never sees half an update.
+and a run's progress (newest ``Snapshot`` per rank, report times, non-finite
+count) is one immutable ``RunView`` that the loop replaces in a single
+assignment per batch, so a scrape that reads ``rs.view`` once sees one
+consistent state of the run, never half an update and never a dict that
+changes size under it.
 """
 
 from __future__ import annotations
@@ -12,13 +15,18 @@ import asyncio
 import collections
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from layrot.server.control import RunControl
 from layrot.server.store import LayerRecord, RunRecord
+
+if TYPE_CHECKING:  # alerts.py and control.py import this module for their own hints
+    from layrot.server.alerts import AlertEngine
+    from layrot.server.control import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,33 @@ class Snapshot:
     step_angle: np.ndarray
     weight_norm: np.ndarray
     rho: np.ndarray | None  # None without Layca
+
+
+def _summary(snap: Snapshot | None) -> tuple[float, float]:
+    if snap is None:
+        return float("nan"), float("nan")
+    rot = snap.rotation
+    ok = rot[np.isfinite(rot)]
+    if ok.size == 0:
+        return float("nan"), float("nan")
+    return float(ok.min()), float(ok.mean())
+
+
+class RunView(NamedTuple):
+    """A run's progress as of its newest accepted batch; never changed, only replaced whole.
+
+    A tuple, so publishing one per batch costs one small allocation.
+    """
+
+    last: Mapping[int, Snapshot]  # rank -> newest Snapshot (a fresh dict per view, never mutated)
+    primary: Snapshot | None  # of the lowest reporting rank: per-run numbers use one rank
+    first_report: float | None
+    last_report: float | None  # newest measurement time over all ranks
+    nonfinite: int
+
+    def summary_stats(self) -> tuple[float, float]:
+        """(min, mean) rotation over layers of the primary rank, ignoring NaN; NaN when unknown."""
+        return _summary(self.primary)
 
 
 # Marker objects in a session's outbox (see LiveSession).
@@ -108,13 +143,10 @@ class RunState:
         self.capabilities = dict(rec.capabilities)
         self.meta = dict(rec.meta)
         self.created = rec.created
-        self.first_report = rec.first_report
-        self.last_report = rec.last_seen
-        self.nonfinite = rec.nonfinite
+        self.view = RunView({}, None, rec.first_report, rec.last_seen, rec.nonfinite)
         self.layers: list[LayerRecord] = list(rec.layers)
         self.names = [lay.name for lay in self.layers]
         self.init_norm = np.array([lay.init_norm for lay in self.layers], dtype=np.float64)
-        self.last: dict[int, Snapshot] = {}
         self.sessions: set[LiveSession] = set()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.control_acks: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
@@ -130,32 +162,69 @@ class RunState:
         """True while at least one session of the run is open."""
         return bool(self.sessions)
 
+    @property
+    def last(self) -> Mapping[int, Snapshot]:
+        """Newest Snapshot per rank (read-only; replaced with each batch)."""
+        return self.view.last
+
+    @property
+    def first_report(self) -> float | None:
+        """Measurement time of the run's first reported step."""
+        return self.view.first_report
+
+    @property
+    def last_report(self) -> float | None:
+        """Measurement time of the newest reported step (any rank)."""
+        return self.view.last_report
+
+    @property
+    def nonfinite(self) -> int:
+        """Layer samples with NaN/Inf inputs so far."""
+        return self.view.nonfinite
+
     def primary(self) -> Snapshot | None:
         """Newest values of the lowest reporting rank (rank 0 in practice).
 
         Per-run numbers use one rank; combining sharded ranks is future work.
         """
-        last = self.last
-        if not last:
-            return None
-        return last[min(last)]
+        return self.view.primary
 
     def update(self, snap: Snapshot) -> None:
-        """Keep the newest step per rank (a resent older batch does not move it back)."""
-        cur = self.last.get(snap.rank)
+        """Keep the newest step per rank (a resent older batch does not move it back); report times unchanged."""
+        v = self.view
+        last = self._with(v.last, snap)
+        if last is not v.last:
+            self.view = v._replace(last=last, primary=last[min(last)])
+
+    @staticmethod
+    def _with(last: Mapping[int, Snapshot], snap: Snapshot) -> Mapping[int, Snapshot]:
+        cur = last.get(snap.rank)
         if cur is None or snap.step >= cur.step:
-            self.last[snap.rank] = snap
+            return {**last, snap.rank: snap}
+        return last
+
+    def record_batch(self, snap: Snapshot, nonfinite: int) -> bool:
+        """Publish the run's progress after an accepted batch; True when it was the run's first report.
+
+        One new ``RunView`` by one assignment: readers on other threads see
+        the state before or after the batch, nothing in between.
+        """
+        v = self.view
+        last = self._with(v.last, snap)
+        if last is v.last:
+            primary = v.primary
+        else:
+            primary = last[min(last)] if len(last) > 1 else snap
+        first = v.first_report is None
+        last_report = v.last_report
+        if last_report is None or snap.time >= last_report:
+            last_report = snap.time
+        self.view = RunView(last, primary, snap.time if first else v.first_report, last_report, v.nonfinite + nonfinite)
+        return first
 
     def summary_stats(self) -> tuple[float, float]:
         """(min, mean) rotation over layers of the primary rank, ignoring NaN; NaN when unknown."""
-        snap = self.primary()
-        if snap is None:
-            return float("nan"), float("nan")
-        rot = snap.rotation
-        ok = rot[np.isfinite(rot)]
-        if ok.size == 0:
-            return float("nan"), float("nan")
-        return float(ok.min()), float(ok.mean())
+        return _summary(self.view.primary)
 
 
 @dataclass
@@ -171,10 +240,10 @@ class CollectorState:
     sessions_lost: int = 0
     rejected: collections.Counter = field(default_factory=collections.Counter)
     next_run_id: int = 1
-    # The collector's ControlPlane (server/control.py), set when ingest starts.
-    control: Any = None
-    # The collector's AlertEngine (server/alerts.py), set at start; None in bare states.
-    alerts: Any = None
+    # The collector's ControlPlane (server/control.py), set by the composition root (server/app.py).
+    control: ControlPlane | None = None
+    # The collector's AlertEngine (server/alerts.py), set by the composition root; None in bare states.
+    alerts: AlertEngine | None = None
 
     def restore(self, records: list[RunRecord]) -> None:
         """Load runs from the history store (after a restart)."""
@@ -183,15 +252,17 @@ class CollectorState:
                 rs = RunState(rec)
                 if rec.last_row is not None and rec.layers:
                     step, t, loss, rot, ang, wn, rho = rec.last_row
-                    rs.last[rec.last_rank or 0] = Snapshot(
-                        rank=rec.last_rank or 0,
-                        step=int(step),
-                        time=float(t or 0.0),
-                        loss=float("nan") if loss is None else float(loss),
-                        rotation=np.frombuffer(rot, dtype="<f8"),
-                        step_angle=np.frombuffer(ang, dtype="<f8"),
-                        weight_norm=np.frombuffer(wn, dtype="<f8"),
-                        rho=None if rho is None else np.frombuffer(rho, dtype="<f8"),
+                    rs.update(
+                        Snapshot(
+                            rank=rec.last_rank or 0,
+                            step=int(step),
+                            time=float(t or 0.0),
+                            loss=float("nan") if loss is None else float(loss),
+                            rotation=np.frombuffer(rot, dtype="<f8"),
+                            step_angle=np.frombuffer(ang, dtype="<f8"),
+                            weight_norm=np.frombuffer(wn, dtype="<f8"),
+                            rho=None if rho is None else np.frombuffer(rho, dtype="<f8"),
+                        )
                     )
                 self.runs[rec.run] = rs
                 self.next_run_id = max(self.next_run_id, rec.run_id + 1)

@@ -1,0 +1,44 @@
+"""Step 2 of ingest: per-layer rotation, step angle and the non-finite mask of a decoded batch.
+
+The math is layrot.core.rotation (float64, vectorised over steps x layers).
+With the radial dots the angles are well conditioned even for mostly radial
+steps; without them (older or minimal clients) the triangle formulas apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from layrot.core import rotation as rot
+from layrot.server.decode import DecodedBatch
+
+
+@dataclass(slots=True)
+class Derived:
+    """What the collector computes from a batch, (S, L) each."""
+
+    rotation: np.ndarray  # cosine distance to w(0)
+    angle: np.ndarray  # radians rotated in the step
+    bad: np.ndarray  # True where an input was NaN/Inf
+    nonfinite: int  # count of True in ``bad``
+
+
+def derive(batch: DecodedBatch, init_norm: np.ndarray) -> Derived:
+    """Rotations against the session's ``init_norm`` (L,), step angles, and the non-finite mask."""
+    if batch.dot0 is not None:
+        rotation = rot.cosine_distance(rot.radial_angle(init_norm[None, :], batch.dist0, batch.dot0))
+    else:
+        rotation = rot.rotation(init_norm[None, :], batch.norm, batch.dist0)
+    if batch.dotstep is not None:
+        angle = rot.radial_angle(batch.norm_prev, batch.dstep, batch.dotstep)
+    else:
+        angle = rot.step_angle(batch.norm_prev, batch.norm, batch.dstep)
+    bad = ~(
+        np.isfinite(batch.norm) & np.isfinite(batch.dist0) & np.isfinite(batch.dstep) & np.isfinite(batch.norm_prev)
+    )
+    for extra in (batch.dot0, batch.dotstep):
+        if extra is not None:
+            bad |= ~np.isfinite(extra)
+    return Derived(rotation, angle, bad, int(np.count_nonzero(bad)))
