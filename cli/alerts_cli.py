@@ -1,6 +1,6 @@
 """``layrot-agent alerts``: list, follow and tune the collector's alerts.
 
-Attached to the main CLI in agent/cli.py (``cli.add_command(alerts_command)``).
+Attached to the main CLI in cli/main.py (``cli.add_command(alerts_command)``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from layrot.client.query import DEFAULT_COLLECTOR, CollectorError, QueryClient
+from layrot.client.errors import DEFAULT_COLLECTOR, CollectorError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -115,7 +115,12 @@ def _table(rows: list[list[str]]) -> str:
 
 
 @click.group("alerts", invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
-@click.option("--run", default=None, help="Only this run (default: every run).")
+@click.option(
+    "--run",
+    default=None,
+    help="Only this run (default: every run). Unknown to the collector: an error, except with --follow "
+    "(which waits for the run to appear).",
+)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing alerts as the collector raises them (Ctrl-C stops).")
 @click.option(
     "--since",
@@ -164,11 +169,15 @@ def alerts_command(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"collector": collector, "token": token}
         return
+    from layrot.client.query import QueryClient
+
     t0 = parse_since(since)
     try:
         with QueryClient(collector, token) as q:
             if not follow:
                 items = q.list_alerts(run, limit=limit, since=t0)
+                if run and not items:
+                    q.get_run(run)  # an unknown run is an error (NOT_FOUND), not "no alerts"
                 if as_json:
                     click.echo(json.dumps([json_record(a) for a in items], indent=2, allow_nan=False))
                 elif not items:
@@ -238,6 +247,8 @@ def thresholds_command(
       layrot-agent alerts thresholds resnet-a --k 8 --warmup 100
       layrot-agent alerts thresholds resnet-a --reset
     """
+    from layrot.client.query import QueryClient
+
     values: dict[str, float] = {}
     try:
         with QueryClient(collector or obj["collector"], token or obj["token"]) as q:
@@ -282,111 +293,3 @@ def thresholds_command(
     for name, v in result.items():
         extra = f"  ({math.degrees(v):.3g} deg)" if name in ("abs_angle", "min_angle") and math.isfinite(v) else ""
         click.echo(f"  {name:14} {v:g}{extra}")
-
-
-# ---------------------------------------------------------------- serve options
-def serve_alert_options(fn: Any) -> Any:
-    """Alert options of ``layrot-agent serve``; the command receives them as one ``alert_options`` dict
-    of ``Collector`` keyword arguments. Defaults (None) are the engine's (server/alerts.py Thresholds)."""
-    import functools
-
-    keys = (
-        "alertmanager",
-        "no_alerts",
-        "alert_abs_angle",
-        "alert_k",
-        "alert_window",
-        "alert_warmup",
-        "alert_min_angle",
-        "stall_seconds",
-        "alert_resolve_after",
-    )
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opts = {k: kwargs.pop(k) for k in keys}
-        thresholds = {
-            name: opts[key]
-            for name, key in (
-                ("abs_angle", "alert_abs_angle"),
-                ("k", "alert_k"),
-                ("window", "alert_window"),
-                ("warmup", "alert_warmup"),
-                ("min_angle", "alert_min_angle"),
-                ("stall_seconds", "stall_seconds"),
-            )
-            if opts[key] is not None
-        }
-        from layrot.server.alerts import Thresholds  # serve loads the server anyway
-
-        try:
-            Thresholds(**thresholds)
-        except ValueError as exc:
-            raise click.UsageError(f"bad alert threshold: {exc}") from None
-        alert_options = {
-            "alerts": not opts["no_alerts"],
-            "thresholds": thresholds,
-            "alertmanager_url": list(opts["alertmanager"]),
-            "alert_quiet": opts["alert_resolve_after"],
-        }
-        return fn(*args, alert_options=alert_options, **kwargs)
-
-    options = [
-        click.option(
-            "--alertmanager",
-            multiple=True,
-            metavar="URL",
-            envvar="LAYROT_ALERTMANAGER",
-            show_envvar=True,
-            help="Push alerts to this Alertmanager (http://host:9093; API v2). Repeat for an HA set.",
-        ),
-        click.option("--no-alerts", is_flag=True, help="Do not evaluate alerts (stored ones stay listable)."),
-        click.option(
-            "--alert-abs-angle",
-            type=float,
-            default=None,
-            metavar="RAD",
-            help="Default absolute step-angle limit in radians [default: 0.3 = 17 deg; inf disables].",
-        ),
-        click.option(
-            "--alert-k",
-            type=float,
-            default=None,
-            help="Default k: fire above median + k * spread of a layer's recent angles [default: 10].",
-        ),
-        click.option(
-            "--alert-window",
-            type=click.IntRange(min=3, max=10_000),
-            default=None,
-            help="Default baseline window in reported steps [default: 50].",
-        ),
-        click.option(
-            "--alert-warmup",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Default reported steps before the baseline rule arms [default: 20].",
-        ),
-        click.option(
-            "--alert-min-angle",
-            type=float,
-            default=None,
-            metavar="RAD",
-            help="Default angle in radians below which the baseline rule never fires [default: 0.01].",
-        ),
-        click.option(
-            "--stall-seconds",
-            type=float,
-            default=None,
-            help="Default seconds a connected run may stay silent before it is stalled [default: 900].",
-        ),
-        click.option(
-            "--alert-resolve-after",
-            type=click.FloatRange(min=1.0),
-            default=300.0,
-            show_default=True,
-            help="Seconds without a new event after which a pushed alert is resolved in Alertmanager.",
-        ),
-    ]
-    for opt in reversed(options):
-        wrapper = opt(wrapper)
-    return wrapper

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from layrot.client.query import DEFAULT_COLLECTOR, QueryClient
+from layrot.client.errors import DEFAULT_COLLECTOR
+
+if TYPE_CHECKING:  # pragma: no cover
+    from layrot.client.query import QueryClient
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -37,6 +40,9 @@ def collector_options(fn: Callable) -> Callable:
 
 
 def client(collector: str, token: str | None) -> QueryClient:
+    """A query client; grpc and the generated code load here, on the first command that talks to a collector."""
+    from layrot.client.query import QueryClient
+
     return QueryClient(collector, token)
 
 

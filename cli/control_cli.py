@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -33,7 +33,10 @@ from layrot.cli.cli_common import (
 from layrot.cli.cli_common import (
     table as _table,
 )
-from layrot.client.query import CollectorError, QueryClient
+from layrot.client.errors import CollectorError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from layrot.client.query import QueryClient
 
 __all__ = ["control_group"]
 

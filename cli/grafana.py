@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 import click
 
+from layrot.cli.cli_common import CONTEXT_SETTINGS
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_FOLDER = "layrot"
@@ -339,12 +341,21 @@ def panel_exprs(
 # ----------------------------------------------------------------------------- CLI
 
 
-@click.group("grafana")
+@click.group("grafana", context_settings=CONTEXT_SETTINGS)
 def grafana_group() -> None:
-    """Grafana dashboards for layrot."""
+    """Grafana dashboards for layrot: push the bundled dashboards to a Grafana server.
+
+    Needs grafana-client (pip install 'layrot[grafana]'). The dashboards read the
+    collector's Prometheus metrics (a Prometheus data source scraping /metrics).
+
+    \b
+    Examples:
+      layrot-agent grafana push --url http://localhost:3000 --token glsa_xxx
+      LAYROT_GRAFANA_URL=http://admin:admin@grafana:3000 layrot-agent grafana push --json
+    """
 
 
-@grafana_group.command("push")
+@grafana_group.command("push", context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--url",
     envvar="LAYROT_GRAFANA_URL",
@@ -379,7 +390,18 @@ def push_command(
     insecure: bool,
     as_json: bool,
 ) -> None:
-    """Create or update the layrot dashboards in Grafana (idempotent)."""
+    """Create or update the layrot dashboards in Grafana (idempotent).
+
+    Creates the folder if needed and saves every dashboard JSON of --dir (default:
+    the dashboards shipped in the package, deploy/grafana/dashboards), overwriting
+    older versions unless --no-overwrite.
+
+    \b
+    Examples:
+      layrot-agent grafana push --url http://localhost:3000 --token glsa_xxx
+      layrot-agent grafana push --url http://admin:admin@localhost:3000 --folder ML --no-overwrite
+      layrot-agent grafana push --url https://grafana.example.org --dir ./my-dashboards --json
+    """
     try:
         done = push_dashboards(
             url, token, folder=folder, dashboards_dir=dashboards_dir, overwrite=not no_overwrite, verify=not insecure

@@ -12,14 +12,15 @@ import itertools
 import json
 import logging
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from layrot.cli.alerts_cli import alerts_command, serve_alert_options
 from layrot.cli.cli_common import (
     CONTEXT_SETTINGS,
     collector_options,
@@ -42,9 +43,14 @@ from layrot.cli.cli_common import (
 from layrot.cli.cli_common import (
     table as _table,
 )
-from layrot.cli.control_cli import control_group
-from layrot.cli.grafana import grafana_group
-from layrot.client.query import CollectorError, History
+from layrot.cli.serve_options import serve_alert_options
+from layrot.client.errors import CollectorError
+
+# Start-up matters (every command is a new process): grpc, protobuf and numpy load
+# in the commands that talk to a collector, matplotlib in `curves`, the server in
+# `serve` and `demo`. tests/test_cli.py checks what a query command imports.
+if TYPE_CHECKING:  # pragma: no cover
+    from layrot.client.query import History
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,38 @@ EXPORT_FIELDS = ("run", "step", "layer", "layer_index", "rotation", "step_angle"
 
 
 # ---------------------------------------------------------------- group
-@click.group(context_settings=CONTEXT_SETTINGS)
+class LazyGroup(click.Group):
+    """A group whose larger subcommand groups load from their modules when first asked for.
+
+    ``lazy``: command name -> "module:attribute". ``layrot-agent runs`` then never
+    executes the control and Grafana command definitions; ``--help`` loads them all.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings=CONTEXT_SETTINGS,
+    lazy={
+        "alerts": "layrot.cli.alerts_cli:alerts_command",
+        "control": "layrot.cli.control_cli:control_group",
+        "grafana": "layrot.cli.grafana:grafana_group",
+    },
+)
 @click.option(
     "--log-level",
     default="warning",
@@ -80,6 +117,34 @@ def cli(log_level: str) -> None:
 
 
 # ---------------------------------------------------------------- serve
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_db_path(db: str) -> None:
+    """Refuse a database URL for ``--db``: only SQLite files exist today (click refuses a folder)."""
+    m = _URL.match(db)
+    if m:
+        scheme = m.group(0)[:-3]
+        raise click.BadParameter(
+            # The URL itself is not echoed: it may carry a password.
+            f"got a {scheme}:// URL; the collector stores its history in a SQLite file only "
+            "(PostgreSQL is not supported yet): give a file path, e.g. --db /var/lib/layrot/layrot.db",
+            param_hint="'--db'",
+        )
+
+
+def check_output_folder(output: str) -> None:
+    """``-o`` into a folder that does not exist: one clear error before anything is fetched."""
+    if output == "-":
+        return
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(
+            f"cannot write {output}: folder {os.path.dirname(output) or folder} does not exist (create it first)",
+            param_hint="'-o' / '--output'",
+        )
+
+
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--grpc-host", default="0.0.0.0", show_default=True, help="Interface for gRPC (ingest + queries).")
 @click.option("--grpc-port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
@@ -93,7 +158,8 @@ def cli(log_level: str) -> None:
     default="./layrot.db",
     show_default=True,
     type=click.Path(dir_okay=False),
-    help="SQLite history database (created if missing; history survives restarts).",
+    help="SQLite history database file (created with its folders if missing; history survives restarts). "
+    "Database URLs (postgresql://...) are not supported yet.",
 )
 @click.option(
     "--token",
@@ -132,6 +198,7 @@ def serve(
       LAYROT_TOKEN=s3cret layrot-agent serve --grpc-host 0.0.0.0
       layrot-agent serve --alertmanager http://alertmanager:9093 --alert-abs-angle 0.25
     """
+    check_db_path(db)
     from layrot.server.app import Collector  # the daemon's dependencies only load here
 
     collector = Collector(
@@ -147,7 +214,13 @@ def serve(
     try:
         collector.start()
     except Exception as exc:
-        raise click.ClickException(f"cannot start the collector: {exc}") from None
+        import sqlite3
+
+        if isinstance(exc, sqlite3.Error):
+            raise click.ClickException(f"cannot open the history database {db}: {exc}") from None
+        if isinstance(exc, OSError) and exc.filename is not None:
+            raise click.ClickException(f"cannot start the collector: {exc.strerror}: {exc.filename}") from None
+        raise click.ClickException(f"cannot start the collector (db {db}): {exc}") from None
     click.echo(
         f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
         f"db {db}{', token required' if token else ''}",
@@ -322,6 +395,7 @@ def export(
       layrot-agent export resnet-a --format csv -o resnet-a.csv
       layrot-agent export resnet-a --since-step 1000 --until-step 2000 > part.json
     """
+    check_output_folder(output)
     writer = _write_json if fmt == "json" else _write_csv
     counts = {"steps": 0, "layers": 0}
 
@@ -379,6 +453,7 @@ def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token:
       layrot-agent curves resnet-a -o resnet-a.png
       layrot-agent curves resnet-a -o resnet-a.svg --log-x
     """
+    check_output_folder(output)
     from layrot.cli.curves import plot_layer_rotation_curves
 
     try:
@@ -433,13 +508,8 @@ def demo(steps: int, every: int, out: str | None, serve: bool) -> None:
     run_demo(steps=steps, every=every, out=out, serve=serve)
 
 
-cli.add_command(alerts_command)
-cli.add_command(grafana_group)
-cli.add_command(control_group)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point of ``layrot-agent``."""
+    """Run ``layrot-agent`` (the console entry point is ``layrot.cli.console_main``, which checks the extra)."""
     try:
         cli.main(args=argv, prog_name="layrot-agent")
     except KeyboardInterrupt:  # pragma: no cover - interactive

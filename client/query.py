@@ -11,18 +11,21 @@ Errors come out as ``CollectorError`` with a one-line, human message.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 
+from layrot.client.errors import DEFAULT_COLLECTOR, CollectorError, default_address
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 
-DEFAULT_COLLECTOR = "localhost:50051"
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+# numpy loads on the first history call only: `layrot-agent runs` and the other
+# table commands start faster without it (benchmarks/cli_startup.py).
 
 __all__ = [
     "DEFAULT_COLLECTOR",
@@ -33,19 +36,6 @@ __all__ = [
     "control_status_dict",
     "default_address",
 ]
-
-
-def default_address() -> str:
-    """``$LAYROT_COLLECTOR`` or ``localhost:50051``."""
-    return os.environ.get("LAYROT_COLLECTOR") or DEFAULT_COLLECTOR
-
-
-class CollectorError(Exception):
-    """A query failed; ``str(exc)`` is a one-line explanation for humans."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -242,6 +232,8 @@ class QueryClient:
 
     def iter_history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> Iterator[History]:
         """History in chunks (<= ~2000 steps each) as they stream in: constant memory for any run length."""
+        import numpy as np
+
         names: list[str] = []
         try:
             # No overall deadline: a long history may take a while to stream.
@@ -272,6 +264,8 @@ class QueryClient:
 
     def history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> History:
         """Full history (inclusive step bounds; 0 = open) as numpy arrays."""
+        import numpy as np
+
         parts = list(self.iter_history(run, since_step, until_step, rank))
         names = parts[0].layer_names if parts else []
         L = len(names)

@@ -299,3 +299,136 @@ def test_serve_daemon_runs_and_stops_cleanly_on_sigterm(tmp_path, ingest, sim_jo
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT COUNT(*) FROM steps").fetchone()[0] == 3
     conn.close()
+
+
+# ---------------------------------------------------------------- edges of the command line
+def _clean_error(r, exit_code: int) -> str:
+    assert r.exit_code == exit_code, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in r.output
+    return r.output
+
+
+def test_export_and_curves_into_a_missing_folder_is_a_clear_error(fed, tmp_path):
+    """-o into a folder that does not exist: exit 2 naming the folder, nothing fetched or created."""
+    c, _ = fed
+    missing = tmp_path / "no" / "such"
+    for cmd in (["export", "cnn", "-o", str(missing / "cnn.json")], ["curves", "cnn", "-o", str(missing / "c.png")]):
+        out = _clean_error(CliRunner().invoke(cli, cmd + ["--collector", c.grpc_address]), 2)
+        assert f"folder {missing} does not exist" in out
+    assert not (tmp_path / "no").exists()
+    # An existing folder still works, relative paths too.
+    r = CliRunner().invoke(cli, ["export", "cnn", "-o", str(tmp_path / "cnn.json"), "--collector", c.grpc_address])
+    assert r.exit_code == 0, r.output
+
+
+def test_alerts_for_an_unknown_run_is_an_error(fed):
+    c, _ = fed
+    r = CliRunner().invoke(cli, ["alerts", "--run", "NOSUCH", "--collector", c.grpc_address])
+    out = _clean_error(r, 1)
+    assert "unknown run 'NOSUCH'" in out and "no alerts" not in out
+    r = CliRunner().invoke(cli, ["alerts", "--run", "mlp", "--collector", c.grpc_address])
+    assert r.exit_code == 0 and "no alerts for run mlp" in r.output  # a known run without alerts
+
+
+def test_grafana_help_has_examples():
+    for cmd in (["grafana"], ["grafana", "push"]):
+        for flag in ("--help", "-h"):
+            r = run_cli(*cmd, flag)
+            assert r.exit_code == 0 and "Examples:" in r.output and "layrot-agent grafana push --url" in r.output
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://layrot:secret@db:5432/layrot", "postgres://db/layrot", "sqlite:///tmp/x.db"]
+)
+def test_serve_refuses_a_database_url(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _clean_error(CliRunner().invoke(cli, ["serve", "--db", url]), 2)
+    assert "--db" in out and "SQLite file" in out and "not supported yet" in out
+    assert "secret" not in out  # a URL's password is not echoed
+    assert not list(tmp_path.iterdir())  # no SQLite file named after the URL
+
+
+def test_serve_db_errors_name_the_file(tmp_path):
+    bad = tmp_path / "not-a-db.txt"
+    bad.write_text("this is not SQLite\n" * 100)
+    args = ["serve", "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--metrics-host", "127.0.0.1"]
+    out = _clean_error(CliRunner().invoke(cli, args + ["--metrics-port", "0", "--db", str(bad)]), 1)
+    assert f"cannot open the history database {bad}" in out
+    out = _clean_error(CliRunner().invoke(cli, args + ["--metrics-port", "0", "--db", str(tmp_path)]), 2)
+    assert str(tmp_path) in out and "directory" in out
+
+
+# ---------------------------------------------------------------- entry point and start-up
+def _python(code: str, *args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_entry_point_without_the_cli_extra_is_one_line():
+    """`layrot-agent` in a training image installed without [cli]: one line, exit 2, no traceback."""
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["layrot-agent"] == "layrot.cli:console_main"
+    base = " ".join(pyproject["project"]["dependencies"])
+    for dist in ("click", "prometheus-client", "grpcio-health-checking", "matplotlib"):
+        assert dist not in base
+        assert any(d.startswith(dist) for d in pyproject["project"]["optional-dependencies"]["cli"])
+    for blocked in ("click", "matplotlib"):
+        # sys.modules[name] = None makes the module unfindable, as if not installed.
+        done = _python(
+            f"import sys; sys.modules[{blocked!r}] = None; from layrot.cli import console_main; console_main()",
+            "runs",
+        )
+        assert done.returncode == 2, done
+        assert done.stdout == ""
+        assert done.stderr.splitlines() == [
+            f"layrot-agent needs the cli extra: pip install 'layrot[cli]' (missing: {blocked})"
+        ]
+
+
+_PROBE = """
+import json, sys
+from layrot.cli import console_main
+try:
+    console_main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+_HEAVY_PREFIXES = ("matplotlib", "numpy", "torch", "tensorflow", "keras", "layrot.server", "layrot.controllers")
+
+
+def _loaded(*args: str) -> tuple[set[str], str]:
+    done = _python(_PROBE, *args)
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["code"] in (0, None), done
+    return set(report["modules"]), done.stdout
+
+
+def test_query_commands_load_no_heavy_modules(fed):
+    """`runs` / `show` need click, grpc and the generated code, not numpy, matplotlib, the server or a framework."""
+    c, _ = fed
+    for args in (["runs", "--json"], ["show", "cnn"], ["alerts"], ["runs"]):
+        modules, out = _loaded(*args, "--collector", c.grpc_address)
+        assert "cnn" in out or args == ["alerts"], out
+        heavy = sorted(m for m in modules if m.startswith(_HEAVY_PREFIXES) or m == "prometheus_client")
+        assert not heavy, f"{args} loaded {heavy[:10]}"
+        assert {"grpc", "click", "layrot.proto.layrot_pb2"} <= modules
+        assert "layrot.cli.control_cli" not in modules and "layrot.cli.grafana" not in modules
+    modules, out = _loaded("--help")
+    assert "Commands:" in out
+    assert "grpc" not in modules and "google.protobuf" not in modules and "numpy" not in modules
