@@ -335,7 +335,7 @@ class IngestServicer(pb_grpc.IngestServicer):
         except SessionReject as exc:
             self._refuse_batch(b.seq, sess, rs, exc)
             return
-        derived = derive(batch, sess.init_norm)  # type: ignore[arg-type]
+        derived = derive(batch, sess.init_norm)
         alerts = self.alerts
         if alerts is not None and alerts.enabled:  # vectorised, never raises
             alerts.observe(rs, sess.rank, batch.steps, derived.angle, derived.bad, batch.rho, batch.loss)

@@ -179,7 +179,7 @@ class QueryServicer(pb_grpc.QueryServicer):
         engine = self.alerts
         if engine is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector has no alert engine")
-        return engine  # type: ignore[return-value]
+        return engine
 
     async def ListAlerts(
         self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
