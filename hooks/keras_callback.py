@@ -20,6 +20,7 @@ running total), so reporting it costs no host sync either.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,20 +28,31 @@ import keras
 
 from layrot.agent.reporter import ReporterStats
 from layrot.hooks.tf_watch import LayerSelector, TFWatchHandle
+from layrot.hooks.watch_base import legacy_positionals
 
 log = logging.getLogger(__name__)
+
+#: The positional order after ``run`` of earlier releases (deprecated, still accepted).
+_LEGACY_POSITIONALS = ("every", "layers", "collector", "control", "token")
+_DEFAULTS: dict[str, Any] = {"every": 1, "layers": None, "collector": None, "control": False, "token": None}
 
 
 class RotationCallback(keras.callbacks.Callback):
     """Streams per-layer rotation of the model being fitted to the layrot collector.
 
+    ``run`` goes by position (``layrot.watch(model, optimizer, run)``,
+    ``layrot.tf.watch(model, optimizer, run)``; Keras hands over the model and
+    optimizer), the rest by keyword; the old positional order ``(run, every,
+    layers, collector, control, token)`` still works, with a DeprecationWarning.
+
     Args:
         run: run id; default ``LAYROT_RUN`` or script+time+host.
         every: report every N optimizer steps.
-        layers: None (trainable variables with ndim >= 2, in
-            ``model.trainable_variables`` order: layer order for Sequential and
-            functional models), a regex on variable paths, a list of paths or a
-            predicate ``(name, variable) -> bool``.
+        layers: the layer rule shared by every hook and Layca
+            (:mod:`layrot.core.layer_rule`): None (trainable variables with ndim >= 2,
+            in ``model.trainable_variables`` order: layer order for Sequential and
+            functional models), a regex on variable paths or a predicate
+            ``(name, variable) -> bool`` filtering those, or a list of exact paths.
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
         control: accept remote rate commands for the model's ``layrot.keras.Layca``
             optimizer; they apply at the next batch boundary and are acknowledged.
@@ -50,7 +62,7 @@ class RotationCallback(keras.callbacks.Callback):
 
     Steps continue from the optimizer's ``iterations`` at the first ``fit`` (so a
     resumed model keeps its step numbers) and across later ``fit`` calls. w(0) is
-    the weights at the first ``fit``; :meth:`state` / :meth:`load_state` carry it
+    the weights at the first ``fit``; :meth:`state_dict` / :meth:`load_state_dict` carry it
     across a restart. With ``steps_per_execution > 1`` steps are observed per
     execution and the step angle spans the execution.
     """
@@ -58,16 +70,21 @@ class RotationCallback(keras.callbacks.Callback):
     def __init__(
         self,
         run: str | None = None,
+        *args: Any,
         every: int = 1,
         layers: LayerSelector = None,
         collector: str | None = None,
         control: bool = False,
         token: str | None = None,
-        *,
         meta: Mapping[str, str] | None = None,
         loss: bool = True,
         reporter_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if args:
+            values = {"every": every, "layers": layers, "collector": collector, "control": control, "token": token}
+            given = legacy_positionals("RotationCallback", args, _LEGACY_POSITIONALS, values, _DEFAULTS)
+            every, layers, collector = given["every"], given["layers"], given["collector"]
+            control, token = given["control"], given["token"]
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -111,18 +128,30 @@ class RotationCallback(keras.callbacks.Callback):
         if self.handle is not None:
             self.handle.close(timeout)
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """w(0), step count and layer names, for a checkpoint (numpy arrays and Python values)."""
         if self.handle is None:
             raise RuntimeError("nothing to save before the first fit")
-        return self.handle.state()
+        return self.handle.state_dict()
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state` (now, or at the start of the next ``fit``)."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (now, or at the start of the next ``fit``)."""
         if self.handle is not None:
-            self.handle.load_state(state)
+            self.handle.load_state_dict(state)
         else:
             self._state = state
+
+    def state(self) -> dict[str, Any]:
+        """Deprecated name of :meth:`state_dict`."""
+        warnings.warn("RotationCallback.state() is deprecated; use state_dict()", DeprecationWarning, stacklevel=2)
+        return self.state_dict()
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Deprecated name of :meth:`load_state_dict`."""
+        warnings.warn(
+            "RotationCallback.load_state() is deprecated; use load_state_dict()", DeprecationWarning, stacklevel=2
+        )
+        self.load_state_dict(state)
 
     # ------------------------------------------------------------ Keras hooks
     def _ensure_handle(self) -> TFWatchHandle:
@@ -161,7 +190,7 @@ class RotationCallback(keras.callbacks.Callback):
         self._model_id = id(model)
         if self._state is not None:
             state, self._state = self._state, None
-            self.handle.load_state(state)
+            self.handle.load_state_dict(state)
         return self.handle
 
     def on_train_begin(self, logs: Any = None) -> None:

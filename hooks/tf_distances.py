@@ -1,22 +1,23 @@
 """Per-layer norms and distances on the device, for the TensorFlow / Keras hooks.
 
-One compiled ``tf.function`` per report computes, for every layer,
+One compiled ``tf.function`` per report computes, for every layer, the four
+sums of the measurement contract (:mod:`layrot.agent.measurement`, the same as
+the PyTorch hook's), with d0 = w(t) - w(0) and ds = w(t) - w(t-1),
 
-    ||w(t)||, ||w(t) - w(0)||, ||w(t) - w(t-1)||, ||w(t-1)||,
-    (w(t) - w(0)).w(0), (w(t) - w(t-1)).w(t-1)
+    ||d0||^2,  d0 . w(0),  ||ds||^2,  ds . w(t)
 
-(the rows of :data:`layrot.agent.reporter.ROWS`) plus the step's loss, and
-optionally refreshes the w(t-1) copy to w(t) in the same call. It returns one
-(7, L) float64 tensor that stays on the device until the reporter's background
-thread calls ``.numpy()``: the training thread never waits for it.
+plus the step's loss, and optionally refreshes the w(t-1) copy to w(t) in the
+same call. It returns one packed (5, L) float64 tensor (``DEVICE_ROWS``, then the
+loss in column 0 of ``LOSS_ROW``) that stays on the device until the reporter's
+background thread calls ``.numpy()``: the training thread never waits for it.
+The host derives ||w(t)|| and ||w(t-1)|| from ||w(0)|| (``wire_rows``).
 
 Cost model: in TensorFlow a small model's measurement is dominated by op
 dispatch (an elementwise op on a 100 k-element tensor costs as much as the
 arithmetic of ten), so the graph uses few full-size ops per layer: two
-differences and five product sums; ||w(t-1)|| is remembered from the
-measurement (or copy) that set w(t-1) instead of being recomputed. Measured
-and rejected as slower on CPU: float64 casts of the weights, a packed
-all-layers buffer with segment sums, MatMul dots, ``L2Loss`` and XLA.
+differences and four product sums. Measured and rejected as slower on CPU:
+float64 casts of the weights, a packed all-layers buffer with segment sums,
+MatMul dots, ``L2Loss`` and XLA.
 
 Precision: the differences are formed in the weights' dtype (w(t) - w(t-1) is
 exact for small steps by Sterbenz's lemma); TensorFlow's full reductions sum
@@ -120,9 +121,6 @@ class TFLayerDistances:
                     value = tf.identity(p.read_value())
                     self.w0.append(tf.Variable(value, trainable=False, name=f"layrot_w0_{i}"))
                     self.prev.append(tf.Variable(value, trainable=False, name=f"layrot_prev_{i}"))
-            with tf.device(self.params[0].device):
-                # ||w(t-1)||^2, known from the measurement or copy that set w(t-1).
-                self.prev_norm2 = tf.Variable(self._norms2(self.params), trainable=False, name="layrot_prev_norm2")
             self._tracker = None
             if loss_tracker is not None:
                 self._tracker = tuple(as_tf_variable(v) for v in loss_tracker)
@@ -157,9 +155,6 @@ class TFLayerDistances:
         # reduce_sum sums pairwise (unlike MatMul's blocked accumulation, also slower here).
         return tf.reduce_sum(x * y)
 
-    def _norms2(self, params: Sequence[tf.Variable]) -> tf.Tensor:
-        return tf.cast(tf.stack([self._dot(x, x) for x in (self._read(p) for p in params)]), tf.float64)
-
     def _loss(self, loss: tf.Tensor | None, refresh: bool) -> tf.Tensor:
         if self._tracker is None:
             return self._nan if loss is None else tf.reshape(tf.cast(loss, tf.float64), [])
@@ -172,44 +167,37 @@ class TFLayerDistances:
         return step_loss
 
     def _measure(self, loss: tf.Tensor | None, refresh: bool) -> tf.Tensor:
-        n2, d02, ds2, p0, ps, current = [], [], [], [], [], []
+        d02, p0, ds2, pw, current = [], [], [], [], []
         for p, a, b in zip(self.params, self.w0, self.prev):
             w = self._read(p)
             x0 = self._read(a)
-            xp = self._read(b)
+            ds = w - self._read(b)
             d0 = w - x0
-            ds = w - xp
-            n2.append(self._dot(w, w))
             d02.append(self._dot(d0, d0))
-            ds2.append(self._dot(ds, ds))
             p0.append(self._dot(d0, x0))
-            ps.append(self._dot(ds, xp))
+            ds2.append(self._dot(ds, ds))
+            pw.append(self._dot(ds, w))
             current.append(w)
-        sums = tf.cast(
-            tf.stack([tf.stack(n2), tf.stack(d02), tf.stack(ds2), tf.stack(p0), tf.stack(ps)]), tf.float64
-        )  # (5, L): float32 pairwise sums are carried in float64 from here
-        sq = tf.sqrt(tf.concat([sums[:3], self.prev_norm2.read_value()[None, :]], axis=0))
-        out = tf.concat([sq, sums[3:]], axis=0)  # (6, L)
+        # DEVICE_ROWS order; float32 pairwise sums are carried in float64 from here.
+        rows = tf.cast(tf.stack([tf.stack(d02), tf.stack(p0), tf.stack(ds2), tf.stack(pw)]), tf.float64)
         if refresh:
             # Auto control dependencies order these writes after the reads above.
             for b, w in zip(self.prev, current):
                 b.assign(tf.cast(w, b.dtype))
-            self.prev_norm2.assign(sums[0])
         step_loss = self._loss(loss, refresh)
         loss_row = tf.concat([tf.reshape(step_loss, [1]), tf.fill([self.num_layers - 1], self._nan)], axis=0)
-        return tf.concat([out, loss_row[None, :]], axis=0)
+        return tf.concat([rows, loss_row[None, :]], axis=0)  # (PACKED_ROWS, L)
 
     def _copy_prev(self) -> None:
         for b, p in zip(self.prev, self.params):
             b.assign(p.read_value())
-        self.prev_norm2.assign(self._norms2(self.params))
         if self._tracker is not None:
             total, count = (tf.cast(v.read_value(), tf.float64) for v in self._tracker)
             self._tracker_prev.assign(tf.stack([total, count]))
 
     # ------------------------------------------------------------ host API
     def measure(self, refresh_prev: bool, loss: Any = None) -> tf.Tensor:
-        """(7, L) float64 tensor on the device: the reporter's six rows, then the loss in [6, 0].
+        """Packed (5, L) float64 tensor on the device (:mod:`layrot.agent.measurement`'s contract).
 
         With ``refresh_prev`` the w(t-1) copy holds w(t) afterwards. No host sync.
         """

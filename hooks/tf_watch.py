@@ -26,16 +26,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
+from layrot.agent.measurement import PackedMeasurement
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, default_run_name
 from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
-from layrot.hooks.watch_base import WatchBase
+from layrot.hooks.watch_base import WatchBase, legacy_positionals
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +89,6 @@ def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple
     return [(n, v, owners.get(id(as_tf_variable(v)), "")) for n, v in chosen]
 
 
-class _HostValues:
-    """A (7, L) device measurement; the exporter thread pulls it to the host once."""
-
-    __slots__ = ("_tensor", "_host", "_num_layers")
-
-    def __init__(self, tensor: tf.Tensor, num_layers: int) -> None:
-        self._tensor = tensor
-        self._host: np.ndarray | None = None
-        self._num_layers = num_layers
-
-    def _get(self) -> np.ndarray:
-        if self._host is None:
-            self._host = self._tensor.numpy()
-            self._tensor = None  # type: ignore[assignment]
-        return self._host
-
-    def values(self) -> np.ndarray:
-        return self._get()[:6, : self._num_layers]
-
-    def loss(self) -> float | None:
-        v = float(self._get()[6, 0])
-        return None if np.isnan(v) else v
-
-
 def _as_layca(optimizer: Any) -> Any:
     try:
         from layrot.hooks.layca_keras import Layca
@@ -124,14 +102,14 @@ class TFWatchHandle(WatchBase):
 
     Attributes:
         run: the run id.
-        step_count: optimizer steps counted so far (restored by :meth:`load_state`).
+        step_count: optimizer steps counted so far (restored by :meth:`load_state_dict`).
     """
 
     def __init__(
         self,
         target: Any,
-        *,
         optimizer: Any = None,
+        *,
         run: str | None = None,
         every: int = 1,
         layers: LayerSelector = None,
@@ -164,6 +142,7 @@ class TFWatchHandle(WatchBase):
         self._types = [t for _, _, t in chosen]
         self._dist = TFLayerDistances(self._vars, loss_tracker=loss_tracker, jit_compile=jit_compile)
         self._init_norms = [float(np.linalg.norm(w.astype(np.float64).ravel())) for w in self._dist.w0_values()]
+        self._prev_is_w0 = True  # until the first refresh of w(t-1), ||w(t-1)|| = ||w(0)|| exactly
         self._loss: Any = None
         self._rho_index: np.ndarray | None = None
         self._multi_warned = False
@@ -218,6 +197,7 @@ class TFWatchHandle(WatchBase):
             self._report(t, refresh)
         elif refresh:
             self._dist.copy_prev()
+            self._prev_is_w0 = False
         self._loss = None
         if self._layca is not None:
             self._layca.step_boundary(t + 1)
@@ -227,6 +207,18 @@ class TFWatchHandle(WatchBase):
         self._dist.reset_loss_tracker()
 
     def state(self) -> dict[str, Any]:
+        """Deprecated name of :meth:`state_dict`."""
+        warnings.warn("TFWatchHandle.state() is deprecated; use state_dict()", DeprecationWarning, stacklevel=2)
+        return self.state_dict()
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Deprecated name of :meth:`load_state_dict`."""
+        warnings.warn(
+            "TFWatchHandle.load_state() is deprecated; use load_state_dict()", DeprecationWarning, stacklevel=2
+        )
+        self.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed job continues its rotation curves (numpy only)."""
         return {
             **self._state_frame(self.step_count),
@@ -234,8 +226,8 @@ class TFWatchHandle(WatchBase):
             "init_norms": list(self._init_norms),
         }
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Restore w(0) and the step count saved by :meth:`state` (before the next step)."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore w(0) and the step count saved by :meth:`state_dict` (before the next step)."""
         saved = list(state.get("names", ()))
         same_shapes = len(saved) == len(self._names) and all(
             tuple(np.shape(w)) == tuple(v.shape) for w, v in zip(state.get("w0", ()), self._vars)
@@ -248,8 +240,9 @@ class TFWatchHandle(WatchBase):
         self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
         self.step_count = int(state["step"])
         self._dist.copy_prev()  # w(t-1) for the next step is what the model holds now
+        self._prev_is_w0 = False
         if self.reporter is not None:
-            log.warning("layrot: load_state after reporting began; the collector keeps the old layer norms")
+            log.warning("layrot: load_state_dict after reporting began; the collector keeps the old layer norms")
 
     # ------------------------------------------------------------ internals
     def _open(self) -> None:
@@ -309,56 +302,82 @@ class TFWatchHandle(WatchBase):
 
     def _report(self, t: int, refresh: bool) -> None:
         packed = self._dist.measure(refresh_prev=refresh, loss=self._loss)
-        hv = _HostValues(packed, len(self._names))
+        measured = PackedMeasurement(packed.numpy, len(self._names), np.asarray(self._init_norms), self._prev_is_w0)
+        if refresh:
+            self._prev_is_w0 = False
         rho = self._rates(t)
         version = self._layca.command_version if self._layca is not None else 0
-        self.reporter.submit(
-            StepRecord(
-                step=t,
-                time=time.time(),
-                values=hv.values,
-                loss=hv.loss,  # type: ignore
-                rho=rho,
-                command_version=version,
-            )
-        )
+        self.reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
+
+
+#: The positional order after the model of earlier releases (deprecated, still accepted).
+_LEGACY_POSITIONALS = ("run", "every", "layers", "collector", "token", "control")
+_DEFAULTS: dict[str, Any] = {
+    "run": None,
+    "every": 1,
+    "layers": None,
+    "collector": None,
+    "token": None,
+    "control": False,
+}
 
 
 def watch(
     model_or_variables: Any,
+    optimizer: Any = None,
     run: str | None = None,
+    *args: Any,
     every: int = 1,
     layers: LayerSelector = None,
     collector: str | None = None,
     token: str | None = None,
     control: bool = False,
-    *,
-    optimizer: Any = None,
     meta: Mapping[str, str] | None = None,
     reporter_options: Mapping[str, Any] | None = None,
 ) -> TFWatchHandle:
     """Stream per-layer rotation of a TensorFlow / Keras model from a custom training loop.
+
+    Positional arguments are the framework objects and ``run``, as in
+    ``layrot.watch(model, optimizer, run, ...)``; the rest go by keyword. The
+    old positional order ``watch(model, run, every, layers, collector, token,
+    control)`` still works, with a DeprecationWarning (a string in the optimizer's
+    place is taken for the old positional ``run``).
 
     Args:
         model_or_variables: a Keras model or layer, a ``tf.Module``, or a list of variables.
         run: run id shared by all ranks; default ``LAYROT_RUN`` or script+time+host.
         every: report every N optimizer steps (unreported steps cost a counter,
             the step before a report one on-device copy).
-        layers: None (trainable variables with ndim >= 2), a regex on variable
-            paths, a list of paths or a predicate ``(name, variable) -> bool``.
+        layers: the layer rule shared by every hook and Layca
+            (:mod:`layrot.core.layer_rule`): None (trainable variables with ndim >= 2),
+            a regex on variable paths or a predicate ``(name, variable) -> bool``
+            filtering those, or a list of exact paths.
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
         token: bearer token if the collector requires one (``LAYROT_TOKEN``).
         control: accept remote Layca rate commands; needs a ``layrot.keras.Layca``
             optimizer (``optimizer=`` or the model's compiled optimizer).
-        optimizer: the optimizer in use, when it is not ``model.optimizer``.
+        optimizer: the optimizer in use (a ``layrot.keras.Layca`` makes rates and
+            commands visible), when it is not ``model.optimizer``.
         meta: free-form run metadata shown by the CLI.
 
     Returns:
         A :class:`TFWatchHandle`: call ``.step()`` after each optimizer step; it
         has ``observe_loss()``, ``flush()``, ``close()``, ``stats``, ``layer_names``,
-        ``state()`` / ``load_state()``. An unreachable collector never slows or
+        ``state_dict()`` / ``load_state_dict()``. An unreachable collector never slows or
         stops training: one warning, counted drops, reconnection with backoff.
     """
+    if isinstance(optimizer, str) or args:
+        values = {"run": run, "every": every, "layers": layers, "collector": collector, "token": token}
+        values["control"] = control
+        if isinstance(optimizer, str):
+            # The old watch(model, run, every, ...): a string in the optimizer's place is the run.
+            old: tuple[Any, ...] = (optimizer, run, *args) if run is not None or args else (optimizer,)
+            names, values["run"], optimizer = _LEGACY_POSITIONALS, None, None
+        else:
+            old, names = args, _LEGACY_POSITIONALS[1:]
+        given = legacy_positionals("layrot.tf.watch", old, names, values, _DEFAULTS)
+        run, every, layers = given["run"], given["every"], given["layers"]
+        collector, token, control = given["collector"], given["token"], given["control"]
     return TFWatchHandle(
         model_or_variables,
         optimizer=optimizer,

@@ -1,22 +1,15 @@
-"""Per-layer distances on the device, for the watch hook.
+"""Per-layer distances on the device, for the PyTorch watch hook.
 
-For every layer the device computes four sums, with d0 = w(t) - w(0) and
-ds = w(t) - w(t-1):
+For every layer the device computes the four sums of the measurement contract
+(:mod:`layrot.agent.measurement`), with d0 = w(t) - w(0) and ds = w(t) - w(t-1):
 
     ||d0||^2,  d0 . w(0),  ||ds||^2,  ds . w(t)
 
 and optionally refreshes the w(t-1) buffer, returning a (4, L) float64
 tensor on the parameters' device without any host sync. The host (the
-reporter's thread) derives the rest exactly: ||w(t)||^2 = ||w(0)||^2 +
-2 d0.w(0) + ||d0||^2 and ||w(t-1)||^2 = ||w(t)||^2 - 2 ds.w(t) + ||ds||^2
-(see :func:`wire_rows`), so no pass is spent on the norms themselves.
-
-Why dots of differences: the angle of a small step comes out of norms alone
-only through a needle-like triangle, and when the step is mostly radial
-(weight decay on a converged layer) float32 rounding of ||w|| is amplified
-by ||w|| / ||ds||. A dot of the small difference with the weights has error
-relative to ||ds|| ||w||, so the collector can split each difference into
-radial and tangential parts without cancellation.
+reporter's thread) derives ||w(t)|| and ||w(t-1)|| exactly from them and
+||w(0)|| (:func:`~layrot.agent.measurement.wire_rows`), so no pass is spent on
+the norms themselves; why dots of differences, see that module.
 
 Three paths, chosen per layer:
 
@@ -46,12 +39,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+# The contract both frameworks' hooks follow; wire_rows is re-exported for callers of this module.
+from layrot.agent.measurement import DEVICE_ROWS, wire_rows
+
+__all__ = ["BLOCK", "DEVICE_ROWS", "LayerDistances", "fused_kernel", "wire_rows"]
+
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 19  # elements per block: 2 MiB of float32; w, w(0), w(t-1) blocks stay in cache
-
-#: Rows of :meth:`LayerDistances.measure`.
-DEVICE_ROWS = ("dist0_sq", "dot0", "dstep_sq", "dotstep_w")
 
 
 def _blockable(p: torch.Tensor) -> bool:
@@ -111,29 +106,6 @@ def fused_kernel() -> ctypes.CDLL | None:
                 except (OSError, AttributeError) as exc:
                     log.warning("fused report kernel %s failed to load (%s): using the ATen path", spec.origin, exc)
     return _FUSED or None
-
-
-def wire_rows(device_rows: np.ndarray, init_norms: np.ndarray, prev_is_w0: bool = False) -> np.ndarray:
-    """(6, L) StepBatch rows (norm, dist0, dstep, norm_prev, dot0, dotstep) from the device rows.
-
-    ``dotstep`` on the wire is ds . w(t-1) = ds . w(t) - ||ds||^2.
-    """
-    d0sq, dot0, dssq, dsw = np.asarray(device_rows, dtype=np.float64)
-    init_sq = np.asarray(init_norms, dtype=np.float64) ** 2
-    with np.errstate(invalid="ignore"):
-        norm_sq = init_sq + 2.0 * dot0 + d0sq
-        dotstep = dsw - dssq
-        prev_sq = init_sq if prev_is_w0 else norm_sq - 2.0 * dotstep - dssq
-        return np.stack(
-            [
-                np.sqrt(np.maximum(norm_sq, 0.0)),
-                np.sqrt(d0sq),
-                np.sqrt(dssq),
-                np.sqrt(np.maximum(prev_sq, 0.0)),
-                dot0,
-                dotstep,
-            ]
-        )
 
 
 class LayerDistances:

@@ -1,14 +1,18 @@
 """``layrot.watch``: the one hook line for PyTorch training jobs.
 
 After each reported optimizer step, the hook measures per layer, on the
-parameter's device and in a handful of foreach kernels:
+parameter's device (``torch_distances``: one fused CPU sweep, or a handful of
+foreach kernels), the four sums of the measurement contract
+(:mod:`layrot.agent.measurement`), with d0 = w(t) - w(0), ds = w(t) - w(t-1):
 
-    ||w(t)||,  ||w(t) - w(0)||,  ||w(t) - w(t-1)||,  ||w(t-1)||
+    ||d0||^2,  d0 . w(0),  ||ds||^2,  ds . w(t)
 
-and hands them, still on the device, to the background reporter. Distances
-come from differences, never dot products, so the collector can turn them into
-rotations and tiny step angles without cancellation. No host-device sync
-happens on the training thread; unreported steps cost at most one copy.
+packs them with the loss and hands them, still on the device, to the
+background reporter, whose thread derives ||w(t)|| and ||w(t-1)|| exactly from
+||w(0)||. Dots of the small differences with the weights (not norms of the
+weights) let the collector turn them into rotations and tiny step angles
+without cancellation. No host-device sync happens on the training thread;
+unreported steps cost at most one copy.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, StepRecord, default_run_name
-from layrot.hooks.torch_distances import LayerDistances, wire_rows
+from layrot.agent.measurement import PackedMeasurement
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, default_run_name
+from layrot.hooks.torch_distances import LayerDistances
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
-from layrot.hooks.watch_base import WatchBase
+from layrot.hooks.watch_base import WatchBase, legacy_positionals
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +48,18 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class _DeviceValues:
-    """A measurement on its way to the host: (5, L) = ``DEVICE_ROWS`` then the loss.
+class _DeviceFetch:
+    """Brings a packed measurement (``layrot.agent.measurement``) to the host, once, on the reporter's thread.
 
     ``pending``: in-flight all-reduces of the sharded layers' columns (FSDP),
     waited for here on the reporter thread.
     """
 
-    __slots__ = ("_tensor", "_event", "_num_layers", "_init_norms", "_prev_is_w0", "_pending")
+    __slots__ = ("_tensor", "_event", "_pending")
 
-    def __init__(
-        self,
-        tensor: torch.Tensor,
-        num_layers: int,
-        init_norms: np.ndarray,
-        prev_is_w0: bool,
-        pending: PendingSums | None = None,
-    ) -> None:
+    def __init__(self, tensor: torch.Tensor, pending: PendingSums | None = None) -> None:
         self._event = None
         self._pending = pending
-        self._num_layers = num_layers
-        self._init_norms = init_norms
-        self._prev_is_w0 = prev_is_w0
         if tensor.device.type == "cuda":
             # One async device-to-host copy into pinned memory; the exporter
             # thread waits on the event, never the training thread.
@@ -78,7 +73,7 @@ class _DeviceValues:
         else:
             self._tensor = tensor.to("cpu", non_blocking=True)
 
-    def _host(self) -> np.ndarray:
+    def __call__(self) -> np.ndarray:
         if self._event is not None:
             self._event.synchronize()
         host = self._tensor.numpy()
@@ -86,13 +81,6 @@ class _DeviceValues:
             self._pending.apply(host)
             self._pending = None
         return host
-
-    def values(self) -> np.ndarray:
-        return wire_rows(self._host()[:4, : self._num_layers], self._init_norms, self._prev_is_w0)
-
-    def loss(self) -> float | None:
-        v = float(self._host()[4, 0])
-        return None if np.isnan(v) else v
 
 
 class WatchHandle(WatchBase):
@@ -317,8 +305,9 @@ class WatchHandle(WatchBase):
         loss = self._loss.to(rows.device, torch.float64).reshape(1) if self._loss is not None else self._nan
         self._loss = None
         L = len(self._params)
+        # The packed rows of the contract: DEVICE_ROWS, then the loss in column 0 of LOSS_ROW.
         packed = torch.cat([rows, torch.cat([loss, self._nan.expand(L - 1)]).unsqueeze(0)])
-        dv = _DeviceValues(packed, L, self._init_norms_np, prev_is_w0, pending)
+        measured = PackedMeasurement(_DeviceFetch(packed, pending), L, self._init_norms_np, prev_is_w0)
         rho = None
         version = 0
         if self._layca is not None:
@@ -326,9 +315,7 @@ class WatchHandle(WatchBase):
             if self._rho_index is not None:  # Layca covers other layers than the hook
                 rho = np.where(self._rho_index >= 0, rho[np.maximum(self._rho_index, 0)], np.nan)
             version = self._layca.command_version
-        self.reporter.submit(
-            StepRecord(step=t, time=time.time(), values=dv.values, loss=dv.loss, rho=rho, command_version=version)
-        )
+        self.reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
 
 
 def _as_layca(optimizer: Any) -> Any:
@@ -339,14 +326,19 @@ def _as_layca(optimizer: Any) -> Any:
     return optimizer if isinstance(optimizer, Layca) else None
 
 
+#: The positional order after ``run`` of earlier releases (deprecated, still accepted).
+_LEGACY_POSITIONALS = ("every", "layers", "collector")
+_DEFAULTS: dict[str, Any] = {"every": 1, "layers": None, "collector": None}
+
+
 def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     run: str | None = None,
+    *args: Any,
     every: int = 1,
     layers: LayerSelector = None,
     collector: str | None = None,
-    *,
     token: str | None = None,
     control: bool = False,
     meta: Mapping[str, str] | None = None,
@@ -357,6 +349,11 @@ def watch(
     Add one line after building the optimizer::
 
         handle = layrot.watch(model, optimizer, run="resnet18-lr0.1")
+
+    The framework objects and ``run`` go by position, the rest by keyword, as in
+    ``layrot.tf.watch(model, optimizer, run, ...)`` and
+    ``layrot.keras.RotationCallback(run, ...)``; ``every``, ``layers`` and
+    ``collector`` by position still work, with a DeprecationWarning.
 
     Args:
         model: the ``nn.Module`` being trained.
@@ -370,8 +367,10 @@ def watch(
             with the same ``every`` everywhere (checked at setup): each reported
             step all-reduces a (4, L) float64 tensor of partial sums over the
             shard group, so every rank reports whole-layer values.
-        layers: None (parameters with ndim >= 2), a regex, a list of names or a
-            predicate ``(name, param) -> bool``.
+        layers: the layer rule shared by every hook and Layca
+            (:mod:`layrot.core.layer_rule`): None (parameters with ndim >= 2), a
+            regex or a predicate ``(name, param) -> bool`` filtering those, or a
+            list of exact parameter names.
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
         token: bearer token if the collector requires one (``LAYROT_TOKEN``).
         control: accept remote Layca rate commands (needs a ``layrot.Layca`` optimizer).
@@ -383,6 +382,15 @@ def watch(
         If the collector is unreachable training goes on at full speed: one
         warning, counted drops, reconnection with backoff.
     """
+    if args:
+        given = legacy_positionals(
+            "layrot.watch",
+            args,
+            _LEGACY_POSITIONALS,
+            {"every": every, "layers": layers, "collector": collector},
+            _DEFAULTS,
+        )
+        every, layers, collector = given["every"], given["layers"], given["collector"]
     return WatchHandle(
         model,
         optimizer,

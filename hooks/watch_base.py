@@ -1,14 +1,46 @@
-"""What the PyTorch and TensorFlow watch handles share: closing, flushing and the checkpoint state's frame."""
+"""What the PyTorch and TensorFlow watch handles share: closing, flushing, the checkpoint state's frame
+and names (``state_dict`` / ``load_state_dict``), and the one calling convention of the watch entry points."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from layrot.agent.reporter import Reporter
 
-#: Version of the dict that ``state_dict()`` / ``state()`` return.
+#: Version of the dict that ``state_dict()`` returns.
 STATE_VERSION = 1
+
+
+def legacy_positionals(
+    where: str, args: tuple[Any, ...], names: Sequence[str], values: dict[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Map arguments passed by position beyond the current signature to their old names, with a DeprecationWarning.
+
+    The watch entry points take their framework objects and ``run`` by position and
+    everything else by keyword; ``names`` is the old positional order after ``run``.
+    ``values`` holds the keyword arguments as received (``defaults``: their defaults);
+    returns them updated. Raises TypeError like Python would for a value given twice.
+    """
+    if not args:
+        return values
+    if len(args) > len(names):
+        raise TypeError(f"{where} takes at most {len(names)} more positional arguments after run ({len(args)} given)")
+    used = list(names[: len(args)])
+    warnings.warn(
+        f"{where}: passing {', '.join(used)} by position is deprecated; pass {'them' if len(used) > 1 else 'it'} "
+        f"by keyword ({', '.join(f'{n}=...' for n in used)})",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    out = dict(values)
+    for name, value in zip(used, args):
+        if out[name] is not defaults[name] and out[name] != defaults[name]:
+            raise TypeError(f"{where} got multiple values for argument {name!r}")
+        out[name] = value
+    return out
+
 
 _H = TypeVar("_H", bound="WatchBase")
 
@@ -49,6 +81,14 @@ class WatchBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs so a resumed job continues its rotation curves (w(0), step, names)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (before the next step)."""
+        raise NotImplementedError
 
     def _state_frame(self, step: int) -> dict[str, Any]:
         return {"version": STATE_VERSION, "run": self.run, "step": int(step), "names": list(self._names)}
