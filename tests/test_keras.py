@@ -338,8 +338,8 @@ def test_resume_from_state_continues_curves(collector, tmp_path):
     saver = Saver()
     model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[cb, saver])
     model.save(tmp_path / "m.keras")
-    np.savez(tmp_path / "layrot.npz", **{f"w0_{i}": w for i, w in enumerate(cb.state()["w0"])})
-    state = cb.state()
+    np.savez(tmp_path / "layrot.npz", **{f"w0_{i}": w for i, w in enumerate(cb.state_dict()["w0"])})
+    state = cb.state_dict()
     assert cb.flush(10.0)
     cb.close()
 
@@ -348,7 +348,7 @@ def test_resume_from_state_continues_curves(collector, tmp_path):
     cb2 = layrot.keras.RotationCallback(run="keras-resume", collector=collector.grpc_address)
     npz = np.load(tmp_path / "layrot.npz")
     state["w0"] = [npz[f"w0_{i}"] for i in range(len(state["w0"]))]
-    cb2.load_state(state)
+    cb2.load_state_dict(state)
     saver2 = Saver()
     restored.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[cb2, saver2])
     assert cb2.step_count == 24
@@ -621,7 +621,8 @@ def test_layca_validation():
     with pytest.raises(ValueError, match="does not take"):
         layrot.keras.Layca(keras.optimizers.SGD(), weight_decay=1e-4)
     opt = layrot.keras.Layca("sgd", rho=0.01)
-    assert isinstance(opt.inner_optimizer, keras.optimizers.SGD)
+    assert isinstance(opt.base_optimizer, keras.optimizers.SGD)
+    assert opt.inner_optimizer is opt.base_optimizer  # Keras' name for a wrapped optimizer stays, silently
     config = opt.get_config()
     again = layrot.keras.Layca.from_config(config)
     assert again.get_config() == config

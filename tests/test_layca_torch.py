@@ -220,18 +220,40 @@ def test_set_layer_order_defines_forward_order_and_names():
         opt.set_layer_order(named[:-1])
 
 
-def test_layers_argument_list_and_predicate():
+def test_layers_argument_names_regex_and_predicate():
+    # The layer rule of layrot.watch: exact names, a regex or a (name, param) predicate.
     model = mlp(4, depth=6)
-    first_two = [model[0].weight, model[3].weight]
-    opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, layers=first_two)
-    assert opt.layers == first_two
+    opt = Layca(torch.optim.SGD(model.named_parameters(), lr=0.1), rho=0.05, layers=["0.weight", "3.weight"])
+    assert opt.layers == [model[0].weight, model[3].weight]
+    assert opt.layer_names == ["0.weight", "3.weight"]
     snaps = train(model, opt, batches(3))
     check_angles(snaps, ["0.weight", "3.weight"], lambda t: [0.05, 0.05])
     other = "6.weight"  # plain SGD: its norm is not held fixed
     assert not np.isclose(np.linalg.norm(snaps[-1][other]), np.linalg.norm(snaps[0][other]), rtol=1e-7)
-    opt2 = Layca(torch.optim.SGD(model.parameters(), lr=0.1), layers=lambda p: p.shape == (WIDTH, WIDTH))
+    by_regex = Layca(torch.optim.SGD(model.named_parameters(), lr=0.1), layers=r"^(0|3)\.")
+    assert by_regex.layer_names == ["0.weight", "3.weight"]  # a regex filters the ndim >= 2 parameters
+    by_fn = Layca(torch.optim.SGD(model.named_parameters(), lr=0.1), layers=lambda n, p: p.shape == (WIDTH, WIDTH))
+    assert by_fn.num_layers == 4
+    plain = Layca(torch.optim.SGD(model.parameters(), lr=0.1), layers=["param0"])  # no param_names: by position
+    assert plain.layers == [model[0].weight]
+    with pytest.raises(ValueError, match="not found"):
+        Layca(torch.optim.SGD(model.named_parameters(), lr=0.1), layers=["nope.weight"])
+    with pytest.raises(TypeError, match="names"):
+        Layca(torch.optim.SGD(model.named_parameters(), lr=0.1), layers=[model[0].weight, "3.weight"])
+
+
+def test_layers_argument_tensors_and_one_argument_predicate_are_deprecated():
+    model = mlp(4, depth=6)
+    first_two = [model[0].weight, model[3].weight]
+    with pytest.warns(DeprecationWarning, match=r"layers=\[param"):
+        opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, layers=first_two)
+    assert opt.layers == first_two
+    snaps = train(model, opt, batches(3))
+    check_angles(snaps, ["0.weight", "3.weight"], lambda t: [0.05, 0.05])
+    with pytest.warns(DeprecationWarning, match="one-argument"):
+        opt2 = Layca(torch.optim.SGD(model.parameters(), lr=0.1), layers=lambda p: p.shape == (WIDTH, WIDTH))
     assert opt2.num_layers == 4
-    with pytest.raises(ValueError):
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError):
         Layca(torch.optim.SGD(model.parameters(), lr=0.1), layers=[torch.nn.Parameter(torch.ones(2, 2))])
 
 
