@@ -16,9 +16,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_collector(tmp: str) -> tuple[subprocess.Popen, str]:
+def start_collector(
+    tmp: str, extra_args: list[str] | tuple[str, ...] = (), db_name: str = "bench.db", metrics_port: int | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start the collector with its history in ``tmp``; returns (process, gRPC address)."""
-    port, mport = free_port(), free_port()
+    port, mport = free_port(), metrics_port or free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -34,7 +36,8 @@ def start_collector(tmp: str) -> tuple[subprocess.Popen, str]:
             "--metrics-port",
             str(mport),
             "--db",
-            os.path.join(tmp, "bench.db"),
+            os.path.join(tmp, db_name),
+            *extra_args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import urllib.request
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collector_proc import free_port  # noqa: E402
+from collector_proc import free_port, start_collector  # noqa: E402
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -73,29 +72,10 @@ def client(addr: str, runs: list[str], layers: int, seconds: float, result_q: mp
 
 
 def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, float]:
-    port, mport = free_port(), free_port()
+    mport = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        serve = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "layrot.cli.main",
-                "serve",
-                "--grpc-host",
-                "127.0.0.1",
-                "--grpc-port",
-                str(port),
-                "--metrics-host",
-                "127.0.0.1",
-                "--metrics-port",
-                str(mport),
-                "--db",
-                os.path.join(tmp, "ingest.db"),
-                *extra_serve_args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        serve, address = start_collector(tmp, extra_serve_args, db_name="ingest.db", metrics_port=mport)
+        port = int(address.rsplit(":", 1)[1])
         try:
             url = f"http://127.0.0.1:{mport}/metrics"
             for _ in range(300):
