@@ -232,8 +232,8 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         if layers is not None and not isinstance(layers, (str, re.Pattern)) and not callable(layers):
             layers = [str(n) for n in layers]
         super().__init__(learning_rate=0.0, name=name)
-        # Stored (and tracked by Keras and tf.train.Checkpoint) as ``inner_optimizer``, Keras'
-        # name for a wrapped optimizer: checkpoints name it so, and Keras callbacks
+        # Stored (and tracked by tf.train.Checkpoint) as ``inner_optimizer``, Keras' name
+        # for a wrapped optimizer: checkpoints name the dependency so, and Keras callbacks
         # (SwapEMAWeights, TensorBoard) look for it. ``base_optimizer`` is the public name.
         self.inner_optimizer = optimizer
         self._rho_max = float(rho_max)
@@ -268,15 +268,11 @@ class Layca(keras.optimizers.Optimizer, RuleView):
 
         ``inner_optimizer`` is the same object under Keras' own name for a wrapped
         optimizer (``LossScaleOptimizer``'s): it stays, silently, because Keras
-        callbacks look for it and saved checkpoints record the base optimizer's
-        state under it.
+        callbacks (``SwapEMAWeights``, ``TensorBoard``) look for it and
+        ``tf.train.Checkpoint`` records the base optimizer's state under it
+        (``optimizer/inner_optimizer/...``).
         """
         return self.inner_optimizer
-
-    def __dir__(self) -> list[str]:
-        # Keras' .keras saving walks dir() and records each object under the first
-        # name it meets; hiding the alias keeps the file layout ("inner_optimizer").
-        return [n for n in super().__dir__() if n != "base_optimizer"]
 
     @property
     def variables(self) -> list:
