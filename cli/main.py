@@ -7,7 +7,6 @@ Commands that talk to a collector take ``--collector ADDR`` (or
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import logging
@@ -361,6 +360,8 @@ def _write_json(records: Iterator[dict[str, Any]], out: TextIO) -> None:
 
 
 def _write_csv(records: Iterator[dict[str, Any]], out: TextIO) -> None:
+    import csv
+
     writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
     writer.writeheader()
     for rec in records:
