@@ -18,14 +18,16 @@ class JobMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., steps: _Optional[_Union[StepBatch, _Mapping]] = ..., control_ack: _Optional[_Union[ControlAck, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
 
 class CollectorMessage(_message.Message):
-    __slots__ = ("ack", "rate_command", "error")
+    __slots__ = ("ack", "rate_command", "error", "welcome")
     ACK_FIELD_NUMBER: _ClassVar[int]
     RATE_COMMAND_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
     ack: Ack
     rate_command: RateCommand
     error: SessionError
-    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., rate_command: _Optional[_Union[RateCommand, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ...) -> None: ...
+    welcome: Welcome
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., rate_command: _Optional[_Union[RateCommand, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "index", "shape", "init_norm", "numel", "module_type", "sharded")
@@ -56,7 +58,7 @@ class Capabilities(_message.Message):
     def __init__(self, layca: bool = ..., control: bool = ..., loss: bool = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("run", "rank", "world_size", "framework", "framework_version", "host", "pid", "layers", "capabilities", "client_version", "every", "meta", "applied_command_version", "session_id")
+    __slots__ = ("run", "rank", "world_size", "framework", "framework_version", "host", "pid", "layers", "capabilities", "client_version", "every", "meta", "applied_command_version", "session_id", "run_key", "replay")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,8 @@ class Hello(_message.Message):
     META_FIELD_NUMBER: _ClassVar[int]
     APPLIED_COMMAND_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_KEY_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     world_size: int
@@ -92,7 +96,9 @@ class Hello(_message.Message):
     meta: _containers.ScalarMap[str, str]
     applied_command_version: int
     session_id: str
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., client_version: _Optional[str] = ..., every: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., applied_command_version: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    run_key: str
+    replay: bool
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., client_version: _Optional[str] = ..., every: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., applied_command_version: _Optional[int] = ..., session_id: _Optional[str] = ..., run_key: _Optional[str] = ..., replay: bool = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("seq", "steps", "times", "num_layers", "norm", "dist0", "dstep", "norm_prev", "rho", "loss", "command_version", "dot0", "dotstep")
@@ -145,10 +151,36 @@ class Goodbye(_message.Message):
     def __init__(self, last_seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "stored", "failed")
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+    stored: _containers.RepeatedScalarFieldContainer[int]
+    failed: _containers.RepeatedCompositeFieldContainer[Nack]
+    def __init__(self, seq: _Optional[int] = ..., stored: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[_Union[Nack, _Mapping]]] = ...) -> None: ...
+
+class Nack(_message.Message):
+    __slots__ = ("seq", "code", "message", "retry", "retry_after_s")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    code: str
+    message: str
+    retry: bool
+    retry_after_s: float
+    def __init__(self, seq: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., retry: bool = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("collector_version", "stored_step")
+    COLLECTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORED_STEP_FIELD_NUMBER: _ClassVar[int]
+    collector_version: str
+    stored_step: int
+    def __init__(self, collector_version: _Optional[str] = ..., stored_step: _Optional[int] = ...) -> None: ...
 
 class SessionError(_message.Message):
     __slots__ = ("code", "message", "seq")
