@@ -644,7 +644,7 @@ def test_alerts_cli_table_follow_and_errors(collector, ingest, sim_job):
     assert lines[0].split()[:6] == ["TIME", "RUN", "LAYER", "STEP", "KIND", "SEVERITY"]
     assert len(lines) == 3 and all("cli-run" in x and "abrupt_rotation" in x and "40.1" in x for x in lines[1:])
     r = CliRunner().invoke(cli, ["alerts", "--run", "nope", "--collector", collector.grpc_address])
-    assert r.exit_code == 0 and "no alerts for run nope" in r.output
+    assert r.exit_code == 1 and "unknown run 'nope'" in r.output
     r = CliRunner().invoke(cli, ["alerts", "--since", "yesterday", "--collector", collector.grpc_address])
     assert r.exit_code == 2 and "15m" in r.output
     r = CliRunner().invoke(cli, ["alerts", "--collector", "127.0.0.1:1"])
