@@ -83,6 +83,7 @@ def run_demo(
         g = torch.Generator().manual_seed(1)
         losses: list[float] = []
         t0 = time.perf_counter()
+        bar: Any
         with click.progressbar(
             length=steps,
             label="training",

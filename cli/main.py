@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -349,7 +349,7 @@ def export_records(h: History) -> Iterator[dict[str, Any]]:
             }
 
 
-def _write_json(records: Iterator[dict[str, Any]], out: TextIO) -> None:
+def _write_json(records: Iterator[dict[str, Any]], out: IO[str]) -> None:
     out.write("[")
     first = True
     for rec in records:
@@ -359,7 +359,7 @@ def _write_json(records: Iterator[dict[str, Any]], out: TextIO) -> None:
     out.write("\n]\n" if not first else "]\n")
 
 
-def _write_csv(records: Iterator[dict[str, Any]], out: TextIO) -> None:
+def _write_csv(records: Iterator[dict[str, Any]], out: IO[str]) -> None:
     import csv
 
     writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")

@@ -190,7 +190,8 @@ class QueryClient:
         try:
             resp = self._stub.SetThresholds(
                 pb.SetThresholdsRequest(
-                    run=run or "", thresholds=pb.Thresholds(**{k: v for k, v in values.items() if v is not None})
+                    run=run or "",
+                    thresholds=pb.Thresholds(**{k: v for k, v in values.items() if v is not None}),  # type: ignore[arg-type]
                 ),
                 timeout=self.timeout,
                 metadata=self._metadata,
