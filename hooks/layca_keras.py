@@ -52,10 +52,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from layrot.agent.commands import CommandInbox, CommandListener, RateCommand
+from layrot.agent.commands import CommandInbox, CommandListener
 from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule
-from layrot.hooks.layca_rule_view import RuleView
+from layrot.hooks.layca_rule_view import CommandIntake, RuleView
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
 
 __all__ = ["Layca", "CommandListener"]
@@ -167,7 +167,7 @@ _HOST_ATTRS = frozenset(
 
 
 @keras.saving.register_keras_serializable(package="layrot", name="Layca")
-class Layca(keras.optimizers.Optimizer, RuleView):
+class Layca(keras.optimizers.Optimizer, RuleView, CommandIntake):
     """Layca around a Keras optimizer; itself a ``keras.optimizers.Optimizer``.
 
     Args:
@@ -194,6 +194,8 @@ class Layca(keras.optimizers.Optimizer, RuleView):
     Steps are counted by the base optimizer's ``iterations`` (step 1 is the first).
     Memory: none beyond the base optimizer (the old weights are a read snapshot).
     """
+
+    built: bool  # set by keras.optimizers.Optimizer (untyped here), then by build / apply
 
     def __init__(
         self,
@@ -570,42 +572,6 @@ class Layca(keras.optimizers.Optimizer, RuleView):
         return tf.where(in_table, table_rates, rates), sc[_MODE] == 1.0
 
     # ------------------------------------------------------------ control plane
-    def submit_command(self, cmd: RateCommand) -> None:
-        """Queue a RateCommand; thread-safe (call it from any thread).
-
-        At the next step boundary (or the one before its ``apply_at_step``, see
-        :func:`~layrot.proto.commands.split_due`) the newest queued command is validated
-        (:func:`~layrot.proto.commands.validate_command`) and applied or rejected;
-        older queued ones are reported as superseded, versions older than the last
-        one handled as stale, and a repeat of the last one gets its earlier answer.
-        Listeners get ``(version, applied, reason, step)``. A rejected command
-        never changes the rates. The queue is the shared
-        :class:`~layrot.agent.commands.CommandInbox`.
-        """
-        self._inbox.submit(cmd)
-
-    def add_command_listener(self, fn: CommandListener) -> None:
-        """Call ``fn(version, applied, reason, step)`` for every command result."""
-        self._inbox.add_listener(fn)
-
-    def remove_command_listener(self, fn: CommandListener) -> None:
-        """Stop calling ``fn``; raises ValueError if it was not added."""
-        self._inbox.remove_listener(fn)
-
-    @property
-    def on_command_result(self) -> CommandListener | None:
-        """One more listener, set as an attribute (None: none)."""
-        return self._inbox.on_result
-
-    @on_command_result.setter
-    def on_command_result(self, fn: CommandListener | None) -> None:
-        self._inbox.on_result = fn
-
-    @property
-    def has_pending_commands(self) -> bool:
-        """Whether commands wait for a step boundary."""
-        return self._inbox.has_pending
-
     def step_boundary(self, next_step: int) -> None:
         """Handle waiting commands now; ``next_step`` is the step they will govern.
 
@@ -664,6 +630,8 @@ class Layca(keras.optimizers.Optimizer, RuleView):
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
         """Run the base optimizer's update, then Layca's per-layer operations."""
         if not self.built:
+            if trainable_variables is None:
+                raise TypeError("Layca.apply: the first call needs trainable_variables (the optimizer is not built)")
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True

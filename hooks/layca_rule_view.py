@@ -1,9 +1,10 @@
-"""Read-only views of the rate rule a Layca optimizer holds, shared by the PyTorch and Keras Layca."""
+"""What the PyTorch and the Keras Layca share above the math: views of their rate rule, the command intake."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from layrot.agent.commands import CommandInbox, CommandListener, RateCommand
 from layrot.core.rates import RateRule
 
 
@@ -42,3 +43,45 @@ class RuleView:
     def rates_at(self, step: int) -> np.ndarray:
         """rho_l for optimizer step ``step`` under the rule in force (float64, layer order)."""
         return self._rule.rates(step)
+
+
+class CommandIntake:
+    """Mixin: the control-plane surface of a Layca, delegating to its ``_inbox``."""
+
+    _inbox: CommandInbox
+
+    def submit_command(self, cmd: RateCommand) -> None:
+        """Queue a RateCommand; thread-safe (call it from any thread).
+
+        A command is handled at the step boundary before its ``apply_at_step``
+        (held until then; 0 or a step already passed = the next ``step()``): it is
+        validated (:func:`~layrot.proto.commands.validate_command`) and applied or
+        rejected. Older queued ones that it overrides are reported as superseded
+        (:func:`~layrot.proto.commands.split_due`), versions older than the last one
+        handled as stale, and a repeat of the last one gets its earlier answer.
+        Listeners get ``(version, applied, reason, step)``. The queue is the shared
+        :class:`~layrot.agent.commands.CommandInbox`.
+        """
+        self._inbox.submit(cmd)
+
+    def add_command_listener(self, fn: CommandListener) -> None:
+        """Call ``fn(version, applied, reason, step)`` for every command result."""
+        self._inbox.add_listener(fn)
+
+    def remove_command_listener(self, fn: CommandListener) -> None:
+        """Stop calling ``fn``; raises ValueError if it was not added."""
+        self._inbox.remove_listener(fn)
+
+    @property
+    def on_command_result(self) -> CommandListener | None:
+        """One more listener, set as an attribute (None: none)."""
+        return self._inbox.on_result
+
+    @on_command_result.setter
+    def on_command_result(self, fn: CommandListener | None) -> None:
+        self._inbox.on_result = fn
+
+    @property
+    def has_pending_commands(self) -> bool:
+        """Whether commands wait for a step boundary."""
+        return self._inbox.has_pending

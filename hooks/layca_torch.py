@@ -50,10 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from layrot.agent.commands import CommandInbox, CommandListener, RateCommand
+from layrot.agent.commands import CommandInbox, CommandListener
 from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule
-from layrot.hooks.layca_rule_view import RuleView
+from layrot.hooks.layca_rule_view import CommandIntake, RuleView
 from layrot.hooks.torch_shards import reject_sharded_layca
 
 __all__ = ["Layca", "CommandListener"]
@@ -149,6 +149,7 @@ class _Group:
                 x.add_(y)
 
     def norms(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        out: list[torch.Tensor] | tuple[torch.Tensor, ...]
         if self.device.type == "cpu":
             out = [_cpu_norm(x, self.nd) for x in xs]
         elif self.foreach:
@@ -216,7 +217,7 @@ def _positions_of(flat: list[torch.Tensor], params: Sequence[torch.Tensor]) -> l
     return index
 
 
-class Layca(torch.optim.Optimizer, RuleView):
+class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
     """Layca around any ``torch.optim.Optimizer``; itself a ``torch.optim.Optimizer``.
 
     Args:
@@ -347,7 +348,7 @@ class Layca(torch.optim.Optimizer, RuleView):
 
     # ------------------------------------------------------------ torch.optim surface
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         """The base optimizer's parameter groups (shared, not copied)."""
         return self.base_optimizer.param_groups
 
@@ -356,7 +357,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         self.base_optimizer.param_groups = value
 
     @property
-    def state(self):  # type: ignore[override]
+    def state(self):
         """The base optimizer's per-parameter state."""
         return self.base_optimizer.state
 
@@ -365,7 +366,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         self.base_optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         """The base optimizer's defaults."""
         return self.base_optimizer.defaults
 
@@ -531,42 +532,6 @@ class Layca(torch.optim.Optimizer, RuleView):
             self._upload_rule(self._groups)
 
     # ------------------------------------------------------------ control plane
-    def submit_command(self, cmd: RateCommand) -> None:
-        """Queue a RateCommand; thread-safe (call it from any thread).
-
-        A command is handled at the step boundary before its ``apply_at_step``
-        (held until then; 0 or a step already passed = the next ``step()``): it is
-        validated (:func:`~layrot.proto.commands.validate_command`) and applied or
-        rejected. Older queued ones that it overrides are reported as superseded
-        (:func:`~layrot.proto.commands.split_due`), versions older than the last one
-        handled as stale, and a repeat of the last one gets its earlier answer.
-        Listeners get ``(version, applied, reason, step)``. The queue is the shared
-        :class:`~layrot.agent.commands.CommandInbox`.
-        """
-        self._inbox.submit(cmd)
-
-    def add_command_listener(self, fn: CommandListener) -> None:
-        """Call ``fn(version, applied, reason, step)`` for every command result."""
-        self._inbox.add_listener(fn)
-
-    def remove_command_listener(self, fn: CommandListener) -> None:
-        """Stop calling ``fn``; raises ValueError if it was not added."""
-        self._inbox.remove_listener(fn)
-
-    @property
-    def on_command_result(self) -> CommandListener | None:
-        """One more listener, set as an attribute (None: none)."""
-        return self._inbox.on_result
-
-    @on_command_result.setter
-    def on_command_result(self, fn: CommandListener | None) -> None:
-        self._inbox.on_result = fn
-
-    @property
-    def has_pending_commands(self) -> bool:
-        """Whether commands wait for a step boundary."""
-        return self._inbox.has_pending
-
     def _process_commands(self) -> None:
         self._inbox.decide(self._step + 1, self._names, self._rho_max, self._base_rule, install=self._install_rule)
 
@@ -613,7 +578,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         self._w0n = w0n  # type: ignore[assignment]
 
     # ------------------------------------------------------------ the step
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None):
         """Run the base optimizer's step, then Layca's per-layer operations.
 
         Pending control commands are handled first (this is the step boundary).
@@ -640,6 +605,7 @@ class Layca(torch.optim.Optimizer, RuleView):
                     if key[0] == "table":
                         g.rates.copy_(g.table[int(key[1])])  # type: ignore[index]
                     else:
+                        assert g.profile is not None  # uploaded by _build_groups / _install_rule
                         torch.mul(g.profile, float(key[1]), out=g.rates)
                     g.key = key
         # The base step runs in the caller's grad mode (closures need it).
@@ -654,10 +620,11 @@ class Layca(torch.optim.Optimizer, RuleView):
 
     @staticmethod
     def _layca_update(g: _Group, lars: bool) -> None:
-        P, B = g.params, g.bufs
+        P, B, w0n = g.params, g.bufs, g.w0n
+        assert w0n is not None  # step() captures ||w(0)|| before the first update
         g.sub_(P, B)  # P := s = w_new - w_old
         nb = g.norms(B)  # ||w_old||
-        active = (nb > 0) & (g.w0n > 0)  # a zero vector cannot be rotated
+        active = (nb > 0) & (w0n > 0)  # a zero vector cannot be rotated
         if not lars:
             dots = g.dots(P, B)
             k = torch.where(active, dots / torch.where(active, nb * nb, g.ones), g.zeros)
@@ -671,9 +638,7 @@ class Layca(torch.optim.Optimizer, RuleView):
         if not lars:
             # 3-4 fused: w := c (w_old + f s) with c = ||w(0)|| / ||w_old + f s||. As s is
             # orthogonal to w_old, ||w_old + f s|| = ||w_old|| sqrt(1 + rho^2): no third norm pass.
-            c = torch.where(
-                moving, g.w0n / (torch.where(moving, nb, g.ones) * torch.sqrt(1 + g.rates * g.rates)), g.ones
-            )
+            c = torch.where(moving, w0n / (torch.where(moving, nb, g.ones) * torch.sqrt(1 + g.rates * g.rates)), g.ones)
             g.scale_(P, c * f)
             g.axpy_(P, B, c)
             return
@@ -683,12 +648,12 @@ class Layca(torch.optim.Optimizer, RuleView):
         # a radial rescale enforces it without changing the direction. Without
         # projection s is not orthogonal to w, so the new norm is measured.
         nw = g.norms(P)
-        cap = LARS_GROWTH_CAP * g.w0n
+        cap = LARS_GROWTH_CAP * w0n
         c = torch.where(moving & (nw - nb > cap), (nb + cap) / torch.where(nw > 0, nw, g.ones), g.ones)
         g.scale_(P, c)
 
     # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus a ``"layca"`` entry.
 
         The ``"layca"`` entry holds the step count, the layer table (optimizer
@@ -716,7 +681,7 @@ class Layca(torch.optim.Optimizer, RuleView):
                 sd = out
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict,
         which keeps the current Layca settings)."""
         for pre in self._optimizer_load_state_dict_pre_hooks.values():
