@@ -52,20 +52,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from layrot.cli.demo import conv_net, digits
+
 BATCH = 64
 MILESTONES = (0.8, 0.9, 0.97)
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits, scaled to [0, 1], a fixed 1500 / 297 split."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1500], perm[1500:]
-    return x[tr], y[tr], x[te], y[te]
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -74,23 +64,7 @@ def make_model(seed: int = 0) -> nn.Module:
     BatchNorm after the convolutions.
     """
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 2 * 2, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    return conv_net((32, 32, 32), hidden=64, first_kernel=5)
 
 
 def layer_params(model: nn.Module) -> list[torch.Tensor]:

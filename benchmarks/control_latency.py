@@ -37,30 +37,13 @@ import numpy as np
 # ---------------------------------------------------------------- the job (child process)
 def job_main(address: str, run: str, batch: int, threads: int) -> None:
     import torch
-    from torch import nn
 
     import layrot
+    from layrot.cli.demo import conv_net
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128),
-        nn.ReLU(),
-        nn.Linear(128, 10),
-    )
+    model = conv_net((32, 64, 64), hidden=128, in_channels=3, side=32, pool_from=0)
     opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.5)
     handle = layrot.watch(model, opt, run=run, collector=address, control=True)
     stop = threading.Event()
@@ -72,7 +55,7 @@ def job_main(address: str, run: str, batch: int, threads: int) -> None:
     while not stop.is_set():
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         handle.observe_loss(loss)
         opt.step()

@@ -19,7 +19,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def _digits() -> tuple[Any, Any, Any, Any]:
+def digits() -> tuple[Any, Any, Any, Any]:
+    """scikit-learn's bundled digits as (N, 1, 8, 8) tensors in [0, 1], a fixed 1500 / 297 split."""
     import torch
     from sklearn.datasets import load_digits
 
@@ -32,26 +33,30 @@ def _digits() -> tuple[Any, Any, Any, Any]:
     return x[train], y[train], x[test], y[test]
 
 
-def _model() -> Any:
+def conv_net(
+    widths: tuple[int, ...] = (16, 32, 32),
+    hidden: int = 64,
+    in_channels: int = 1,
+    side: int = 8,
+    first_kernel: int = 3,
+    pool_from: int = 1,
+) -> Any:
+    """Conv-BN-ReLU blocks (a 2x2 max-pool after block ``pool_from`` and every later one), two Linear layers.
+
+    The demo's network; the benchmarks build theirs from it too (other widths and inputs).
+    """
     from torch import nn
 
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 2 * 2, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    layers: list[Any] = []
+    cin = in_channels
+    for i, w in enumerate(widths):
+        k = first_kernel if i == 0 else 3
+        layers += [nn.Conv2d(cin, w, k, padding=k // 2), nn.BatchNorm2d(w), nn.ReLU()]
+        if i >= pool_from:
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+        cin = w
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
 def run_demo(
@@ -68,8 +73,8 @@ def run_demo(
     out_dir = Path(out or "layrot-demo").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    xtr, ytr, xte, yte = _digits()
-    model = _model()
+    xtr, ytr, xte, yte = digits()
+    model = conv_net()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     run = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
 
