@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from layrot.agent.reporter import ROWS, StepRecord
+from layrot.agent.reporter import WIRE_ROWS, StepRecord
 
 __all__ = ["DEVICE_ROWS", "LOSS_ROW", "PACKED_ROWS", "WIRE_ROWS", "wire_rows", "PackedMeasurement"]
 
@@ -42,8 +42,8 @@ DEVICE_ROWS = ("dist0_sq", "dot0", "dstep_sq", "dotstep_w")
 LOSS_ROW = len(DEVICE_ROWS)
 #: Rows of the packed array a hook hands over.
 PACKED_ROWS = LOSS_ROW + 1
-#: Rows a measurement resolves to for the reporter (``StepBatch`` fields), in this order.
-WIRE_ROWS = ROWS
+# WIRE_ROWS (imported above): the rows a measurement resolves to for the reporter
+# (``StepBatch`` fields), in this order; the reporter, which packs them, defines them.
 
 
 def wire_rows(device_rows: np.ndarray, init_norms: np.ndarray, prev_is_w0: bool = False) -> np.ndarray:

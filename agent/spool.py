@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class _Segment:
     path: Path
     size: int = 0
     unacked: dict[int, int] = field(default_factory=dict)  # record id -> steps
+    offsets: dict[int, int] = field(default_factory=dict)  # record id -> header position, for read()
 
 
 class Spool:
@@ -115,8 +117,10 @@ class Spool:
         self._segments: list[_Segment] = []
         self._where: dict[int, _Segment] = {}
         self._next_id = 1
-        self._file = None
+        self._file: BinaryIO | None = None
         self._warned = False
+        self._dropped_ids: list[int] = []  # records lost to the bound, until take_dropped()
+        self._lock_file: BinaryIO | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self._load()
 
@@ -162,6 +166,7 @@ class Spool:
                     self.stats.dropped_steps += steps
                     return None
             rid = self._next_id
+            offset = seg.size
             header = _HEADER.pack(_MAGIC, len(payload), rid, int(steps), zlib.crc32(payload))
             try:
                 assert self._file is not None
@@ -175,6 +180,7 @@ class Spool:
             self._next_id += 1
             seg.size += need
             seg.unacked[rid] = int(steps)
+            seg.offsets[rid] = offset
             self._where[rid] = seg
             self.stats.bytes_on_disk += need
             self.stats.records_written += 1
@@ -188,6 +194,7 @@ class Spool:
             if seg is None:
                 return
             seg.unacked.pop(record_id, None)
+            seg.offsets.pop(record_id, None)
             if not seg.unacked and (seg is not self._segments[-1] or seg.size >= self.segment_bytes):
                 self._remove(seg)
                 return
@@ -202,9 +209,70 @@ class Spool:
         with self._lock:
             segments = [(s.path, dict(s.unacked)) for s in self._segments if s.unacked]
         for path, unacked in segments:
-            for rid, steps, payload in _read_segment(path)[0]:
+            for rid, steps, payload, _ in _read_segment(path)[0]:
                 if rid in unacked:
                     yield SpoolRecord(rid, steps, payload)
+
+    def pending_index(self) -> list[tuple[int, int]]:
+        """(record id, steps) of every unacknowledged record, oldest first, without reading payloads."""
+        with self._lock:
+            return [(rid, steps) for s in self._segments for rid, steps in sorted(s.unacked.items())]
+
+    def read(self, record_id: int) -> bytes | None:
+        """The payload of one unacknowledged record, or None when it is gone or fails its CRC."""
+        with self._lock:
+            seg = self._where.get(record_id)
+            offset = seg.offsets.get(record_id) if seg is not None else None
+            path = seg.path if seg is not None else None
+        if path is None or offset is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                head = f.read(_HEADER.size)
+                if len(head) < _HEADER.size:
+                    return None
+                magic, length, rid, _, crc = _HEADER.unpack(head)
+                payload = f.read(length) if magic == _MAGIC and rid == record_id else b""
+        except OSError:
+            return None
+        return payload if len(payload) == length and zlib.crc32(payload) == crc else None
+
+    def take_dropped(self) -> list[int]:
+        """Ids of records the byte bound dropped since the last call (their steps are in ``dropped_steps``)."""
+        with self._lock:
+            out, self._dropped_ids = self._dropped_ids, []
+            return out
+
+    def try_lock(self) -> bool:
+        """Take this spool for one process (an advisory ``flock``); False when another live process holds it.
+
+        A running job holds its spool's lock, so ``layrot-agent sync`` and a second job with the
+        same run and rank leave it alone. Without ``fcntl`` (Windows) there is no lock and this is True.
+        """
+        if self._lock_file is not None:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return True
+        try:
+            f = open(self.directory / "lock", "ab")  # noqa: SIM115 (held until close)
+        except OSError as exc:
+            self._io_error("opening the spool lock", exc)
+            return True  # a read-only spool cannot be shared harmfully either
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        self._lock_file = f
+        return True
+
+    def is_empty(self) -> bool:
+        """True when no unacknowledged record is left."""
+        with self._lock:
+            return not any(s.unacked for s in self._segments)
 
     @property
     def pending_steps(self) -> int:
@@ -220,7 +288,7 @@ class Spool:
                 if not seg.unacked:
                     self._remove(seg)
             if not self._segments:
-                for name in ("hello.pb", "hello.pb.tmp"):
+                for name in ("hello.pb", "hello.pb.tmp", "lock"):
                     try:
                         (self.directory / name).unlink()
                     except OSError:
@@ -229,6 +297,12 @@ class Spool:
                     self.directory.rmdir()
                 except OSError:
                     pass
+            if self._lock_file is not None:
+                try:
+                    self._lock_file.close()  # releases the flock
+                except OSError:
+                    pass
+                self._lock_file = None
 
     # ------------------------------------------------------------ internals
 
@@ -248,10 +322,11 @@ class Spool:
                 self._io_error("repairing a spool segment", exc)
             seg = _Segment(int(m.group(1)), path, good_size)
             acked = _read_acks(path.with_suffix(".ack"))
-            for rid, steps, _ in records:
+            for rid, steps, _, offset in records:
                 self._next_id = max(self._next_id, rid + 1)
                 if rid not in acked:
                     seg.unacked[rid] = steps
+                    seg.offsets[rid] = offset
                     self._where[rid] = seg
             if seg.unacked:
                 self._segments.append(seg)
@@ -276,6 +351,7 @@ class Spool:
     def _drop_oldest(self) -> None:
         seg = self._segments[0]
         lost = sum(seg.unacked.values())
+        self._dropped_ids.extend(seg.unacked)
         if lost:
             self.stats.dropped_steps += lost
             log.warning(
@@ -327,13 +403,13 @@ def _read_acks(path: Path) -> set[int]:
     return {int.from_bytes(data[8 * i : 8 * i + 8], "little") for i in range(n)}
 
 
-def _read_segment(path: Path) -> tuple[list[tuple[int, int, bytes]], int]:
-    """(records, length of the valid prefix) of one segment file."""
+def _read_segment(path: Path) -> tuple[list[tuple[int, int, bytes, int]], int]:
+    """(records as (id, steps, payload, header position), length of the valid prefix) of one segment file."""
     try:
         data = path.read_bytes()
     except OSError:
         return [], 0
-    out: list[tuple[int, int, bytes]] = []
+    out: list[tuple[int, int, bytes, int]] = []
     pos = 0
     while pos + _HEADER.size <= len(data):
         magic, length, rid, steps, crc = _HEADER.unpack_from(data, pos)
@@ -343,6 +419,6 @@ def _read_segment(path: Path) -> tuple[list[tuple[int, int, bytes]], int]:
         payload = data[pos + _HEADER.size : end]
         if zlib.crc32(payload) != crc:
             break
-        out.append((rid, steps, payload))
+        out.append((rid, steps, payload, pos))
         pos = end
     return out, pos

@@ -307,7 +307,9 @@ class TFWatchHandle(WatchBase):
             self._prev_is_w0 = False
         rho = self._rates(t)
         version = self._layca.command_version if self._layca is not None else 0
-        self.reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
+        reporter = self.reporter
+        assert reporter is not None  # step() opens the reporter before the first report
+        reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
 
 
 #: The positional order after the model of earlier releases (deprecated, still accepted).
@@ -369,6 +371,7 @@ def watch(
     if isinstance(optimizer, str) or args:
         values = {"run": run, "every": every, "layers": layers, "collector": collector, "token": token}
         values["control"] = control
+        names: tuple[str, ...]
         if isinstance(optimizer, str):
             # The old watch(model, run, every, ...): a string in the optimizer's place is the run.
             old: tuple[Any, ...] = (optimizer, run, *args) if run is not None or args else (optimizer,)

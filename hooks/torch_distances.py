@@ -35,6 +35,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def _fusable(p: torch.Tensor, w0: torch.Tensor, prev: torch.Tensor) -> bool:
     )
 
 
-_FUSED: ctypes.CDLL | None | bool = False  # False: not looked for yet
+_FUSED: ctypes.CDLL | None | Literal[False] = False  # False: not looked for yet
 
 
 def fused_kernel() -> ctypes.CDLL | None:
@@ -288,10 +289,10 @@ class LayerDistances:
         prev = [self.prev[i] for i in idx]
         acc_dt = torch.float64 if all(w.dtype == torch.float64 for w in ws) else torch.float32
 
-        def sq_norms(ts: list[torch.Tensor]) -> torch.Tensor:
+        def sq_norms(ts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
             return torch.stack(torch._foreach_norm(ts, 2, dtype=acc_dt)).double().square()
 
-        def dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+        def dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
             # Small per-layer kernels, no sync.
             return torch.stack([torch.sum(x * y, dtype=acc_dt) for x, y in zip(xs, ys)]).double()
 

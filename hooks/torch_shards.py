@@ -152,9 +152,10 @@ class ShardGroups:
             except ValueError as exc:
                 raise ValueError(f"layer {name}: {exc}") from None
             if len(dims) > 1:
+                placements = p.placements  # type: ignore[attr-defined]  # a DTensor; the stub types p as Tensor
                 raise ValueError(
                     f"layer {name} is sharded over {len(dims)} mesh dimensions "
-                    f"({p.placements}); layrot supports one (FSDP/HSDP), not FSDP + tensor parallel yet"
+                    f"({placements}); layrot supports one (FSDP/HSDP), not FSDP + tensor parallel yet"
                 )
             self.sharded.append(bool(dims))
             if dims:
@@ -166,8 +167,9 @@ class ShardGroups:
                 pg,
                 np.asarray(idx, dtype=np.int64),
                 torch.tensor(idx, dtype=torch.long, device=self.params[idx[0]].device),
-                torch.device(self.params[idx[0]].device_mesh.device_type),
-            )  # type: ignore[attr-defined]
+                # A sharded layer is a DTensor; the stub types self.params as plain Tensors.
+                torch.device(self.params[idx[0]].device_mesh.device_type),  # type: ignore[attr-defined]
+            )
             for pg, idx in groups.values()
         ]
         self._sharded_params = [p for p, sh in zip(self.params, self.sharded) if sh]

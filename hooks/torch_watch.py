@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -208,7 +208,7 @@ class WatchHandle(WatchBase):
         for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded"):
             seq = getattr(self, attr)
             setattr(self, attr, [seq[i] for i in order])
-        self._rho_index = None
+        self._rho_index: np.ndarray | None = None  # set by _order_layca when Layca's layers differ
         if self._layca is not None:
             self._order_layca()
         # Shapes, numel and norms are the whole layer's (a DTensor's shape is global).
@@ -259,7 +259,7 @@ class WatchHandle(WatchBase):
         idx = [pos.get(n, -1) for n in self._names]
         self._rho_index = None if idx == list(range(len(idx))) and len(pos) == len(idx) else np.array(idx)
 
-    def _in_forward_order(self, names: list[str]) -> list[int]:
+    def _in_forward_order(self, names: Sequence[str]) -> list[int]:
         """Permutation putting ``names`` in forward order (unseen last, registration order kept)."""
         return sorted(range(len(names)), key=lambda i: (self._forward_rank.get(names[i], len(self._forward_rank)), i))
 
@@ -315,7 +315,9 @@ class WatchHandle(WatchBase):
             if self._rho_index is not None:  # Layca covers other layers than the hook
                 rho = np.where(self._rho_index >= 0, rho[np.maximum(self._rho_index, 0)], np.nan)
             version = self._layca.command_version
-        self.reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
+        reporter = self.reporter
+        assert reporter is not None  # _post_step reports only once _finalize opened it
+        reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
 
 
 def _as_layca(optimizer: Any) -> Any:

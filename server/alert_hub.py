@@ -179,12 +179,12 @@ class AlertHub:
             for a in backlog:
                 yield a
             while True:
-                a = await w.queue.get()
-                if a is None:
+                new = await w.queue.get()
+                if new is None:
                     raise OverflowError(
                         f"this WatchAlerts stream fell more than {WATCH_QUEUE} alerts behind and was closed"
                     )
-                yield a
+                yield new
         finally:
             self.watchers.discard(w)
 

@@ -202,12 +202,12 @@ class AlertmanagerPusher:
         while True:
             now = self.clock()
             wait = self._next_due(now) - now
+            items: list[tuple[str, Any, bool] | None] = []
             try:
-                item = self._queue.get(timeout=max(0.0, min(wait, 1.0)))
+                items.append(self._queue.get(timeout=max(0.0, min(wait, 1.0))))
             except queue.Empty:
-                item = ()
+                pass
             stop = self._stop.is_set()
-            items = [] if item == () else [item]
             while True:  # take whatever else is queued: one POST for a burst
                 try:
                     items.append(self._queue.get_nowait())

@@ -14,6 +14,7 @@ constructor arguments; no other module creates a collaborator of its own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import threading
@@ -29,8 +30,9 @@ from grpc_health.v1.health import aio as health_aio
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.alertmanager import AlertmanagerPusher
 from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
+from layrot.server.auth import ServerTLS, TokenInterceptor, is_loopback
 from layrot.server.control import ControlPlane
-from layrot.server.ingest import IngestServicer
+from layrot.server.ingest import IngestLimits, IngestServicer, add_ingest_to_server, grpc_receive_limit
 from layrot.server.metrics import LayrotCollector, MetricsServer
 from layrot.server.query import QueryServicer
 from layrot.server.state import CollectorState
@@ -58,8 +60,12 @@ class Collector:
     ...     print(c.grpc_address, c.metrics_url)
 
     ``grpc_port=0`` / ``metrics_port=0`` pick free ports; ``metrics_port=None``
-    disables ``/metrics``. ``token`` protects ingest and write calls
-    (``authorization: Bearer <token>`` metadata); read queries stay open.
+    disables ``/metrics``. ``token`` protects ingest and every write call
+    (``authorization: Bearer <token>`` metadata); ``read_token`` protects the
+    queries too (without it they stay open); health checks are always open
+    (server/auth.py). ``tls_cert`` + ``tls_key`` (PEM files) serve gRPC and
+    ``/metrics`` over TLS; ``tls_client_ca`` adds mutual TLS: clients of both must
+    present a certificate that CA signed.
     Runs silent for more than ``run_ttl`` seconds (and not connected) leave
     ``/metrics``; their history stays.
     """
@@ -72,6 +78,10 @@ class Collector:
         metrics_port: int | None = 0,
         db_path: str | Path = "layrot.db",
         token: str | None = None,
+        read_token: str | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_client_ca: str | Path | None = None,
         run_ttl: float = 86400.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         alerts: bool = True,
@@ -79,6 +89,8 @@ class Collector:
         alertmanager_url: str | Sequence[str] | None = None,
         alert_quiet: float = 300.0,
         alert_resend: float = 60.0,
+        ingest_limits: IngestLimits | None = None,
+        store_busy_timeout: float = 30.0,
     ) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
@@ -86,8 +98,20 @@ class Collector:
         self.metrics_port = metrics_port
         self.db_path = str(db_path)
         self.token = token or None
+        self.read_token = read_token or None
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key (tls_cert and tls_key)")
+        if tls_client_ca is not None and tls_cert is None:
+            raise ValueError("a client CA (mutual TLS) needs the collector's own certificate and key too")
+        self.tls_files = (
+            (str(tls_cert), str(tls_key), str(tls_client_ca) if tls_client_ca else None) if tls_cert else None
+        )
+        self.tls: ServerTLS | None = None  # loaded (and checked) by start()
         self.run_ttl = run_ttl
         self.max_message_bytes = max_message_bytes
+        # What one job may send (server/decode.py); max_message_bytes is the one source of the message size.
+        self.ingest_limits = dataclasses.replace(ingest_limits or IngestLimits(), max_message_bytes=max_message_bytes)
+        self.store_busy_timeout = store_busy_timeout
         # Alerts (server/alerts.py, server/alertmanager.py): see _start_alerts.
         self.alerts_enabled = alerts
         self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds(**dict(thresholds or {}))
@@ -134,6 +158,8 @@ class Collector:
         """Open the store, restore history, start serving; returns once listening."""
         if self._running:
             return self
+        # Before anything else: a bad certificate file is the operator's first error, not a half-started collector.
+        self.tls = ServerTLS.load(*self.tls_files) if self.tls_files else None
         self._wire()
         try:
             if self.metrics_port is not None:
@@ -141,6 +167,7 @@ class Collector:
                     LayrotCollector(self.state, self.store, self.run_ttl, alerts=self.alert_engine),
                     self.metrics_host,
                     self.metrics_port,
+                    ssl_context=self.tls.ssl_context() if self.tls else None,
                 )
                 self.metrics_port = self.metrics.port
             self._ready.clear()
@@ -153,14 +180,53 @@ class Collector:
             self._cleanup_side_services()
             raise
         self._running = True
-        log.info("collector listening: grpc %s, metrics %s, db %s", self.grpc_address, self.metrics_url, self.db_path)
+        log.info(
+            "collector listening: grpc %s (%s), metrics %s, db %s",
+            self.grpc_address,
+            self.security_summary,
+            self.metrics_url,
+            self.db_path,
+        )
+        self._warn_exposed()
         return self
+
+    @property
+    def security_summary(self) -> str:
+        """One line for start-up messages: TLS / mTLS, which calls need a token."""
+        parts = [("mutual TLS" if self.tls.mutual else "TLS") if self.tls else "plaintext"]
+        parts.append("token for writes" if self.token else "writes open")
+        parts.append("token for reads" if self.read_token else "reads open")
+        return ", ".join(parts)
+
+    def _warn_exposed(self) -> None:
+        """Warn when a listener reaches beyond this machine without a token or without TLS."""
+        if not is_loopback(self.grpc_host):
+            if not self.token:
+                log.warning(
+                    "gRPC listens on %s:%s without a token: anyone who reaches the port can write into any run"
+                    " (serve --token / --token-file / LAYROT_TOKEN)",
+                    self.grpc_host or "*",
+                    self.grpc_port,
+                )
+            if self.tls is None:
+                log.warning(
+                    "gRPC listens on %s:%s without TLS: tokens and measurements travel in clear text"
+                    " (serve --tls-cert FILE --tls-key FILE)",
+                    self.grpc_host or "*",
+                    self.grpc_port,
+                )
+        if self.metrics is not None and self.tls is None and not is_loopback(self.metrics_host):
+            log.warning(
+                "/metrics listens on %s:%s without TLS (serve --tls-cert FILE --tls-key FILE)",
+                self.metrics_host or "*",
+                self.metrics_port,
+            )
 
     def _wire(self) -> None:
         """Create the collector's parts in dependency order, each restored from the store."""
         if self.db_path != ":memory:":
             Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
-        store = self.store = Store(self.db_path)
+        store = self.store = Store(self.db_path, busy_timeout=self.store_busy_timeout)
         state = self.state = CollectorState()
         state.restore(store.load_runs())
         control = self.control = ControlPlane(state, store)
@@ -169,10 +235,11 @@ class Collector:
         # The state carries them too, for code that holds only the state.
         state.control = control
         state.alerts = engine
-        self.ingest = IngestServicer(state, store, control, engine, token=self.token)
+        # Tokens are checked by one interceptor (server/auth.py), not by the servicers.
+        self.ingest = IngestServicer(state, store, control, engine, limits=self.ingest_limits)
         store.on_commit = self.ingest.on_store_commit
         store.on_failure = self.ingest.on_store_failure
-        self.query = QueryServicer(state, store, control, engine, token=self.token)
+        self.query = QueryServicer(state, store, control, engine)
 
     def _thread_main(self) -> None:
         loop = asyncio.new_event_loop()
@@ -202,7 +269,10 @@ class Collector:
         self._stop_future = loop.create_future()
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", self.max_message_bytes),
+                # Above the ingest limit, so the servicer sees (refuses and counts) oversized messages.
+                ("grpc.max_receive_message_length", grpc_receive_limit(self.max_message_bytes)),
+                # No port sharing: a second collector on a taken port must fail, not split the jobs.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 # Detect dead peers (killed jobs behind NAT) so sessions do not linger as "connected".
                 ("grpc.keepalive_time_ms", 60_000),
@@ -214,15 +284,26 @@ class Collector:
                 # so allow a large backlog of new sessions.
                 ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                 ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-            ]
+            ],
+            interceptors=[TokenInterceptor(self.token, self.read_token, on_reject=self.state.reject)],
         )
-        pb_grpc.add_IngestServicer_to_server(self.ingest, server)
+        add_ingest_to_server(self.ingest, server)
         pb_grpc.add_QueryServicer_to_server(self.query, server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        port = server.add_insecure_port(f"{self.grpc_host}:{self.grpc_port}")
+        bind = f"{self.grpc_host}:{self.grpc_port}"
+        try:
+            if self.tls:
+                port = server.add_secure_port(bind, self.tls.grpc_credentials())
+            else:
+                port = server.add_insecure_port(bind)
+        except RuntimeError:  # grpc >= 1.5x raises where older versions returned 0
+            port = 0
         if not port:
-            raise RuntimeError(f"cannot bind gRPC to {self.grpc_host}:{self.grpc_port}")
+            raise RuntimeError(
+                f"cannot bind gRPC to {bind}: port {self.grpc_port} is already in use (another collector?)"
+                " or the address is not one of this machine's"
+            )
         self.grpc_port = port
         await server.start()
         for service in ("", INGEST_SERVICE, QUERY_SERVICE):
@@ -244,9 +325,14 @@ class Collector:
         if not self._running:
             return
         self._running = False
-        loop = self.loop
-        if loop is not None and self._stop_future is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: self._stop_future.done() or self._stop_future.set_result(grace))
+        loop, stop_future = self.loop, self._stop_future
+        if loop is not None and stop_future is not None and not loop.is_closed():
+
+            def resolve() -> None:  # on the loop thread
+                if not stop_future.done():
+                    stop_future.set_result(grace)
+
+            loop.call_soon_threadsafe(resolve)
         if self._thread is not None:
             self._thread.join((grace or 0) + 15)
         self._cleanup_side_services()

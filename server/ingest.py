@@ -2,19 +2,39 @@
 
 Protocol (see proto/layrot.proto): the job sends ``Hello`` first, then
 ``StepBatch``es (plus ``ControlAck``s), then ``Goodbye``; the collector
-answers with ``Ack(seq)`` once the batch ``seq`` is committed to the history
-store, ``SessionError`` for bad input, and (later) ``RateCommand``s.
+answers an accepted Hello with ``Welcome``, then ``Ack``s, ``SessionError``
+for bad input, and (later) ``RateCommand``s.
+
+The invariant: **acked => in the history store**. ``Ack.seq`` covers a batch
+only once the transaction holding its rows has committed (server/store.py),
+and it never passes a batch that is still pending, failed or was refused:
+batches stored above such a gap are listed in ``Ack.stored``. A batch whose
+commit failed gets a ``Nack`` (code "store_failed", ``retry=true``: the job
+keeps it and sends it again under a new seq); one refused for its content a
+``Nack`` with ``retry=false`` (code "bad_batch", beside the SessionError
+older clients read). A run exists only once its ``runs`` row has committed:
+its first Hello waits for that commit before the session is accepted, so no
+row is ever stored under a run id without its run.
 
 Everything runs on one asyncio loop (grpc.aio): thousands of sessions cost
-coroutines, not threads. A StepBatch goes through a pipeline of plain steps,
-each a handful of vectorised numpy calls over the (steps x layers) arrays:
+coroutines, not threads. Validation is linear in the message size and bounded
+by ``IngestLimits`` (server/decode.py), so no client can stall the loop. A
+StepBatch goes through a pipeline of plain steps, each a handful of
+vectorised numpy calls over the (steps x layers) arrays:
 
-1. ``decode_batch`` (server/decode.py): validate, view the bytes as arrays;
+1. ``decode_batch`` / ``check_physics`` (server/decode.py): validate, view
+   the bytes as arrays, refuse impossible values;
 2. ``derive`` (server/derive.py): rotations, step angles, non-finite mask;
 3. ``AlertEngine.observe`` (server/alerts.py): alert evaluation;
 4. ``step_rows`` / ``newest_snapshot`` (server/records.py): history rows and
    the run's newest values, then the run-state update and one queue put to
    the store's writer thread (``_record``).
+
+Runs belong to the job that created them: the ``runs`` row keeps a hash of
+the creating Hello's ``run_key``, and a later Hello with another key (or
+none, when the run has one) is refused with code "run_owned". A Hello with
+``replay=true`` (``layrot-agent sync``) writes history but is no live session:
+it takes no commands and never counts as connected (stall alerts, control).
 
 The servicer gets its collaborators (state, store, control plane, alert
 engine) from the composition root, server/app.py.
@@ -26,19 +46,31 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from layrot import __version__
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
-from layrot.server.decode import MAX_RUN_NAME, SessionReject, capabilities, decode_batch, validate_hello
+from layrot.server.decode import (
+    DEFAULT_LIMITS,
+    INT64_MAX,
+    MAX_RUN_NAME,
+    IngestLimits,
+    SessionReject,
+    capabilities,
+    check_physics,
+    decode_batch,
+    validate_hello,
+)
 from layrot.server.derive import derive
 from layrot.server.records import newest_snapshot, step_rows
 from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot
-from layrot.server.store import RunRecord, Store
+from layrot.server.store import RunRecord, Store, StoreValueError, hash_run_key
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
@@ -52,6 +84,14 @@ log = logging.getLogger(__name__)
 MAX_PENDING_SAMPLES = 2_000_000  # layer-samples, ~9 float64 each stored: ~150 MB of queued rows
 # How long a closing session waits for its last commits before ending anyway.
 DRAIN_TIMEOUT = 10.0
+# What a job waits before resending a batch the store could not commit (Nack.retry_after_s).
+STORE_RETRY_AFTER = 1.0
+# gRPC itself refuses messages beyond this multiple of IngestLimits.max_message_bytes, and
+# those never reach the servicer (the job gets RESOURCE_EXHAUSTED, nothing is counted).
+# Up to it, the servicer refuses and counts them (reason too_large): see grpc_receive_limit.
+GRPC_LIMIT_FACTOR = 4
+# Characters of a ControlAck reason kept (a longer one is cut, not refused).
+MAX_ACK_REASON = 4096
 
 # Moved to server/decode.py; the old names stay importable from here.
 _capabilities = capabilities
@@ -59,9 +99,12 @@ __all__ = [
     "DRAIN_TIMEOUT",
     "MAX_PENDING_SAMPLES",
     "MAX_RUN_NAME",
+    "IngestLimits",
     "IngestServicer",
     "SessionReject",
+    "add_ingest_to_server",
     "check_token",
+    "grpc_receive_limit",
     "validate_hello",
 ]
 
@@ -76,11 +119,81 @@ def check_token(context: grpc.aio.ServicerContext, token: str | None) -> bool:
     return False
 
 
+class MessageRefused(Exception):
+    """A message the servicer's deserializer refused (too large, undecodable); ends the session, counted."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def grpc_receive_limit(max_message_bytes: int) -> int:
+    """``grpc.max_receive_message_length`` for a collector whose ingest limit is ``max_message_bytes``.
+
+    Above the ingest limit, so that messages between the two reach the
+    servicer's deserializer and are refused *and counted*; gRPC refuses
+    larger ones silently (to the servicer, the stream just ends).
+    """
+    return min(2**31 - 1, max_message_bytes * GRPC_LIMIT_FACTOR)
+
+
+def job_message_deserializer(max_message_bytes: int) -> Callable[[bytes], pb.JobMessage]:
+    """``JobMessage.FromString`` that raises MessageRefused (counted by the servicer) instead of failing the call."""
+
+    def decode(data: bytes) -> pb.JobMessage:
+        if len(data) > max_message_bytes:
+            raise MessageRefused(
+                "too_large", f"message of {len(data)} bytes, over this collector's limit of {max_message_bytes}"
+            )
+        try:
+            return pb.JobMessage.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            raise MessageRefused("undecodable", f"message of {len(data)} bytes is not a JobMessage: {exc}") from None
+
+    return decode
+
+
+def add_ingest_to_server(servicer: IngestServicer, server: grpc.aio.Server) -> None:
+    """Register the Ingest service like ``add_IngestServicer_to_server``, with the refusing deserializer."""
+    handler = grpc.method_handlers_generic_handler(
+        "layrot.v1.Ingest",
+        {
+            "Session": grpc.stream_stream_rpc_method_handler(
+                servicer.Session,
+                request_deserializer=job_message_deserializer(servicer.limits.max_message_bytes),
+                response_serializer=pb.CollectorMessage.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+
+
+class BatchToken(NamedTuple):
+    """What the store hands back for a queued StepBatch."""
+
+    sess: LiveSession
+    seq: int
+    n_steps: int
+    n_samples: int
+    max_step: int
+
+
+class RunToken(NamedTuple):
+    """What the store hands back for a new run: the run record and who waits for it."""
+
+    rec: RunRecord
+    done: asyncio.Future
+
+
 class IngestServicer(pb_grpc.IngestServicer):
     """The Ingest service on a grpc.aio server.
 
     ``on_store_commit`` / ``on_store_failure`` are the store's callbacks (the
-    composition root connects them): commits become Acks.
+    composition root connects them): commits become Acks, failures Nacks.
+    ``limits`` bounds what a job may send (see ``IngestLimits`` for the
+    defaults); register with ``add_ingest_to_server`` so that oversized and
+    undecodable messages are counted too.
     """
 
     def __init__(
@@ -91,6 +204,7 @@ class IngestServicer(pb_grpc.IngestServicer):
         alerts: AlertEngine | None = None,
         token: str | None = None,
         max_pending_samples: int = MAX_PENDING_SAMPLES,
+        limits: IngestLimits | None = None,
     ) -> None:
         self.state = state
         self.store = store
@@ -98,13 +212,17 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.alerts = alerts
         self.token = token
         self.max_pending_samples = max_pending_samples
+        self.limits = limits or DEFAULT_LIMITS
         self.pending_samples = 0  # accepted, not yet committed (loop thread only)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: set[LiveSession] = set()
+        self.creating: dict[str, asyncio.Future] = {}  # run name -> its runs row commit (loop thread)
+        # Never reuse a run id that rows of any table carry (orphans of older versions).
+        state.next_run_id = max(state.next_run_id, store.highest_run_id() + 1)
 
     # ------------------------------------------------------------ commits -> acks
     def on_store_commit(self, tokens: list[Any]) -> None:
-        """Store writer thread: these batches are committed; ack them on the loop."""
+        """Store writer thread: these items are committed; ack them on the loop."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
@@ -112,39 +230,59 @@ class IngestServicer(pb_grpc.IngestServicer):
             except RuntimeError:  # loop closed during shutdown: nobody left to ack
                 pass
 
-    def on_store_failure(self, tokens: list[Any]) -> None:
-        """Store writer thread: these batches were rolled back; tell their jobs on the loop."""
+    def on_store_failure(self, tokens: list[Any], reason: str = "") -> None:
+        """Store writer thread: these items were rolled back; tell their jobs on the loop."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._on_failure, tokens)
+                loop.call_soon_threadsafe(self._on_failure, tokens, reason)
             except RuntimeError:
                 pass
 
-    def _on_failure(self, tokens: list[Any]) -> None:
-        # Not stored, so not acknowledged: the job keeps these batches and
-        # resends them on its next session. Tell it why.
-        for sess, seq, _n_steps, n_samples in tokens:
-            self.pending_samples -= n_samples
-            sess.inflight -= 1
-            sess.send(
-                pb.CollectorMessage(
-                    error=pb.SessionError(
-                        code="store_error", seq=seq, message="the collector could not store this batch; resend it later"
-                    )
+    def _on_failure(self, tokens: list[Any], reason: str) -> None:
+        # Not stored, so not acknowledged: the Nack tells the job to keep the
+        # batch and send it again.
+        for tok in tokens:
+            if isinstance(tok, RunToken):
+                if not tok.done.done():
+                    tok.done.set_result(reason or "the history store could not commit it")
+                continue
+            if not isinstance(tok, BatchToken):
+                continue
+            self.pending_samples -= tok.n_samples
+            log.warning("run batch seq=%d not stored (%s): nacked for a resend", tok.seq, reason)
+            tok.sess.failed(
+                pb.Nack(
+                    seq=tok.seq,
+                    code="store_failed",
+                    message=f"the collector could not store this batch ({reason[:300]}); send it again",
+                    retry=True,
+                    retry_after_s=STORE_RETRY_AFTER,
                 )
             )
-            if sess.closing and sess.inflight <= 0:
-                sess.drained.set()
 
     def _on_commit(self, tokens: list[Any]) -> None:
         state = self.state
-        for sess, seq, n_steps, n_samples in tokens:
+        for tok in tokens:
+            if isinstance(tok, RunToken):
+                # Registered here, not by the waiting Hello: the run exists once its row
+                # is committed, even if that session went away meanwhile.
+                if tok.rec.run not in state.runs:
+                    state.add_run(tok.rec)
+                if not tok.done.done():
+                    tok.done.set_result(None)
+                continue
+            if not isinstance(tok, BatchToken):
+                continue
+            sess = tok.sess
             # Counted here, not on receipt: "ingested" means stored.
-            state.steps_ingested += n_steps
-            state.samples_ingested += n_samples
-            self.pending_samples -= n_samples
-            sess.committed(seq)
+            state.steps_ingested += tok.n_steps
+            state.samples_ingested += tok.n_samples
+            self.pending_samples -= tok.n_samples
+            rs = sess.run
+            if rs is not None and tok.max_step > rs.stored_step.get(sess.rank, 0):
+                rs.stored_step[sess.rank] = tok.max_step
+            sess.committed(tok.seq)
 
     # ------------------------------------------------------------ the stream
     async def Session(
@@ -164,10 +302,9 @@ class IngestServicer(pb_grpc.IngestServicer):
             while True:
                 item = await sess.outbox.get()
                 if item is ACK:
-                    sess.ack_queued = False
-                    if sess.committed_seq > sess.sent_seq:
-                        sess.sent_seq = sess.committed_seq
-                        yield pb.CollectorMessage(ack=pb.Ack(seq=sess.committed_seq))
+                    ack = sess.take_ack()
+                    if ack is not None:
+                        yield pb.CollectorMessage(ack=ack)
                 elif item is END:
                     break
                 else:
@@ -177,8 +314,8 @@ class IngestServicer(pb_grpc.IngestServicer):
                 reader.cancel()
             if not sess.said_goodbye and not sess.ended_by_collector:
                 # Job killed, network lost, client cancel, or a message over
-                # the size limit (gRPC refuses those before they reach us and
-                # tells only the client: RESOURCE_EXHAUSTED).
+                # gRPC's own size limit (refused before it reaches us; only
+                # the client is told: RESOURCE_EXHAUSTED).
                 self.state.sessions_lost += 1
             self._detach(sess)
 
@@ -190,6 +327,14 @@ class IngestServicer(pb_grpc.IngestServicer):
             sess.run.sessions.discard(sess)
             log.info("session closed: run=%s rank=%d peer=%s", sess.run.run, sess.rank, sess.peer)
 
+    def _end(self, sess: LiveSession, code: str, reason: str, message: str) -> None:
+        """Refuse the session: count, tell the job why, end the stream."""
+        self.state.reject(reason, sess.run)
+        log.warning("session rejected (%s) from %s: %s", code, sess.peer, message[:500])
+        sess.send(pb.CollectorMessage(error=pb.SessionError(code=code, message=message)))
+        sess.ended_by_collector = True
+        sess.send(END)
+
     async def _read(self, requests: AsyncIterator[pb.JobMessage], sess: LiveSession) -> None:
         try:
             async for msg in requests:
@@ -199,7 +344,7 @@ class IngestServicer(pb_grpc.IngestServicer):
                         raise SessionReject(
                             "bad_hello", f"the first message must be Hello, got {kind or 'an empty message'}"
                         )
-                    self._hello(msg.hello, sess)
+                    await self._hello(msg.hello, sess)
                     continue
                 if kind == "steps":
                     while self.pending_samples > self.max_pending_samples:
@@ -214,7 +359,7 @@ class IngestServicer(pb_grpc.IngestServicer):
                         sess.run.run,
                         sess.rank,
                         msg.goodbye.last_seq,
-                        msg.goodbye.reason,
+                        msg.goodbye.reason[:200],
                     )
                     break
                 elif kind == "hello":
@@ -228,18 +373,17 @@ class IngestServicer(pb_grpc.IngestServicer):
                     )
                 else:
                     self.state.reject("empty_message", sess.run)
-        except SessionReject as exc:  # bad Hello: report and end the stream
-            self.state.reject(exc.reason, sess.run)
-            log.warning("session rejected (%s) from %s: %s", exc.code, sess.peer, exc.message)
-            sess.send(pb.CollectorMessage(error=pb.SessionError(code=exc.code, message=exc.message)))
-            sess.ended_by_collector = True
-            sess.send(END)
+        except SessionReject as exc:  # bad Hello or protocol violation: report and end the stream
+            self._end(sess, exc.code, exc.reason, exc.message)
+            return
+        except MessageRefused as exc:  # from our deserializer: too large or not a JobMessage
+            self._end(sess, exc.reason, exc.reason, exc.message)
             return
         except asyncio.CancelledError:
             raise
         except grpc.RpcError as exc:
             self._stream_error(sess, exc)
-        except Exception as exc:  # e.g. a message over the size limit surfaces here
+        except Exception as exc:  # a bug of ours or of gRPC: the session ends, the collector goes on
             self._stream_error(sess, exc)
         await self._close(sess)
 
@@ -262,32 +406,29 @@ class IngestServicer(pb_grpc.IngestServicer):
         sess.send(END)
 
     # ------------------------------------------------------------ Hello
-    def _hello(self, hello: pb.Hello, sess: LiveSession) -> None:
-        layers = validate_hello(hello)
+    async def _hello(self, hello: pb.Hello, sess: LiveSession) -> None:
+        layers = validate_hello(hello, self.limits)
         state = self.state
-        rs = state.runs.get(hello.run)
-        now = time.time()
-        if rs is None:
-            rec = RunRecord(
-                run_id=state.next_run_id,
-                run=hello.run,
-                framework=hello.framework,
-                framework_version=hello.framework_version,
-                host=hello.host,
-                world_size=max(1, hello.world_size),
-                every=max(1, hello.every),
-                capabilities=capabilities(hello),
-                meta=dict(hello.meta),
-                created=now,
-                last_seen=None,
-                first_report=None,
-                nonfinite=0,
-                layers=layers,
-            )
-            rs = state.add_run(rec)
-            self.store.insert_run(rec)
-            log.info("new run %s: %d layers, framework=%s host=%s", rec.run, len(layers), rec.framework, rec.host)
-        else:
+        key_hash = hash_run_key(hello.run_key)
+        created = False
+        while True:
+            rs = state.runs.get(hello.run)
+            if rs is not None:
+                break
+            pending = self.creating.get(hello.run)
+            if pending is not None:
+                # Another session is creating this run: wait for its row, then join it as an existing run.
+                await asyncio.shield(pending)
+                if hello.run not in state.runs:
+                    raise SessionReject(
+                        "store_failed", f"run {hello.run!r} could not be created; try again", "store_failed"
+                    )
+                continue
+            rs = await self._create_run(hello, layers, key_hash)
+            created = True
+            break
+        self._check_owner(hello, rs, key_hash)
+        if not created:
             names = [lay.name for lay in layers]
             if names != rs.names:
                 diff = next(
@@ -307,50 +448,130 @@ class IngestServicer(pb_grpc.IngestServicer):
         sess.session_id = hello.session_id
         sess.pid = hello.pid
         sess.host = hello.host
-        sess.capabilities = capabilities(hello)
+        sess.replay = hello.replay
+        sess.capabilities = {} if hello.replay else capabilities(hello)
         sess.applied_command_version = hello.applied_command_version
         # Each session computes rotations against its own ||w(0)||: a resumed
         # job or another rank may carry (slightly) different init norms.
         sess.init_norm = np.array([lay.init_norm for lay in layers], dtype=np.float64)
         sess.num_layers = len(layers)
-        rs.sessions.add(sess)
+        sess.send(
+            pb.CollectorMessage(
+                welcome=pb.Welcome(collector_version=__version__, stored_step=rs.stored_step.get(hello.rank, 0))
+            )
+        )
         log.info(
-            "session opened: run=%s rank=%d/%d pid=%d host=%s peer=%s",
+            "session opened: run=%s rank=%d/%d pid=%d host=%s peer=%s%s",
             rs.run,
             sess.rank,
             sess.world_size,
             sess.pid,
             sess.host,
             sess.peer,
+            " (replay)" if sess.replay else "",
         )
+        if sess.replay:
+            return  # history only: not connected, no commands
+        rs.sessions.add(sess)
         self.control.on_hello(sess)
+
+    async def _create_run(self, hello: pb.Hello, layers: list, key_hash: str | None) -> RunState:
+        """Commit a new run's row and layer table, then return its state; the session waits for the commit."""
+        state = self.state
+        if len(state.runs) + len(self.creating) >= self.limits.max_runs:
+            raise SessionReject(
+                "too_many_runs",
+                f"this collector holds {len(state.runs)} runs, its limit (max_runs={self.limits.max_runs}); "
+                "reuse a run name or ask the operator",
+                "too_many_runs",
+            )
+        rec = RunRecord(
+            run_id=state.next_run_id,
+            run=hello.run,
+            framework=hello.framework,
+            framework_version=hello.framework_version,
+            host=hello.host,
+            world_size=max(1, hello.world_size),
+            every=max(1, hello.every),
+            capabilities=capabilities(hello),
+            meta=dict(hello.meta),
+            created=time.time(),
+            last_seen=None,
+            first_report=None,
+            nonfinite=0,
+            layers=layers,
+            key_hash=key_hash,
+        )
+        state.next_run_id += 1  # burnt if the creation fails: nothing is stored under it
+        done = asyncio.get_running_loop().create_future()
+        self.creating[hello.run] = done
+        try:
+            try:
+                self.store.create_run(rec, token=RunToken(rec, done))
+            except StoreValueError as exc:  # validate_hello should have caught it: a bug, refuse this run only
+                raise SessionReject("bad_hello", f"run {hello.run!r} cannot be stored: {exc}") from None
+            failure = await asyncio.shield(done)
+        finally:
+            if self.creating.get(hello.run) is done:
+                del self.creating[hello.run]
+        if failure is not None:
+            raise SessionReject(
+                "store_failed",
+                f"the collector could not store the new run {hello.run!r} ({str(failure)[:300]}); try again later",
+                "store_failed",
+            )
+        log.info("new run %s: %d layers, framework=%s host=%s", rec.run, len(layers), rec.framework, rec.host)
+        return state.runs[hello.run]
+
+    @staticmethod
+    def _check_owner(hello: pb.Hello, rs: RunState, key_hash: str | None) -> None:
+        """Refuse a Hello for a run bound to another key (or to a key when it sends none)."""
+        if rs.key_hash is None:
+            return  # unbound (created by a client without keys): open to any key, as before
+        if key_hash is not None and hmac.compare_digest(key_hash, rs.key_hash):
+            return
+        what = "carries no run key" if key_hash is None else "carries another run key"
+        raise SessionReject(
+            "run_owned",
+            f"run {hello.run!r} belongs to the job that created it and this Hello {what}; resume that job"
+            " (load its state_dict), sync its spool, or use a new run name",
+            "run_owned",
+        )
 
     # ------------------------------------------------------------ StepBatch
     def _batch(self, b: pb.StepBatch, sess: LiveSession) -> None:
         """The StepBatch pipeline: decode -> derive -> alerts -> rows and run state."""
         rs = sess.run
-        assert rs is not None
+        init_norm = sess.init_norm
+        assert rs is not None and init_norm is not None  # both set by the session's Hello
+        seq = b.seq
+        if seq <= sess.last_seq:
+            # Acks are by seq: a seq that does not increase would make them ambiguous.
+            raise SessionReject(
+                "bad_seq", f"batch seq {seq} after seq {sess.last_seq}: seqs start at 1 and increase in a session"
+            )
+        sess.last_seq = seq
         try:
-            batch = decode_batch(b, sess.num_layers)
+            batch = decode_batch(b, sess.num_layers, self.limits)
+            check_physics(batch, init_norm)
         except SessionReject as exc:
-            self._refuse_batch(b.seq, sess, rs, exc)
+            self._refuse_batch(seq, sess, rs, exc)
             return
-        derived = derive(batch, sess.init_norm)
+        derived = derive(batch, init_norm)
         alerts = self.alerts
         if alerts is not None and alerts.enabled:  # vectorised, never raises
             alerts.observe(rs, sess.rank, batch.steps, derived.angle, derived.bad, batch.rho, batch.loss)
         rows = step_rows(batch, derived, rs.run_id, sess.rank)
         snap = newest_snapshot(batch, derived, sess.rank)
-        self._record(b.seq, sess, batch.num_steps, rows, snap, derived.nonfinite)
+        self._record(seq, sess, batch.num_steps, rows, snap, derived.nonfinite)
 
     def _refuse_batch(self, seq: int, sess: LiveSession, rs: RunState, exc: SessionReject) -> None:
         self.state.reject(exc.reason, rs)
         log.warning("run %s rank %d: batch seq=%d rejected: %s", rs.run, sess.rank, seq, exc.message)
+        # The SessionError is what older clients read; the Nack (retry=false) is
+        # the answer: a malformed batch stays malformed, resending it would loop.
         sess.send(pb.CollectorMessage(error=pb.SessionError(code=exc.code, message=exc.message, seq=seq)))
-        # Acknowledge it anyway (after everything queued before it): a
-        # malformed batch stays malformed, resending it would loop forever.
-        sess.inflight += 1
-        self.store.barrier((sess, seq, 0, 0))
+        sess.failed(pb.Nack(seq=seq, code=exc.code, message=exc.message, retry=False))
 
     def _record(
         self, seq: int, sess: LiveSession, n_steps: int, rows: list[tuple], snap: Snapshot, nonfinite: int
@@ -359,17 +580,37 @@ class IngestServicer(pb_grpc.IngestServicer):
         rs = sess.run
         assert rs is not None
         n_samples = n_steps * sess.num_layers
+        first = rs.view.first_report is None
+        token = BatchToken(sess, seq, n_steps, n_samples, max(r[2] for r in rows))
+        try:
+            self.store.submit_batch(
+                rows,
+                rs.run_id,
+                max(rs.last_report or snap.time, snap.time),
+                rs.nonfinite + nonfinite,
+                first_report=snap.time if first else None,
+                token=token,
+            )
+        except StoreValueError as exc:  # decode_batch should have caught it: a bug, refuse this batch only
+            self._refuse_batch(seq, sess, rs, SessionReject("bad_batch", f"cannot be stored: {exc}"))
+            return
         self.pending_samples += n_samples
-        if rs.record_batch(snap, nonfinite):
-            self.store.set_first_report(rs.run_id, snap.time)
-        sess.inflight += 1
-        self.store.submit_rows(rows)
-        self.store.update_progress(rs.run_id, rs.last_report, rs.nonfinite, token=(sess, seq, n_steps, n_samples))
+        sess.queued(seq)
+        rs.record_batch(snap, nonfinite)
 
     # ------------------------------------------------------------ ControlAck
     def _control_ack(self, ack: pb.ControlAck, sess: LiveSession) -> None:
         rs = sess.run
         assert rs is not None
+        if sess.replay:
+            self.state.reject("bad_control_ack", rs)  # a replay takes no commands, so it answers none
+            return
+        if ack.version > INT64_MAX or ack.step > INT64_MAX:
+            self.state.reject("bad_control_ack", rs)
+            log.warning("run %s rank %d: ControlAck out of range ignored", rs.run, sess.rank)
+            return
+        if len(ack.reason) > MAX_ACK_REASON:
+            ack.reason = ack.reason[:MAX_ACK_REASON] + "..."
         entry = {
             "rank": sess.rank,
             "session_id": sess.session_id,

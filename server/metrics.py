@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -216,6 +218,12 @@ class LayrotCollector(Collector):
 class _Server(ThreadingWSGIServer):
     """prometheus_client's threading WSGI server, with the address family picked per instance."""
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A scraper speaking plain HTTP to the TLS port, a port scan, a client that
+        # hangs up: one debug line, not a traceback on stderr per connection.
+        # handle_error runs inside socketserver's except block: the error is sys.exc_info().
+        log.debug("/metrics request from %s failed: %r", client_address, sys.exc_info()[1])
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: no access log
@@ -223,18 +231,39 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP on its own registry and thread.
+    """``/metrics`` over HTTP, or HTTPS with ``ssl_context``, on its own registry and thread.
 
     Same server as ``prometheus_client.start_http_server`` but with a short
-    poll interval, so stopping a collector takes milliseconds, not 0.5 s.
+    poll interval, so stopping a collector takes milliseconds, not 0.5 s. TLS
+    is the stdlib's ``ssl`` module, as in ``start_http_server(certfile=...)``
+    (prometheus_client 0.19), and works with any prometheus_client the cli extra allows.
     """
 
-    def __init__(self, collector: LayrotCollector, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        collector: LayrotCollector,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        server_cls = type("_LayrotMetricsServer", (_Server,), {"address_family": family})
-        self._httpd = make_server(host, port, make_wsgi_app(self.registry), server_cls, handler_class=_QuietHandler)
+
+        class _LayrotMetricsServer(_Server):
+            address_family = family
+
+        self._httpd = make_server(
+            host, port, make_wsgi_app(self.registry), _LayrotMetricsServer, handler_class=_QuietHandler
+        )
+        if ssl_context is not None:
+            # The handshake runs on the first read, in the request's own thread: with the
+            # default (handshake inside accept) one client that connects and sends nothing
+            # would block every other scrape.
+            self._httpd.socket = ssl_context.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self.scheme = "https" if ssl_context is not None else "http"
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="layrot-metrics", daemon=True
         )
@@ -247,7 +276,7 @@ class MetricsServer:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}/metrics"
+        return f"{self.scheme}://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         """Stop serving and release the port."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 import numpy as np
@@ -18,7 +18,6 @@ import numpy as np
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.control import ControlPlane, ControlRefused, client_who
-from layrot.server.ingest import check_token
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store import Store
 
@@ -33,6 +32,12 @@ CHUNK_STEPS = 2000
 MAX_CHUNK_BYTES = 12 * 1024 * 1024
 
 NAN = float("nan")
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """``context.abort``, typed as what it is: it always raises (grpc ships no type hints)."""
+    await context.abort(code, details)
+    raise AssertionError("grpc.aio ServicerContext.abort returned")  # unreachable: abort raises AbortError
 
 
 def run_summary(rs: RunState) -> pb.RunSummary:
@@ -71,24 +76,23 @@ class QueryServicer(pb_grpc.QueryServicer):
         store: Store,
         control: ControlPlane,
         alerts: AlertEngine | None = None,
-        token: str | None = None,
     ) -> None:
         self.state = state
         self.store = store
         self.control = control
         self.alerts = alerts
-        self.token = token
 
     async def _run(self, name: str, context: grpc.aio.ServicerContext) -> RunState:
         rs = self.state.runs.get(name)
         if rs is None:
             known = len(self.state.runs)
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown run {name!r} (the collector knows {known} run{'s' if known != 1 else ''};"
                 " list them with 'layrot-agent runs')",
             )
-        return rs  # type: ignore[return-value]
+        return rs
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
         runs = sorted(self.state.snapshot_runs(), key=lambda r: r.run)
@@ -99,19 +103,16 @@ class QueryServicer(pb_grpc.QueryServicer):
         snap = rs.primary()
         layers = []
         for i, lay in enumerate(rs.layers):
+            state = pb.LayerState(name=lay.name, index=lay.index, shape=lay.shape, init_norm=lay.init_norm)
             if snap is not None:
-                vals = dict(
-                    rotation=float(snap.rotation[i]),
-                    step_angle=float(snap.step_angle[i]),
-                    weight_norm=float(snap.weight_norm[i]),
-                    rho=NAN if snap.rho is None else float(snap.rho[i]),
-                    step=snap.step,
-                )
+                state.rotation = float(snap.rotation[i])
+                state.step_angle = float(snap.step_angle[i])
+                state.weight_norm = float(snap.weight_norm[i])
+                state.rho = NAN if snap.rho is None else float(snap.rho[i])
+                state.step = snap.step
             else:
-                vals = dict(rotation=NAN, step_angle=NAN, weight_norm=NAN, rho=NAN, step=0)
-            layers.append(
-                pb.LayerState(name=lay.name, index=lay.index, shape=lay.shape, init_norm=lay.init_norm, **vals)
-            )
+                state.rotation = state.step_angle = state.weight_norm = state.rho = NAN
+            layers.append(state)
         return pb.RunDetail(summary=run_summary(rs), layers=layers)
 
     async def GetHistory(
@@ -150,16 +151,12 @@ class QueryServicer(pb_grpc.QueryServicer):
             after = rows[-1][0]
 
     async def _unimplemented(self, context: grpc.aio.ServicerContext, what: str, write: bool = False) -> None:
-        if write and not check_token(context, self.token):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
+        # A write's token was checked before this ran (server/auth.py); ``write`` only documents the call.
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this collector version yet")
 
     # ------------------------------------------------------------ control (server/control.py)
     async def SetControl(self, request: pb.SetControlRequest, context: grpc.aio.ServicerContext) -> pb.ControlStatus:
         """Version, store and push a RateCommand to the run's live sessions; returns the new status."""
-        if not check_token(context, self.token):
-            self.state.reject("unauthenticated_control")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
         rs = await self._run(request.run, context)
         plane = self.control
         who = client_who(request.command.issued_by, context.peer())
@@ -178,7 +175,7 @@ class QueryServicer(pb_grpc.QueryServicer):
     async def _alert_hub(self, context: grpc.aio.ServicerContext) -> AlertEngine:
         engine = self.alerts
         if engine is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector has no alert engine")
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this collector has no alert engine")
         return engine
 
     async def ListAlerts(
@@ -205,9 +202,6 @@ class QueryServicer(pb_grpc.QueryServicer):
         Per field: 0 keeps the current value (all zero = just read them), a
         negative value goes back to the default, anything else sets it.
         """
-        if not check_token(context, self.token):
-            self.state.reject("unauthenticated_thresholds")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
         engine = await self._alert_hub(context)
         if not engine.enabled:
             await context.abort(
@@ -216,4 +210,4 @@ class QueryServicer(pb_grpc.QueryServicer):
         try:
             return engine.set_thresholds(request.run, request.thresholds).to_pb()
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad thresholds: {exc}")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad thresholds: {exc}")
