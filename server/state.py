@@ -12,6 +12,7 @@ changes size under it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import threading
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from layrot.proto import layrot_pb2 as pb
 from layrot.server.control import RunControl
 from layrot.server.store import LayerRecord, RunRecord
 
@@ -83,6 +85,13 @@ class LiveSession:
     ``outbox`` holds messages for the job (``CollectorMessage``) plus the
     ``ACK`` / ``END`` markers; the ingest handler drains it onto the stream.
     Use ``send`` from the loop thread or ``send_threadsafe`` from others.
+
+    Acknowledgements (loop thread only) keep *acked => in the history store*:
+    ``acked_seq`` is the highest seq such that every batch of this session
+    with seq <= it is stored, so it never passes a batch still pending in the
+    store or one that was refused or failed (a Nack). Batches stored above
+    such a one are listed in ``Ack.stored`` instead, each once (an Ack lists
+    what was stored since the previous Ack).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, peer: str = "") -> None:
@@ -99,15 +108,31 @@ class LiveSession:
         self.applied_command_version = 0
         self.init_norm: np.ndarray | None = None
         self.num_layers = 0
+        self.replay = False  # an upload of spooled batches (sync): not a live job
         # ack bookkeeping (loop thread only)
-        self.committed_seq = 0
+        self.last_seq = 0  # highest seq received; seqs must increase
+        self.pending: collections.deque[int] = collections.deque()  # queued in the store, no answer yet
+        self.held: list[int] = []  # stored, above a pending seq (sorted)
+        self.first_nack: int | None = None  # lowest seq refused or failed: acked_seq stays below it
+        self.acked_seq = 0
         self.sent_seq = 0
-        self.inflight = 0
+        self.new_stored: list[int] = []  # stored above a Nack, not yet listed in an Ack
+        self.new_nacks: list[pb.Nack] = []
         self.ack_queued = False
         self.closing = False
         self.said_goodbye = False
         self.ended_by_collector = False
         self.drained = asyncio.Event()
+
+    @property
+    def inflight(self) -> int:
+        """Batches queued in the store and not answered yet."""
+        return len(self.pending)
+
+    @property
+    def committed_seq(self) -> int:
+        """The cumulative ack (older name)."""
+        return self.acked_seq
 
     def send(self, message: Any) -> None:
         """Queue a CollectorMessage (e.g. a RateCommand) for the job. Loop thread only."""
@@ -117,16 +142,65 @@ class LiveSession:
         """Queue a CollectorMessage from any thread."""
         self.loop.call_soon_threadsafe(self.outbox.put_nowait, message)
 
+    def queued(self, seq: int) -> None:
+        """Batch ``seq`` went to the store; its answer comes through ``committed`` or ``failed``."""
+        self.pending.append(seq)
+
     def committed(self, seq: int) -> None:
         """Called on the loop thread after a commit that contains this session's batch ``seq``."""
-        if seq > self.committed_seq:
-            self.committed_seq = seq
-        self.inflight -= 1
-        if self.committed_seq > self.sent_seq and not self.ack_queued:
+        self._resolve(seq)
+        bisect.insort(self.held, seq)
+        self._settle()
+
+    def failed(self, nack: pb.Nack) -> None:
+        """Batch ``nack.seq`` is not stored (store failure, or refused): tell the job, never ack it."""
+        self._resolve(nack.seq)
+        if self.first_nack is None or nack.seq < self.first_nack:
+            self.first_nack = nack.seq
+        self.new_nacks.append(nack)
+        self._settle()
+
+    def _resolve(self, seq: int) -> None:
+        pending = self.pending
+        if pending and pending[0] == seq:
+            pending.popleft()
+        else:
+            try:
+                pending.remove(seq)
+            except ValueError:  # refused before it reached the store
+                pass
+
+    def _settle(self) -> None:
+        limit = self.pending[0] if self.pending else None
+        fn = self.first_nack
+        if fn is not None and (limit is None or fn < limit):
+            limit = fn
+        held = self.held
+        i = len(held) if limit is None else bisect.bisect_left(held, limit)
+        if i:
+            self.acked_seq = max(self.acked_seq, held[i - 1])
+            del held[:i]
+        if fn is not None and held:
+            # Above a Nack: the cumulative ack never covers these, list them.
+            j = bisect.bisect_right(held, fn)
+            self.new_stored.extend(held[j:])
+            del held[j:]
+        if (self.acked_seq > self.sent_seq or self.new_stored or self.new_nacks) and not self.ack_queued:
             self.ack_queued = True
             self.outbox.put_nowait(ACK)
-        if self.closing and self.inflight <= 0:
+        if self.closing and not self.pending:
             self.drained.set()
+
+    def take_ack(self) -> pb.Ack | None:
+        """The Ack to send now (None when there is no news); the outbox's ACK marker calls it."""
+        self.ack_queued = False
+        if self.acked_seq <= self.sent_seq and not self.new_stored and not self.new_nacks:
+            return None
+        ack = pb.Ack(seq=self.acked_seq, stored=self.new_stored, failed=self.new_nacks)
+        self.sent_seq = self.acked_seq
+        self.new_stored = []
+        self.new_nacks = []
+        return ack
 
 
 class RunState:
@@ -150,6 +224,10 @@ class RunState:
         self.sessions: set[LiveSession] = set()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.control_acks: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
+        # Ownership: hash of the run key of the Hello that created the run (None: unbound).
+        self.key_hash = rec.key_hash
+        # Highest step in the history per rank (Welcome.stored_step); updated on commit.
+        self.stored_step: dict[int, int] = dict(rec.stored_steps)
         # Control plane: current command, per-rank answers, audit (server/control.py).
         self.control = RunControl()
 
