@@ -1,8 +1,9 @@
 """``layrot-agent``: run the collector, query runs, export history, draw curves, run the demo.
 
 Commands that talk to a collector take ``--collector ADDR`` (or
-``$LAYROT_COLLECTOR``, default ``localhost:50051``) and ``--token`` (or
-``$LAYROT_TOKEN``). Errors print one line and exit with status 1.
+``$LAYROT_COLLECTOR``, default ``localhost:50051``), ``--token`` (or
+``$LAYROT_TOKEN``) and ``--tls-ca`` / ``--tls-cert`` / ``--tls-key`` (or
+``$LAYROT_TLS_CA`` / ``_CERT`` / ``_KEY``). Errors print one line and exit with status 1.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from layrot.cli.cli_common import (
 from layrot.cli.cli_common import (
     table as _table,
 )
-from layrot.cli.serve_options import serve_alert_options
+from layrot.cli.serve_options import serve_alert_options, serve_security_options
 from layrot.client.errors import CollectorError
 
 # Start-up matters (every command is a new process): grpc, protobuf and numpy load
@@ -145,9 +146,19 @@ def check_output_folder(output: str) -> None:
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@click.option("--grpc-host", default="0.0.0.0", show_default=True, help="Interface for gRPC (ingest + queries).")
+@click.option(
+    "--grpc-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface for gRPC (ingest + queries); 0.0.0.0 (or ::) for every interface, i.e. for jobs on other hosts.",
+)
 @click.option("--grpc-port", default=50051, show_default=True, type=int, help="gRPC port (0 = any free port).")
-@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="Interface for Prometheus /metrics.")
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface for Prometheus /metrics; 0.0.0.0 when Prometheus runs on another host or container.",
+)
 @click.option(
     "--metrics-port", default=9400, show_default=True, type=int, help="Port of Prometheus /metrics (0 = any free port)."
 )
@@ -160,13 +171,7 @@ def check_output_folder(output: str) -> None:
     help="SQLite history database file (created with its folders if missing; history survives restarts). "
     "Database URLs (postgresql://...) are not supported yet.",
 )
-@click.option(
-    "--token",
-    envvar="LAYROT_TOKEN",
-    default=None,
-    show_envvar=True,
-    help="Require 'authorization: Bearer TOKEN' for ingest and write calls (reads stay open).",
-)
+@serve_security_options
 @click.option(
     "--run-ttl",
     default=86400.0,
@@ -181,8 +186,8 @@ def serve(
     metrics_host: str,
     metrics_port: int,
     db: str,
-    token: str | None,
     run_ttl: float,
+    security_options: dict[str, Any],
     alert_options: dict[str, Any],
 ) -> None:
     """Run the collector daemon: gRPC ingest and queries, /metrics, history store.
@@ -190,11 +195,25 @@ def serve(
     Stops cleanly on SIGTERM / Ctrl-C (pending history is flushed).
     Messages larger than 16 MiB are refused.
 
+    It listens on 127.0.0.1 unless --grpc-host / --metrics-host say otherwise.
+    Beyond this machine, use a token (writes; --read-token for queries too) and
+    TLS (the token travels in clear text without it); serve warns when one is
+    missing. Jobs and the CLI then set LAYROT_TOKEN and LAYROT_TLS_CA (the CA
+    file that signed --tls-cert); with --tls-client-ca also LAYROT_TLS_CERT and
+    LAYROT_TLS_KEY. Health checks are always open.
+
     \b
     Examples:
-      layrot-agent serve
+      layrot-agent serve                        # this machine only, no token, no TLS
       layrot-agent serve --grpc-port 50051 --metrics-port 9400 --db /data/layrot.db
-      LAYROT_TOKEN=s3cret layrot-agent serve --grpc-host 0.0.0.0
+      # every interface, the write token from a file, TLS:
+      layrot-agent serve --grpc-host 0.0.0.0 --metrics-host 0.0.0.0 \\
+          --token-file /etc/layrot/token --tls-cert server.pem --tls-key server.key
+      # mutual TLS: clients need a certificate signed by clients-ca.pem
+      layrot-agent serve --grpc-host 0.0.0.0 --tls-cert server.pem --tls-key server.key \\
+          --tls-client-ca clients-ca.pem
+      # queries need a token too (the read token or the write token)
+      LAYROT_TOKEN=w LAYROT_READ_TOKEN=r layrot-agent serve --grpc-host 0.0.0.0
       layrot-agent serve --alertmanager http://alertmanager:9093 --alert-abs-angle 0.25
     """
     check_db_path(db)
@@ -206,8 +225,8 @@ def serve(
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         db_path=db,
-        token=token,
         run_ttl=run_ttl,
+        **security_options,
         **alert_options,
     )
     try:
@@ -215,6 +234,10 @@ def serve(
     except Exception as exc:
         import sqlite3
 
+        from layrot.server.auth import TLSFileError
+
+        if isinstance(exc, TLSFileError):
+            raise click.ClickException(str(exc)) from None
         if isinstance(exc, sqlite3.Error):
             raise click.ClickException(f"cannot open the history database {db}: {exc}") from None
         if isinstance(exc, OSError) and exc.filename is not None:
@@ -222,7 +245,7 @@ def serve(
         raise click.ClickException(f"cannot start the collector (db {db}): {exc}") from None
     click.echo(
         f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
-        f"db {db}{', token required' if token else ''}",
+        f"db {db} ({collector.security_summary})",
         err=True,
     )
     collector.serve_forever()
@@ -239,6 +262,7 @@ def runs(collector: str, token: str | None, as_json: bool) -> None:
     Examples:
       layrot-agent runs
       layrot-agent runs --collector collector.internal:50051 --json
+      layrot-agent runs --collector collector.internal:50051 --tls-ca ca.pem   # a TLS collector
     """
     try:
         with _client(collector, token) as q:

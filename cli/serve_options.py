@@ -1,4 +1,5 @@
-"""The alert options of ``layrot-agent serve`` (apart from cli/alerts_cli.py, so a query command need not load it)."""
+"""The alert and security options of ``layrot-agent serve`` (apart from cli/alerts_cli.py, so a query command
+need not load them)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,113 @@ def serve_alert_options(fn: Any) -> Any:
             default=300.0,
             show_default=True,
             help="Seconds without a new event after which a pushed alert is resolved in Alertmanager.",
+        ),
+    ]
+    for opt in reversed(options):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+# ---------------------------------------------------------------- security options
+def _token(value: str | None, file: str | None, flag: str, env: str) -> str | None:
+    """The token from --X-file or from --X / $ENV; both at once is an error (which one would win is not obvious)."""
+    if file is None:
+        return value or None
+    if value:
+        raise click.UsageError(f"give {flag} (or ${env}) or {flag}-file, not both")
+    from layrot.server.auth import read_token_file
+
+    try:
+        return read_token_file(file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{flag}-file'") from None
+
+
+def serve_security_options(fn: Any) -> Any:
+    """Token and TLS options of ``layrot-agent serve``; the command receives them as one ``security_options``
+    dict of ``Collector`` keyword arguments (token, read_token, tls_cert, tls_key, tls_client_ca)."""
+    import functools
+
+    keys = ("token", "token_file", "read_token", "read_token_file", "tls_cert", "tls_key", "tls_client_ca")
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        o = {k: kwargs.pop(k) for k in keys}
+        if (o["tls_cert"] is None) != (o["tls_key"] is None):
+            raise click.UsageError("TLS needs both --tls-cert and --tls-key")
+        if o["tls_client_ca"] and not o["tls_cert"]:
+            raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        token = _token(o["token"], o["token_file"], "--token", "LAYROT_TOKEN")
+        read_token = _token(o["read_token"], o["read_token_file"], "--read-token", "LAYROT_READ_TOKEN")
+        if read_token and token and read_token == token:
+            raise click.UsageError("--read-token must differ from --token (the write token already allows reads)")
+        security_options = {
+            "token": token,
+            "read_token": read_token,
+            "tls_cert": o["tls_cert"],
+            "tls_key": o["tls_key"],
+            "tls_client_ca": o["tls_client_ca"],
+        }
+        return fn(*args, security_options=security_options, **kwargs)
+
+    pem = click.Path(dir_okay=False)  # read by the collector, which names the file in its error
+    options = [
+        click.option(
+            "--token",
+            envvar="LAYROT_TOKEN",
+            default=None,
+            show_envvar=True,
+            help="Write token: ingest (training jobs), control, thresholds and every other write call need "
+            "'authorization: Bearer TOKEN'. Queries stay open unless --read-token is set.",
+        ),
+        click.option(
+            "--token-file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            metavar="FILE",
+            help="Read the write token from FILE (keeps it out of 'ps' and shell history).",
+        ),
+        click.option(
+            "--read-token",
+            envvar="LAYROT_READ_TOKEN",
+            default=None,
+            show_envvar=True,
+            help="Read token: queries (runs, show, export, alerts, control status) need it or the write token. "
+            "Health checks stay open.",
+        ),
+        click.option(
+            "--read-token-file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            metavar="FILE",
+            help="Read the read token from FILE.",
+        ),
+        click.option(
+            "--tls-cert",
+            type=pem,
+            default=None,
+            metavar="FILE",
+            envvar="LAYROT_SERVE_TLS_CERT",
+            show_envvar=True,
+            help="Serve gRPC and /metrics over TLS with this certificate (PEM, with its chain).",
+        ),
+        click.option(
+            "--tls-key",
+            type=pem,
+            default=None,
+            metavar="FILE",
+            envvar="LAYROT_SERVE_TLS_KEY",
+            show_envvar=True,
+            help="Private key (PEM) of --tls-cert.",
+        ),
+        click.option(
+            "--tls-client-ca",
+            type=pem,
+            default=None,
+            metavar="FILE",
+            envvar="LAYROT_SERVE_TLS_CLIENT_CA",
+            show_envvar=True,
+            help="Mutual TLS: every gRPC and /metrics client must present a certificate this CA signed.",
         ),
     ]
     for opt in reversed(options):
