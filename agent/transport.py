@@ -7,20 +7,34 @@ the same addresses and the same TLS settings:
   before any connection is tried (:func:`check_address`);
 - TLS is on when a CA file is given (``tls_ca=`` or ``LAYROT_TLS_CA``); a client
   certificate and key (``tls_cert`` / ``tls_key``, ``LAYROT_TLS_CERT`` /
-  ``LAYROT_TLS_KEY``) add mutual TLS.
+  ``LAYROT_TLS_KEY``) add mutual TLS;
+- when a connection fails, :func:`explain_connection_error` words the TLS mismatches
+  (a plaintext client at a TLS collector, a wrong CA, a missing client certificate)
+  the same way for the job's warning and the CLI's error; gRPC itself only says
+  "Socket closed".
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-__all__ = ["TLSConfig", "check_address", "open_channel", "DEFAULT_OPTIONS", "AddressError"]
+__all__ = [
+    "TLSConfig",
+    "check_address",
+    "open_channel",
+    "DEFAULT_OPTIONS",
+    "AddressError",
+    "explain_connection_error",
+    "speaks_tls",
+]
 
 # Messages up to 16 MiB both ways (a StepBatch is at most ~1 MiB; history chunks are smaller).
 DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -103,3 +117,82 @@ def open_channel(
     if tls.enabled:
         return grpc.secure_channel(address, tls.credentials(), options=list(options))
     return grpc.insecure_channel(address, options=list(options))
+
+
+# ---------------------------------------------------------------- explaining failed connections
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def speaks_tls(address: str, timeout: float = 2.0) -> bool | None:
+    """Whether the server at ``address`` answers a TLS handshake: True, False, or None when it cannot be reached.
+
+    Used only after a plaintext connection failed, to tell "this collector speaks TLS"
+    from other failures. The handshake verifies nothing (it only asks whether the
+    peer speaks TLS at all) and sends no data.
+    """
+    try:
+        host, port = _split(check_address(address))
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(timeout)
+        return True
+    except ssl.SSLError as exc:
+        # A TLS alert (e.g. "certificate required" from a mutual-TLS collector) is still TLS;
+        # a plaintext HTTP/2 server answers with bytes that are no TLS record at all.
+        return "ALERT" in str(exc).upper()
+    except OSError:
+        return False
+    finally:
+        raw.close()
+
+
+def explain_connection_error(address: str, tls: TLSConfig | None, details: str, probe: bool = True) -> str | None:
+    """One line naming a TLS mismatch behind a failed connection to ``address``, or None when it is not one.
+
+    ``tls`` is what the client used (None: plaintext), ``details`` the gRPC error text.
+    With ``probe`` a plaintext client that failed asks the server for a TLS handshake
+    (:func:`speaks_tls`, at most about 2 s, on the error path only). Callers print the
+    line as is: the job's reporter in its warning, the CLI as its error.
+    """
+    text = details or ""
+    upper = text.upper()
+    if tls is None or not tls.enabled:
+        if probe and speaks_tls(address):
+            return (
+                f"the collector at {address} speaks TLS and this client connected without it:"
+                " pass --tls-ca FILE or set LAYROT_TLS_CA to the CA that signed its certificate"
+            )
+        return None
+    if "WRONG_VERSION_NUMBER" in upper or "PACKET_LENGTH_TOO_LONG" in upper or "HTTP_REQUEST" in upper:
+        return (
+            f"the collector at {address} does not speak TLS: drop --tls-ca / LAYROT_TLS_CA,"
+            " or start it with serve --tls-cert FILE --tls-key FILE"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in upper or "CERTIFICATE VERIFY FAILED" in upper:
+        return (
+            f"the certificate of the collector at {address} is not signed by the CA in {tls.ca}"
+            " (--tls-ca / LAYROT_TLS_CA), or it is not issued for that host name"
+        )
+    if ("SOCKET CLOSED" in upper and "FAILED TO CONNECT" in upper) or "ALERT" in upper:
+        # A mutual-TLS collector ends the handshake of a client without an accepted certificate.
+        if tls.cert is None:
+            return (
+                f"the collector at {address} closed the TLS connection: it may require a client certificate"
+                " (mutual TLS): pass --tls-cert FILE --tls-key FILE or set LAYROT_TLS_CERT / LAYROT_TLS_KEY"
+            )
+        return (
+            f"the collector at {address} closed the TLS connection: it may not accept the client certificate"
+            f" {tls.cert} (is it signed by the CA the collector trusts, serve --tls-client-ca?)"
+        )
+    return None

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from layrot.cli.cli_common import client, tls_options
 from layrot.client.errors import DEFAULT_COLLECTOR, CollectorError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -35,6 +36,7 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def _collector_options(fn: Any) -> Any:
+    fn = tls_options(fn)
     fn = click.option(
         "--token",
         envvar="LAYROT_TOKEN",
@@ -169,11 +171,9 @@ def alerts_command(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"collector": collector, "token": token}
         return
-    from layrot.client.query import QueryClient
-
     t0 = parse_since(since)
     try:
-        with QueryClient(collector, token) as q:
+        with client(collector, token) as q:
             if not follow:
                 items = q.list_alerts(run, limit=limit, since=t0)
                 if run and not items:
@@ -219,6 +219,7 @@ def alerts_command(
     metavar="ADDR",
     help="Collector gRPC address (as for 'alerts'; $LAYROT_COLLECTOR).",
 )
+@tls_options
 @click.pass_obj
 def thresholds_command(
     obj: dict[str, Any],
@@ -247,11 +248,9 @@ def thresholds_command(
       layrot-agent alerts thresholds resnet-a --k 8 --warmup 100
       layrot-agent alerts thresholds resnet-a --reset
     """
-    from layrot.client.query import QueryClient
-
     values: dict[str, float] = {}
     try:
-        with QueryClient(collector or obj["collector"], token or obj["token"]) as q:
+        with client(collector or obj["collector"], token or obj["token"]) as q:
             if reset:
                 defaults = q.set_thresholds("")
                 q.set_thresholds(

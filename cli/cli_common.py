@@ -17,14 +17,64 @@ if TYPE_CHECKING:  # pragma: no cover
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+TLS_META = "layrot.tls"  # click context meta key: {"ca": ..., "cert": ..., "key": ...}
+
+
+def _remember_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # Stored in ctx.meta (shared by a group and its subcommands) rather than passed to every
+    # command function: each command then keeps its signature, and `alerts thresholds`
+    # inherits what `alerts` was given unless it is given its own.
+    if not value or param.name is None:
+        return
+    given = ctx.meta.setdefault(TLS_META, {})
+    key = param.name.removeprefix("tls_")
+    # The environment never overrides a value the parent command was given explicitly.
+    if key in given and ctx.get_parameter_source(param.name) is click.core.ParameterSource.ENVIRONMENT:
+        return
+    given[key] = value
+
+
+def tls_options(fn: Callable) -> Callable:
+    """--tls-ca, --tls-cert, --tls-key (LAYROT_TLS_CA / _CERT / _KEY): TLS and mutual TLS to the collector."""
+    for name, env, text in reversed(
+        (
+            (
+                "--tls-ca",
+                "LAYROT_TLS_CA",
+                "CA certificate (PEM) that signed the collector's certificate; turns TLS on. "
+                "Needed when the collector runs with --tls-cert.",
+            ),
+            (
+                "--tls-cert",
+                "LAYROT_TLS_CERT",
+                "Client certificate (PEM) for mutual TLS, when the collector runs with --tls-client-ca.",
+            ),
+            ("--tls-key", "LAYROT_TLS_KEY", "Private key (PEM) of --tls-cert."),
+        )
+    ):
+        fn = click.option(
+            name,
+            envvar=env,
+            show_envvar=True,
+            default=None,
+            metavar="FILE",
+            expose_value=False,
+            callback=_remember_tls,
+            help=text,
+        )(fn)
+    return fn
+
+
 def collector_options(fn: Callable) -> Callable:
-    """--collector and --token, shared by every command that talks to a collector."""
+    """--collector, --token and the TLS options, shared by every command that talks to a collector."""
+    fn = tls_options(fn)
     fn = click.option(
         "--token",
         envvar="LAYROT_TOKEN",
         default=None,
         show_envvar=True,
-        help="Bearer token of the collector (needed for write calls, e.g. control, when it runs with --token).",
+        help="Bearer token of the collector: its write token for control and other writes (serve --token); "
+        "its read token or write token for queries when it runs with --read-token.",
     )(fn)
     fn = click.option(
         "--collector",
@@ -40,10 +90,12 @@ def collector_options(fn: Callable) -> Callable:
 
 
 def client(collector: str, token: str | None) -> QueryClient:
-    """A query client; grpc and the generated code load here, on the first command that talks to a collector."""
-    from layrot.client.query import QueryClient
+    """A query client with the command's TLS options; grpc and the generated code load here, on first use."""
+    from layrot.client.query import QueryClient, TLSConfig
 
-    return QueryClient(collector, token)
+    ctx = click.get_current_context(silent=True)
+    given = ctx.meta.get(TLS_META, {}) if ctx is not None else {}
+    return QueryClient(collector, token, tls=TLSConfig.from_env(given.get("ca"), given.get("cert"), given.get("key")))
 
 
 def num(x: float | None) -> float | None:

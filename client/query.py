@@ -7,6 +7,10 @@
 ...     h.rotation[-1]                      # rotation of every layer at the last step
 
 Errors come out as ``CollectorError`` with a one-line, human message.
+
+TLS: ``QueryClient(address, tls=TLSConfig(ca="ca.pem"))``, or ``LAYROT_TLS_CA`` (and
+``LAYROT_TLS_CERT`` / ``LAYROT_TLS_KEY`` for mutual TLS) in the environment; the channel
+comes from ``layrot.agent.transport.open_channel``, the one the training jobs use.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from layrot.agent.transport import DEFAULT_OPTIONS, AddressError, TLSConfig, explain_connection_error, open_channel
 from layrot.client.errors import DEFAULT_COLLECTOR, CollectorError, default_address
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
@@ -32,6 +37,7 @@ __all__ = [
     "CollectorError",
     "History",
     "QueryClient",
+    "TLSConfig",
     "command_dict",
     "control_status_dict",
     "default_address",
@@ -100,15 +106,30 @@ def _summary(s: pb.RunSummary) -> dict[str, Any]:
 
 
 class QueryClient:
-    """Synchronous client of ``layrot.v1.Query``."""
+    """Synchronous client of ``layrot.v1.Query``.
 
-    def __init__(self, address: str | None = None, token: str | None = None, timeout: float = 10.0) -> None:
+    ``tls`` None reads ``LAYROT_TLS_CA`` / ``LAYROT_TLS_CERT`` / ``LAYROT_TLS_KEY``; a bad
+    address or an unreadable certificate file is a :class:`CollectorError` naming it.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        timeout: float = 10.0,
+        tls: TLSConfig | None = None,
+    ) -> None:
         self.address = address or default_address()
         self.token = token or None
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
+        self.tls = tls if tls is not None else TLSConfig.from_env()
+        # History answers can be large: 64 MiB in, the transport's defaults otherwise.
+        options = [o for o in DEFAULT_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", 64 * 1024 * 1024))
+        try:
+            self._channel = open_channel(self.address, self.tls, options)
+        except (AddressError, ValueError) as exc:
+            raise CollectorError(str(exc)) from None
         self._stub = pb_grpc.QueryStub(self._channel)
 
     def close(self) -> None:
@@ -127,7 +148,12 @@ class QueryClient:
     def _error(self, exc: grpc.RpcError) -> CollectorError:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == grpc.StatusCode.UNAVAILABLE:
+        tls_problem = None
+        if code == grpc.StatusCode.UNAVAILABLE:  # gRPC says only "Socket closed" for a TLS mismatch
+            tls_problem = explain_connection_error(self.address, self.tls, details or "")
+        if tls_problem is not None:
+            msg = tls_problem
+        elif code == grpc.StatusCode.UNAVAILABLE:
             msg = (
                 f"cannot reach the layrot collector at {self.address} (is 'layrot-agent serve' running? "
                 "set --collector or LAYROT_COLLECTOR)"

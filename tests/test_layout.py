@@ -23,7 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "agent": {"proto", "core"},
     "hooks": {"agent", "core"},
     "server": {"proto", "core"},
-    "client": {"proto", "core"},
+    # The query client opens its channel with the job's transport (agent/transport.py): one TLS rule.
+    "client": {"agent", "proto", "core"},
     "controllers": {"client", "proto", "core"},
     # The demo trains a real job next to an embedded collector.
     "cli": {"controllers", "client", "server", "proto", "core", "deploy", "facade", "hooks"},
