@@ -620,4 +620,5 @@ def test_token_required_for_ingest_and_writes_not_reads(collector_factory, inges
         stub.SetControl(pb.SetControlRequest(run="auth"), metadata=[("authorization", "Bearer s3cret")])
     # Past the token check; refused because this job did not opt in to control.
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "opt in" in e.value.details()
-    assert value(scrape(c), "layrot_messages_rejected_total", reason="unauthenticated") == 2
+    # Two refused sessions and one refused SetControl: every refused call counts under one reason.
+    assert value(scrape(c), "layrot_messages_rejected_total", reason="unauthenticated") == 3
