@@ -90,6 +90,60 @@ class ControlRefused(Exception):
     """SetControl cannot be accepted for this run (e.g. the job did not opt in)."""
 
 
+# Largest integer field of a command the collector accepts: steps and versions go
+# into SQLite (audit) and step arithmetic, both signed 64-bit.
+_MAX_COMMAND_INT = 2**62
+# Per-layer entries and table bytes of one command (a job has at most IngestLimits.max_layers layers).
+_MAX_COMMAND_LAYERS = 100_000
+_MAX_TABLE_BYTES = 64 << 20
+
+
+def check_command_args(cmd: pb.RateCommand) -> str | None:
+    """What no job could accept in a SetControl command (a reason), else None.
+
+    The collector's own check, before the command is versioned, stored and
+    sent: every number finite, rates and multipliers >= 0, alpha in [-1, 1],
+    integer fields within the store's range, bounded sizes. What depends on
+    the job (its rho_max, its layer names) stays the job's to check, and is
+    then shown as rejected in the status.
+    """
+    doubles = [("alpha", cmd.alpha), ("issued_at", cmd.issued_at)]
+    if cmd.HasField("schedule"):
+        s = cmd.schedule
+        doubles += [("schedule.rho0", s.rho0), ("schedule.factor", s.factor), ("schedule.rho_min", s.rho_min)]
+        doubles += [("schedule.milestones", m) for m in s.milestones]
+        if s.rho0 < 0 or s.rho_min < 0 or s.factor < 0:
+            return "schedule rho0, rho_min and factor must be >= 0"
+        if s.total_steps > _MAX_COMMAND_INT:
+            return f"schedule.total_steps {s.total_steps} is out of range"
+    if len(cmd.multipliers) > _MAX_COMMAND_LAYERS or len(cmd.layer_multipliers) > _MAX_COMMAND_LAYERS:
+        return "too many multipliers"
+    doubles += [("multipliers", m) for m in cmd.multipliers]
+    doubles += [(f"layer_multipliers[{k[:80]!r}]", v) for k, v in cmd.layer_multipliers.items()]
+    for name, v in doubles:
+        if not math.isfinite(v):
+            return f"{name} is not finite ({v!r})"
+    if not -1.0 <= cmd.alpha <= 1.0:
+        return f"alpha {cmd.alpha:g} is outside [-1, 1]"
+    if any(m < 0 for m in cmd.multipliers) or any(v < 0 for v in cmd.layer_multipliers.values()):
+        return "multipliers must be >= 0"
+    for name in ("apply_at_step", "step_offset", "version"):
+        if getattr(cmd, name) > _MAX_COMMAND_INT:
+            return f"{name} {getattr(cmd, name)} is out of range"
+    if cmd.HasField("table"):
+        t = cmd.table
+        if t.start_step > _MAX_COMMAND_INT or len(t.rates) > _MAX_TABLE_BYTES:
+            return "rate table out of range (start_step or size)"
+        if len(t.rates) % 8 == 0 and t.rates:
+            rates = np.frombuffer(t.rates, dtype="<f8")
+            if not np.isfinite(rates).all() or (rates < 0).any():
+                return "rate table values must be finite and >= 0"
+    for name in ("reason", "issued_by", "controller", "mode"):
+        if len(getattr(cmd, name)) > 4096:
+            return f"{name} is longer than 4096 characters"
+    return None
+
+
 def describe_command(cmd: pb.RateCommand) -> str:
     """One human-readable line for a RateCommand (audit trails, logs, CLI)."""
     mode = cmd.mode or "layca"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
-from layrot.server.control import ControlPlane, ControlRefused, client_who
+from layrot.server.control import ControlPlane, ControlRefused, check_command_args, client_who
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store import Store
 
@@ -32,6 +33,8 @@ CHUNK_STEPS = 2000
 MAX_CHUNK_BYTES = 12 * 1024 * 1024
 
 NAN = float("nan")
+# Steps in a query: what SQLite's signed 64-bit integers hold (a larger one would raise OverflowError).
+MAX_STEP_ARG = 2**63 - 1
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
@@ -118,6 +121,11 @@ class QueryServicer(pb_grpc.QueryServicer):
     async def GetHistory(
         self, request: pb.HistoryRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.HistoryChunk]:
+        for name in ("since_step", "until_step"):
+            if getattr(request, name) > MAX_STEP_ARG:
+                await _abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, f"{name} {getattr(request, name)} is out of range"
+                )
         rs = await self._run(request.run, context)
         loop = asyncio.get_running_loop()
         L = max(1, rs.num_layers)
@@ -157,6 +165,10 @@ class QueryServicer(pb_grpc.QueryServicer):
     # ------------------------------------------------------------ control (server/control.py)
     async def SetControl(self, request: pb.SetControlRequest, context: grpc.aio.ServicerContext) -> pb.ControlStatus:
         """Version, store and push a RateCommand to the run's live sessions; returns the new status."""
+        why = check_command_args(request.command)
+        if why is not None:
+            self.state.reject("bad_command")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad command: {why}")
         rs = await self._run(request.run, context)
         plane = self.control
         who = client_who(request.command.issued_by, context.peer())
@@ -178,10 +190,18 @@ class QueryServicer(pb_grpc.QueryServicer):
             await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this collector has no alert engine")
         return engine
 
+    @staticmethod
+    async def _check_since(request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext) -> None:
+        if not math.isfinite(request.since):
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"since must be finite unix seconds, got {request.since}"
+            )
+
     async def ListAlerts(
         self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAlertsResponse:
         """Kept alerts (oldest first) of one run or all, newer than ``since``, the newest ``limit`` (0 = all)."""
+        await self._check_since(request, context)
         engine = await self._alert_hub(context)
         return pb.ListAlertsResponse(alerts=engine.hub.list(request.run, request.limit, request.since))
 
@@ -189,6 +209,7 @@ class QueryServicer(pb_grpc.QueryServicer):
         self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Alert]:
         """The newest ``limit`` kept alerts newer than ``since`` (none if limit is 0), then each new alert live."""
+        await self._check_since(request, context)
         engine = await self._alert_hub(context)
         try:
             async for alert in engine.hub.watch(request.run, request.limit, request.since):

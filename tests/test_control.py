@@ -247,14 +247,40 @@ def test_off_returns_the_job_to_its_own_rule(collector, jobs):
 
 
 # ---------------------------------------------------------------- safety
-INVALID = {
+# What no job could accept is refused by the collector itself (INVALID_ARGUMENT, nothing stored or
+# sent); the job checks those too, and what depends on the job (rho_max, layer names) only it can.
+REFUSED_BY_COLLECTOR = {
     "nan_alpha": (dict(alpha=float("nan")), "alpha is not finite"),
     "alpha_out_of_range": (dict(alpha=1.5), "outside [-1, 1]"),
-    "rho0_above_rho_max": (dict(rho0=0.9), "exceeds the job's rho_max"),
-    "negative_rho0": (dict(rho0=-0.01), "negative"),
+    "negative_rho0": (dict(rho0=-0.01), "must be >= 0"),
     "inf_rho0": (dict(rho0=float("inf")), "not finite"),
+    "negative_multiplier": (dict(multipliers=[1.0, -1.0, 1.0, 1.0, 1.0]), "multipliers must be >= 0"),
+    "nan_multiplier": (dict(layer_multipliers={"conv1.weight": float("nan")}), "not finite"),
+    "huge_apply_at_step": (dict(apply_at_step=2**64 - 1), "apply_at_step"),
+}
+
+
+def test_commands_no_job_could_accept_are_refused_by_the_collector(collector, jobs):
+    job = jobs(collector.grpc_address, "refused-cmds", rho=0.05, alpha=0.5, rho_max=0.5)
+    job.warmup(2)
+    with QueryClient(collector.grpc_address) as q:
+        for kind, (fields, reason) in REFUSED_BY_COLLECTOR.items():
+            fields = dict(fields)
+            rho0 = fields.pop("rho0", 0.02)
+            with pytest.raises(CollectorError) as e:
+                q.set_control("refused-cmds", command(rho0=rho0, **fields))
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and reason in str(e.value), kind
+        st = q.get_control("refused-cmds")
+    assert st["requested"] is None and st["audit"] == []
+    assert job.handle.stats.commands_received == 0
+    m = scrape(collector)
+    got = [v for lab, v in m["layrot_messages_rejected_total"] if lab.get("reason") == "bad_command"]
+    assert got == [len(REFUSED_BY_COLLECTOR)]
+
+
+INVALID = {
+    "rho0_above_rho_max": (dict(rho0=0.9), "exceeds the job's rho_max"),
     "unknown_layer": (dict(layer_multipliers={"conv99.weight": 1.0}), "unknown layer name 'conv99.weight'"),
-    "negative_multiplier": (dict(multipliers=[1.0, -1.0, 1.0, 1.0, 1.0]), "negative"),
     "wrong_multiplier_count": (dict(multipliers=[1.0, 2.0]), "2 multipliers for 5 layers"),
     "multiplier_too_high": (dict(multipliers=[1.0, 30.0, 1.0, 1.0, 1.0]), "above the job's rho_max"),
     "bad_table": (dict(table=pb.RateTable(start_step=1, num_layers=5, rates=b"\x00" * 12)), "not a multiple"),
