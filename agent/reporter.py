@@ -1074,7 +1074,7 @@ class Reporter:
 
 
 def _details(exc: grpc.RpcError) -> str:
-    return exc.details() if hasattr(exc, "details") else str(exc)  # type: ignore[no-any-return]
+    return exc.details() if hasattr(exc, "details") else str(exc)
 
 
 def _parse_hello(data: bytes | None) -> pb.Hello | None:
