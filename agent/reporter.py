@@ -61,6 +61,7 @@ _STOP = object()
 #: measurement contract (:mod:`layrot.agent.measurement`) re-exports them: hooks compute its
 #: ``DEVICE_ROWS`` on the device, and these wire rows are derived from them on the host.
 WIRE_ROWS = ("norm", "dist0", "dstep", "norm_prev", "dot0", "dotstep")
+ROWS = WIRE_ROWS  # the former name, still imported by older code
 
 
 def default_run_name() -> str:
@@ -915,6 +916,7 @@ class Reporter:
                 if entry is not None:
                     sess.seq += 1
                     entry.seq = sess.seq
+                    entry.refused = False  # a SessionError named its previous seq, not this one
                     sess.inflight[sess.seq] = entry
                     payload = entry.payload
             if msg is not None:

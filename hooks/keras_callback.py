@@ -28,7 +28,7 @@ import keras
 
 from layrot.agent.reporter import ReporterStats
 from layrot.hooks.tf_watch import LayerSelector, TFWatchHandle
-from layrot.hooks.watch_base import legacy_positionals
+from layrot.hooks.watch_base import legacy_positionals, watch_options
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class RotationCallback(keras.callbacks.Callback):
         token: bearer token if the collector requires one (``LAYROT_TOKEN``).
         meta: free-form run metadata shown by the CLI.
         loss: report each step's training loss (from the model's loss tracker).
+        tls_ca, tls_cert, tls_key: TLS to the collector, as in ``layrot.watch``.
+        spool, spool_max_bytes: the on-disk spool, as in ``layrot.watch`` (on by default);
+            ``collector="offline"`` records to it only.
+
+    A run name the collector would refuse, a collector address that is not
+    ``host:port`` or an unreadable TLS file raise ValueError here, before ``fit``.
 
     Steps continue from the optimizer's ``iterations`` at the first ``fit`` (so a
     resumed model keeps its step numbers) and across later ``fit`` calls. w(0) is
@@ -79,6 +85,11 @@ class RotationCallback(keras.callbacks.Callback):
         meta: Mapping[str, str] | None = None,
         loss: bool = True,
         reporter_options: Mapping[str, Any] | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        spool: bool | None = None,
+        spool_max_bytes: int | None = None,
     ) -> None:
         if args:
             values = {"every": every, "layers": layers, "collector": collector, "control": control, "token": token}
@@ -88,6 +99,14 @@ class RotationCallback(keras.callbacks.Callback):
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        self._watch_kwargs: dict[str, Any] = {
+            "tls_ca": tls_ca,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "spool": spool,
+            "spool_max_bytes": spool_max_bytes,
+        }
+        watch_options(run, collector, **self._watch_kwargs)  # raises here, before fit, for bad settings
         self.run = run
         self.every = int(every)
         self.layers = layers
@@ -186,6 +205,7 @@ class RotationCallback(keras.callbacks.Callback):
             reporter_options=self.reporter_options,
             loss_tracker=tracker,
             start_step=start,
+            **self._watch_kwargs,
         )
         self._model_id = id(model)
         if self._state is not None:

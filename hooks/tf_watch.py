@@ -34,10 +34,10 @@ import numpy as np
 import tensorflow as tf
 
 from layrot.agent.measurement import PackedMeasurement
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, default_run_name
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, new_run_key
 from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
-from layrot.hooks.watch_base import WatchBase, legacy_positionals
+from layrot.hooks.watch_base import WatchBase, legacy_positionals, watch_options
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,27 @@ class TFWatchHandle(WatchBase):
         loss_tracker: tuple[Any, Any] | None = None,
         start_step: int = 0,
         jit_compile: bool | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        spool: bool | None = None,
+        spool_max_bytes: int | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.run = run or default_run_name()
+        self._options = watch_options(
+            run,
+            collector,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            spool=spool,
+            spool_max_bytes=spool_max_bytes,
+        )
+        self.run = self._options.run
         self.every = int(every)
-        self._collector = collector
         self._token = token
+        self._run_key = new_run_key()  # LAYROT_RUN_KEY when a launcher sets one for every worker
         self._meta = dict(meta or {})
         self._reporter_options = dict(reporter_options or {})
         if optimizer is None:
@@ -239,6 +253,7 @@ class TFWatchHandle(WatchBase):
         self._dist.set_w0([state["w0"][index[n]] for n in self._names])
         self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
         self.step_count = int(state["step"])
+        self._restore_run_key(state)
         self._dist.copy_prev()  # w(t-1) for the next step is what the model holds now
         self._prev_is_w0 = False
         if self.reporter is not None:
@@ -270,8 +285,9 @@ class TFWatchHandle(WatchBase):
         self.reporter = Reporter(
             self.run,
             specs,
-            collector=self._collector,
             token=self._token,
+            run_key=self._run_key,
+            run_key_restored=self._run_key_restored,
             framework="tensorflow",
             framework_version=tf.__version__,
             rank=rank,
@@ -282,7 +298,7 @@ class TFWatchHandle(WatchBase):
             loss=True,
             meta=meta,
             on_command=on_command,
-            **self._reporter_options,
+            **{**self._options.reporter_kwargs(), **self._reporter_options},
         )
         if self._control and self._layca is not None:
             self._layca.add_command_listener(self.reporter.command_result)
@@ -336,6 +352,11 @@ def watch(
     control: bool = False,
     meta: Mapping[str, str] | None = None,
     reporter_options: Mapping[str, Any] | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    spool: bool | None = None,
+    spool_max_bytes: int | None = None,
 ) -> TFWatchHandle:
     """Stream per-layer rotation of a TensorFlow / Keras model from a custom training loop.
 
@@ -361,12 +382,18 @@ def watch(
         optimizer: the optimizer in use (a ``layrot.keras.Layca`` makes rates and
             commands visible), when it is not ``model.optimizer``.
         meta: free-form run metadata shown by the CLI.
+        tls_ca, tls_cert, tls_key: TLS to the collector, as in ``layrot.watch``.
+        spool, spool_max_bytes: the on-disk spool, as in ``layrot.watch`` (on by default);
+            ``collector="offline"`` records to it only.
+
+    Raises:
+        ValueError: before training starts, for a bad run name, collector address or TLS file.
 
     Returns:
         A :class:`TFWatchHandle`: call ``.step()`` after each optimizer step; it
         has ``observe_loss()``, ``flush()``, ``close()``, ``stats``, ``layer_names``,
         ``state_dict()`` / ``load_state_dict()``. An unreachable collector never slows or
-        stops training: one warning, counted drops, reconnection with backoff.
+        stops training: one warning, steps kept in the spool, reconnection with backoff.
     """
     if isinstance(optimizer, str) or args:
         values = {"run": run, "every": every, "layers": layers, "collector": collector, "token": token}
@@ -392,4 +419,9 @@ def watch(
         control=control,
         meta=meta,
         reporter_options=reporter_options,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        spool=spool,
+        spool_max_bytes=spool_max_bytes,
     )

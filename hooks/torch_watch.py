@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from layrot.agent.measurement import PackedMeasurement
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, default_run_name
+from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, new_run_key
 from layrot.hooks.torch_distances import LayerDistances
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
-from layrot.hooks.watch_base import WatchBase, legacy_positionals
+from layrot.hooks.watch_base import WatchBase, legacy_positionals, watch_options
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,21 @@ def _dist_rank_world() -> tuple[int, int]:
     except Exception:
         pass
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _shared_run_key() -> str:
+    """One run key for every rank: rank 0's, by one ``broadcast_object_list`` when torch.distributed runs."""
+    key = new_run_key()
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box: list[Any] = [key]
+            dist.broadcast_object_list(box, src=0)
+            key = str(box[0])
+    except Exception as exc:  # a rank with its own key is refused by the collector, never crashed
+        log.warning("layrot: could not share the run key across ranks (%s); set LAYROT_RUN_KEY for the job", exc)
+    return key
 
 
 class _DeviceFetch:
@@ -106,12 +121,25 @@ class WatchHandle(WatchBase):
         control: bool = False,
         meta: Mapping[str, str] | None = None,
         reporter_options: Mapping[str, Any] | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        spool: bool | None = None,
+        spool_max_bytes: int | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.run = run or default_run_name()
+        self._options = watch_options(
+            run,
+            collector,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            spool=spool,
+            spool_max_bytes=spool_max_bytes,
+        )
+        self.run = self._options.run
         self.every = int(every)
-        self._collector = collector
         self._token = token
         self._meta = dict(meta or {})
         self._reporter_options = dict(reporter_options or {})
@@ -145,6 +173,7 @@ class WatchHandle(WatchBase):
         self.step = 0
         self.reporter: Reporter | None = None
         self._closed = False
+        self._run_key = _shared_run_key()
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -190,6 +219,7 @@ class WatchHandle(WatchBase):
                 self._w0[i].copy_(state["w0"][index[n]].to(self._w0[i].device))
         self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
         self.step = int(state["step"])
+        self._restore_run_key(state)
         if self.reporter is not None:
             log.warning("layrot: load_state_dict after reporting began; the collector keeps the old layer norms")
         self._prev_valid = False
@@ -223,8 +253,9 @@ class WatchHandle(WatchBase):
         self.reporter = Reporter(
             self.run,
             specs,
-            collector=self._collector,
             token=self._token,
+            run_key=self._run_key,
+            run_key_restored=self._run_key_restored,
             framework="pytorch",
             framework_version=torch.__version__,
             rank=rank,
@@ -235,7 +266,7 @@ class WatchHandle(WatchBase):
             loss=True,
             meta=self._meta,
             on_command=on_command,
-            **self._reporter_options,
+            **{**self._options.reporter_kwargs(), **self._reporter_options},
         )
         if self._control and self._layca is not None:
             self._layca.add_command_listener(self.reporter.command_result)
@@ -345,6 +376,11 @@ def watch(
     control: bool = False,
     meta: Mapping[str, str] | None = None,
     reporter_options: Mapping[str, Any] | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    spool: bool | None = None,
+    spool_max_bytes: int | None = None,
 ) -> WatchHandle:
     """Stream per-layer rotation of ``model`` to the layrot collector.
 
@@ -373,16 +409,30 @@ def watch(
             (:mod:`layrot.core.layer_rule`): None (parameters with ndim >= 2), a
             regex or a predicate ``(name, param) -> bool`` filtering those, or a
             list of exact parameter names.
-        collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
+        collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``;
+            ``"offline"`` (or ``LAYROT_MODE=offline``) records to the spool only, for a
+            later ``layrot-agent sync``.
         token: bearer token if the collector requires one (``LAYROT_TOKEN``).
         control: accept remote Layca rate commands (needs a ``layrot.Layca`` optimizer).
         meta: free-form run metadata shown by the CLI.
+        tls_ca, tls_cert, tls_key: TLS to the collector (CA file; client cert and key for
+            mTLS); default ``LAYROT_TLS_CA`` / ``LAYROT_TLS_CERT`` / ``LAYROT_TLS_KEY``.
+        spool: keep every batch on disk until the collector stored it (default on;
+            ``LAYROT_SPOOL=0`` turns it off); the folder is ``LAYROT_SPOOL_DIR`` or the user
+            cache dir (``~/.cache/layrot/spool``).
+        spool_max_bytes: the spool's bound (default 1 GiB, ``LAYROT_SPOOL_MAX_BYTES``).
+
+    Raises:
+        ValueError: before training starts, for a run name the collector would refuse,
+            a collector address that is not ``host:port``, an unreadable TLS file, or
+            ``every < 1``.
 
     Returns:
         A :class:`WatchHandle` with ``close()``, ``state_dict()`` /
         ``load_state_dict()``, ``observe_loss()`` and ``stats``. It also closes at exit.
         If the collector is unreachable training goes on at full speed: one
-        warning, counted drops, reconnection with backoff.
+        warning, steps kept in the spool and sent after a reconnect (with the
+        spool off: a bounded memory buffer, drops counted).
     """
     if args:
         given = legacy_positionals(
@@ -404,4 +454,9 @@ def watch(
         control=control,
         meta=meta,
         reporter_options=reporter_options,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        spool=spool,
+        spool_max_bytes=spool_max_bytes,
     )

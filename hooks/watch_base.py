@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from layrot.agent.reporter import Reporter
+from layrot.agent.reporter import Reporter, check_collector, check_run_name, default_run_name, spool_settings
+from layrot.agent.transport import TLSConfig
 
 #: Version of the dict that ``state_dict()`` returns.
 STATE_VERSION = 1
@@ -42,6 +44,55 @@ def legacy_positionals(
     return out
 
 
+@dataclass(frozen=True)
+class WatchOptions:
+    """Where and how a watch reports, checked before training starts (see :func:`watch_options`)."""
+
+    run: str
+    collector: str  # host:port, or "offline"
+    tls: TLSConfig
+    spool: bool
+    spool_max_bytes: int
+
+    def reporter_kwargs(self) -> dict[str, Any]:
+        """The Reporter arguments these options set."""
+        return {
+            "collector": self.collector,
+            "tls": self.tls,
+            "spool": self.spool,
+            "spool_max_bytes": self.spool_max_bytes,
+        }
+
+
+def watch_options(
+    run: str | None,
+    collector: str | None,
+    *,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    spool: bool | None = None,
+    spool_max_bytes: int | None = None,
+) -> WatchOptions:
+    """Resolve and check a watch's run name, collector address, TLS files and spool settings.
+
+    This is the one place layrot raises to the user: a run name the collector would
+    refuse (empty, over its length limit), an address that is not ``host:port``, an
+    unreadable TLS file or a bad spool bound is a ValueError here, before the first
+    step, instead of a run whose every step is lost later.
+    """
+    name = run if run is not None else default_run_name()
+    check_run_name(name)
+    tls = TLSConfig.from_env(tls_ca, tls_cert, tls_key)
+    address = check_collector(collector, tls)
+    on, max_bytes = spool_settings(spool, spool_max_bytes)
+    if address == "offline" and not on:
+        raise ValueError(
+            "collector='offline' (or LAYROT_MODE=offline) records to the spool only: spool=False contradicts it"
+        )
+    return WatchOptions(name, address, tls, on, max_bytes)
+
+
 _H = TypeVar("_H", bound="WatchBase")
 
 
@@ -54,6 +105,8 @@ class WatchBase:
     _layca: Any
     _control: bool
     _names: Sequence[str]
+    _run_key: str
+    _run_key_restored: bool = False
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the collector acknowledged every reported step (or timeout)."""
@@ -90,8 +143,26 @@ class WatchBase:
         """Restore what :meth:`state_dict` returned (before the next step)."""
         raise NotImplementedError
 
+    @property
+    def run_key(self) -> str:
+        """The job's key to its run (saved by :meth:`state_dict`; a resumed job must load it to write the run)."""
+        return self.reporter.run_key if self.reporter is not None else self._run_key
+
     def _state_frame(self, step: int) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "run": self.run, "step": int(step), "names": list(self._names)}
+        return {
+            "version": STATE_VERSION,
+            "run": self.run,
+            "step": int(step),
+            "names": list(self._names),
+            "run_key": self.run_key,
+        }
+
+    def _restore_run_key(self, state: Mapping[str, Any]) -> None:
+        """Take the run key of a saved state (older states have none: the job keeps its own)."""
+        key = state.get("run_key")
+        if isinstance(key, str) and key:
+            self._run_key = key
+            self._run_key_restored = True
 
     def _state_index(self, state: Mapping[str, Any], same_by_position: bool = False) -> dict[str, int]:
         """Saved position of each current layer name; raises ValueError when the state does not fit.

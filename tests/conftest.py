@@ -311,3 +311,11 @@ class SimJob:
 def sim_job() -> Any:
     """The SimJob class (call it with the options you need)."""
     return SimJob
+
+
+@pytest.fixture(autouse=True)
+def _spool_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's job-side spool lives in its own temp folder, never in the user's cache dir."""
+    root = tmp_path_factory.mktemp("spool")
+    monkeypatch.setenv("LAYROT_SPOOL_DIR", str(root))
+    return root

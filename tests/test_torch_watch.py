@@ -166,9 +166,24 @@ def test_collector_absent_training_completes_and_drops_are_counted(caplog):
     assert len(saved) == 30 and handle.step == 30
     warnings = [r for r in caplog.records if "cannot reach the collector" in r.getMessage()]
     assert len(warnings) == 1, "exactly one warning while the collector is down"
-    assert handle.stats.acked_steps == 0
-    assert handle.stats.dropped == 30  # everything reported was counted as lost at close
-    assert closing < 2.0  # close never waits for an absent collector
+    assert handle.stats.acked_steps == 0 and handle.stats.sent_steps == 0  # nothing was ever delivered
+    # The spool (on by default) keeps every step: nothing is lost, nothing is counted as dropped.
+    assert handle.stats.dropped == 0 and handle.stats.spool_pending_steps == 30
+    assert closing < 5.0 + 3.0  # close waits for a first connect, bounded by its timeout
+
+
+def test_collector_absent_without_spool_counts_every_step_as_dropped(caplog):
+    torch.manual_seed(3)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    addr = f"127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING, logger="layrot"):
+        handle = layrot.watch(model, opt, run="no-collector-no-spool", collector=addr, spool=False)
+        train(model, opt, handle, 30)
+        handle.close(timeout=0.5)
+    assert handle.stats.acked_steps == 0 and handle.stats.sent_steps == 0
+    assert handle.stats.dropped == handle.stats.dropped_at_close == 30  # in memory only: lost at close
+    assert any("not kept: lost" in r.getMessage() for r in caplog.records)
 
 
 def test_collector_restart_mid_run_leaves_no_gap(tmp_path):
