@@ -53,7 +53,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from layrot import __version__
+from layrot.core.version import __version__
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.decode import (

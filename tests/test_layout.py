@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": {"agent", "proto", "core"},
     "controllers": {"client", "proto", "core"},
     # The demo trains a real job next to an embedded collector.
-    "cli": {"controllers", "client", "server", "proto", "core", "deploy", "facade", "hooks"},
+    "cli": {"controllers", "client", "server", "agent", "proto", "core", "deploy", "facade", "hooks"},
     "deploy": set(),
     # layrot/__init__.py, layrot/keras.py, layrot/tf.py: the public names.
     "facade": {"hooks", "core"},
