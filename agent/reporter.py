@@ -426,6 +426,7 @@ class Reporter:
         self._warned_down = False
         self._warned_full = False
         self._warned_codes: set[str] = set()
+        self._dropped_seen = 0  # stats.dropped when the previous flush returned
 
         self._exporter = threading.Thread(target=self._export_loop, name="layrot-exporter", daemon=True)
         self._exporter.start()
@@ -481,24 +482,28 @@ class Reporter:
 
         A marker goes through the queue behind those steps, so the exporter has packed
         them all when it comes out; then this waits for their acks. True only if all of
-        them were acknowledged and no step was dropped meanwhile; False on timeout, when
+        them were acknowledged and no step was dropped since the previous flush (a drop
+        makes one flush say so); False on timeout, when
         the collector refused the run, or (offline) when there is no collector to ask:
         offline, True means everything is written to the spool.
         """
         deadline = time.monotonic() + timeout
-        dropped = self.stats.dropped
-        marker = self._mark(deadline)
-        if marker is None:
-            return False
-        if self.offline:
-            return self.stats.dropped == dropped
-        with self._cond:
-            while not self._covered(marker.key) and not self.stats.refused:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, 0.25))
-            return self._covered(marker.key) and self.stats.dropped == dropped
+        dropped = self._dropped_seen
+        try:
+            marker = self._mark(deadline)
+            if marker is None:
+                return False
+            if self.offline:
+                return self.stats.dropped == dropped
+            with self._cond:
+                while not self._covered(marker.key) and not self.stats.refused:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(min(left, 0.25))
+                return self._covered(marker.key) and self.stats.dropped == dropped
+        finally:
+            self._dropped_seen = self.stats.dropped
 
     def close(self, timeout: float = 5.0) -> None:
         """Pack what is queued, wait (up to ``timeout``) for the collector to store it, say Goodbye, stop.
