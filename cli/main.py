@@ -88,6 +88,7 @@ class LazyGroup(click.Group):
         "alerts": "layrot.cli.alerts_cli:alerts_command",
         "control": "layrot.cli.control_cli:control_group",
         "grafana": "layrot.cli.grafana:grafana_group",
+        "sync": "layrot.cli.sync:sync_command",
     },
 )
 @click.option(
