@@ -326,9 +326,32 @@ def test_collector_absent_fit_completes_and_drops_are_counted(caplog):
     assert len(hist.history["loss"]) == 5 and cb.step_count == 20
     warnings = [r for r in caplog.records if "cannot reach the collector" in r.getMessage()]
     assert len(warnings) == 1, "exactly one warning while the collector is down"
-    assert cb.stats.acked_steps == 0
-    assert cb.stats.dropped == 20
-    assert closing < 2.0
+    assert cb.stats.acked_steps == 0 and cb.stats.sent_steps == 0
+    assert cb.stats.dropped == 0 and cb.stats.spool_pending_steps == 20  # kept in the spool (on by default)
+    assert closing < 5.0 + 3.0  # close waits for a first connect, bounded by its timeout
+
+
+def test_offline_fit_then_sync_and_settings_checked_before_fit(collector, _spool_in_tmp, caplog):
+    from click.testing import CliRunner
+
+    from layrot.cli.sync import sync_command
+
+    with pytest.raises(ValueError, match="at most 200"):
+        layrot.keras.RotationCallback(run="k" * 201)
+    with pytest.raises(ValueError, match="host:port|port"):
+        layrot.keras.RotationCallback(run="ok", collector="localhost")
+    model = cnn(5, keras.optimizers.SGD(0.05))
+    x, y = data()
+    cb = layrot.keras.RotationCallback(run="keras-offline", collector="offline")
+    with caplog.at_level(logging.INFO, logger="layrot"):
+        model.fit(x, y, batch_size=16, epochs=5, verbose=0, callbacks=[cb])
+        cb.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert cb.stats.dropped == 0 and cb.stats.spool_pending_steps == 20
+    assert isinstance(cb.state_dict()["run_key"], str) and len(cb.state_dict()["run_key"]) == 32
+    res = CliRunner().invoke(sync_command, [str(_spool_in_tmp), "--collector", collector.grpc_address])
+    assert res.exit_code == 0, res.output
+    assert list(QueryClient(collector.grpc_address).history("keras-offline").steps) == list(range(1, 21))
 
 
 def test_resume_from_state_continues_curves(collector, tmp_path):
