@@ -291,8 +291,8 @@ def check_physics(batch: DecodedBatch, init_norm: np.ndarray) -> None:
     counted as such.
     """
     for name in ("norm", "dist0", "dstep", "norm_prev"):
-        arr = getattr(batch, name)
-        if (arr < 0.0).any():
+        # fmin ignores NaN (divergence), so a negative value beside a NaN is still seen; one pass per array.
+        if np.fmin.reduce(getattr(batch, name), axis=None) < 0.0:
             raise SessionReject("bad_batch", f"{name} has negative values (a norm is >= 0)", "negative_norm")
     if _over(batch.dist0, batch.norm, init_norm):
         raise SessionReject(
