@@ -413,8 +413,10 @@ def test_collector_restart_resends_current_command_without_double_apply(collecto
     job.check_angles(range(st["applied_step"], job.t + 1), np.full(L, 0.01))
 
 
-def test_job_started_after_the_command_gets_it_on_hello(collector, jobs):
+def test_job_started_after_the_command_gets_it_on_hello(collector, jobs, monkeypatch):
     """A restarted job (same run) receives the current command with its Hello."""
+    # The run belongs to its key: the restarted process must carry it (here from the launcher's environment).
+    monkeypatch.setenv("LAYROT_RUN_KEY", "resume-key")
     job = jobs(collector.grpc_address, "resume", seed=3)
     job.warmup(2)
     with QueryClient(collector.grpc_address) as q:
