@@ -50,6 +50,7 @@ from layrot.server.alert_detectors import (
     Stalls,
 )
 from layrot.server.alert_hub import ALERT_BURST, ALERT_REFILL_PER_S, KEEP_PER_RUN, WATCH_QUEUE, AlertHub
+from layrot.server.alert_lost import DEFAULT_GRACE, LostSessions
 from layrot.server.alert_thresholds import FIELDS, Thresholds, apply_update
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class AlertEngine:
         loss_wait: float = 0.5,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        lost_grace: float = DEFAULT_GRACE,
     ) -> None:
         self.hub = hub
         self.defaults = defaults or Thresholds()
@@ -89,6 +91,7 @@ class AlertEngine:
         self.divergence = Divergence(hub, clock)
         self.stalls = Stalls(hub, clock, self.runs, self.thresholds)
         self.rejections = RejectionBursts(hub, clock, self.runs)
+        self.lost = LostSessions(hub, clock, monotonic, lost_grace)  # run_lost (server/alert_lost.py)
         self._last_slow_tick = 0.0
 
     @property
@@ -203,6 +206,7 @@ class AlertEngine:
         if not self.enabled or now_m - self._last_slow_tick < 1.0:
             return
         self._last_slow_tick = now_m
+        self.lost.check(now_m)
         for rs in state.snapshot_runs():
             self.stalls.check(rs, now_m)
             self.rejections.check(rs, now_m)
