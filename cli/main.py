@@ -43,7 +43,7 @@ from layrot.cli.cli_common import (
 from layrot.cli.cli_common import (
     table as _table,
 )
-from layrot.cli.serve_options import serve_alert_options, serve_security_options
+from layrot.cli.serve_options import serve_alert_options, serve_limit_options, serve_security_options
 from layrot.client.errors import CollectorError
 
 # Start-up matters (every command is a new process): grpc, protobuf and numpy load
@@ -181,6 +181,7 @@ def check_output_folder(output: str) -> None:
     help="Seconds after its last report that a disconnected run leaves /metrics (history is kept).",
 )
 @serve_alert_options
+@serve_limit_options
 def serve(
     grpc_host: str,
     grpc_port: int,
@@ -190,11 +191,14 @@ def serve(
     run_ttl: float,
     security_options: dict[str, Any],
     alert_options: dict[str, Any],
+    limit_options: dict[str, Any],
 ) -> None:
     """Run the collector daemon: gRPC ingest and queries, /metrics, history store.
 
     Stops cleanly on SIGTERM / Ctrl-C (pending history is flushed).
-    Messages larger than 16 MiB are refused.
+    What one job may send is bounded (--max-layers, --max-name-length,
+    --max-steps-per-batch, --max-runs, --max-message-bytes); every refusal is
+    counted in layrot_messages_rejected_total{reason}.
 
     It listens on 127.0.0.1 unless --grpc-host / --metrics-host say otherwise.
     Beyond this machine, use a token (writes; --read-token for queries too) and
@@ -229,6 +233,7 @@ def serve(
         run_ttl=run_ttl,
         **security_options,
         **alert_options,
+        **limit_options,
     )
     try:
         collector.start()

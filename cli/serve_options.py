@@ -3,6 +3,7 @@ need not load them)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
@@ -24,11 +25,14 @@ def serve_alert_options(fn: Any) -> Any:
         "alert_min_angle",
         "stall_seconds",
         "alert_resolve_after",
+        "lost_grace",
     )
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         opts = {k: kwargs.pop(k) for k in keys}
+        if not math.isfinite(opts["lost_grace"]):  # FloatRange lets NaN through
+            raise click.BadParameter("must be finite seconds", param_hint="'--lost-grace'")
         thresholds = {
             name: opts[key]
             for name, key in (
@@ -52,6 +56,7 @@ def serve_alert_options(fn: Any) -> Any:
             "thresholds": thresholds,
             "alertmanager_url": list(opts["alertmanager"]),
             "alert_quiet": opts["alert_resolve_after"],
+            "lost_grace": opts["lost_grace"],
         }
         return fn(*args, alert_options=alert_options, **kwargs)
 
@@ -102,6 +107,15 @@ def serve_alert_options(fn: Any) -> Any:
             type=float,
             default=None,
             help="Default seconds a connected run may stay silent before it is stalled [default: 900].",
+        ),
+        click.option(
+            "--lost-grace",
+            type=click.FloatRange(min=0.0, max=86400.0),
+            default=60.0,
+            show_default=True,
+            metavar="SECONDS",
+            help="A job whose session ends without Goodbye (killed, host gone) and that does not come back "
+            "(same run and rank) within SECONDS raises a run_lost alert; resolved when it comes back.",
         ),
         click.option(
             "--alert-resolve-after",
@@ -216,6 +230,98 @@ def serve_security_options(fn: Any) -> Any:
             envvar="LAYROT_SERVE_TLS_CLIENT_CA",
             show_envvar=True,
             help="Mutual TLS: every gRPC and /metrics client must present a certificate this CA signed.",
+        ),
+    ]
+    for opt in reversed(options):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+# ---------------------------------------------------------------- ingest limits
+# The defaults of server/decode.py IngestLimits and server/app.py, written out so that a query command
+# need not load the server to build its --help (tests/test_cli.py checks that they agree).
+LIMIT_DEFAULTS = {
+    "max_layers": 10_000,
+    "max_name_length": 1024,
+    "max_steps_per_batch": 10_000,
+    "max_runs": 50_000,
+    "max_message_bytes": 16 * 1024 * 1024,
+}
+STORE_BUSY_TIMEOUT = 30.0
+
+
+def serve_limit_options(fn: Any) -> Any:
+    """Ingest limits of ``layrot-agent serve``; the command receives them as one ``limit_options`` dict of
+    ``Collector`` keyword arguments (ingest_limits, max_message_bytes, store_busy_timeout)."""
+    import functools
+
+    keys = (*LIMIT_DEFAULTS, "store_busy_timeout")
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        o = {k: kwargs.pop(k) for k in keys}
+        if not math.isfinite(o["store_busy_timeout"]):  # FloatRange lets NaN through
+            raise click.BadParameter("must be finite seconds", param_hint="'--store-busy-timeout'")
+        from layrot.server.decode import IngestLimits  # serve loads the server anyway
+
+        limits = IngestLimits(
+            max_layers=o["max_layers"],
+            max_name_length=o["max_name_length"],
+            max_steps_per_batch=o["max_steps_per_batch"],
+            max_runs=o["max_runs"],
+            max_message_bytes=o["max_message_bytes"],
+        )
+        limit_options = {
+            "ingest_limits": limits,
+            "max_message_bytes": o["max_message_bytes"],
+            "store_busy_timeout": o["store_busy_timeout"],
+        }
+        return fn(*args, limit_options=limit_options, **kwargs)
+
+    def positive(name: str, help: str, minimum: int = 1, maximum: int | None = None) -> Any:
+        return click.option(
+            "--" + name.replace("_", "-"),
+            name,
+            type=click.IntRange(min=minimum, max=maximum),
+            default=LIMIT_DEFAULTS[name],
+            show_default=True,
+            metavar="N",
+            help=help,
+        )
+
+    options = [
+        positive(
+            "max_layers",
+            "Layers one job may declare in its Hello; more are refused (reason too_many_layers).",
+        ),
+        positive(
+            "max_name_length",
+            "Characters of a layer name and of the other Hello strings (host, meta, ...) (reason name_too_long).",
+        ),
+        positive(
+            "max_steps_per_batch",
+            "Steps in one StepBatch; a longer batch is refused (reason too_many_steps).",
+        ),
+        positive(
+            "max_runs",
+            "Runs this collector keeps, restored ones included; a Hello for a new run beyond it is refused "
+            "(reason too_many_runs).",
+        ),
+        positive(
+            "max_message_bytes",
+            "Bytes of one message from a job (reason too_large; gRPC itself cuts off messages 4x larger).",
+            minimum=65536,  # query answers share the limit
+            maximum=(2**31 - 1) // 4,
+        ),
+        click.option(
+            "--store-busy-timeout",
+            "store_busy_timeout",
+            type=click.FloatRange(min=0.0, max=3600.0),
+            default=STORE_BUSY_TIMEOUT,
+            show_default=True,
+            metavar="SECONDS",
+            help="How long a history write waits for a lock held by another connection before it fails "
+            "(the job's batch is then nacked and resent).",
         ),
     ]
     for opt in reversed(options):

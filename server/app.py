@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from layrot.proto import layrot_pb2_grpc as pb_grpc
+from layrot.server.alert_lost import DEFAULT_GRACE
 from layrot.server.alertmanager import AlertmanagerPusher
 from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
 from layrot.server.auth import ServerTLS, TokenInterceptor, is_loopback
@@ -67,7 +68,9 @@ class Collector:
     ``/metrics`` over TLS; ``tls_client_ca`` adds mutual TLS: clients of both must
     present a certificate that CA signed.
     Runs silent for more than ``run_ttl`` seconds (and not connected) leave
-    ``/metrics``; their history stays.
+    ``/metrics``; their history stays. A job whose session ends without
+    Goodbye and that does not come back within ``lost_grace`` seconds raises
+    a ``run_lost`` alert (server/alert_lost.py).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Collector:
         alert_resend: float = 60.0,
         ingest_limits: IngestLimits | None = None,
         store_busy_timeout: float = 30.0,
+        lost_grace: float = DEFAULT_GRACE,
     ) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
@@ -119,6 +123,7 @@ class Collector:
         self.alertmanager_urls = [u for u in urls if u]
         self.alert_quiet = alert_quiet
         self.alert_resend = alert_resend
+        self.lost_grace = lost_grace
         self.alert_engine: AlertEngine | None = None
         self._pushers: list[AlertmanagerPusher] = []
         self.state = CollectorState()
@@ -356,7 +361,7 @@ class Collector:
         ]
         hub = AlertHub(store, self._pushers)
         hub.restore()
-        engine = AlertEngine(hub, self.thresholds, enabled=self.alerts_enabled)
+        engine = AlertEngine(hub, self.thresholds, enabled=self.alerts_enabled, lost_grace=self.lost_grace)
         engine.restore_thresholds()
         if self._pushers:
             log.info("pushing alerts to Alertmanager: %s", ", ".join(p.url for p in self._pushers))

@@ -317,7 +317,15 @@ class IngestServicer(pb_grpc.IngestServicer):
                 # gRPC's own size limit (refused before it reaches us; only
                 # the client is told: RESOURCE_EXHAUSTED).
                 self.state.sessions_lost += 1
+                self._lost(sess)
             self._detach(sess)
+
+    def _lost(self, sess: LiveSession) -> None:
+        """A live job's session ended without Goodbye: the run_lost alert's grace period starts."""
+        rs = sess.run
+        if rs is None or sess.replay or self.alerts is None:
+            return
+        self.alerts.lost.on_lost(rs.run, sess.rank, rs.stored_step.get(sess.rank, 0), sess.peer, sess.host, sess.pid)
 
     def _detach(self, sess: LiveSession) -> None:
         if sess in self.sessions:
@@ -473,6 +481,8 @@ class IngestServicer(pb_grpc.IngestServicer):
         if sess.replay:
             return  # history only: not connected, no commands
         rs.sessions.add(sess)
+        if self.alerts is not None:
+            self.alerts.lost.on_hello(rs.run, sess.rank)  # a lost job is back
         self.control.on_hello(sess)
 
     async def _create_run(self, hello: pb.Hello, layers: list, key_hash: str | None) -> RunState:
