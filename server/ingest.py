@@ -221,12 +221,12 @@ class IngestServicer(pb_grpc.IngestServicer):
         state.next_run_id = max(state.next_run_id, store.highest_run_id() + 1)
 
     # ------------------------------------------------------------ commits -> acks
-    def on_store_commit(self, tokens: list[Any]) -> None:
-        """Store writer thread: these items are committed; ack them on the loop."""
+    def on_store_commit(self, tokens: list[Any], new_rows: list[int] | None = None) -> None:
+        """Store writer thread: these items are committed (``new_rows``: step rows each added); ack them on the loop."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._on_commit, tokens)
+                loop.call_soon_threadsafe(self._on_commit, tokens, new_rows)
             except RuntimeError:  # loop closed during shutdown: nobody left to ack
                 pass
 
@@ -261,9 +261,9 @@ class IngestServicer(pb_grpc.IngestServicer):
                 )
             )
 
-    def _on_commit(self, tokens: list[Any]) -> None:
+    def _on_commit(self, tokens: list[Any], new_rows: list[int] | None = None) -> None:
         state = self.state
-        for tok in tokens:
+        for i, tok in enumerate(tokens):
             if isinstance(tok, RunToken):
                 # Registered here, not by the waiting Hello: the run exists once its row
                 # is committed, even if that session went away meanwhile.
@@ -275,9 +275,11 @@ class IngestServicer(pb_grpc.IngestServicer):
             if not isinstance(tok, BatchToken):
                 continue
             sess = tok.sess
-            # Counted here, not on receipt: "ingested" means stored.
-            state.steps_ingested += tok.n_steps
-            state.samples_ingested += tok.n_samples
+            # Counted here, not on receipt: "ingested" means stored, and only steps new to the
+            # history (a resent batch whose steps are stored already adds nothing).
+            new = tok.n_steps if new_rows is None else new_rows[i]
+            state.steps_ingested += new
+            state.samples_ingested += new * (tok.n_samples // tok.n_steps)
             self.pending_samples -= tok.n_samples
             rs = sess.run
             if rs is not None and tok.max_step > rs.stored_step.get(sess.rank, 0):

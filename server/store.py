@@ -1,7 +1,7 @@
 """SQLite history store: one writer thread, batched commits, commit callbacks.
 
 The invariant this module keeps for ingest: **acked => in the history store**.
-A queued item may carry an opaque ``token``; ``on_commit(tokens)`` is called
+A queued item may carry an opaque ``token``; ``on_commit(tokens, new_rows)`` is called
 only after the transaction holding those items has committed (WAL, so the
 rows are durable and visible to every other connection), and an item whose
 statements did not commit goes to ``on_failure(tokens, reason)`` instead,
@@ -174,6 +174,12 @@ INSERT_STEP = (
     " weight_norm, rho, dist0, dstep, norm_prev, dot0, dotstep) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
+# A step row whose (run, rank, step) is stored already (a resend, a sync of a spool the collector has seen,
+# a resumed job re-reporting steps): the IGNORE pass counts only new rows (``changes()``), then REPLACE
+# writes the newest values of the others, so at-least-once delivery stays idempotent and the
+# ingest counter equals the rows in the history.
+INSERT_STEP_NEW = INSERT_STEP.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
+
 UPDATE_PROGRESS = "UPDATE runs SET last_seen=?, nonfinite=? WHERE id=?"
 
 INSERT_CONTROL_ACK = (
@@ -327,6 +333,7 @@ class _Item:
     token: Any
     nrows: int
     done: threading.Event | None = None
+    new_rows: int = 0  # step rows this item added (not replaced) in its last commit attempt
 
 
 class StoreError(RuntimeError):
@@ -349,8 +356,10 @@ def _item_independent(exc: BaseException) -> bool:
 class Store:
     """The history database. Thread-safe ``submit*`` calls; reads on per-thread connections.
 
-    ``on_commit(tokens)`` is called from the writer thread after each commit
-    with the tokens of the items it contained, in submission order;
+    ``on_commit(tokens, new_rows)`` is called from the writer thread after each commit
+    with the tokens of the items it contained, in submission order, and for
+    each the number of step rows it added (rows of steps stored already are
+    replaced, not counted);
     ``on_failure(tokens, reason)`` with the tokens of items whose statements
     were rolled back and are not in the database. ``busy_timeout`` is how
     long a write waits for a lock held by another connection before it fails.
@@ -359,7 +368,7 @@ class Store:
     def __init__(
         self,
         path: str,
-        on_commit: Callable[[list[Any]], None] | None = None,
+        on_commit: Callable[[list[Any], list[int]], None] | None = None,
         on_failure: Callable[[list[Any], str], None] | None = None,
         busy_timeout: float = 30.0,
     ) -> None:
@@ -504,8 +513,14 @@ class Store:
     def _execute(conn: sqlite3.Connection, items: Sequence[_Item]) -> None:
         conn.execute("BEGIN")
         for it in items:
+            it.new_rows = 0
             for sql, params, many in it.ops:
-                if many:
+                if sql is INSERT_STEP:
+                    new = conn.executemany(INSERT_STEP_NEW, params).rowcount
+                    if new < len(params):  # some steps were stored already: write their newest values
+                        conn.executemany(INSERT_STEP, params)
+                    it.new_rows += new
+                elif many:
                     conn.executemany(sql, params)
                 else:
                     conn.execute(sql, params)
@@ -571,14 +586,16 @@ class Store:
             outcome = self._commit_items(conn, items)
             with self._lock:
                 self._pending -= nrows
-            stored = [it.token for it, reason in outcome if reason is None and it.token is not None]
+            done_items = [it for it, reason in outcome if reason is None and it.token is not None]
+            stored = [it.token for it in done_items]
+            new_rows = [it.new_rows for it in done_items]
             failed: dict[str, list[Any]] = {}
             for it, reason in outcome:
                 if reason is not None:
                     self.failed_items += 1
                     if it.token is not None:
                         failed.setdefault(reason, []).append(it.token)
-            self._callback(self.on_commit, stored)
+            self._callback(self.on_commit, stored, new_rows)
             for reason, tokens in failed.items():
                 self._callback(self.on_failure, tokens, reason)
             for it in items:

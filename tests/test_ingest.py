@@ -622,3 +622,32 @@ def test_token_required_for_ingest_and_writes_not_reads(collector_factory, inges
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "opt in" in e.value.details()
     # Two refused sessions and one refused SetControl: every refused call counts under one reason.
     assert value(scrape(c), "layrot_messages_rejected_total", reason="unauthenticated") == 3
+
+
+def test_ingest_counters_equal_the_rows_in_the_store_after_resends(collector, ingest, sim_job):
+    """A resent batch (steps stored already, new seq), a partly new one and a second session: counted once each."""
+    job = sim_job(run="resend", layer_sizes=(5, 6, 7))
+    L = 3
+    s = ingest(collector)
+    s.send(job.hello())
+    s.send(job.batch(4))  # seq 1: steps 1..4
+    s.wait_ack(1)
+    s.send(job.batch_for([1, 2, 3, 4], seq=2))  # all stored already
+    job.batch(2)  # simulate steps 5, 6
+    s.send(job.batch_for([3, 4, 5, 6], seq=3))  # 2 new, 2 stored
+    s.wait_ack(3)
+    s2 = ingest(collector)
+    s2.send(job.hello())
+    s2.send(job.batch_for([1, 2, 3, 4, 5, 6], seq=1))  # a replay of everything on a new session
+    s2.wait_ack(1)
+    collector.store.flush()
+    rows = sqlite3.connect(collector.db_path).execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+    m = scrape(collector)
+    assert rows == 6
+    assert value(m, "layrot_steps_ingested_total") == rows
+    assert value(m, "layrot_samples_ingested_total") == rows * L
+    h = QueryClient(collector.grpc_address).history("resend")
+    assert list(h.steps) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(h.weight_norm[-1], job.truth[6]["weight_norm"], rtol=1e-12)
+    s.goodbye()
+    s2.goodbye()

@@ -37,7 +37,7 @@ class Outcomes:
         self.failed: list = []
         self.done = threading.Event()
 
-    def on_commit(self, tokens: list) -> None:
+    def on_commit(self, tokens: list, new_rows: list | None = None) -> None:
         self.stored += tokens
 
     def on_failure(self, tokens: list, reason: str) -> None:
