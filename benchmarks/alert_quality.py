@@ -77,6 +77,8 @@ RUN_KINDS = ("not_learning", "stall", "killed")
 # Alert kinds that flag a single step: they do not detect a run-level incident.
 STEP_ALERTS = ("abrupt_rotation", "divergence")
 SEVERITIES = ("warning", "critical")
+# The collector's default grace before a session that ended without Goodbye is reported lost.
+LOST_GRACE = 60.0
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -418,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="Write the table and runs as JSON.")
     ap.add_argument("--tolerance", type=int, default=3, help="Reported steps after a jump an alert may come.")
     ap.add_argument("--stall-seconds", type=float, default=4.0, help="The collector's stall threshold for the runs.")
+    ap.add_argument(
+        "--lost-grace",
+        type=float,
+        default=None,
+        help="Passed to the collector (lost sessions) when given [default: the collector's, 60 s].",
+    )
     ap.add_argument("--find-lr", action="store_true", help="Sweep plain SGD learning rates (unwatched) and exit.")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -454,12 +462,14 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=0,
             db_path=os.path.join(tmp, "layrot.db"),
             thresholds={"stall_seconds": args.stall_seconds},
+            **({"lost_grace": args.lost_grace} if args.lost_grace is not None else {}),
         ).start()
         try:
             records = run_corpus(specs, collector.grpc_address)
-            # A killed job's silence must have had the time a stall needs to be noticed.
+            # A killed job's silence gets the time a stall or a lost session needs to be noticed.
             last_kill = max((r["incident_time"] for r in records if r["spec"]["kind"] == "killed"), default=0.0)
-            time.sleep(max(1.5, last_kill + args.stall_seconds + 3.0 - time.time()))
+            quiet = max(args.stall_seconds, LOST_GRACE if args.lost_grace is None else args.lost_grace)
+            time.sleep(max(1.5, last_kill + quiet + 3.0 - time.time()))
             with QueryClient(collector.grpc_address) as q:
                 alerts = q.list_alerts(None, limit=0)
         finally:
@@ -486,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                 "only": sorted(only) if only else None,
                 "tolerance": args.tolerance,
                 "stall_seconds": args.stall_seconds,
+                "lost_grace": args.lost_grace,
                 "torch_threads": 1,
             },
             **result,
