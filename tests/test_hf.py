@@ -150,7 +150,10 @@ def test_trainer_accumulation_exact_rotations_and_loss(collector, tmp_path):
     assert "transformer.wte.weight" in hist.layer_names and "lm_head.weight" not in hist.layer_names
     # The loss of each step (two micro-batches) is the one Trainer logs for it.
     want = np.array([ref.losses[t] for t in range(1, 7)])
-    assert rel_err(hist.loss, want).max() <= 1e-6
+    if all(round(v, 4) == v for v in want):  # transformers 4.x logs the loss rounded to 4 decimals
+        assert np.abs(hist.loss - want).max() <= 5e-5
+    else:
+        assert rel_err(hist.loss, want).max() <= 1e-6
 
 
 def test_trainer_resume_from_own_checkpoint_continues_curves(collector, tmp_path):

@@ -299,3 +299,29 @@ def test_standalone_pytorch_lightning_package(collector, tmp_path):
     t.fit(PlainNet(), loader())
     assert cb.failures == 0, cb.errors
     assert list(QueryClient(collector.grpc_address).history("pl-plain").steps) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_share_one_run(collector, tmp_path):
+    """DDP on 2 CPU processes (gloo), run=None: rank 0's name is broadcast; each rank reports every step."""
+    cb = layrot.lightning.RotationCallback(collector=collector.grpc_address)
+    t = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[cb],
+    )
+    t.fit(Net(seed=6), loader())
+    q = QueryClient(collector.grpc_address)
+    [run] = q.list_runs()
+    h0, h1 = q.history(run["run"], rank=0), q.history(run["run"], rank=1)
+    assert list(h0.steps) == list(range(1, 6)) == list(h1.steps)
+    assert set(h0.layer_names) == {"l1.weight", "l2.weight", "head.weight"}
+    # DDP keeps the replicas identical: both ranks measure the same rotations.
+    assert rel_err(h1.rotation, h0.rotation).max() <= 1e-12
