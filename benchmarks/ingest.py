@@ -9,6 +9,12 @@ checked against the acknowledgements the clients received.
 
     python benchmarks/ingest.py                  # alerts as configured by default
     python benchmarks/ingest.py --compare-alerts # alerts on vs off, one run
+    python benchmarks/ingest.py --compare-spool  # the clients' spool on vs off
+
+The reporters keep their spool on (the default, every batch written to disk by
+the exporter thread) in a folder of the measurement's own, and are throttled to
+what their in-memory resend buffer holds. The history must equal the
+acknowledgements at the end (a fresh db and spool: nothing else is stored).
 """
 
 from __future__ import annotations
@@ -40,14 +46,27 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def client(addr: str, runs: list[str], layers: int, seconds: float, result_q: mp.Queue) -> None:
+def client(
+    addr: str,
+    runs: list[str],
+    layers: int,
+    seconds: float,
+    spool_dir: str,
+    spool: bool,
+    unacked: int,
+    result_q: mp.Queue,
+) -> None:
     from layrot.agent.reporter import LayerSpec, Reporter, StepRecord
 
     rng = np.random.default_rng(0)
     specs = [
         LayerSpec(name=f"block{i}.weight", index=i, shape=(64, 64), init_norm=8.0, numel=4096) for i in range(layers)
     ]
-    reporters = [Reporter(run, specs, collector=addr, every=1, max_queue=8192) for run in runs]
+    # A spool folder of this measurement only: spools left by an earlier run (same run names) would
+    # be replayed into this collector and counted.
+    reporters = [
+        Reporter(run, specs, collector=addr, every=1, max_queue=8192, spool=spool, spool_dir=spool_dir) for run in runs
+    ]
     base = np.abs(rng.normal(size=(6, layers))) + 1.0
     base[0] = 8.0
     base[3] = 8.0
@@ -56,22 +75,31 @@ def client(addr: str, runs: list[str], layers: int, seconds: float, result_q: mp
     while time.monotonic() < deadline:
         busy = True
         for i, r in enumerate(reporters):
-            # Keep each reporter saturated without overflowing its queue.
-            if r._queue.qsize() < 2048 and r.unacked_steps < 20000:
+            # Keep each reporter saturated without overflowing its queue, and with no more unacknowledged
+            # steps than its in-memory resend buffer holds (64 MiB): beyond that, batches are read back from
+            # the spool before they are sent, which measures the job's disk instead of the collector.
+            if r._queue.qsize() < 2048 and r.unacked_steps < unacked:
                 busy = False
                 for _ in range(64):
                     step[i] += 1
                     r.submit(StepRecord(step=step[i], time=time.time(), values=base))
         if busy:
             time.sleep(0.002)
-    acked = sum(r.stats.acked_steps for r in reporters)
-    dropped = sum(r.stats.dropped for r in reporters)
+    unacked_at_end = sum(r.unacked_steps for r in reporters)
     for r in reporters:
-        r.close(timeout=5.0)
-    result_q.put({"acked_steps": acked, "dropped": dropped})
+        r.close(timeout=30.0)
+    result_q.put(
+        {
+            "submitted": sum(step),
+            "acked_steps": sum(r.stats.acked_steps for r in reporters),
+            "dropped": sum(r.stats.dropped for r in reporters),
+            "unacked_at_end": unacked_at_end,
+            "unacked_after_close": sum(r.unacked_steps for r in reporters),
+        }
+    )
 
 
-def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, float]:
+def measure(args: argparse.Namespace, extra_serve_args: list[str], spool: bool = True) -> dict[str, float]:
     mport = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         serve, address = start_collector(tmp, extra_serve_args, db_name="ingest.db", metrics_port=mport)
@@ -88,9 +116,20 @@ def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, 
             groups = [runs[i :: args.procs] for i in range(args.procs)]
             q: mp.Queue = mp.get_context("spawn").Queue()
             ctx = mp.get_context("spawn")
+            spool_dir = os.path.join(tmp, "spool")
             procs = [
                 ctx.Process(
-                    target=client, args=(f"127.0.0.1:{port}", g, args.layers, args.warmup + args.seconds + 1.0, q)
+                    target=client,
+                    args=(
+                        f"127.0.0.1:{port}",
+                        g,
+                        args.layers,
+                        args.warmup + args.seconds + 1.0,
+                        spool_dir,
+                        spool,
+                        args.max_unacked_steps,
+                        q,
+                    ),
                 )
                 for g in groups
                 if g
@@ -101,22 +140,23 @@ def measure(args: argparse.Namespace, extra_serve_args: list[str]) -> dict[str, 
             m0, t0 = scrape(url), time.monotonic()
             time.sleep(args.seconds)
             m1, t1 = scrape(url), time.monotonic()
-            results = [q.get(timeout=120) for _ in procs]
+            results = [q.get(timeout=180) for _ in procs]
             for p in procs:
                 p.join(timeout=30)
             key = "layrot_samples_ingested_total"
             rate = (m1.get(key, 0) - m0.get(key, 0)) / (t1 - t0)
-            # Cross-check the counter against what the history store really holds.
+            # Cross-check the counter against what the history store really holds, and against the acks.
             m2 = scrape(url)
             import sqlite3
 
             with sqlite3.connect(os.path.join(tmp, "ingest.db")) as db:
-                stored = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0] * args.layers
+                stored_steps = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+            out = {k: sum(r[k] for r in results) for k in results[0]}
             return {
                 "samples_per_s": rate,
-                "acked_steps": sum(r["acked_steps"] for r in results),
-                "dropped": sum(r["dropped"] for r in results),
-                "stored_samples": stored,
+                **out,
+                "stored_steps": stored_steps,
+                "stored_samples": stored_steps * args.layers,
                 "counted_samples": m2.get(key, 0),
             }
         finally:
@@ -131,7 +171,16 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=2, help="client processes")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument(
+        "--max-unacked-steps",
+        type=int,
+        default=4096,
+        help="per reporter (4096 x 200 layers ~ 40 MB, within the reporter's 64 MiB resend buffer)",
+    )
     ap.add_argument("--compare-alerts", action="store_true", help="also measure with --no-alerts and compare")
+    ap.add_argument(
+        "--compare-spool", action="store_true", help="also measure with the clients' spool off (spool=False)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -139,22 +188,35 @@ def main() -> None:
     if args.compare_alerts:
         results["alerts off"] = measure(args, ["--no-alerts"])
         results["alerts on"] = measure(args, [])
+    if args.compare_spool:
+        results["spool off"] = measure(args, [], spool=False)
+        results["spool on"] = measure(args, [])
     if args.json:
         print(json.dumps(results, indent=2))
         return
+    load = os.getloadavg()
     print(
         f"{args.runs} runs x {args.layers} layers, {args.procs} client processes, real gRPC over loopback, "
-        f"history + metrics on"
+        f"history + metrics on; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
     )
     for label, r in results.items():
+        # acked => stored; stored but not yet acked only what close() left unacknowledged (kept in the spool).
+        ok = r["stored_samples"] == r["counted_samples"] and (
+            r["acked_steps"] <= r["stored_steps"] <= r["acked_steps"] + r["unacked_after_close"]
+        )
         print(
             f"{label:12} {r['samples_per_s']:12,.0f} layer-samples/s   "
             f"(store holds {r['stored_samples']:,} samples, counter {r['counted_samples']:,.0f}; "
-            f"clients: {r['acked_steps']:,} steps acked, {r['dropped']:,} left unacked at close)"
+            f"clients: {r['submitted']:,} steps submitted, {r['acked_steps']:,} acked, {r['dropped']:,} dropped, "
+            f"{r['unacked_after_close']:,} unacked after close; "
+            f"{'store = counter, acked => stored' if ok else 'MISMATCH'})"
         )
     if args.compare_alerts:
         on, off = results["alerts on"]["samples_per_s"], results["alerts off"]["samples_per_s"]
         print(f"alert evaluation cost: {max(0.0, off / on - 1) * 100:.1f} % of ingest time (on vs off)")
+    if args.compare_spool:
+        on, off = results["spool on"]["samples_per_s"], results["spool off"]["samples_per_s"]
+        print(f"spool on / off: {on / off:.3f} (the clients' disk writes; the collector is the same)")
     print("target: >= 500,000 layer-samples/s")
 
 
