@@ -7,7 +7,8 @@ is timed from ``on_step_begin`` to ``on_step_end`` (forward, backward, AdamW ste
 hook; not data loading, logging or saving); the first ``--warmup`` steps of each run are
 dropped. Printed: the per-round ratio of median step times (min / median / max over the
 rounds), the ratio of all steps' medians and that of the fastest steps (the least
-sensitive to other load on a shared machine).
+sensitive to other load on a shared machine), and the time the layrot hooks take inside
+each step of the same run (robust to load that changes between runs).
 
     python benchmarks/hf_overhead.py               # reduced GPT-2 (4 layers, 256 wide, full vocab), ~4 min here
     python benchmarks/hf_overhead.py --full        # the 124 M GPT-2 config (12 layers, 768 wide)
@@ -40,17 +41,44 @@ import layrot.hf  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, on_step_begin to on_step_end."""
+    """Wall time of each optimizer step (on_step_begin to on_step_end) and, inside it, of the layrot hooks.
+
+    The hook time is measured in the same run: step hooks of our own on the real optimizer,
+    registered before the callback's (at on_train_begin, listed first) and after them (at
+    the first on_step_begin), bracket the watch handle's pre- and post-step hooks.
+    """
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.hook_times: list[float] = []
         self._t0 = 0.0
+        self._marks: dict[str, float] = {}
+        self._opt = None
+
+    def _mark(self, name: str):
+        def hook(*a) -> None:
+            self._marks[name] = time.perf_counter()
+
+        return hook
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        self._opt = layrot.hf.real_optimizer(optimizer)
+        self._opt.register_step_pre_hook(self._mark("pre0"))
+        self._opt.register_step_post_hook(self._mark("post0"))
+        self._late = False
 
     def on_step_begin(self, args, state, control, **kw):
+        if not self._late:
+            self._opt.register_step_pre_hook(self._mark("pre1"))
+            self._opt.register_step_post_hook(self._mark("post1"))
+            self._late = True
+        self._marks.clear()
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
         self.times.append(time.perf_counter() - self._t0)
+        m = self._marks
+        self.hook_times.append((m["pre1"] - m["pre0"]) + (m["post1"] - m["post0"]))
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -64,7 +92,7 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def run_once(config: GPT2Config, data, out: str, steps: int, batch: int, callback) -> list[float]:
+def run_once(config: GPT2Config, data, out: str, steps: int, batch: int, callback) -> StepTimer:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     timer = StepTimer()
@@ -86,7 +114,7 @@ def run_once(config: GPT2Config, data, out: str, steps: int, batch: int, callbac
     trainer.train()
     if callback is not None and callback.failures:
         raise SystemExit(f"the callback failed: {callback.errors}")
-    return timer.times
+    return timer
 
 
 def main() -> None:
@@ -122,7 +150,7 @@ def main() -> None:
         targets = [("collector up", up)] + ([("collector down", f"127.0.0.1:{free_port()}")] if args.down else [])
         try:
             for label, address in targets:
-                ratios, all_off, all_on = [], [], []
+                ratios, all_off, all_on, hooks, fractions = [], [], [], [], []
                 for r in range(args.rounds):
                     order = ["off", "on"] if r % 2 == 0 else ["on", "off"]
                     med: dict[str, float] = {}
@@ -133,10 +161,14 @@ def main() -> None:
                                 f"bench-hf-{label.split()[1]}-{r}", collector=address, close_timeout=2.0
                             )
                         out = os.path.join(tmp, "out")
-                        times = run_once(config, data, out, args.steps + args.warmup, args.batch, cb)
-                        kept = times[args.warmup :]
+                        timer = run_once(config, data, out, args.steps + args.warmup, args.batch, cb)
+                        kept = timer.times[args.warmup :]
                         (all_on if cfg == "on" else all_off).extend(kept)
                         med[cfg] = statistics.median(kept)
+                        if cfg == "on":
+                            hook = timer.hook_times[args.warmup :]
+                            hooks.extend(hook)
+                            fractions.extend(h / t for h, t in zip(hook, kept))
                     ratios.append(med["on"] / med["off"])
                     if not args.json:
                         print(f"  {label} round {r + 1}: off {med['off'] * 1e3:.0f} ms, on {med['on'] * 1e3:.0f} ms")
@@ -148,6 +180,8 @@ def main() -> None:
                     "ratio_max": max(ratios),
                     "ratio_of_medians": statistics.median(all_on) / statistics.median(all_off),
                     "ratio_of_minima": min(all_on) / min(all_off),
+                    "hook_s": statistics.median(hooks),
+                    "hook_fraction": statistics.median(fractions),
                 }
         finally:
             proc.terminate()
@@ -166,6 +200,10 @@ def main() -> None:
             f"with/without per round min {r['ratio_min']:.3f} / median {r['ratio_median']:.3f} / "
             f"max {r['ratio_max']:.3f}; of all steps' medians {r['ratio_of_medians']:.3f}, "
             f"of the fastest steps {r['ratio_of_minima']:.3f}"
+        )
+        print(
+            f"{'':15} in-run: the layrot hooks take {r['hook_s'] * 1e3:.1f} ms per step, "
+            f"{r['hook_fraction'] * 100:.2f} % of the step (median)"
         )
 
 

@@ -263,6 +263,7 @@ class _RotationCallbackMixin:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._guards: list[HookGuard | None] = []
         self._pending: Mapping[str, Any] | None = None
+        self._closed_state: dict[str, Any] | None = None
         self._base_run: str | None = None
         self._loss_sum: torch.Tensor | None = None
         self._fit: tuple[Any, Any] | None = None
@@ -333,11 +334,9 @@ class _RotationCallbackMixin:
     @never_fatal
     def state_dict(self) -> dict[str, Any]:
         """Each handle's ``state_dict()`` (w(0), step, run key), saved in the Lightning checkpoint."""
-        if not self.handles:
-            return dict(self._pending) if self._pending is not None else {}
-        states = []
-        for h in self.handles:
-            states.append(h.state_dict() if h is not None else None)
+        if not self.handles:  # before fit (a loaded state) or after it (the last handles' state)
+            return dict(self._pending or self._closed_state or {})
+        states = [h.state_dict() if h is not None else None for h in self.handles]
         return {"version": STATE_VERSION, "run": self._base_run, "handles": states}
 
     @never_fatal
@@ -403,6 +402,11 @@ class _RotationCallbackMixin:
         return str(trainer.strategy.broadcast(name, src=0))
 
     def _close(self) -> None:
+        if self.handles:  # so trainer.save_checkpoint() after fit still carries the curves' state
+            try:
+                self._closed_state = self.state_dict()
+            except Exception as exc:
+                self._failed("state_dict at close", exc)
         handles, self.handles, self._guards = self.handles, [], []
         self._loss_sum = None
         for h in handles:

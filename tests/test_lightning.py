@@ -145,7 +145,8 @@ def test_accumulation_a_report_per_optimizer_step_exact_rotations_and_loss(colle
     assert t.global_step == 8 and sorted(ref.saved) == list(range(1, 9))
     assert set(ref.batches.values()) == {2}, "two micro-batches per optimizer step"
     assert cb.failures == 0, cb.errors
-    assert cb.handle is None  # closed at on_fit_end
+    assert cb.handle is None  # closed at on_fit_end; a checkpoint saved after fit still has its state
+    assert cb.state_dict()["handles"][0]["step"] == 8 and cb.state_dict()["run"] == "lit-accum"
     hist = check_history(collector.grpc_address, "lit-accum", ref.w0, ref.saved, list(range(1, 9)))
     assert set(hist.layer_names) == layer_names(model) == {"l1.weight", "l2.weight", "head.weight"}
     # The loss of step t: the mean of its two micro-batch losses, forwarded as a tensor (no sync).
