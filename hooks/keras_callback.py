@@ -20,7 +20,6 @@ running total), so reporting it costs no host sync either.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +27,7 @@ import keras
 
 from layrot.agent.reporter import ReporterStats
 from layrot.hooks.tf_watch import LayerSelector, TFWatchHandle
-from layrot.hooks.watch_base import legacy_positionals, watch_options
+from layrot.hooks.watch_base import DeprecatedStateNames, legacy_positionals, watch_options
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ _LEGACY_POSITIONALS = ("every", "layers", "collector", "control", "token")
 _DEFAULTS: dict[str, Any] = {"every": 1, "layers": None, "collector": None, "control": False, "token": None}
 
 
-class RotationCallback(keras.callbacks.Callback):
+class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
     """Streams per-layer rotation of the model being fitted to the layrot collector.
 
     ``run`` goes by position (``layrot.watch(model, optimizer, run)``,
@@ -159,18 +158,6 @@ class RotationCallback(keras.callbacks.Callback):
             self.handle.load_state_dict(state)
         else:
             self._state = state
-
-    def state(self) -> dict[str, Any]:
-        """Deprecated name of :meth:`state_dict`."""
-        warnings.warn("RotationCallback.state() is deprecated; use state_dict()", DeprecationWarning, stacklevel=2)
-        return self.state_dict()
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Deprecated name of :meth:`load_state_dict`."""
-        warnings.warn(
-            "RotationCallback.load_state() is deprecated; use load_state_dict()", DeprecationWarning, stacklevel=2
-        )
-        self.load_state_dict(state)
 
     # ------------------------------------------------------------ Keras hooks
     def _ensure_handle(self) -> TFWatchHandle:

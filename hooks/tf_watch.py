@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,10 +33,10 @@ import numpy as np
 import tensorflow as tf
 
 from layrot.agent.measurement import PackedMeasurement
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, new_run_key
+from layrot.agent.reporter import LayerSpec, new_run_key
 from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
-from layrot.hooks.watch_base import WatchBase, legacy_positionals, watch_options
+from layrot.hooks.watch_base import DeprecatedStateNames, WatchBase, legacy_positionals
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def _as_layca(optimizer: Any) -> Any:
     return optimizer if isinstance(optimizer, Layca) else None
 
 
-class TFWatchHandle(WatchBase):
+class TFWatchHandle(DeprecatedStateNames, WatchBase):
     """What ``layrot.tf.watch`` returns: owns the device measurement and the reporter.
 
     Attributes:
@@ -127,29 +126,13 @@ class TFWatchHandle(WatchBase):
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self._options = watch_options(
-            run,
-            collector,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            spool=spool,
-            spool_max_bytes=spool_max_bytes,
+        self._configure(
+            run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
         )
-        self.run = self._options.run
-        self.every = int(every)
-        self._token = token
         self._run_key = new_run_key()  # LAYROT_RUN_KEY when a launcher sets one for every worker
-        self._meta = dict(meta or {})
-        self._reporter_options = dict(reporter_options or {})
         if optimizer is None:
             optimizer = getattr(target, "optimizer", None)
-        self._layca = _as_layca(optimizer)
-        if control and self._layca is None:
-            raise ValueError("control=True needs a layrot.keras.Layca optimizer (remote control sets Layca rates)")
-        self._control = control
+        self._set_control(_as_layca(optimizer), control, "layrot.keras.Layca")
         chosen = candidate_variables(target, layers)
         self._names = [n for n, _, _ in chosen]
         self._vars = [v for _, v, _ in chosen]
@@ -161,19 +144,12 @@ class TFWatchHandle(WatchBase):
         self._rho_index: np.ndarray | None = None
         self._multi_warned = False
         self.step_count = int(start_step)
-        self.reporter: Reporter | None = None
-        self._closed = False
 
     # ------------------------------------------------------------ public API
     @property
     def layer_names(self) -> list[str]:
         """Monitored layers, layer order (Keras variable paths without the model-name prefix)."""
         return list(self._names)
-
-    @property
-    def stats(self) -> ReporterStats:
-        """Reporter counters (drops, acks, reconnects); zeros before the first step."""
-        return self.reporter.stats if self.reporter is not None else ReporterStats()
 
     def observe_loss(self, loss: Any) -> None:
         """Attach the current loss (a tensor or float) to the next reported step; no host sync."""
@@ -220,18 +196,6 @@ class TFWatchHandle(WatchBase):
         """The loss tracker was reset (Keras does it at every epoch start)."""
         self._dist.reset_loss_tracker()
 
-    def state(self) -> dict[str, Any]:
-        """Deprecated name of :meth:`state_dict`."""
-        warnings.warn("TFWatchHandle.state() is deprecated; use state_dict()", DeprecationWarning, stacklevel=2)
-        return self.state_dict()
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Deprecated name of :meth:`load_state_dict`."""
-        warnings.warn(
-            "TFWatchHandle.load_state() is deprecated; use load_state_dict()", DeprecationWarning, stacklevel=2
-        )
-        self.load_state_dict(state)
-
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed job continues its rotation curves (numpy only)."""
         return {
@@ -251,13 +215,9 @@ class TFWatchHandle(WatchBase):
             # Same layers under other names (e.g. paths rebuilt by keras.models.load_model).
             log.info("layrot: restoring w(0) by position: saved layers %s, now %s", state["names"], self._names)
         self._dist.set_w0([state["w0"][index[n]] for n in self._names])
-        self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
-        self.step_count = int(state["step"])
-        self._restore_run_key(state)
+        self.step_count = self._restore_common(state, index)
         self._dist.copy_prev()  # w(t-1) for the next step is what the model holds now
         self._prev_is_w0 = False
-        if self.reporter is not None:
-            log.warning("layrot: load_state_dict after reporting began; the collector keeps the old layer norms")
 
     # ------------------------------------------------------------ internals
     def _open(self) -> None:
@@ -281,27 +241,7 @@ class TFWatchHandle(WatchBase):
             pass
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
-        on_command = self._layca.submit_command if (self._control and self._layca is not None) else None
-        self.reporter = Reporter(
-            self.run,
-            specs,
-            token=self._token,
-            run_key=self._run_key,
-            run_key_restored=self._run_key_restored,
-            framework="tensorflow",
-            framework_version=tf.__version__,
-            rank=rank,
-            world_size=world,
-            every=self.every,
-            layca=self._layca is not None,
-            control=self._control,
-            loss=True,
-            meta=meta,
-            on_command=on_command,
-            **{**self._options.reporter_kwargs(), **self._reporter_options},
-        )
-        if self._control and self._layca is not None:
-            self._layca.add_command_listener(self.reporter.command_result)
+        self._open_reporter(specs, "tensorflow", tf.__version__, rank, world, meta)
 
     def _rates(self, t: int) -> np.ndarray | None:
         layca = self._layca
@@ -395,33 +335,14 @@ def watch(
         ``state_dict()`` / ``load_state_dict()``. An unreachable collector never slows or
         stops training: one warning, steps kept in the spool, reconnection with backoff.
     """
+    options = {k: v for k, v in locals().items() if k not in ("model_or_variables", "optimizer", "args")}
     if isinstance(optimizer, str) or args:
-        values = {"run": run, "every": every, "layers": layers, "collector": collector, "token": token}
-        values["control"] = control
         names: tuple[str, ...]
         if isinstance(optimizer, str):
             # The old watch(model, run, every, ...): a string in the optimizer's place is the run.
             old: tuple[Any, ...] = (optimizer, run, *args) if run is not None or args else (optimizer,)
-            names, values["run"], optimizer = _LEGACY_POSITIONALS, None, None
+            names, options["run"], optimizer = _LEGACY_POSITIONALS, None, None
         else:
             old, names = args, _LEGACY_POSITIONALS[1:]
-        given = legacy_positionals("layrot.tf.watch", old, names, values, _DEFAULTS)
-        run, every, layers = given["run"], given["every"], given["layers"]
-        collector, token, control = given["collector"], given["token"], given["control"]
-    return TFWatchHandle(
-        model_or_variables,
-        optimizer=optimizer,
-        run=run,
-        every=every,
-        layers=layers,
-        collector=collector,
-        token=token,
-        control=control,
-        meta=meta,
-        reporter_options=reporter_options,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        spool=spool,
-        spool_max_bytes=spool_max_bytes,
-    )
+        options = legacy_positionals("layrot.tf.watch", old, names, options, _DEFAULTS)
+    return TFWatchHandle(model_or_variables, optimizer=optimizer, **options)

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from layrot.agent.measurement import PackedMeasurement
-from layrot.agent.reporter import LayerSpec, Reporter, ReporterStats, new_run_key
+from layrot.agent.reporter import LayerSpec, new_run_key
 from layrot.hooks.torch_distances import LayerDistances
 from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
-from layrot.hooks.watch_base import WatchBase, legacy_positionals, watch_options
+from layrot.hooks.watch_base import WatchBase, legacy_positionals
 
 log = logging.getLogger(__name__)
 
@@ -127,27 +127,11 @@ class WatchHandle(WatchBase):
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self._options = watch_options(
-            run,
-            collector,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            spool=spool,
-            spool_max_bytes=spool_max_bytes,
+        self._configure(
+            run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
         )
-        self.run = self._options.run
-        self.every = int(every)
-        self._token = token
-        self._meta = dict(meta or {})
-        self._reporter_options = dict(reporter_options or {})
         self._optimizer = optimizer
-        self._layca = _as_layca(optimizer)
-        if control and self._layca is None:
-            raise ValueError("control=True needs a layrot.Layca optimizer (remote control sets Layca rates)")
-        self._control = control
+        self._set_control(_as_layca(optimizer), control, "layrot.Layca")
 
         chosen = candidate_layers(model, layers)
         self._names = [n for n, _, _ in chosen]
@@ -171,8 +155,6 @@ class WatchHandle(WatchBase):
         self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
         self._loss: torch.Tensor | None = None
         self.step = 0
-        self.reporter: Reporter | None = None
-        self._closed = False
         self._run_key = _shared_run_key()
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -180,15 +162,6 @@ class WatchHandle(WatchBase):
         ]
 
     # ------------------------------------------------------------ public API
-
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self._names)
-
-    @property
-    def stats(self) -> ReporterStats:
-        """Reporter counters (drops, acks, reconnects); zeros before the first step."""
-        return self.reporter.stats if self.reporter is not None else ReporterStats()
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Attach the current loss to the next reported step (no host sync)."""
@@ -217,11 +190,7 @@ class WatchHandle(WatchBase):
         with torch.no_grad():
             for i, n in enumerate(self._names):
                 self._w0[i].copy_(state["w0"][index[n]].to(self._w0[i].device))
-        self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
-        self.step = int(state["step"])
-        self._restore_run_key(state)
-        if self.reporter is not None:
-            log.warning("layrot: load_state_dict after reporting began; the collector keeps the old layer norms")
+        self.step = self._restore_common(state, index)
         self._prev_valid = False
         self._prev_is_w0 = False  # w(t-1) is whatever the model holds before the next step
 
@@ -249,27 +218,7 @@ class WatchHandle(WatchBase):
             )
         ]
         rank, world = _dist_rank_world()
-        on_command = self._layca.submit_command if (self._control and self._layca is not None) else None
-        self.reporter = Reporter(
-            self.run,
-            specs,
-            token=self._token,
-            run_key=self._run_key,
-            run_key_restored=self._run_key_restored,
-            framework="pytorch",
-            framework_version=torch.__version__,
-            rank=rank,
-            world_size=world,
-            every=self.every,
-            layca=self._layca is not None,
-            control=self._control,
-            loss=True,
-            meta=self._meta,
-            on_command=on_command,
-            **{**self._options.reporter_kwargs(), **self._reporter_options},
-        )
-        if self._control and self._layca is not None:
-            self._layca.add_command_listener(self.reporter.command_result)
+        self._open_reporter(specs, "pytorch", torch.__version__, rank, world, self._meta)
         p0 = self._params[0]
         self._shards = ShardGroups(self._params, self._names)  # forward order from here on
         self._distances = LayerDistances(self._shards.local_views(), self._w0, self._prev)
@@ -434,29 +383,7 @@ def watch(
         warning, steps kept in the spool and sent after a reconnect (with the
         spool off: a bounded memory buffer, drops counted).
     """
+    options = {k: v for k, v in locals().items() if k not in ("model", "optimizer", "args")}
     if args:
-        given = legacy_positionals(
-            "layrot.watch",
-            args,
-            _LEGACY_POSITIONALS,
-            {"every": every, "layers": layers, "collector": collector},
-            _DEFAULTS,
-        )
-        every, layers, collector = given["every"], given["layers"], given["collector"]
-    return WatchHandle(
-        model,
-        optimizer,
-        run=run,
-        every=every,
-        layers=layers,
-        collector=collector,
-        token=token,
-        control=control,
-        meta=meta,
-        reporter_options=reporter_options,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        spool=spool,
-        spool_max_bytes=spool_max_bytes,
-    )
+        options = legacy_positionals("layrot.watch", args, _LEGACY_POSITIONALS, options, _DEFAULTS)
+    return WatchHandle(model, optimizer, **options)

@@ -1,15 +1,27 @@
-"""What the PyTorch and TensorFlow watch handles share: closing, flushing, the checkpoint state's frame
-and names (``state_dict`` / ``load_state_dict``), and the one calling convention of the watch entry points."""
+"""What the PyTorch and TensorFlow watch handles share: their settings, opening the reporter, closing,
+flushing, the checkpoint state's frame and names (``state_dict`` / ``load_state_dict``), and the one
+calling convention of the watch entry points."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from layrot.agent.reporter import Reporter, check_collector, check_run_name, default_run_name, spool_settings
+from layrot.agent.reporter import (
+    LayerSpec,
+    Reporter,
+    ReporterStats,
+    check_collector,
+    check_run_name,
+    default_run_name,
+    spool_settings,
+)
 from layrot.agent.transport import TLSConfig
+
+log = logging.getLogger(__name__)
 
 #: Version of the dict that ``state_dict()`` returns.
 STATE_VERSION = 1
@@ -96,6 +108,30 @@ def watch_options(
 _H = TypeVar("_H", bound="WatchBase")
 
 
+class DeprecatedStateNames:
+    """The old names ``state()`` / ``load_state()`` of ``state_dict()`` / ``load_state_dict()``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """Deprecated name of :meth:`state_dict`."""
+        warnings.warn(
+            f"{type(self).__name__}.state() is deprecated; use state_dict()", DeprecationWarning, stacklevel=2
+        )
+        return self.state_dict()
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Deprecated name of :meth:`load_state_dict`."""
+        warnings.warn(
+            f"{type(self).__name__}.load_state() is deprecated; use load_state_dict()", DeprecationWarning, stacklevel=2
+        )
+        self.load_state_dict(state)
+
+
 class WatchBase:
     """Base of the watch handles; subclasses set the attributes below and may override :meth:`_detach`."""
 
@@ -107,6 +143,97 @@ class WatchBase:
     _names: Sequence[str]
     _run_key: str
     _run_key_restored: bool = False
+    _options: WatchOptions
+    _token: str | None
+    _meta: dict[str, str]
+    _reporter_options: dict[str, Any]
+    _init_norms: list[float]
+    every: int
+
+    def _configure(
+        self,
+        run: str | None,
+        collector: str | None,
+        every: int,
+        token: str | None,
+        meta: Mapping[str, str] | None,
+        reporter_options: Mapping[str, Any] | None,
+        tls_ca: str | None,
+        tls_cert: str | None,
+        tls_key: str | None,
+        spool: bool | None,
+        spool_max_bytes: int | None,
+    ) -> None:
+        """Check and keep the settings every watch handle takes (ValueError before training starts)."""
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self._options = watch_options(
+            run,
+            collector,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            spool=spool,
+            spool_max_bytes=spool_max_bytes,
+        )
+        self.run = self._options.run
+        self.every = int(every)
+        self._token = token
+        self._meta = dict(meta or {})
+        self._reporter_options = dict(reporter_options or {})
+        self.reporter = None
+        self._closed = False
+
+    def _set_control(self, layca: Any, control: bool, needs: str) -> None:
+        """Keep the Layca optimizer (or None) and whether it takes remote commands (``needs``: its public name)."""
+        if control and layca is None:
+            raise ValueError(f"control=True needs a {needs} optimizer (remote control sets Layca rates)")
+        self._layca = layca
+        self._control = control
+
+    def _open_reporter(
+        self,
+        specs: Sequence[LayerSpec],
+        framework: str,
+        framework_version: str,
+        rank: int,
+        world_size: int,
+        meta: dict[str, str],
+    ) -> Reporter:
+        """Start the reporter for these layers; with control on, Layca takes its commands and reports back."""
+        commands = self._layca if (self._control and self._layca is not None) else None
+        reporter = Reporter(
+            self.run,
+            specs,
+            token=self._token,
+            run_key=self._run_key,
+            run_key_restored=self._run_key_restored,
+            framework=framework,
+            framework_version=framework_version,
+            rank=rank,
+            world_size=world_size,
+            every=self.every,
+            layca=self._layca is not None,
+            control=self._control,
+            loss=True,
+            meta=meta,
+            on_command=commands.submit_command if commands is not None else None,
+            **{**self._options.reporter_kwargs(), **self._reporter_options},
+        )
+        self.reporter = reporter
+        if commands is not None:
+            commands.add_command_listener(reporter.command_result)
+        return reporter
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Monitored layers, in the order they are reported."""
+        return list(self._names)
+
+    @property
+    def stats(self) -> ReporterStats:
+        """Reporter counters (drops, acks, reconnects); zeros before the first step."""
+        return self.reporter.stats if self.reporter is not None else ReporterStats()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the collector acknowledged every reported step (or timeout)."""
@@ -156,6 +283,14 @@ class WatchBase:
             "names": list(self._names),
             "run_key": self.run_key,
         }
+
+    def _restore_common(self, state: Mapping[str, Any], index: Mapping[str, int]) -> int:
+        """Take the init norms and run key of a saved state (``index``: :meth:`_state_index`); returns its step."""
+        self._init_norms = [float(state["init_norms"][index[n]]) for n in self._names]
+        self._restore_run_key(state)
+        if self.reporter is not None:
+            log.warning("layrot: load_state_dict after reporting began; the collector keeps the old layer norms")
+        return int(state["step"])
 
     def _restore_run_key(self, state: Mapping[str, Any]) -> None:
         """Take the run key of a saved state (older states have none: the job keeps its own)."""
