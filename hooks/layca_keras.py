@@ -54,7 +54,7 @@ import tensorflow as tf
 
 from layrot.agent.commands import CommandInbox, CommandListener
 from layrot.core.layer_rule import LayerSelector, select_layers
-from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule, edited_rule
+from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule
 from layrot.hooks.layca_rule_view import CommandIntake, RuleView
 from layrot.hooks.tf_distances import as_tf_variable, variable_names
 
@@ -480,11 +480,6 @@ class Layca(keras.optimizers.Optimizer, RuleView, CommandIntake):
             step = self.step_count if self.built else 0
         return self._rule.rates(max(int(step), 1))
 
-    def _check_rho_max(self, rule: RateRule) -> None:
-        top = rule.max_rate()
-        if not top <= self._rho_max * (1 + 1e-12):
-            raise ValueError(f"rates reach {top:g}, above rho_max={self._rho_max:g} (raise rho_max to allow it)")
-
     def set_rule(
         self,
         rule: RateRule | None = None,
@@ -502,20 +497,9 @@ class Layca(keras.optimizers.Optimizer, RuleView, CommandIntake):
         the current base rule (``rho`` sets a constant schedule). The result is both
         the base rule and the rule in force, version 0. Returns it.
         """
-        if rule is None:
-            if not self.built and (multipliers is not None or layer_multipliers is not None):
-                raise ValueError("per-layer multipliers need the layers: build the optimizer first")
-            rule = edited_rule(
-                self._base_rule,
-                mode=mode,
-                alpha=alpha,
-                rho=rho,
-                schedule=schedule,
-                multipliers=multipliers,
-                layer_multipliers=layer_multipliers,
-            )
-        if tuple(rule.layer_names) != self._names:
-            raise ValueError("the rule's layer names differ from the optimizer's layers")
+        if rule is None and not self.built and (multipliers is not None or layer_multipliers is not None):
+            raise ValueError("per-layer multipliers need the layers: build the optimizer first")
+        rule = self._resolved_rule(rule, mode, alpha, rho, schedule, multipliers, layer_multipliers)
         if not self.built and rule.schedule.rho0 > self._rho_max:
             raise ValueError(f"rho0={rule.schedule.rho0:g} is above rho_max={self._rho_max:g}")
         self._check_rho_max(rule)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from layrot.agent.commands import CommandInbox, CommandListener, RateCommand
-from layrot.core.rates import RateRule
+from layrot.core.rates import RateRule, RhoSchedule, edited_rule
 
 
 class RuleView:
-    """Mixin: properties over ``_rule`` (in force), ``_base_rule`` (the job's own) and ``_rho_max``."""
+    """Mixin: properties over ``_rule`` (in force), ``_base_rule`` (the job's own) and ``_rho_max``,
+    and the checks of a new rule for the layers ``_names``."""
 
     _rule: RateRule
     _base_rule: RateRule
     _rho_max: float
+    _names: tuple[str, ...]
 
     @property
     def rule(self) -> RateRule:
@@ -43,6 +47,36 @@ class RuleView:
     def rates_at(self, step: int) -> np.ndarray:
         """rho_l for optimizer step ``step`` under the rule in force (float64, layer order)."""
         return self._rule.rates(step)
+
+    def _check_rho_max(self, rule: RateRule) -> None:
+        top = rule.max_rate()
+        if not top <= self._rho_max * (1 + 1e-12):
+            raise ValueError(f"rates reach {top:g}, above rho_max={self._rho_max:g} (raise rho_max to allow it)")
+
+    def _resolved_rule(
+        self,
+        rule: RateRule | None,
+        mode: str | None,
+        alpha: float | None,
+        rho: float | None,
+        schedule: RhoSchedule | None,
+        multipliers: Sequence[float] | None,
+        layer_multipliers: dict[str, float] | None,
+    ) -> RateRule:
+        """What ``set_rule`` was given: ``rule``, or the base rule with those fields changed, for these layers."""
+        if rule is None:
+            rule = edited_rule(
+                self._base_rule,
+                mode=mode,
+                alpha=alpha,
+                rho=rho,
+                schedule=schedule,
+                multipliers=multipliers,
+                layer_multipliers=layer_multipliers,
+            )
+        if tuple(rule.layer_names) != self._names:
+            raise ValueError("the rule's layer names differ from the optimizer's layers")
+        return rule
 
 
 class CommandIntake:

@@ -52,7 +52,7 @@ import torch
 
 from layrot.agent.commands import CommandInbox, CommandListener
 from layrot.core.layer_rule import LayerSelector, select_layers
-from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule, edited_rule
+from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule
 from layrot.hooks.layca_rule_view import CommandIntake, RuleView
 from layrot.hooks.torch_shards import reject_sharded_layca
 
@@ -127,26 +127,22 @@ class _Group:
         self.zeros = torch.zeros(len(params), dtype=self.sd, device=self.device)
 
     # --- list ops: foreach kernels, or the same math tensor by tensor
-    def copy_(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    def _each_(self, foreach_op: Callable[..., Any], op: Callable[..., Any], *lists: Sequence[Any]) -> None:
+        """``foreach_op(*lists)``, or ``op`` on each tuple of their items when foreach is off."""
         if self.foreach:
-            torch._foreach_copy_(dst, src)
+            foreach_op(*lists)
         else:
-            for d, s in zip(dst, src):
-                d.copy_(s)
+            for items in zip(*lists):
+                op(*items)
+
+    def copy_(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        self._each_(torch._foreach_copy_, torch.Tensor.copy_, dst, src)
 
     def sub_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        if self.foreach:
-            torch._foreach_sub_(xs, ys)
-        else:
-            for x, y in zip(xs, ys):
-                x.sub_(y)
+        self._each_(torch._foreach_sub_, torch.Tensor.sub_, xs, ys)
 
     def add_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        if self.foreach:
-            torch._foreach_add_(xs, ys)
-        else:
-            for x, y in zip(xs, ys):
-                x.add_(y)
+        self._each_(torch._foreach_add_, torch.Tensor.add_, xs, ys)
 
     def norms(self, xs: list[torch.Tensor]) -> torch.Tensor:
         out: list[torch.Tensor] | tuple[torch.Tensor, ...]
@@ -160,21 +156,11 @@ class _Group:
 
     def scale_(self, xs: list[torch.Tensor], coef: torch.Tensor) -> None:
         """xs[i] *= coef[i] (coef: a device L-vector; no host values involved)."""
-        cs = coef.to(self.cd).unbind(0)
-        if self.foreach:
-            torch._foreach_mul_(xs, cs)
-        else:
-            for x, c in zip(xs, cs):
-                x.mul_(c)
+        self._each_(torch._foreach_mul_, torch.Tensor.mul_, xs, coef.to(self.cd).unbind(0))
 
     def axpy_(self, xs: list[torch.Tensor], ys: list[torch.Tensor], coef: torch.Tensor) -> None:
         """xs[i] += coef[i] * ys[i]."""
-        cs = coef.to(self.cd).unbind(0)
-        if self.foreach:
-            torch._foreach_addcmul_(xs, ys, cs)
-        else:
-            for x, y, c in zip(xs, ys, cs):
-                x.addcmul_(y, c)
+        self._each_(torch._foreach_addcmul_, torch.Tensor.addcmul_, xs, ys, coef.to(self.cd).unbind(0))
 
     def dots(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
         # There is no foreach dot: L small reduction kernels, still no host sync.
@@ -486,11 +472,6 @@ class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
             return None
         return np.array([float(t) for t in self._w0n], dtype=np.float64)
 
-    def _check_rho_max(self, rule: RateRule) -> None:
-        top = rule.max_rate()
-        if not top <= self._rho_max * (1 + 1e-12):
-            raise ValueError(f"rates reach {top:g}, above rho_max={self._rho_max:g} (raise rho_max to allow it)")
-
     def set_rule(
         self,
         rule: RateRule | None = None,
@@ -508,18 +489,7 @@ class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
         current base rule (``rho`` sets a constant schedule). The result becomes
         both the base rule and the rule in force, with version 0. Returns it.
         """
-        if rule is None:
-            rule = edited_rule(
-                self._base_rule,
-                mode=mode,
-                alpha=alpha,
-                rho=rho,
-                schedule=schedule,
-                multipliers=multipliers,
-                layer_multipliers=layer_multipliers,
-            )
-        if tuple(rule.layer_names) != self._names:
-            raise ValueError("the rule's layer names differ from the optimizer's layers")
+        rule = self._resolved_rule(rule, mode, alpha, rho, schedule, multipliers, layer_multipliers)
         self._check_rho_max(rule)
         self._base_rule = rule
         self._install_rule(rule)
