@@ -110,7 +110,7 @@ class HookGuard:
         self._on_error = on_error
         owners = {id(handle)} | {
             id(v)
-            for v in vars(handle).values()
+            for v in getattr(handle, "__dict__", {}).values()
             if type(v).__module__.startswith("layrot.") and not isinstance(v, torch.optim.Optimizer)
         }
         self.wrapped = 0

@@ -228,3 +228,33 @@ def test_watch_on_the_accelerated_optimizer_needs_the_unwrap():
     assert layrot.hf.real_optimizer(AcceleratedOptimizer(layca, device_placement=False)) is layca
     with pytest.raises(TypeError, match="not a torch.optim.Optimizer"):
         layrot.hf.real_optimizer(object())
+
+
+def _ddp_rank(rank: int, world: int, port: int, address: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    cb = layrot.hf.RotationCallback(collector=address)  # run=None: rank 0's default name on both ranks
+    trainer = make_trainer(gpt2(seed=5), out, [cb], max_steps=4)
+    trainer.train()
+    assert cb.failures == 0, cb.errors
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_share_one_run(collector, tmp_path):
+    """Trainer on 2 CPU processes (gloo) with run=None: one run, each rank reports every step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(
+        _ddp_rank, args=(2, port, collector.grpc_address, str(tmp_path / "out")), nprocs=2, join=True
+    )
+    q = QueryClient(collector.grpc_address)
+    [run] = q.list_runs()
+    h0, h1 = q.history(run["run"], rank=0), q.history(run["run"], rank=1)
+    assert list(h0.steps) == [1, 2, 3, 4] == list(h1.steps)
+    assert set(h0.layer_names) == gpt2_layers(gpt2(seed=5))
+    assert rel_err(h1.rotation, h0.rotation).max() <= 1e-12  # DDP keeps the replicas identical
