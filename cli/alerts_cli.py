@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from layrot.cli.cli_common import client, tls_options
-from layrot.client.errors import DEFAULT_COLLECTOR, CollectorError
+from layrot.cli.cli_common import client, collector_options_with, tls_options
+from layrot.client.errors import CollectorError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -36,25 +36,9 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def _collector_options(fn: Any) -> Any:
-    fn = tls_options(fn)
-    fn = click.option(
-        "--token",
-        envvar="LAYROT_TOKEN",
-        default=None,
-        show_envvar=True,
-        help="Bearer token of the collector (needed for 'thresholds' changes when it has one).",
-    )(fn)
-    fn = click.option(
-        "--collector",
-        "collector",
-        envvar="LAYROT_COLLECTOR",
-        default=DEFAULT_COLLECTOR,
-        show_default=True,
-        show_envvar=True,
-        metavar="ADDR",
-        help="Collector gRPC address host:port.",
-    )(fn)
-    return fn
+    return collector_options_with(
+        fn, "Bearer token of the collector (needed for 'thresholds' changes when it has one)."
+    )
 
 
 def parse_since(text: str | None, now: float | None = None) -> float:

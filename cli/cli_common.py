@@ -67,15 +67,17 @@ def tls_options(fn: Callable) -> Callable:
 
 def collector_options(fn: Callable) -> Callable:
     """--collector, --token and the TLS options, shared by every command that talks to a collector."""
-    fn = tls_options(fn)
-    fn = click.option(
-        "--token",
-        envvar="LAYROT_TOKEN",
-        default=None,
-        show_envvar=True,
-        help="Bearer token of the collector: its write token for control and other writes (serve --token); "
+    return collector_options_with(
+        fn,
+        "Bearer token of the collector: its write token for control and other writes (serve --token); "
         "its read token or write token for queries when it runs with --read-token.",
-    )(fn)
+    )
+
+
+def collector_options_with(fn: Callable, token_help: str) -> Callable:
+    """:func:`collector_options` with ``token_help`` as the help of --token."""
+    fn = tls_options(fn)
+    fn = click.option("--token", envvar="LAYROT_TOKEN", default=None, show_envvar=True, help=token_help)(fn)
     fn = click.option(
         "--collector",
         "collector",

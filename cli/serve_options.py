@@ -3,18 +3,66 @@ need not load them)."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 
+def _option_group(fn: Any, name: str, keys: Sequence[str], options: Sequence[Any], build: Callable[..., Any]) -> Any:
+    """``fn`` with ``options``; the values of ``keys`` reach it as one keyword ``name``: ``build(values)``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {k: kwargs.pop(k) for k in keys}
+        return fn(*args, **{name: build(values)}, **kwargs)
+
+    for opt in reversed(options):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 # ---------------------------------------------------------------- serve options
+def _threshold(flag: str, type: Any, help: str, metavar: str | None = None) -> Any:
+    """An alert threshold option: None leaves the engine's default."""
+    return click.option(flag, type=type, default=None, metavar=metavar, help=help)
+
+
+def _alert_options(opts: dict[str, Any]) -> dict[str, Any]:
+    if not math.isfinite(opts["lost_grace"]):  # FloatRange lets NaN through
+        raise click.BadParameter("must be finite seconds", param_hint="'--lost-grace'")
+    thresholds = {
+        name: opts[key]
+        for name, key in (
+            ("abs_angle", "alert_abs_angle"),
+            ("k", "alert_k"),
+            ("window", "alert_window"),
+            ("warmup", "alert_warmup"),
+            ("min_angle", "alert_min_angle"),
+            ("stall_seconds", "stall_seconds"),
+        )
+        if opts[key] is not None
+    }
+    from layrot.server.alerts import Thresholds  # serve loads the server anyway
+
+    try:
+        Thresholds(**thresholds)
+    except ValueError as exc:
+        raise click.UsageError(f"bad alert threshold: {exc}") from None
+    return {
+        "alerts": not opts["no_alerts"],
+        "thresholds": thresholds,
+        "alertmanager_url": list(opts["alertmanager"]),
+        "alert_quiet": opts["alert_resolve_after"],
+        "lost_grace": opts["lost_grace"],
+    }
+
+
 def serve_alert_options(fn: Any) -> Any:
     """Alert options of ``layrot-agent serve``; the command receives them as one ``alert_options`` dict
     of ``Collector`` keyword arguments. Defaults (None) are the engine's (server/alerts.py Thresholds)."""
-    import functools
-
     keys = (
         "alertmanager",
         "no_alerts",
@@ -27,39 +75,6 @@ def serve_alert_options(fn: Any) -> Any:
         "alert_resolve_after",
         "lost_grace",
     )
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opts = {k: kwargs.pop(k) for k in keys}
-        if not math.isfinite(opts["lost_grace"]):  # FloatRange lets NaN through
-            raise click.BadParameter("must be finite seconds", param_hint="'--lost-grace'")
-        thresholds = {
-            name: opts[key]
-            for name, key in (
-                ("abs_angle", "alert_abs_angle"),
-                ("k", "alert_k"),
-                ("window", "alert_window"),
-                ("warmup", "alert_warmup"),
-                ("min_angle", "alert_min_angle"),
-                ("stall_seconds", "stall_seconds"),
-            )
-            if opts[key] is not None
-        }
-        from layrot.server.alerts import Thresholds  # serve loads the server anyway
-
-        try:
-            Thresholds(**thresholds)
-        except ValueError as exc:
-            raise click.UsageError(f"bad alert threshold: {exc}") from None
-        alert_options = {
-            "alerts": not opts["no_alerts"],
-            "thresholds": thresholds,
-            "alertmanager_url": list(opts["alertmanager"]),
-            "alert_quiet": opts["alert_resolve_after"],
-            "lost_grace": opts["lost_grace"],
-        }
-        return fn(*args, alert_options=alert_options, **kwargs)
-
     options = [
         click.option(
             "--alertmanager",
@@ -70,43 +85,35 @@ def serve_alert_options(fn: Any) -> Any:
             help="Push alerts to this Alertmanager (http://host:9093; API v2). Repeat for an HA set.",
         ),
         click.option("--no-alerts", is_flag=True, help="Do not evaluate alerts (stored ones stay listable)."),
-        click.option(
+        _threshold(
             "--alert-abs-angle",
-            type=float,
-            default=None,
+            float,
+            "Default absolute step-angle limit in radians [default: 0.3 = 17 deg; inf disables].",
             metavar="RAD",
-            help="Default absolute step-angle limit in radians [default: 0.3 = 17 deg; inf disables].",
         ),
-        click.option(
-            "--alert-k",
-            type=float,
-            default=None,
-            help="Default k: fire above median + k * spread of a layer's recent angles [default: 10].",
+        _threshold(
+            "--alert-k", float, "Default k: fire above median + k * spread of a layer's recent angles [default: 10]."
         ),
-        click.option(
+        _threshold(
             "--alert-window",
-            type=click.IntRange(min=3, max=10_000),
-            default=None,
-            help="Default baseline window in reported steps [default: 50].",
+            click.IntRange(min=3, max=10_000),
+            "Default baseline window in reported steps [default: 50].",
         ),
-        click.option(
+        _threshold(
             "--alert-warmup",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Default reported steps before the baseline rule arms [default: 20].",
+            click.IntRange(min=1),
+            "Default reported steps before the baseline rule arms [default: 20].",
         ),
-        click.option(
+        _threshold(
             "--alert-min-angle",
-            type=float,
-            default=None,
+            float,
+            "Default angle in radians below which the baseline rule never fires [default: 0.01].",
             metavar="RAD",
-            help="Default angle in radians below which the baseline rule never fires [default: 0.01].",
         ),
-        click.option(
+        _threshold(
             "--stall-seconds",
-            type=float,
-            default=None,
-            help="Default seconds a connected run may stay silent before it is stalled [default: 900].",
+            float,
+            "Default seconds a connected run may stay silent before it is stalled [default: 900].",
         ),
         click.option(
             "--lost-grace",
@@ -125,9 +132,7 @@ def serve_alert_options(fn: Any) -> Any:
             help="Seconds without a new event after which a pushed alert is resolved in Alertmanager.",
         ),
     ]
-    for opt in reversed(options):
-        wrapper = opt(wrapper)
-    return wrapper
+    return _option_group(fn, "alert_options", keys, options, _alert_options)
 
 
 # ---------------------------------------------------------------- security options
@@ -145,96 +150,71 @@ def _token(value: str | None, file: str | None, flag: str, env: str) -> str | No
         raise click.BadParameter(str(exc), param_hint=f"'{flag}-file'") from None
 
 
+def _security_options(o: dict[str, Any]) -> dict[str, Any]:
+    if (o["tls_cert"] is None) != (o["tls_key"] is None):
+        raise click.UsageError("TLS needs both --tls-cert and --tls-key")
+    if o["tls_client_ca"] and not o["tls_cert"]:
+        raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+    token = _token(o["token"], o["token_file"], "--token", "LAYROT_TOKEN")
+    read_token = _token(o["read_token"], o["read_token_file"], "--read-token", "LAYROT_READ_TOKEN")
+    if read_token and token and read_token == token:
+        raise click.UsageError("--read-token must differ from --token (the write token already allows reads)")
+    return {
+        "token": token,
+        "read_token": read_token,
+        "tls_cert": o["tls_cert"],
+        "tls_key": o["tls_key"],
+        "tls_client_ca": o["tls_client_ca"],
+    }
+
+
+def _token_options(flag: str, env: str, help: str, file_help: str) -> list[Any]:
+    """``flag`` (also from ``$env``) and ``flag-file``, which reads it from a file (see :func:`_token`)."""
+    return [
+        click.option(flag, envvar=env, default=None, show_envvar=True, help=help),
+        click.option(f"{flag}-file", type=click.Path(dir_okay=False), default=None, metavar="FILE", help=file_help),
+    ]
+
+
+def _pem_option(flag: str, env: str, help: str) -> Any:
+    # Read by the collector, which names the file in its error.
+    return click.option(
+        flag, type=click.Path(dir_okay=False), default=None, metavar="FILE", envvar=env, show_envvar=True, help=help
+    )
+
+
 def serve_security_options(fn: Any) -> Any:
     """Token and TLS options of ``layrot-agent serve``; the command receives them as one ``security_options``
     dict of ``Collector`` keyword arguments (token, read_token, tls_cert, tls_key, tls_client_ca)."""
-    import functools
-
     keys = ("token", "token_file", "read_token", "read_token_file", "tls_cert", "tls_key", "tls_client_ca")
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        o = {k: kwargs.pop(k) for k in keys}
-        if (o["tls_cert"] is None) != (o["tls_key"] is None):
-            raise click.UsageError("TLS needs both --tls-cert and --tls-key")
-        if o["tls_client_ca"] and not o["tls_cert"]:
-            raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
-        token = _token(o["token"], o["token_file"], "--token", "LAYROT_TOKEN")
-        read_token = _token(o["read_token"], o["read_token_file"], "--read-token", "LAYROT_READ_TOKEN")
-        if read_token and token and read_token == token:
-            raise click.UsageError("--read-token must differ from --token (the write token already allows reads)")
-        security_options = {
-            "token": token,
-            "read_token": read_token,
-            "tls_cert": o["tls_cert"],
-            "tls_key": o["tls_key"],
-            "tls_client_ca": o["tls_client_ca"],
-        }
-        return fn(*args, security_options=security_options, **kwargs)
-
-    pem = click.Path(dir_okay=False)  # read by the collector, which names the file in its error
     options = [
-        click.option(
+        *_token_options(
             "--token",
-            envvar="LAYROT_TOKEN",
-            default=None,
-            show_envvar=True,
-            help="Write token: ingest (training jobs), control, thresholds and every other write call need "
+            "LAYROT_TOKEN",
+            "Write token: ingest (training jobs), control, thresholds and every other write call need "
             "'authorization: Bearer TOKEN'. Queries stay open unless --read-token is set.",
+            "Read the write token from FILE (keeps it out of 'ps' and shell history).",
         ),
-        click.option(
-            "--token-file",
-            type=click.Path(dir_okay=False),
-            default=None,
-            metavar="FILE",
-            help="Read the write token from FILE (keeps it out of 'ps' and shell history).",
-        ),
-        click.option(
+        *_token_options(
             "--read-token",
-            envvar="LAYROT_READ_TOKEN",
-            default=None,
-            show_envvar=True,
-            help="Read token: queries (runs, show, export, alerts, control status) need it or the write token. "
+            "LAYROT_READ_TOKEN",
+            "Read token: queries (runs, show, export, alerts, control status) need it or the write token. "
             "Health checks stay open.",
+            "Read the read token from FILE.",
         ),
-        click.option(
-            "--read-token-file",
-            type=click.Path(dir_okay=False),
-            default=None,
-            metavar="FILE",
-            help="Read the read token from FILE.",
-        ),
-        click.option(
+        _pem_option(
             "--tls-cert",
-            type=pem,
-            default=None,
-            metavar="FILE",
-            envvar="LAYROT_SERVE_TLS_CERT",
-            show_envvar=True,
-            help="Serve gRPC and /metrics over TLS with this certificate (PEM, with its chain).",
+            "LAYROT_SERVE_TLS_CERT",
+            "Serve gRPC and /metrics over TLS with this certificate (PEM, with its chain).",
         ),
-        click.option(
-            "--tls-key",
-            type=pem,
-            default=None,
-            metavar="FILE",
-            envvar="LAYROT_SERVE_TLS_KEY",
-            show_envvar=True,
-            help="Private key (PEM) of --tls-cert.",
-        ),
-        click.option(
+        _pem_option("--tls-key", "LAYROT_SERVE_TLS_KEY", "Private key (PEM) of --tls-cert."),
+        _pem_option(
             "--tls-client-ca",
-            type=pem,
-            default=None,
-            metavar="FILE",
-            envvar="LAYROT_SERVE_TLS_CLIENT_CA",
-            show_envvar=True,
-            help="Mutual TLS: every gRPC and /metrics client must present a certificate this CA signed.",
+            "LAYROT_SERVE_TLS_CLIENT_CA",
+            "Mutual TLS: every gRPC and /metrics client must present a certificate this CA signed.",
         ),
     ]
-    for opt in reversed(options):
-        wrapper = opt(wrapper)
-    return wrapper
+    return _option_group(fn, "security_options", keys, options, _security_options)
 
 
 # ---------------------------------------------------------------- ingest limits
@@ -250,33 +230,29 @@ LIMIT_DEFAULTS = {
 STORE_BUSY_TIMEOUT = 30.0
 
 
+def _limit_options(o: dict[str, Any]) -> dict[str, Any]:
+    if not math.isfinite(o["store_busy_timeout"]):  # FloatRange lets NaN through
+        raise click.BadParameter("must be finite seconds", param_hint="'--store-busy-timeout'")
+    from layrot.server.decode import IngestLimits  # serve loads the server anyway
+
+    limits = IngestLimits(
+        max_layers=o["max_layers"],
+        max_name_length=o["max_name_length"],
+        max_steps_per_batch=o["max_steps_per_batch"],
+        max_runs=o["max_runs"],
+        max_message_bytes=o["max_message_bytes"],
+    )
+    return {
+        "ingest_limits": limits,
+        "max_message_bytes": o["max_message_bytes"],
+        "store_busy_timeout": o["store_busy_timeout"],
+    }
+
+
 def serve_limit_options(fn: Any) -> Any:
     """Ingest limits of ``layrot-agent serve``; the command receives them as one ``limit_options`` dict of
     ``Collector`` keyword arguments (ingest_limits, max_message_bytes, store_busy_timeout)."""
-    import functools
-
     keys = (*LIMIT_DEFAULTS, "store_busy_timeout")
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        o = {k: kwargs.pop(k) for k in keys}
-        if not math.isfinite(o["store_busy_timeout"]):  # FloatRange lets NaN through
-            raise click.BadParameter("must be finite seconds", param_hint="'--store-busy-timeout'")
-        from layrot.server.decode import IngestLimits  # serve loads the server anyway
-
-        limits = IngestLimits(
-            max_layers=o["max_layers"],
-            max_name_length=o["max_name_length"],
-            max_steps_per_batch=o["max_steps_per_batch"],
-            max_runs=o["max_runs"],
-            max_message_bytes=o["max_message_bytes"],
-        )
-        limit_options = {
-            "ingest_limits": limits,
-            "max_message_bytes": o["max_message_bytes"],
-            "store_busy_timeout": o["store_busy_timeout"],
-        }
-        return fn(*args, limit_options=limit_options, **kwargs)
 
     def positive(name: str, help: str, minimum: int = 1, maximum: int | None = None) -> Any:
         return click.option(
@@ -324,6 +300,4 @@ def serve_limit_options(fn: Any) -> Any:
             "(the job's batch is then nacked and resent).",
         ),
     ]
-    for opt in reversed(options):
-        wrapper = opt(wrapper)
-    return wrapper
+    return _option_group(fn, "limit_options", keys, options, _limit_options)
