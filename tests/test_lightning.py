@@ -326,3 +326,29 @@ def test_ddp_two_ranks_share_one_run(collector, tmp_path):
     assert set(h0.layer_names) == {"l1.weight", "l2.weight", "head.weight"}
     # DDP keeps the replicas identical: both ranks measure the same rotations.
     assert rel_err(h1.rotation, h0.rotation).max() <= 1e-12
+
+
+class Fp16Net(Net):
+    """Sets an infinite gradient at batch ``skip``, so the GradScaler skips that optimizer step."""
+
+    skip = 1
+
+    def on_after_backward(self) -> None:  # before the scaler unscales and checks the gradients
+        if len(self.losses) - 1 == self.skip:
+            self.l2.weight.grad[0, 0] = float("inf")
+
+
+def test_fp16_grad_scaler_loss_unscaled_and_skipped_step_not_a_step(collector, tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model = Fp16Net(seed=8)
+    cb = layrot.lightning.RotationCallback("lit-fp16", collector=collector.grpc_address)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # fp16 autocast on CPU, a real scaler
+    t = trainer(tmp_path, [cb], 5, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(model, loader())
+    assert cb.failures == 0, cb.errors
+    hist = QueryClient(collector.grpc_address).history("lit-fp16")
+    assert list(hist.steps) == [1, 2, 3, 4]  # 5 batches, one step skipped by the scaler
+    # Each reported step carries its own batch's loss, divided back by the scale (2**10, then 2**9).
+    want = np.array(model.losses)[[0, 2, 3, 4]]
+    assert rel_err(hist.loss, want).max() <= 1e-6
