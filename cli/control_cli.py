@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -77,6 +78,25 @@ def _report_set(st: dict[str, Any], version: int, waited: bool, as_json: bool) -
         click.echo(
             "not acknowledged yet: " + (when if sent else "no live session; the job gets it when it (re)connects")
         )
+
+
+def _answer_options(fn: Any) -> Any:
+    """--reason, --wait and --json of the commands that send one command and wait for the job's answer."""
+    options = [
+        click.option("--reason", default="", help="Free text for the audit trail."),
+        click.option(
+            "--wait",
+            "wait",
+            type=float,
+            default=10.0,
+            show_default=True,
+            help="Seconds to wait for the job's answer (0 = do not wait).",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the control status as JSON."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
 
 
 # ---------------------------------------------------------------- group
@@ -154,16 +174,7 @@ def control_group() -> None:
     help="Layca (Algorithm 1) or the LARS-like variant (Appendix A.4).",
 )
 @click.option("--from-now", is_flag=True, help="Start the schedule at the job's current step instead of step 1.")
-@click.option("--reason", default="", help="Free text for the audit trail.")
-@click.option(
-    "--wait",
-    "wait",
-    type=float,
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for the job's answer (0 = do not wait).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the control status as JSON.")
+@_answer_options
 @collector_options
 def set_cmd(
     run: str,
@@ -237,16 +248,7 @@ def set_cmd(
 # ---------------------------------------------------------------- off
 @control_group.command("off", context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
-@click.option("--reason", default="", help="Free text for the audit trail.")
-@click.option(
-    "--wait",
-    "wait",
-    type=float,
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for the job's answer (0 = do not wait).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the control status as JSON.")
+@_answer_options
 @collector_options
 def off_cmd(run: str, reason: str, wait: float, as_json: bool, collector: str, token: str | None) -> None:
     """Return RUN to its own Layca settings (those it was started with).
@@ -388,6 +390,37 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+Echo = Callable[[str], None]
+
+
+def _run_controller(
+    collector: str,
+    token: str | None,
+    as_json: bool,
+    bad_value: type[click.ClickException],
+    start: Callable[[QueryClient, threading.Event, Echo], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+) -> None:
+    """Run a controller loop here until it ends or a signal stops it; print its summary (JSON or ``describe``).
+
+    ``start(client, stop, echo)`` runs the loop and returns the summary; a ValueError it raises
+    becomes ``bad_value``.
+    """
+    stop = _stop_on_signals()
+    echo: Echo = (lambda s: None) if as_json else click.echo
+    try:
+        with _client(collector, token) as q:
+            summary = start(q, stop, echo)
+    except ValueError as exc:
+        raise bad_value(str(exc)) from None
+    except CollectorError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(describe(summary))
+
+
 @control_group.command("auto", context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
 @click.option(
@@ -522,41 +555,36 @@ def auto_cmd(
         ms = tuple(parse_floats(milestones, "--milestones"))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    stop = _stop_on_signals()
-    echo = (lambda s: None) if as_json else click.echo
-    try:
-        with _client(collector, token) as q:
-            ctl = AutoController(
-                q,
-                run,
-                total_steps,
-                target=target,
-                reach=reach,
-                rho0=rho0,
-                alpha=alpha,
-                milestones=ms,
-                factor=factor,
-                rho_max=rho_max,
-                min_mult=min_mult,
-                couple=couple,
-                loss_guard=loss_guard,
-                loss_hold=loss_hold,
-                settle_tol=settle_tol,
-            )
-            summary = ctl.run_loop(interval=interval, wait=wait, stop=stop, echo=echo)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    except CollectorError as exc:
-        raise _fail(exc) from None
-    if as_json:
-        _echo_json(summary)
-    else:
+
+    def start(q: QueryClient, stop: threading.Event, echo: Echo) -> dict[str, Any]:
+        ctl = AutoController(
+            q,
+            run,
+            total_steps,
+            target=target,
+            reach=reach,
+            rho0=rho0,
+            alpha=alpha,
+            milestones=ms,
+            factor=factor,
+            rho_max=rho_max,
+            min_mult=min_mult,
+            couple=couple,
+            loss_guard=loss_guard,
+            loss_hold=loss_hold,
+            settle_tol=settle_tol,
+        )
+        return ctl.run_loop(interval=interval, wait=wait, stop=stop, echo=echo)
+
+    def describe(summary: dict[str, Any]) -> str:
         rot = ", ".join(_fmt(r, ".3f") for r in summary["rotation"])
-        click.echo(
+        return (
             f"stopped: {summary['reason']}; {len(summary['versions'])} commands sent, "
             f"{summary['backoffs']} loss-guard back-offs, {summary['holds']} updates on hold;"
             f" rotations [{rot}]"
         )
+
+    _run_controller(collector, token, as_json, click.BadParameter, start, describe)
 
 
 @control_group.command("copy", context_settings=CONTEXT_SETTINGS)
@@ -610,21 +638,14 @@ def copy_cmd(
     """
     from layrot.controllers.adaptcopy import AdaptCopy
 
-    stop = _stop_on_signals()
-    echo = (lambda s: None) if as_json else click.echo
-    try:
-        with _client(collector, token) as q:
-            summary = AdaptCopy(q, source, run, window_steps=window_steps, rho_max=rho_max, reason=reason).run(
-                interval=interval, wait=wait, stop=stop, echo=echo
-            )
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    except CollectorError as exc:
-        raise _fail(exc) from None
-    if as_json:
-        _echo_json(summary)
-    else:
-        click.echo(
+    def start(q: QueryClient, stop: threading.Event, echo: Echo) -> dict[str, Any]:
+        copy = AdaptCopy(q, source, run, window_steps=window_steps, rho_max=rho_max, reason=reason)
+        return copy.run(interval=interval, wait=wait, stop=stop, echo=echo)
+
+    def describe(summary: dict[str, Any]) -> str:
+        return (
             f"{'done' if summary['complete'] else 'stopped'}: {len(summary['versions'])} commands, "
             f"{summary['steps']} steps replayed in windows of {summary['window_steps']}"
         )
+
+    _run_controller(collector, token, as_json, click.ClickException, start, describe)
