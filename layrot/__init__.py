@@ -37,6 +37,6 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
-    if name in ("keras", "tf"):
+    if name in ("keras", "tf", "lightning", "hf"):
         return importlib.import_module(f"layrot.{name}")
     raise AttributeError(f"module 'layrot' has no attribute {name!r}")

@@ -54,7 +54,7 @@ def _package_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "layrot":
         return None
-    if len(parts) == 1 or parts[1] in ("keras", "tf", "__version__"):
+    if len(parts) == 1 or parts[1] in ("keras", "tf", "lightning", "hf", "__version__"):
         return "facade"
     return parts[1] if parts[1] in ALLOWED else None
 
