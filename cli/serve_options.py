@@ -51,13 +51,31 @@ def _alert_options(opts: dict[str, Any]) -> dict[str, Any]:
         Thresholds(**thresholds)
     except ValueError as exc:
         raise click.UsageError(f"bad alert threshold: {exc}") from None
-    return {
+    out = {
         "alerts": not opts["no_alerts"],
         "thresholds": thresholds,
         "alertmanager_url": list(opts["alertmanager"]),
+        "alertmanager_auth": {
+            k: opts[o]
+            for k, o in (
+                ("user", "alertmanager_user"),
+                ("password_file", "alertmanager_password_file"),
+                ("token_file", "alertmanager_token_file"),
+                ("ca", "alertmanager_ca"),
+            )
+            if opts[o]
+        },
         "alert_quiet": opts["alert_resolve_after"],
         "lost_grace": opts["lost_grace"],
     }
+    from layrot.server.alertmanager import AlertmanagerPusher
+
+    for url in out["alertmanager_url"]:
+        try:
+            AlertmanagerPusher(url, **out["alertmanager_auth"])  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise click.UsageError(f"--alertmanager: {exc}") from None
+    return out
 
 
 def serve_alert_options(fn: Any) -> Any:
@@ -65,6 +83,10 @@ def serve_alert_options(fn: Any) -> Any:
     of ``Collector`` keyword arguments. Defaults (None) are the engine's (server/alerts.py Thresholds)."""
     keys = (
         "alertmanager",
+        "alertmanager_user",
+        "alertmanager_password_file",
+        "alertmanager_token_file",
+        "alertmanager_ca",
         "no_alerts",
         "alert_abs_angle",
         "alert_k",
@@ -82,17 +104,40 @@ def serve_alert_options(fn: Any) -> Any:
             metavar="URL",
             envvar="LAYROT_ALERTMANAGER",
             show_envvar=True,
-            help="Push alerts to this Alertmanager (http://host:9093; API v2). Repeat for an HA set.",
+            help="Push alerts to this Alertmanager (http://host:9093; API v2). Repeat for an HA set. Basic auth "
+            "may be in the URL (http://user:pw@host, percent-encoded).",
+        ),
+        click.option("--alertmanager-user", default=None, metavar="USER", help="Basic-auth user for Alertmanager."),
+        click.option(
+            "--alertmanager-password-file",
+            default=None,
+            metavar="FILE",
+            help="File holding the basic-auth password of --alertmanager-user.",
+        ),
+        click.option(
+            "--alertmanager-token-file",
+            default=None,
+            metavar="FILE",
+            help="File holding a bearer token for Alertmanager (instead of basic auth).",
+        ),
+        click.option(
+            "--alertmanager-ca",
+            default=None,
+            metavar="PEM",
+            help="CA bundle to verify an https Alertmanager (or its proxy) with.",
         ),
         click.option("--no-alerts", is_flag=True, help="Do not evaluate alerts (stored ones stay listable)."),
         _threshold(
             "--alert-abs-angle",
             float,
-            "Default absolute step-angle limit in radians [default: 0.3 = 17 deg; inf disables].",
+            "Default extreme step angle in radians: a critical incident from the first step [default: 1.0 = 57 deg; "
+            "inf disables].",
             metavar="RAD",
         ),
         _threshold(
-            "--alert-k", float, "Default k: fire above median + k * spread of a layer's recent angles [default: 10]."
+            "--alert-k",
+            float,
+            "Default k: a layer jumps above median + k * spread of its recent log step angles [default: 9].",
         ),
         _threshold(
             "--alert-window",
@@ -102,12 +147,12 @@ def serve_alert_options(fn: Any) -> Any:
         _threshold(
             "--alert-warmup",
             click.IntRange(min=1),
-            "Default reported steps before the baseline rule arms [default: 20].",
+            "Default reported steps before the baseline rules arm [default: 20].",
         ),
         _threshold(
             "--alert-min-angle",
             float,
-            "Default angle in radians below which the baseline rule never fires [default: 0.01].",
+            "Default angle in radians below which a layer never jumps [default: 0.01].",
             metavar="RAD",
         ),
         _threshold(

@@ -25,13 +25,16 @@ give every instance's URL (one pusher each), as Prometheus does.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
 import queue
+import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,21 +53,54 @@ ALERT_NAMES = {
     "divergence": "LayrotRunDiverged",
     "stalled": "LayrotRunStalled",
     "rejections": "LayrotRunMessagesRejected",
+    "not_learning": "LayrotRunNotLearning",
+    "run_lost": "LayrotRunLost",
 }
 SUMMARIES = {
     "abrupt_rotation": "Abrupt rotation in run {run}, layer {layer}",
     "divergence": "Run {run} diverged (NaN/Inf weights)",
     "stalled": "Run {run} stalled",
     "rejections": "Collector rejects messages from run {run}",
+    "not_learning": "Run {run} is not learning (loss at its untrained value)",
+    "run_lost": "Run {run} lost (session ended without Goodbye)",
 }
 
 
 def api_url(url: str) -> str:
-    """``http://host:9093`` -> ``http://host:9093/api/v2/alerts`` (a full API URL is kept)."""
+    """``http://host:9093`` -> ``http://host:9093/api/v2/alerts`` (a full API URL is kept; credentials dropped)."""
+    return split_credentials(url)[0]
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``http://user:pw@host:9093/x`` -> (``http://host:9093/x/api/v2/alerts``, user, password).
+
+    The credentials are percent-decoded (``%40`` for an ``@`` in a password); a URL
+    without them gives (url, None, None). The URL that is logged and labels the
+    metrics never carries the password.
+    """
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         url = "http://" + url
-    return url if url.endswith("/api/v2/alerts") else url + "/api/v2/alerts"
+    parts = urllib.parse.urlsplit(url)
+    user = password = None
+    if "@" in parts.netloc:
+        cred, host = parts.netloc.rsplit("@", 1)
+        u, _, pw = cred.partition(":")
+        user, password = urllib.parse.unquote(u), urllib.parse.unquote(pw)
+        parts = parts._replace(netloc=host)
+    url = urllib.parse.urlunsplit(parts)
+    return (url if url.endswith("/api/v2/alerts") else url + "/api/v2/alerts"), user, password
+
+
+def _read_secret(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the Alertmanager {what} file {path}: {exc.strerror or exc}") from None
+    if not text:
+        raise ValueError(f"the Alertmanager {what} file {path} is empty")
+    return text
 
 
 def rfc3339(t: float) -> str:
@@ -79,6 +115,7 @@ def labels_of(alert: pb.Alert) -> dict[str, str]:
         "layer": alert.layer,
         "severity": alert.severity,
         "kind": alert.kind,
+        "incident": alert.incident,
         "source": SOURCE,
     }
     return {k: v for k, v in labels.items() if v}
@@ -97,6 +134,10 @@ def annotations_of(alert: pb.Alert) -> dict[str, str]:
         "description": alert.message,
         "step": str(alert.step),
     }
+    if len(alert.layers):
+        out["layers"] = ", ".join(alert.layers)
+    if alert.last_step:
+        out["last_step"] = str(alert.last_step)
     for key in ("angle", "baseline"):
         v = getattr(alert, key)
         if math.isfinite(v):
@@ -136,8 +177,43 @@ class AlertmanagerPusher:
         max_active: int = 10_000,
         backoff: tuple[float, float] = (0.5, 30.0),
         clock: Callable[[], float] = time.time,
+        user: str | None = None,
+        password_file: str | None = None,
+        token_file: str | None = None,
+        ca: str | None = None,
     ) -> None:
-        self.url = api_url(url)
+        """Credentials: basic auth from the URL (``http://user:pw@host``) or ``user`` and
+        ``password_file``, or a bearer token from ``token_file`` (not both); ``ca`` a PEM
+        bundle to verify an https Alertmanager (or its proxy) with. Files are read once,
+        here; a bad one raises ValueError naming it.
+        """
+        self.url, url_user, url_password = split_credentials(url)
+        if user is not None and url_user is not None:
+            raise ValueError("Alertmanager credentials given twice: in the URL and as a user")
+        password = url_password
+        if password_file:
+            if url_password is not None:
+                raise ValueError("Alertmanager password given twice: in the URL and as a password file")
+            password = _read_secret(password_file, "password")
+        user = user if user is not None else url_user
+        if password is not None and user is None:
+            raise ValueError("an Alertmanager password needs a user (--alertmanager-user or http://user:pw@host)")
+        self._headers = {"Content-Type": "application/json"}
+        if token_file:
+            if user is not None:
+                raise ValueError("give the Alertmanager either basic auth or a bearer token, not both")
+            self._headers["Authorization"] = "Bearer " + _read_secret(token_file, "token")
+        elif user is not None:
+            basic = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+            self._headers["Authorization"] = "Basic " + basic
+        self._context: ssl.SSLContext | None = None
+        if ca:
+            try:
+                self._context = ssl.create_default_context(cafile=ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the Alertmanager CA {ca}: {exc}") from None
+        if "Authorization" in self._headers and self.url.startswith("http://"):
+            log.warning("Alertmanager %s: credentials sent over plain http", self.url)
         self.quiet = float(quiet)
         self.resend = float(resend)
         self.timeout = float(timeout)
@@ -242,13 +318,18 @@ class AlertmanagerPusher:
             alert: pb.Alert = payload
             labels = labels_of(alert)
             key = tuple(sorted(labels.items()))
+            if alert.incident:  # an escalated incident: its lower-severity copy ends now
+                for k2, other in self._active.items():
+                    if k2 != key and other.ends is None and other.labels.get("incident") == alert.incident:
+                        other.ends = now
+                        other.dirty = True
             e = self._active.get(key)
             if e is None or e.ends is not None:
                 if e is None and len(self._active) >= self.max_active:
                     self._dropped += 1
                     return
                 ann = annotations_of(alert)
-                ann["events"], ann["last_step"] = "1", str(alert.step)
+                ann["events"], ann["last_step"] = "1", str(alert.last_step or alert.step)
                 self._active[key] = _Entry(
                     labels, ann, starts=alert.time or now, last_event=now, hold=hold, worst=alert.angle
                 )
@@ -256,11 +337,12 @@ class AlertmanagerPusher:
                 # Show the worst event of the episode (a re-initialized layer's 90 deg, not the
                 # smaller jumps of its recovery), with the count and the newest step.
                 e.events += 1
-                if not (alert.angle <= e.worst) or math.isnan(alert.angle):
+                # An incident's update is its newest version: shown as it is.
+                if alert.incident or not (alert.angle <= e.worst) or math.isnan(alert.angle):
                     e.annotations = annotations_of(alert)
                     e.worst = alert.angle
                 e.annotations["events"] = str(e.events)
-                e.annotations["last_step"] = str(alert.step)
+                e.annotations["last_step"] = str(alert.last_step or alert.step)
                 e.last_event = now
                 e.hold = e.hold or hold
                 e.dirty = True
@@ -323,9 +405,9 @@ class AlertmanagerPusher:
 
     def _post(self, body: bytes) -> tuple[bool, bool]:
         """(delivered, worth retrying)."""
-        req = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.url, data=body, method="POST", headers=self._headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._context) as resp:
                 resp.read()
             self._posts += 1
             return True, False
@@ -333,7 +415,7 @@ class AlertmanagerPusher:
             self._errors += 1
             detail = exc.read()[:300].decode("utf-8", "replace") if exc.fp is not None else ""
             self.last_error = f"HTTP {exc.code}: {detail}"
-            retry = exc.code >= 500 or exc.code == 429
+            retry = exc.code >= 500 or exc.code in (401, 403, 429)  # credentials may be fixed at the proxy
             log.warning(
                 "Alertmanager %s answered %s%s",
                 self.url,

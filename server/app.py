@@ -90,6 +90,7 @@ class Collector:
         alerts: bool = True,
         thresholds: Thresholds | Mapping[str, Any] | None = None,
         alertmanager_url: str | Sequence[str] | None = None,
+        alertmanager_auth: Mapping[str, Any] | None = None,
         alert_quiet: float = 300.0,
         alert_resend: float = 60.0,
         ingest_limits: IngestLimits | None = None,
@@ -121,6 +122,10 @@ class Collector:
         self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds(**dict(thresholds or {}))
         urls = [alertmanager_url] if isinstance(alertmanager_url, str) else list(alertmanager_url or ())
         self.alertmanager_urls = [u for u in urls if u]
+        # user, password_file, token_file, ca (server/alertmanager.py AlertmanagerPusher); checked here.
+        self.alertmanager_auth = dict(alertmanager_auth or {})
+        for u in self.alertmanager_urls:
+            AlertmanagerPusher(u, **self.alertmanager_auth)
         self.alert_quiet = alert_quiet
         self.alert_resend = alert_resend
         self.lost_grace = lost_grace
@@ -356,7 +361,7 @@ class Collector:
     def _start_alerts(self, store: Store) -> AlertEngine:
         """Alertmanager pushers, the alert hub (memory, store, counters, pushers) and the engine, restored."""
         self._pushers = [
-            AlertmanagerPusher(u, quiet=self.alert_quiet, resend=self.alert_resend).start()
+            AlertmanagerPusher(u, quiet=self.alert_quiet, resend=self.alert_resend, **self.alertmanager_auth).start()
             for u in self.alertmanager_urls
         ]
         hub = AlertHub(store, self._pushers)
