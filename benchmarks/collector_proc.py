@@ -1,12 +1,16 @@
-"""A real ``layrot-agent serve`` in its own process, for the benchmarks."""
+"""A real ``layrot-agent serve`` in its own process, for the benchmarks, and the command line the
+overhead benchmarks share."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 
 def free_port() -> int:
@@ -50,3 +54,27 @@ def start_collector(
         time.sleep(0.1)
     proc.kill()
     raise SystemExit("collector did not start")
+
+
+@contextlib.contextmanager
+def running_collector(tmp: str, extra_args: list[str] | tuple[str, ...] = ()) -> Iterator[str]:
+    """:func:`start_collector` for a ``with`` block: yields the gRPC address, stops the process at its end."""
+    proc, address = start_collector(tmp, extra_args)
+    try:
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def parse_overhead_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add the options of every torch overhead benchmark (--threads, --quick, --json), parse, set torch's threads."""
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args

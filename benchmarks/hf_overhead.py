@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collector_proc import free_port, start_collector  # noqa: E402
+from collector_proc import free_port, parse_overhead_args, running_collector  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -126,14 +126,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--full", action="store_true", help="the 124 M GPT-2 config (n_layer=12, n_embd=768)")
     ap.add_argument("--down", action="store_true", help="also with no collector listening")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = parse_overhead_args(ap)
     if args.quick:
         args.rounds, args.steps, args.warmup = 1, 3, 1
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     logging.getLogger("layrot").setLevel(logging.ERROR)  # the "collector down" warning
 
@@ -145,47 +140,42 @@ def main() -> None:
     n_params = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
 
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, up = start_collector(tmp)
+    with tempfile.TemporaryDirectory() as tmp, running_collector(tmp) as up:
         targets = [("collector up", up)] + ([("collector down", f"127.0.0.1:{free_port()}")] if args.down else [])
-        try:
-            for label, address in targets:
-                ratios, all_off, all_on, hooks, fractions = [], [], [], [], []
-                for r in range(args.rounds):
-                    order = ["off", "on"] if r % 2 == 0 else ["on", "off"]
-                    med: dict[str, float] = {}
-                    for cfg in order:
-                        cb = None
-                        if cfg == "on":
-                            cb = layrot.hf.RotationCallback(
-                                f"bench-hf-{label.split()[1]}-{r}", collector=address, close_timeout=2.0
-                            )
-                        out = os.path.join(tmp, "out")
-                        timer = run_once(config, data, out, args.steps + args.warmup, args.batch, cb)
-                        kept = timer.times[args.warmup :]
-                        (all_on if cfg == "on" else all_off).extend(kept)
-                        med[cfg] = statistics.median(kept)
-                        if cfg == "on":
-                            hook = timer.hook_times[args.warmup :]
-                            hooks.extend(hook)
-                            fractions.extend(h / t for h, t in zip(hook, kept))
-                    ratios.append(med["on"] / med["off"])
-                    if not args.json:
-                        print(f"  {label} round {r + 1}: off {med['off'] * 1e3:.0f} ms, on {med['on'] * 1e3:.0f} ms")
-                results[label] = {
-                    "step_s_off": statistics.median(all_off),
-                    "step_s_on": statistics.median(all_on),
-                    "ratio_min": min(ratios),
-                    "ratio_median": statistics.median(ratios),
-                    "ratio_max": max(ratios),
-                    "ratio_of_medians": statistics.median(all_on) / statistics.median(all_off),
-                    "ratio_of_minima": min(all_on) / min(all_off),
-                    "hook_s": statistics.median(hooks),
-                    "hook_fraction": statistics.median(fractions),
-                }
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        for label, address in targets:
+            ratios, all_off, all_on, hooks, fractions = [], [], [], [], []
+            for r in range(args.rounds):
+                order = ["off", "on"] if r % 2 == 0 else ["on", "off"]
+                med: dict[str, float] = {}
+                for cfg in order:
+                    cb = None
+                    if cfg == "on":
+                        cb = layrot.hf.RotationCallback(
+                            f"bench-hf-{label.split()[1]}-{r}", collector=address, close_timeout=2.0
+                        )
+                    out = os.path.join(tmp, "out")
+                    timer = run_once(config, data, out, args.steps + args.warmup, args.batch, cb)
+                    kept = timer.times[args.warmup :]
+                    (all_on if cfg == "on" else all_off).extend(kept)
+                    med[cfg] = statistics.median(kept)
+                    if cfg == "on":
+                        hook = timer.hook_times[args.warmup :]
+                        hooks.extend(hook)
+                        fractions.extend(h / t for h, t in zip(hook, kept))
+                ratios.append(med["on"] / med["off"])
+                if not args.json:
+                    print(f"  {label} round {r + 1}: off {med['off'] * 1e3:.0f} ms, on {med['on'] * 1e3:.0f} ms")
+            results[label] = {
+                "step_s_off": statistics.median(all_off),
+                "step_s_on": statistics.median(all_on),
+                "ratio_min": min(ratios),
+                "ratio_median": statistics.median(ratios),
+                "ratio_max": max(ratios),
+                "ratio_of_medians": statistics.median(all_on) / statistics.median(all_off),
+                "ratio_of_minima": min(all_on) / min(all_off),
+                "hook_s": statistics.median(hooks),
+                "hook_fraction": statistics.median(fractions),
+            }
 
     if args.json:
         print(json.dumps({"params": n_params, "threads": torch.get_num_threads(), "results": results}, indent=2))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collector_proc import free_port, start_collector  # noqa: E402
+from collector_proc import free_port, parse_overhead_args, running_collector  # noqa: E402
 from models import ResNet18  # noqa: E402
 
 import layrot  # noqa: E402
@@ -52,14 +52,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12, help="timed training steps per configuration and round")
     ap.add_argument("--micro", type=int, default=30, help="repetitions of the report-cost microbenchmark")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = parse_overhead_args(ap)
     if args.quick:
         args.rounds, args.steps, args.micro = 1, 3, 5
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = ResNet18()
@@ -70,69 +65,64 @@ def main() -> None:
     train_steps(model, opt, x, y, 3)  # warm up allocator and kernels
 
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, up_addr = start_collector(tmp)
+    with tempfile.TemporaryDirectory() as tmp, running_collector(tmp) as up_addr:
         down_addr = f"127.0.0.1:{free_port()}"
-        try:
-            for label, addr in (("collector up", up_addr), ("collector down", down_addr)):
-                samples: dict[str, list[float]] = {"off": [], "every=1": [], "every=10": []}
-                for _ in range(args.rounds):
-                    for cfg in samples:
-                        handle = None
-                        if cfg != "off":
-                            handle = layrot.watch(
-                                model,
-                                opt,
-                                run=f"bench-{label.split()[1]}-{cfg}",
-                                every=int(cfg.split("=")[1]),
-                                collector=addr,
-                            )
-                            train_steps(model, opt, x, y, 1)  # first step opens the session
-                        samples[cfg] += train_steps(model, opt, x, y, args.steps)
-                        if handle is not None:
-                            handle.close(timeout=2.0)
-                base = statistics.median(samples["off"])
-                results[label] = {
-                    "step_s_off": base,
-                    "ratio_every1": statistics.median(samples["every=1"]) / base,
-                    "ratio_every10": statistics.median(samples["every=10"]) / base,
-                }
+        for label, addr in (("collector up", up_addr), ("collector down", down_addr)):
+            samples: dict[str, list[float]] = {"off": [], "every=1": [], "every=10": []}
+            for _ in range(args.rounds):
+                for cfg in samples:
+                    handle = None
+                    if cfg != "off":
+                        handle = layrot.watch(
+                            model,
+                            opt,
+                            run=f"bench-{label.split()[1]}-{cfg}",
+                            every=int(cfg.split("=")[1]),
+                            collector=addr,
+                        )
+                        train_steps(model, opt, x, y, 1)  # first step opens the session
+                    samples[cfg] += train_steps(model, opt, x, y, args.steps)
+                    if handle is not None:
+                        handle.close(timeout=2.0)
+            base = statistics.median(samples["off"])
+            results[label] = {
+                "step_s_off": base,
+                "ratio_every1": statistics.median(samples["every=1"]) / base,
+                "ratio_every10": statistics.median(samples["every=10"]) / base,
+            }
 
-                # Report cost vs one SGD(momentum=0.9).step() on the same parameters,
-                # interleaved: the fused C kernel (the default on CPU) and the ATen blocked pass.
-                handle = layrot.watch(model, opt, run=f"bench-micro-{label.split()[1]}", collector=addr)
-                train_steps(model, opt, x, y, 1)
-                paths = {
-                    "fused": handle._distances,
-                    "aten": LayerDistances(handle._params, handle._w0, handle._prev, fused=False),
-                }
-                ref_opt = torch.optim.SGD(model.parameters(), lr=1e-12, momentum=0.9)
-                for p in model.parameters():
-                    p.grad = torch.randn_like(p)
-                times: dict[str, list[float]] = {"fused": [], "aten": [], "sgd": []}
-                for _ in range(args.micro):
-                    for name, dist in paths.items():
-                        handle._distances = dist
-                        t0 = time.perf_counter()
-                        handle._report(handle.step + 1)
-                        times[name].append(time.perf_counter() - t0)
+            # Report cost vs one SGD(momentum=0.9).step() on the same parameters,
+            # interleaved: the fused C kernel (the default on CPU) and the ATen blocked pass.
+            handle = layrot.watch(model, opt, run=f"bench-micro-{label.split()[1]}", collector=addr)
+            train_steps(model, opt, x, y, 1)
+            paths = {
+                "fused": handle._distances,
+                "aten": LayerDistances(handle._params, handle._w0, handle._prev, fused=False),
+            }
+            ref_opt = torch.optim.SGD(model.parameters(), lr=1e-12, momentum=0.9)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            times: dict[str, list[float]] = {"fused": [], "aten": [], "sgd": []}
+            for _ in range(args.micro):
+                for name, dist in paths.items():
+                    handle._distances = dist
                     t0 = time.perf_counter()
-                    ref_opt.step()
-                    times["sgd"].append(time.perf_counter() - t0)
-                handle._distances = paths["fused"]
-                handle.close(timeout=2.0)
-                med = {k: statistics.median(v) for k, v in times.items()}
-                results[label].update(
-                    report_s=med["fused"],
-                    report_aten_s=med["aten"],
-                    sgd_step_s=med["sgd"],
-                    report_over_sgd=med["fused"] / med["sgd"],
-                    report_aten_over_sgd=med["aten"] / med["sgd"],
-                    report_path=paths["fused"].path,
-                )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+                    handle._report(handle.step + 1)
+                    times[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ref_opt.step()
+                times["sgd"].append(time.perf_counter() - t0)
+            handle._distances = paths["fused"]
+            handle.close(timeout=2.0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            results[label].update(
+                report_s=med["fused"],
+                report_aten_s=med["aten"],
+                sgd_step_s=med["sgd"],
+                report_over_sgd=med["fused"] / med["sgd"],
+                report_aten_over_sgd=med["aten"] / med["sgd"],
+                report_path=paths["fused"].path,
+            )
 
     if args.json:
         print(json.dumps({"params": n_params, "threads": torch.get_num_threads(), "results": results}, indent=2))

@@ -36,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 import layrot.keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collector_proc import free_port, start_collector  # noqa: E402
+from collector_proc import free_port, running_collector  # noqa: E402
 
 
 def mnist_convnet() -> keras.Model:
@@ -198,15 +198,10 @@ def main() -> None:
     logging.getLogger("layrot").setLevel(logging.ERROR)  # the collector-down warning is expected
 
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, up_addr = start_collector(tmp)
+    with tempfile.TemporaryDirectory() as tmp, running_collector(tmp) as up_addr:
         down_addr = f"127.0.0.1:{free_port()}"
-        try:
-            for name in args.models.split(","):
-                results[name] = bench_model(name, args, up_addr, down_addr)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        for name in args.models.split(","):
+            results[name] = bench_model(name, args, up_addr, down_addr)
 
     if args.json:
         print(json.dumps({"tf": tf.__version__, "keras": keras.__version__, "results": results}, indent=2))
