@@ -185,7 +185,15 @@ def _median(xs: list[float]) -> float | None:
     return float(np.median(xs)) if xs else None
 
 
-def score(records: list[dict[str, Any]], alerts: list[dict[str, Any]], tolerance: int) -> dict[str, Any]:
+def in_incident(rec: dict[str, Any], alert: dict[str, Any], refractory: int) -> bool:
+    """Whether ``alert`` comes after ``rec``'s jump incident within the refractory window (a consequence)."""
+    s = int(rec["spec"]["step"])
+    return row_kind(rec["spec"]) in JUMP_KINDS and s <= int(alert["step"]) <= s + refractory
+
+
+def score(
+    records: list[dict[str, Any]], alerts: list[dict[str, Any]], tolerance: int, refractory: int = 0
+) -> dict[str, Any]:
     """Per-kind rows, totals and per-run details (see the module docstring for the rules)."""
     by_run = {r["run"]: r for r in records}
     per_run: dict[str, list[dict[str, Any]]] = {r["run"]: [] for r in records}
@@ -202,6 +210,7 @@ def score(records: list[dict[str, Any]], alerts: list[dict[str, Any]], tolerance
             "fp_warning": 0,
             "fp_critical": 0,
             "detected": 0,
+            "in_incident": 0,
             "misses": 0,
             "right_layer": 0,
             "delays": [],
@@ -221,6 +230,8 @@ def score(records: list[dict[str, Any]], alerts: list[dict[str, Any]], tolerance
             if kind != "healthy" and matches(rec, a, tolerance):
                 row["tp"] += 1
                 hits.append(a)
+            elif kind != "healthy" and in_incident(rec, a, refractory):
+                row["in_incident"] += 1  # e.g. the NaN weights 4 steps after a x100 spike: neither TP nor FP
             else:
                 row["fp"] += 1
                 fp_steps.append(int(a["step"]))
@@ -268,6 +279,7 @@ def score(records: list[dict[str, Any]], alerts: list[dict[str, Any]], tolerance
                 "false_positives": row["fp"],
                 "fp_warning": row["fp_warning"],
                 "fp_critical": row["fp_critical"],
+                "in_incident": row["in_incident"],
                 "detected": row["detected"] if k != "healthy" else None,
                 "misses": row["misses"] if k != "healthy" else None,
                 "right_layer": row["right_layer"] if k in ("reinit", "nan") else None,
@@ -320,6 +332,7 @@ def print_report(result: dict[str, Any]) -> None:
         "FP",
         "FP WARN",
         "FP CRIT",
+        "IN INC",
         "DETECTED",
         "MISSES",
         "RIGHT LAYER",
@@ -336,6 +349,7 @@ def print_report(result: dict[str, Any]) -> None:
             _fmt(r["false_positives"]),
             _fmt(r["fp_warning"]),
             _fmt(r["fp_critical"]),
+            _fmt(r["in_incident"]),
             _fmt(r["detected"]),
             _fmt(r["misses"]),
             _fmt(r["right_layer"]),
@@ -419,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="Write the table and runs as JSON.")
     ap.add_argument("--tolerance", type=int, default=3, help="Reported steps after a jump an alert may come.")
+    ap.add_argument(
+        "--refractory",
+        type=int,
+        default=20,
+        help="Alerts this many reported steps after a jump (beyond --tolerance) belong to its incident: neither "
+        "TP nor FP (the engine's default refractory window) [default: 20; 0 = the old scoring].",
+    )
     ap.add_argument("--stall-seconds", type=float, default=4.0, help="The collector's stall threshold for the runs.")
     ap.add_argument(
         "--lost-grace",
@@ -475,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             collector.stop(grace=0.5)
     wall = time.perf_counter() - t0
-    result = score(records, alerts, args.tolerance)
+    result = score(records, alerts, args.tolerance, args.refractory)
     print()
     print_runs(result)
     print()
@@ -495,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
                 "only": sorted(only) if only else None,
                 "tolerance": args.tolerance,
+                "refractory": args.refractory,
                 "stall_seconds": args.stall_seconds,
                 "lost_grace": args.lost_grace,
                 "torch_threads": 1,

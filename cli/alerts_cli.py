@@ -31,6 +31,12 @@ JSON_FIELDS = (
     "message",
     "loss_before",
     "loss_after",
+    "incident",
+    "layers",
+    "last_step",
+    "updates",
+    "updated",
+    "resolved",
 )
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -60,7 +66,7 @@ def _num(x: float) -> float | None:
 
 def json_record(a: dict[str, Any]) -> dict[str, Any]:
     """An alert for --json: NaN as null."""
-    return {k: (_num(a[k]) if isinstance(a[k], float) else a[k]) for k in JSON_FIELDS}
+    return {k: (_num(a[k]) if isinstance(a[k], float) else a[k]) for k in JSON_FIELDS if k in a}
 
 
 def _deg(x: float) -> str:
@@ -74,17 +80,24 @@ def _when(t: float) -> str:
 HEADERS = ["TIME", "RUN", "LAYER", "STEP", "KIND", "SEVERITY", "ANGLE(DEG)", "BASELINE(DEG)", "MESSAGE"]
 
 
+def _layers(a: dict[str, Any]) -> str:
+    names = a.get("layers") or []
+    if len(names) > 1:
+        return f"{names[0]} +{len(names) - 1}"
+    return a["layer"] or "-"
+
+
 def _row(a: dict[str, Any]) -> list[str]:
     return [
         _when(a["time"]),
         a["run"],
-        a["layer"] or "-",
+        _layers(a),
         str(a["step"]),
         a["kind"],
         a["severity"],
         _deg(a["angle"]),
         _deg(a["baseline"]),
-        a["message"],
+        ("[update] " if a.get("updates") else "") + a["message"],
     ]
 
 
@@ -122,7 +135,10 @@ def _table(rows: list[list[str]]) -> str:
     help="Show the newest N kept alerts (0 = all the collector keeps).",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="JSON: one array; with --follow one object per line (JSON Lines)."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='JSON: {"alerts": [...], "truncated": bool, "limit": N}; with --follow one alert per line (JSON Lines).',
 )
 @_collector_options
 @click.pass_context
@@ -136,14 +152,23 @@ def alerts_command(
     collector: str,
     token: str | None,
 ) -> None:
-    """Alerts raised by the collector: abrupt rotations, divergence, stalled runs, rejections.
+    """Alerts raised by the collector: abrupt rotations, divergence, not learning, stalled runs, rejections, lost runs.
 
-    An abrupt rotation is a layer rotating a large angle within one optimizer
-    step (above the absolute limit, or far above the layer's own recent
-    baseline); it is critical when the loss did not improve across it. Angles
-    print in degrees; --json gives radians and unix times. JSON fields: run,
-    layer, step, kind, severity, angle, baseline, time, message, loss_before,
-    loss_after (null when unknown).
+    An abrupt rotation is an incident: a step where several layers jump far
+    above their own recent step angles together (or one layer far above its
+    own and the others', or any layer above the extreme angle). It is one
+    alert listing its layers (LAYER shows the largest and how many more);
+    jumps in the next steps join it as updates. It is critical when the loss
+    got worse across the jump or the jump is extreme. Angles print in degrees;
+    --json gives radians and unix times.
+
+    --json prints {"alerts": [...], "truncated": true|false, "limit": N}:
+    truncated says that more alerts than the newest N exist (--limit 0: all
+    the collector keeps). Alert fields: run, layer, step, kind, severity,
+    angle, baseline, time, message, loss_before, loss_after (null when
+    unknown), incident, layers, last_step, updates, updated, resolved. With
+    --follow an incident prints when raised and again (same incident id,
+    updates > 0, "[update]" in the table) each time it is updated or resolved.
 
     \b
     Examples:
@@ -159,15 +184,22 @@ def alerts_command(
     try:
         with client(collector, token) as q:
             if not follow:
-                items = q.list_alerts(run, limit=limit, since=t0)
+                # One more than asked: whether the listing was cut is known, not guessed.
+                items = q.list_alerts(run, limit=limit + 1 if limit else 0, since=t0)
+                truncated = bool(limit) and len(items) > limit
+                if truncated:
+                    items = items[-limit:]
                 if run and not items:
                     q.get_run(run)  # an unknown run is an error (NOT_FOUND), not "no alerts"
                 if as_json:
-                    click.echo(json.dumps([json_record(a) for a in items], indent=2, allow_nan=False))
+                    out = {"alerts": [json_record(a) for a in items], "truncated": truncated, "limit": limit}
+                    click.echo(json.dumps(out, indent=2, allow_nan=False))
                 elif not items:
                     click.echo(f"no alerts{' for run ' + run if run else ''} on {collector}")
                 else:
                     click.echo(_table([_row(a) for a in items]))
+                    if truncated:
+                        click.echo(f"(the newest {limit} shown; more exist: --limit 0 for all)", err=True)
                 return
             if not as_json:
                 click.echo(_table([]))
@@ -185,8 +217,32 @@ def alerts_command(
 
 @alerts_command.command("thresholds", context_settings=CONTEXT_SETTINGS)
 @click.argument("run", required=False, default="")
-@click.option("--abs-angle", type=float, default=None, help="Radians: fire above this whatever the baseline.")
-@click.option("--k", type=float, default=None, help="Fire above median + k * spread of the layer's recent angles.")
+@click.option(
+    "--abs-angle", type=float, default=None, help="Radians: an extreme step angle (critical, from the first step)."
+)
+@click.option(
+    "--k", type=float, default=None, help="A layer jumps above median + k * spread of its recent log step angles..."
+)
+@click.option("--ratio", type=float, default=None, help="...and at >= ratio x its median angle.")
+@click.option("--group", type=float, default=None, help="Share of the layers jumping together that is an incident.")
+@click.option(
+    "--single-ratio",
+    type=float,
+    default=None,
+    help="One layer alone is an incident at >= this x its median and x the other layers' angles.",
+)
+@click.option(
+    "--refractory",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Reported steps after an incident's last jump in which new jumps update it.",
+)
+@click.option(
+    "--not-learning-steps", type=float, default=None, help="Reported steps after which not_learning is judged."
+)
+@click.option(
+    "--not-learning-drop", type=float, default=None, help="Relative loss drop below which the run is not learning."
+)
 @click.option("--window", type=click.IntRange(min=3), default=None, help="Baseline window (reported steps).")
 @click.option(
     "--warmup", type=click.IntRange(min=1), default=None, help="Reported steps before the baseline rule arms."
@@ -214,6 +270,12 @@ def thresholds_command(
     warmup: int | None,
     stall_seconds: float | None,
     min_angle: float | None,
+    ratio: float | None,
+    group: float | None,
+    single_ratio: float | None,
+    refractory: int | None,
+    not_learning_steps: float | None,
+    not_learning_drop: float | None,
     reset: bool,
     as_json: bool,
     token: str | None,
@@ -224,12 +286,14 @@ def thresholds_command(
     Without options it prints the effective thresholds. Changes need the
     collector's token when it has one; per-run values survive restarts,
     default changes last until the collector restarts (then the serve flags apply).
-    'inf' disables --abs-angle, --k or --stall-seconds.
+    'inf' disables --abs-angle, --k, --ratio, --single-ratio, --stall-seconds or
+    --not-learning-steps.
 
     \b
     Examples:
       layrot-agent alerts thresholds resnet-a
       layrot-agent alerts thresholds resnet-a --k 8 --warmup 100
+      layrot-agent alerts thresholds resnet-a --not-learning-steps 2000
       layrot-agent alerts thresholds resnet-a --reset
     """
     values: dict[str, float] = {}
@@ -243,8 +307,14 @@ def thresholds_command(
                     k=-1,
                     stall_seconds=-1,
                     min_angle=-1,
+                    ratio=-1,
+                    group=-1,
+                    single_ratio=-1,
+                    not_learning_steps=-1,
+                    not_learning_drop=-1,
                     window=defaults["window"],
                     warmup=defaults["warmup"],
+                    refractory=defaults["refractory"],
                 )
             for name, v in (
                 ("abs_angle", abs_angle),
@@ -253,6 +323,12 @@ def thresholds_command(
                 ("warmup", warmup),
                 ("stall_seconds", stall_seconds),
                 ("min_angle", min_angle),
+                ("ratio", ratio),
+                ("group", group),
+                ("single_ratio", single_ratio),
+                ("refractory", refractory),
+                ("not_learning_steps", not_learning_steps),
+                ("not_learning_drop", not_learning_drop),
             ):
                 if v is not None:
                     if isinstance(v, float) and (math.isnan(v) or v <= 0) and name != "min_angle":
@@ -275,4 +351,4 @@ def thresholds_command(
     click.echo(f"thresholds of {'run ' + run if run else 'the collector (defaults)'}:")
     for name, v in result.items():
         extra = f"  ({math.degrees(v):.3g} deg)" if name in ("abs_angle", "min_angle") and math.isfinite(v) else ""
-        click.echo(f"  {name:14} {v:g}{extra}")
+        click.echo(f"  {name:18} {v:g}{extra}")

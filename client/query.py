@@ -69,7 +69,9 @@ class History:
 
 def alert_dict(a: pb.Alert) -> dict[str, Any]:
     """An Alert as plain Python: run, layer, step, kind, severity, angle and baseline (radians), time
-    (unix seconds), message, loss_before, loss_after; NaN where unknown."""
+    (unix seconds), message, loss_before, loss_after (NaN where unknown); incident (one id per
+    incident: an update re-sends it), layers (every layer of the incident), last_step, updates
+    (0 when first raised), updated and resolved (unix seconds; resolved 0 while on)."""
     return {
         "run": a.run,
         "layer": a.layer,
@@ -82,6 +84,12 @@ def alert_dict(a: pb.Alert) -> dict[str, Any]:
         "message": a.message,
         "loss_before": a.loss_before,
         "loss_after": a.loss_after,
+        "incident": a.incident,
+        "layers": list(a.layers),
+        "last_step": a.last_step or a.step,
+        "updates": a.updates,
+        "updated": a.updated or a.time,
+        "resolved": a.resolved,
     }
 
 
@@ -204,7 +212,8 @@ class QueryClient:
     def set_thresholds(self, run: str | None = None, **values: float) -> dict[str, Any]:
         """Set alert thresholds of ``run`` (None = collector defaults); returns the effective thresholds.
 
-        Keyword arguments: abs_angle, k, window, warmup, stall_seconds, min_angle.
+        Keyword arguments: the fields of ``Thresholds`` (abs_angle, k, window, warmup, stall_seconds,
+        min_angle, ratio, group, single_ratio, refractory, not_learning_steps, not_learning_drop).
         Omitted fields keep their value, a negative value goes back to the default,
         no argument at all just reads them. Needs the token when the collector has one.
         """

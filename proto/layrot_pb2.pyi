@@ -457,7 +457,7 @@ class RankControl(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., applied_version: _Optional[int] = ..., applied_step: _Optional[int] = ..., wanted_step: _Optional[int] = ..., late: bool = ..., rejected_version: _Optional[int] = ..., rejected_reason: _Optional[str] = ..., step: _Optional[int] = ..., connected: bool = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("run", "layer", "step", "kind", "severity", "angle", "baseline", "time", "message", "loss_before", "loss_after")
+    __slots__ = ("run", "layer", "step", "kind", "severity", "angle", "baseline", "time", "message", "loss_before", "loss_after", "incident", "layers", "updates", "updated", "last_step", "resolved")
     RUN_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -469,6 +469,12 @@ class Alert(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    INCIDENT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_FIELD_NUMBER: _ClassVar[int]
     run: str
     layer: str
     step: int
@@ -480,7 +486,13 @@ class Alert(_message.Message):
     message: str
     loss_before: float
     loss_after: float
-    def __init__(self, run: _Optional[str] = ..., layer: _Optional[str] = ..., step: _Optional[int] = ..., kind: _Optional[str] = ..., severity: _Optional[str] = ..., angle: _Optional[float] = ..., baseline: _Optional[float] = ..., time: _Optional[float] = ..., message: _Optional[str] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ...) -> None: ...
+    incident: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    updates: int
+    updated: float
+    last_step: int
+    resolved: float
+    def __init__(self, run: _Optional[str] = ..., layer: _Optional[str] = ..., step: _Optional[int] = ..., kind: _Optional[str] = ..., severity: _Optional[str] = ..., angle: _Optional[float] = ..., baseline: _Optional[float] = ..., time: _Optional[float] = ..., message: _Optional[str] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., incident: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., updates: _Optional[int] = ..., updated: _Optional[float] = ..., last_step: _Optional[int] = ..., resolved: _Optional[float] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ("run", "limit", "since")
@@ -499,20 +511,32 @@ class ListAlertsResponse(_message.Message):
     def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
 
 class Thresholds(_message.Message):
-    __slots__ = ("abs_angle", "k", "window", "warmup", "stall_seconds", "min_angle")
+    __slots__ = ("abs_angle", "k", "window", "warmup", "stall_seconds", "min_angle", "ratio", "group", "single_ratio", "refractory", "not_learning_steps", "not_learning_drop")
     ABS_ANGLE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     WARMUP_FIELD_NUMBER: _ClassVar[int]
     STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MIN_ANGLE_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    REFRACTORY_FIELD_NUMBER: _ClassVar[int]
+    NOT_LEARNING_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NOT_LEARNING_DROP_FIELD_NUMBER: _ClassVar[int]
     abs_angle: float
     k: float
     window: int
     warmup: int
     stall_seconds: float
     min_angle: float
-    def __init__(self, abs_angle: _Optional[float] = ..., k: _Optional[float] = ..., window: _Optional[int] = ..., warmup: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., min_angle: _Optional[float] = ...) -> None: ...
+    ratio: float
+    group: float
+    single_ratio: float
+    refractory: int
+    not_learning_steps: float
+    not_learning_drop: float
+    def __init__(self, abs_angle: _Optional[float] = ..., k: _Optional[float] = ..., window: _Optional[int] = ..., warmup: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., min_angle: _Optional[float] = ..., ratio: _Optional[float] = ..., group: _Optional[float] = ..., single_ratio: _Optional[float] = ..., refractory: _Optional[int] = ..., not_learning_steps: _Optional[float] = ..., not_learning_drop: _Optional[float] = ...) -> None: ...
 
 class SetThresholdsRequest(_message.Message):
     __slots__ = ("run", "thresholds")

@@ -96,12 +96,18 @@ log = logging.getLogger(__name__)
 
 NAN = float("nan")
 
-KINDS = ("abrupt_rotation", "divergence", "stalled", "rejections")
+KINDS = ("abrupt_rotation", "divergence", "not_learning", "stalled", "rejections", "run_lost")
 SEVERITIES = ("warning", "critical")
 
-# The spread of a layer's baseline is at least this fraction of its median
-# (Layca's constant angles have MAD = 0).
-SPREAD_FLOOR = 0.5
+# The spread of a layer's log step angles is at least this (Layca's constant angles have MAD = 0).
+SPREAD_FLOOR = 0.1
+# Angles below this count as this in log space (a frozen layer's zero steps).
+TINY_ANGLE = 1e-9
+# not_learning: the untrained loss is the median of the first NL_FIRST losses, "now" the median of the last NL_RECENT.
+NL_FIRST = 5
+NL_RECENT = 10
+# Losses kept per run until not_learning is judged (not_learning_steps above it: judged on the first ones).
+NL_HISTORY_MAX = 100_000
 # Normal-distribution consistency factor of the MAD.
 MAD_SCALE = 1.4826
 # An angle within this factor of the commanded Layca angle arctan(rho) is what the job asked for.
@@ -139,9 +145,10 @@ class Baseline:
         self.reported = 0  # steps observed (warm-up counter)
         self.last_step = 0  # highest step observed (resent batches are not evaluated twice)
         self.stale = 0  # steps written since the limits were computed
-        self.armed = False  # baseline rule armed when the limits were computed
+        self.armed = False  # baseline rules armed when the limits were computed
         self.median = np.full(num_layers, np.nan)
-        self.limit = np.full(num_layers, np.inf)  # fire when angle > limit (before the Layca exemption)
+        self.limit = np.full(num_layers, np.inf)  # a layer jumps when angle > limit (before the Layca exemption)
+        self.single = np.full(num_layers, np.inf)  # one layer alone makes an incident above this
         self.valid = False
         self.losses: collections.deque[float] = collections.deque(maxlen=LOSS_HISTORY)
 
@@ -190,7 +197,7 @@ class Baseline:
         self.stale += S
 
     def refresh(self, th: Thresholds) -> None:
-        """Recompute median, spread and the per-layer limit from the ring (two row sorts, float32)."""
+        """Recompute the per-layer median, the log-angle spread and the limits (two row sorts, float32)."""
         n = self.count
         self.armed = self.reported >= th.warmup and n >= min(th.warmup, th.window, 3)
         lo, hi = (n - 1) // 2, n // 2
@@ -199,17 +206,41 @@ class Baseline:
             srt = np.sort(r, axis=1)
             med = 0.5 * (srt[:, lo].astype(np.float64) + srt[:, hi])
             self.median = med
-        if self.armed and math.isfinite(th.k):
-            dev = np.sort(np.abs(r - med.astype(np.float32)[:, None]), axis=1)
+        if self.armed and (math.isfinite(th.k) or math.isfinite(th.ratio)):
+            # The median of the log angles is the log of the median angle (log is monotonic);
+            # the spread is the MAD of the log angles, so a rule reads "x times the usual angle".
+            lmed = np.log(np.maximum(med, TINY_ANGLE))
+            lr = np.log(np.maximum(r, TINY_ANGLE))
+            dev = np.sort(np.abs(lr - lmed.astype(np.float32)[:, None]), axis=1)
             mad = 0.5 * (dev[:, lo].astype(np.float64) + dev[:, hi])
-            spread = np.maximum(MAD_SCALE * mad, SPREAD_FLOOR * med)
-            limit = np.maximum(med + th.k * spread, th.min_angle)
-            np.minimum(limit, th.abs_angle, out=limit)
-            self.limit = limit
+            spread = np.maximum(MAD_SCALE * mad, SPREAD_FLOOR)
+            excess = np.maximum(th.k * spread, math.log(th.ratio))
+            with np.errstate(over="ignore"):
+                limit = np.maximum(np.exp(lmed + excess), th.min_angle)
+                single = np.maximum(limit, med * th.single_ratio)
+            self.limit = np.minimum(limit, th.abs_angle)
+            self.single = np.minimum(single, th.abs_angle)
         else:
             self.limit = np.full(self.L, th.abs_angle)
+            self.single = self.limit
         self.stale = 0
         self.valid = True
+
+
+class Incident:
+    """The open abrupt-rotation incident of a run: its alert, layers, and the step its refractory window ends."""
+
+    def __init__(self, alert: pb.Alert, until: int, extreme: bool) -> None:
+        self.alert = alert
+        self.until = until
+        self.extreme = extreme
+        self.events = 1  # steps with jumps merged into it
+        self.layers: dict[str, float] = {}  # layer -> largest angle
+        self.ratio = 1.0  # largest angle / own median of the incident
+        self.pending = True  # waiting for the loss after the first jump
+        self.before = NAN
+        self.after = NAN
+        self.rule = ""
 
 
 class RunAlerts:
@@ -219,7 +250,8 @@ class RunAlerts:
         self.baseline: Baseline | None = None
         self.overrides: dict[str, Any] = {}
         self.thresholds: Thresholds | None = None  # cache of defaults + overrides
-        self.pending: list[tuple[pb.Alert, float, float]] = []  # (alert, loss_before, deadline)
+        self.incident: Incident | None = None
+        self.pending_deadline = 0.0  # monotonic time the open incident stops waiting for its loss
         self.diverged_ranks: set[int] = set()
         self.tokens = float(ALERT_BURST)
         self.tokens_at: float | None = None
@@ -232,6 +264,7 @@ class RunAlerts:
         self.reject_events: collections.deque[tuple[float, int]] = collections.deque()
         self.rejecting = False
         self.last_step = 0
+        self.learning = LearningState()
 
     def refill(self, now: float) -> float:
         """Tokens of the rate limit available now."""
@@ -247,6 +280,20 @@ class RunAlerts:
         return k
 
 
+class LearningState:
+    """not_learning: the run's losses until it is judged, its newest ones, the alert while firing."""
+
+    def __init__(self) -> None:
+        self.rank: int | None = None
+        self.history: list[float] = []
+        self.recent: collections.deque[float] = collections.deque(maxlen=NL_RECENT)
+        self.reported = 0
+        self.last_step = 0
+        self.judged = False
+        self.line = NAN
+        self.alert: pb.Alert | None = None
+
+
 class RunTable(dict[str, RunAlerts]):
     """The engine's per-run state by run name; entries appear on first use."""
 
@@ -260,10 +307,10 @@ class RunTable(dict[str, RunAlerts]):
 
 # ---------------------------------------------------------------- detectors
 class AbruptRotations:
-    """Abrupt single-step rotations of the run's lowest rank (hot path: a few vectorised passes per batch).
+    """Abrupt-rotation incidents of the run's lowest rank (hot path: a few vectorised passes per batch).
 
-    An alert whose loss after the jump is not in its batch waits (``pending``)
-    for the next batch of the run, at most ``loss_wait`` seconds (``settle_due``).
+    An incident whose loss after the jump is not in its batch waits for the
+    next batch of the run, at most ``loss_wait`` seconds (``settle_due``).
     """
 
     def __init__(
@@ -288,7 +335,7 @@ class AbruptRotations:
         rho: np.ndarray | None,
         loss: Sequence[float],
     ) -> None:
-        """One accepted batch: update the rank's baseline and raise what is over its limit."""
+        """One accepted batch: update the rank's baseline and raise (or extend) incidents."""
         b = ra.baseline
         if b is not None and rank > b.rank:
             return  # abrupt rotations: lowest rank only
@@ -304,13 +351,14 @@ class AbruptRotations:
             keep = steps > b.last_step
             steps, angle, bad = steps[keep], angle[keep], bad[keep]
             rho = rho[keep] if rho is not None else None
-            loss = [x for x, k in zip(loss, keep.tolist())] if len(loss) else loss
+            loss = [x for x, k in zip(loss, keep.tolist()) if k] if len(loss) else loss
         b.last_step = top
         ra.last_step = max(ra.last_step, top)
         losses = np.asarray(loss, dtype=np.float64) if len(loss) else None
 
-        if ra.pending:
-            self._settle(ra, losses)
+        inc = ra.incident
+        if inc is not None and inc.pending:
+            self._settle(rs.run, ra, losses)
         if not b.valid or b.stale >= max(1, th.window // 10) or (not b.armed and b.reported >= th.warmup):
             b.refresh(th)
 
@@ -322,7 +370,7 @@ class AbruptRotations:
         # mask only when some layer is over its limit. NaN (a zero-norm layer) never is.
         peak = a[0] if a.shape[0] == 1 else a.max(axis=0)
         if (peak > b.limit).any():
-            self._raise(rs, ra, b, th, steps, a, a > b.limit, rho, losses)
+            self._raise(rs, ra, b, th, steps, a, rho, losses)
         b.push(a)
         b.reported += a.shape[0]
         if losses is not None:
@@ -338,97 +386,291 @@ class AbruptRotations:
         th: Thresholds,
         steps: np.ndarray,
         a: np.ndarray,
-        hit: np.ndarray,
         rho: np.ndarray | None,
         losses: np.ndarray | None,
     ) -> None:
-        # The rare path: some layer is over its limit.
-        if rho is None and ra.refill(self.monotonic()) < 1.0:
-            # Over the rate limit: count, nothing else (a storm costs one count_nonzero).
-            self.hub.suppressed(rs.run, int(np.count_nonzero(hit)))
+        # The rare path: some layer is over its limit. Which steps are incidents?
+        hit = a > b.limit
+        if rho is not None:  # what Layca commanded is not abrupt (NaN rho: a layer outside Layca)
+            hit &= ~(a <= np.arctan(rho) * COMMANDED_TOLERANCE)
+        rows = np.nonzero(hit.any(axis=1))[0]
+        if not rows.size:
             return
-        rows, cols = np.nonzero(hit)
-        if rho is not None:
-            commanded = np.arctan(rho[rows, cols]) * COMMANDED_TOLERANCE
-            keep = ~(a[rows, cols] <= commanded)  # NaN rho (layer outside Layca): not commanded
-            rows, cols = rows[keep], cols[keep]
-        now = self.clock()
-        now_m = self.monotonic()
-        # Rate limit before any per-alert work: a run whose every layer jumps at every
-        # step costs one vectorised pass, not one Python iteration per layer.
-        allowed = ra.take_tokens(now_m, int(rows.size))
-        if allowed < rows.size:
-            self.hub.suppressed(rs.run, int(rows.size) - allowed)
-            rows, cols = rows[:allowed], cols[:allowed]
-        S = a.shape[0]
+        L = a.shape[1]
+        need = min(L, max(2, math.ceil(th.group * L)))
+        extreme_m = hit & (a > th.abs_angle)
+        single_m = hit & (a > b.single)
+        n_hit = hit.sum(axis=1)
         history = list(b.losses)
-        for i, j in zip(rows.tolist(), cols.tolist()):
-            angle = float(a[i, j])
-            base = float(b.median[j]) if b.count else NAN
-            by_abs = angle > th.abs_angle
-            rule = (
-                f"above the absolute limit {_deg(th.abs_angle)}"
-                if by_abs
-                else f"above its baseline limit {_deg(float(b.limit[j]))} (median {_deg(base)} over the last "
-                f"{b.count} reported steps, k={th.k:g})"
-            )
-            alert = pb.Alert(
-                run=rs.run,
-                layer=rs.names[j] if j < len(rs.names) else f"#{j}",
-                step=int(steps[i]),
-                kind="abrupt_rotation",
-                angle=angle,
-                baseline=base,
-                time=now,
-                message=f"rotated {_deg(angle)} in one step, {rule}",
-                loss_before=NAN,
-                loss_after=NAN,
-            )
+        S = a.shape[0]
+        for i in rows.tolist():
+            step = int(steps[i])
+            cols = np.nonzero(hit[i])[0]
+            extreme = bool(extreme_m[i].any())
+            incident = extreme or int(n_hit[i]) >= need
+            if not incident and single_m[i].any():
+                # One layer far above its own median and far above what the other layers do now.
+                others = np.delete(a[i], cols)
+                ref = float(np.median(others)) if others.size else 0.0
+                incident = bool((a[i][single_m[i]] > th.single_ratio * ref).any())
+            if not incident:
+                continue
+            inc = ra.incident
+            if inc is not None and step <= inc.until:
+                self._merge(rs, ra, inc, th, b, step, a[i], cols, extreme)
+                continue
+            if inc is not None and inc.pending:  # an older one still waits for its loss: raise it now
+                self._finish(rs.run, ra, NAN)
             before = NAN
             if losses is not None:
                 seen = history + [x for x in losses[: i + 1].tolist() if math.isfinite(x)]
                 if seen:
                     before = float(np.median(seen[-LOSS_HISTORY:]))
-            if not math.isfinite(before):
-                self._emit(alert, NAN, NAN)
-            elif i + 1 < S:
-                self._emit(alert, before, float(losses[i + 1]))  # type: ignore[index]
+            self._open(rs, ra, th, b, step, a[i], cols, extreme, before)
+            if math.isfinite(before) and i + 1 < S:
+                self._finish(rs.run, ra, float(losses[i + 1]))  # type: ignore[index]
+            elif not math.isfinite(before):
+                self._finish(rs.run, ra, NAN)
             else:
-                ra.pending.append((alert, before, now_m + self.loss_wait))
+                ra.pending_deadline = self.monotonic() + self.loss_wait
                 self.pending_runs.add(rs.run)
 
+    def _open(
+        self,
+        rs: RunState,
+        ra: RunAlerts,
+        th: Thresholds,
+        b: Baseline,
+        step: int,
+        row: np.ndarray,
+        cols: np.ndarray,
+        extreme: bool,
+        before: float,
+    ) -> None:
+        j = int(cols[int(np.argmax(row[cols]))])
+        name = rs.names[j] if j < len(rs.names) else f"#{j}"
+        now = self.clock()
+        alert = pb.Alert(
+            run=rs.run,
+            layer=name,
+            step=step,
+            last_step=step,
+            kind="abrupt_rotation",
+            angle=float(row[j]),
+            baseline=float(b.median[j]) if b.count else NAN,
+            time=now,
+            updated=now,
+            incident=f"{rs.run}/abrupt_rotation/{step}",
+            loss_before=before,
+            loss_after=NAN,
+        )
+        inc = ra.incident = Incident(alert, step + th.refractory, extreme)
+        inc.before = before
+        self._add_layers(rs, inc, b, row, cols)
+        inc.rule = (
+            f"above the extreme limit {_deg(th.abs_angle)}"
+            if extreme
+            else (
+                f"{len(cols)} of {b.L} layers above their baselines"
+                if len(cols) > 1
+                else "one layer far above its own baseline and the other layers"
+            )
+        )
+
+    def _add_layers(self, rs: RunState, inc: Incident, b: Baseline, row: np.ndarray, cols: np.ndarray) -> bool:
+        grew = False
+        for j in cols.tolist():
+            name = rs.names[j] if j < len(rs.names) else f"#{j}"
+            v = float(row[j])
+            med = float(b.median[j]) if b.count else NAN
+            if math.isfinite(med) and med > 0:
+                inc.ratio = max(inc.ratio, v / med)
+            if name not in inc.layers:
+                grew = True
+                inc.layers[name] = v
+            elif v > inc.layers[name]:
+                inc.layers[name] = v
+        return grew
+
+    def _merge(
+        self,
+        rs: RunState,
+        ra: RunAlerts,
+        inc: Incident,
+        th: Thresholds,
+        b: Baseline,
+        step: int,
+        row: np.ndarray,
+        cols: np.ndarray,
+        extreme: bool,
+    ) -> None:
+        """A jump inside the open incident's refractory window: the same incident, updated."""
+        grew = self._add_layers(rs, inc, b, row, cols)
+        inc.events += 1
+        inc.until = step + th.refractory
+        inc.alert.last_step = step
+        escalated = extreme and not inc.extreme
+        inc.extreme = inc.extreme or extreme
+        if inc.pending or not (grew or escalated):
+            return
+        if ra.take_tokens(self.monotonic(), 1) < 1:
+            self.hub.suppressed(rs.run, 1)
+            return
+        self._publish(inc, update=True)
+
     def settle_due(self, runs: RunTable, now_m: float) -> None:
-        """Raise waiting alerts whose next loss did not come within ``loss_wait`` (timer)."""
+        """Raise waiting incidents whose next loss did not come within ``loss_wait`` (timer)."""
         for run in list(self.pending_runs):
             ra = runs.get(run)
-            if ra is None or not ra.pending:
+            if ra is None or ra.incident is None or not ra.incident.pending:
                 self.pending_runs.discard(run)
                 continue
-            if ra.pending[0][2] <= now_m:
-                self._settle(ra, None)
-                self.pending_runs.discard(run)
+            if ra.pending_deadline <= now_m:
+                self._finish(run, ra, NAN)
 
-    def _settle(self, ra: RunAlerts, losses: np.ndarray | None) -> None:
+    def _settle(self, run: str, ra: RunAlerts, losses: np.ndarray | None) -> None:
         after = float(losses[0]) if losses is not None and losses.size else NAN
-        for alert, before, _ in ra.pending:
-            self._emit(alert, before, after)
-        ra.pending.clear()
+        self._finish(run, ra, after)
 
-    def _emit(self, alert: pb.Alert, before: float, after: float) -> None:
+    def _finish(self, run: str, ra: RunAlerts, after: float) -> None:
+        """The first publication of the open incident, graded by the loss after its first jump."""
+        inc = ra.incident
+        self.pending_runs.discard(run)
+        if inc is None or not inc.pending:
+            return
+        inc.pending = False
+        inc.after = after
+        if ra.take_tokens(self.monotonic(), 1) < 1:
+            self.hub.suppressed(run, 1)
+            return
+        self._publish(inc, update=False)
+
+    def _publish(self, inc: Incident, update: bool) -> None:
+        alert = inc.alert
+        before, after = inc.before, inc.after
         alert.loss_before = before
         alert.loss_after = after
+        worse = math.isfinite(before) and math.isfinite(after) and after > before
+        alert.severity = "critical" if (inc.extreme or worse) else "warning"
+        del alert.layers[:]
+        ordered = sorted(inc.layers.items(), key=lambda kv: -kv[1])
+        alert.layers.extend(name for name, _ in ordered)
+        shown = ", ".join(f"{name} {_deg(v)}" for name, v in ordered[:8])
+        more = f" and {len(ordered) - 8} more" if len(ordered) > 8 else ""
+        text = (
+            f"{len(ordered)} layer{'s' if len(ordered) > 1 else ''} rotated abruptly at step {alert.step}"
+            f" ({inc.rule}; up to {inc.ratio:.3g}x their usual angle): {shown}{more}"
+        )
         if math.isfinite(before) and math.isfinite(after):
-            worse = after >= before
-            alert.severity = "critical" if worse else "warning"
-            alert.message += f"; loss {before:.4g} -> {after:.4g} ({'no improvement' if worse else 'improved'})"
+            text += f"; loss {before:.4g} -> {after:.4g} ({'worse' if worse else 'improved'})"
+        elif not math.isfinite(before):
+            text += "; loss unknown (call handle.observe_loss to grade severity)"
         else:
-            alert.severity = "warning"
-            alert.message += (
-                "; loss unknown (call handle.observe_loss to grade severity)"
-                if not math.isfinite(before)
-                else "; loss after the step not reported in time"
-            )
+            text += "; loss after the step not reported in time"
+        if inc.events > 1:
+            text += f"; {inc.events} steps with jumps up to step {alert.last_step}"
+        alert.message = text
+        if update:
+            alert.updates += 1
+            alert.updated = self.clock()
         self.hub.publish(alert)
+
+
+class NotLearning:
+    """The loss stays near the run's untrained loss after ``not_learning_steps`` reported steps.
+
+    Judged once, when the run's lowest rank has reported ``not_learning_steps``
+    steps with losses: the untrained loss ``u`` is the lower of the median of the
+    first ``NL_FIRST`` losses and the median of the ``NL_RECENT`` losses around a
+    tenth of the way (a Layca run at a huge rho starts at a loss of 100+ and
+    settles at the chance level within a few steps), the halfway level ``h`` the
+    median of those around half of the way, ``now`` the median of the newest
+    ``NL_RECENT``. Not learning when ``now`` is above both ``(1 - drop) x u``
+    and ``(1 - drop) x h``: still at the untrained loss, and flat. Held (firing
+    in Alertmanager) and resolved, with a terminal update of the same incident,
+    once ``now`` falls below ``(1 - drop) x min(u, h)``.
+    """
+
+    def __init__(self, hub: AlertHub, clock: Callable[[], float]) -> None:
+        self.hub = hub
+        self.clock = clock
+
+    def observe(
+        self, rs: RunState, ra: RunAlerts, th: Thresholds, rank: int, steps: np.ndarray, loss: Sequence[float]
+    ) -> None:
+        """One accepted batch with losses."""
+        st = ra.learning
+        if st.rank is None or rank < st.rank:
+            st.rank = rank
+        elif rank > st.rank:
+            return
+        top = int(steps.max())
+        if top <= st.last_step:
+            return
+        st.last_step = top
+        if st.judged and st.alert is None:
+            return  # judged learning: nothing more to do for this run
+        fin = [x for x in loss if math.isfinite(x)]
+        if not fin:
+            return
+        st.reported += len(fin)
+        st.recent.extend(fin[-NL_RECENT:])
+        if not st.judged:
+            st.history.extend(fin)
+            n = th.not_learning_steps
+            if not math.isfinite(n) or len(st.history) < max(n, 2 * NL_RECENT):
+                del st.history[NL_HISTORY_MAX:]
+                return
+            hist = st.history
+            st.judged = True
+            st.history = []
+
+            def level(at: int) -> float:
+                lo = max(0, min(len(hist) - NL_RECENT, at - NL_RECENT // 2))
+                return float(np.median(hist[lo : lo + NL_RECENT]))
+
+            first = float(np.median(hist[:NL_FIRST]))
+            u = min(first, level(len(hist) // 10))
+            h = level(len(hist) // 2)
+            now = float(np.median(st.recent))
+            drop = th.not_learning_drop
+            if not (now >= u - drop * abs(u) and now >= h - drop * abs(h)):
+                return
+            st.line = min(u, h) - drop * abs(min(u, h))
+            t = self.clock()
+            st.alert = pb.Alert(
+                run=rs.run,
+                layer="",
+                step=top,
+                last_step=top,
+                kind="not_learning",
+                severity="warning",
+                angle=NAN,
+                baseline=NAN,
+                time=t,
+                updated=t,
+                incident=f"{rs.run}/not_learning/{top}",
+                loss_before=u,
+                loss_after=now,
+                message=(
+                    f"not learning: after {st.reported} reported steps with a loss, the loss is {now:.4g} (median of "
+                    f"the last {NL_RECENT}): not {100 * drop:g} % below its untrained value {u:.4g} nor below its "
+                    f"level halfway {h:.4g}"
+                ),
+            )
+            self.hub.publish(st.alert, hold=True)
+            return
+        now = float(np.median(st.recent))
+        if st.alert is not None and now < st.line:
+            alert = st.alert
+            st.alert = None
+            alert.last_step = top
+            alert.loss_after = now
+            alert.updates += 1
+            alert.updated = alert.resolved = self.clock()
+            alert.message += f"; resolved at step {top}: loss {now:.4g}"
+            self.hub.publish(alert)
+            self.hub.resolve(rs.run, "", "not_learning")
 
 
 class Divergence:
@@ -454,7 +696,8 @@ class Divergence:
             return  # another rank of this run already raised it
         row = int(np.argmax(bad.any(axis=1)))
         cols = np.nonzero(bad[row])[0]
-        first = rs.names[int(cols[0])] if int(cols[0]) < len(rs.names) else f"#{int(cols[0])}"
+        names = [rs.names[c] if c < len(rs.names) else f"#{c}" for c in cols.tolist()]
+        first = names[0]
         self.hub.publish(
             pb.Alert(
                 run=rs.run,
@@ -462,6 +705,7 @@ class Divergence:
                 step=int(steps[row]),
                 kind="divergence",
                 severity="critical",
+                layers=names,
                 angle=NAN,
                 baseline=NAN,
                 time=self.clock(),

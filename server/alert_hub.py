@@ -37,6 +37,8 @@ ALERT_REFILL_PER_S = 1.0
 KEEP_PER_RUN = 1000
 # A WatchAlerts subscriber this far behind is cut off.
 WATCH_QUEUE = 10_000
+# Kinds whose incidents get updates (the history store keeps one row per severity of an incident).
+UPDATABLE_KINDS = ("abrupt_rotation", "not_learning")
 
 
 class _Watcher:
@@ -68,6 +70,9 @@ class AlertHub:
         self._counts: dict[tuple[str, str, str, str], int] = {}
         self._suppressed: collections.Counter[str] = collections.Counter()
         self.engine_errors = 0
+        # incident id -> its newest version and the severities counted for it (per run, pruned with ``recent``)
+        self._incidents: dict[str, pb.Alert] = {}
+        self._counted: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ restore
     def restore(self) -> None:
@@ -81,7 +86,8 @@ class AlertHub:
             rows = self.store.recent_alerts(run, KEEP_PER_RUN)
             dq = self.recent.setdefault(run, collections.deque(maxlen=KEEP_PER_RUN))
             for r in reversed(rows):
-                dq.append(
+                self._keep(
+                    dq,
                     pb.Alert(
                         run=r[0],
                         layer=r[1] or "",
@@ -94,19 +100,75 @@ class AlertHub:
                         message=r[8] or "",
                         loss_before=_pb_num(r[9]),
                         loss_after=_pb_num(r[10]),
-                    )
+                        last_step=r[2] or 0,
+                        updated=r[7] or 0.0,
+                        layers=[r[1]] if r[1] else [],
+                    ),
+                    restored=True,
                 )
         if runs:
             log.info("restored alerts of %d runs", len(runs))
 
     # ------------------------------------------------------------ publish
+    def _incident_id(self, alert: pb.Alert) -> str:
+        """A new incident id for an alert that has none: run/kind/step, made unique."""
+        base = f"{alert.run}/{alert.kind}/{alert.step}"
+        ident, n = base, 1
+        while ident in self._incidents:
+            n += 1
+            ident = f"{base}#{n}"
+        return ident
+
+    def _keep(self, dq: collections.deque[pb.Alert], alert: pb.Alert, restored: bool = False) -> bool:
+        """Keep ``alert`` in memory: a new incident is appended, an update replaces its incident's entry.
+
+        Returns whether it is an update. Restored rows of updatable kinds with the same run, kind
+        and step are versions of one incident (the store has no incident column).
+        """
+        if restored and alert.kind in UPDATABLE_KINDS:
+            alert.incident = f"{alert.run}/{alert.kind}/{alert.step}"
+        elif not alert.incident:
+            alert.incident = self._incident_id(alert)
+        if not alert.updated:
+            alert.updated = alert.time
+        if not alert.last_step:
+            alert.last_step = alert.step
+        old = self._incidents.get(alert.incident)
+        if old is not None:
+            for i, a in enumerate(dq):
+                if a.incident == alert.incident:
+                    dq[i] = alert
+                    self._incidents[alert.incident] = alert
+                    return True
+        if len(dq) == dq.maxlen:
+            gone = dq[0].incident
+            self._incidents.pop(gone, None)
+            self._counted.pop(gone, None)
+        dq.append(alert)
+        self._incidents[alert.incident] = alert
+        return False
+
+    # ------------------------------------------------------------ publish
     def publish(self, alert: pb.Alert, hold: bool = False) -> None:
-        """Record an alert everywhere it goes. Loop thread. ``hold``: stays firing in Alertmanager until resolved."""
-        self.recent.setdefault(alert.run, collections.deque(maxlen=KEEP_PER_RUN)).append(alert)
-        key = (alert.run, alert.layer, alert.kind, alert.severity)
-        with self._lock:
-            self._counts[key] = self._counts.get(key, 0) + 1
-        if self.store is not None:
+        """Record an alert everywhere it goes. Loop thread. ``hold``: stays firing in Alertmanager until resolved.
+
+        An alert whose ``incident`` is already kept is an update of that incident: it
+        replaces it in ``list``, goes to watchers and Alertmanager again, and is counted
+        and stored only when its severity was not counted for the incident yet.
+        """
+        msg = pb.Alert()
+        msg.CopyFrom(alert)  # detectors keep changing their incident's message; what was published stays
+        alert = msg
+        dq = self.recent.setdefault(alert.run, collections.deque(maxlen=KEEP_PER_RUN))
+        update = self._keep(dq, alert)
+        counted = self._counted.setdefault(alert.incident, set())
+        new_severity = alert.severity not in counted
+        counted.add(alert.severity)
+        if new_severity:
+            key = (alert.run, alert.layer, alert.kind, alert.severity)
+            with self._lock:
+                self._counts[key] = self._counts.get(key, 0) + 1
+        if self.store is not None and new_severity:
             try:
                 self.store.insert_alert(
                     (
@@ -137,7 +199,8 @@ class AlertHub:
         for p in self.pushers:
             p.fire(alert, hold=hold)
         log.warning(
-            "alert %s/%s run=%s layer=%s step=%d: %s",
+            "alert %s%s/%s run=%s layer=%s step=%d: %s",
+            "update of " if update else "",
             alert.kind,
             alert.severity,
             alert.run,

@@ -4,7 +4,7 @@
 thresholds (server/alert_thresholds.py: defaults plus per-run overrides), and
 feeds each accepted batch (``observe``, called by ingest) and each timer tick
 (``tick``) to the detectors of server/alert_detectors.py (abrupt rotations,
-divergence, stalled runs, rejection bursts; why and how they decide is in
+divergence, not learning, stalled runs, rejection bursts; why and how they decide is in
 that module). Detectors publish on the ``AlertHub`` (server/alert_hub.py):
 memory, store, counters, watchers, Alertmanager.
 
@@ -44,6 +44,7 @@ from layrot.server.alert_detectors import (
     AbruptRotations,
     Baseline,
     Divergence,
+    NotLearning,
     RejectionBursts,
     RunAlerts,
     RunTable,
@@ -89,6 +90,7 @@ class AlertEngine:
         self.runs = RunTable()
         self.abrupt = AbruptRotations(hub, clock, monotonic, loss_wait)
         self.divergence = Divergence(hub, clock)
+        self.not_learning = NotLearning(hub, clock)
         self.stalls = Stalls(hub, clock, self.runs, self.thresholds)
         self.rejections = RejectionBursts(hub, clock, self.runs)
         self.lost = LostSessions(hub, clock, monotonic, lost_grace)  # run_lost (server/alert_lost.py)
@@ -188,7 +190,10 @@ class AlertEngine:
         self.stalls.on_batch(run, ra, self.monotonic())
         any_bad = bool(bad.any())
         self.divergence.observe(rs, ra, rank, steps, bad, any_bad)
-        self.abrupt.observe(rs, ra, self.thresholds(run), rank, steps, angle, bad, any_bad, rho, loss)
+        th = self.thresholds(run)
+        self.abrupt.observe(rs, ra, th, rank, steps, angle, bad, any_bad, rho, loss)
+        if len(loss):
+            self.not_learning.observe(rs, ra, th, rank, steps, loss)
 
     # ------------------------------------------------------------ time
     def tick(self, state: CollectorState) -> None:
