@@ -79,6 +79,13 @@ def main() -> None:
 
                 example()
                 rounds += 1
+                t = fuzz.tally
+                print(
+                    f"round {rounds}: {t.messages:,} messages, {t.sessions:,} sessions, {t.queries:,} queries, "
+                    f"hangs {len(t.hangs)}, crashes {t.crashes}, {time.monotonic() - t_start:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if serve.poll() is not None:
                     failures.append(f"collector process exited with {serve.returncode}")
                     break
