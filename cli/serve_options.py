@@ -72,7 +72,7 @@ def _alert_options(opts: dict[str, Any]) -> dict[str, Any]:
 
     for url in out["alertmanager_url"]:
         try:
-            AlertmanagerPusher(url, **out["alertmanager_auth"])  # type: ignore[arg-type]
+            AlertmanagerPusher(url, **out["alertmanager_auth"])
         except ValueError as exc:
             raise click.UsageError(f"--alertmanager: {exc}") from None
     return out
