@@ -58,7 +58,12 @@ def start_collector(
 
 @contextlib.contextmanager
 def running_collector(tmp: str, extra_args: list[str] | tuple[str, ...] = ()) -> Iterator[str]:
-    """:func:`start_collector` for a ``with`` block: yields the gRPC address, stops the process at its end."""
+    """:func:`start_collector` for a ``with`` block: yields the gRPC address, stops the process at its end.
+
+    The benchmark's jobs keep their spools in ``tmp`` too (unless LAYROT_SPOOL_DIR is set), so
+    nothing is left in the user's cache folder.
+    """
+    os.environ.setdefault("LAYROT_SPOOL_DIR", os.path.join(tmp, "spool"))
     proc, address = start_collector(tmp, extra_args)
     try:
         yield address

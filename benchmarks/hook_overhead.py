@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -69,14 +70,15 @@ def main() -> None:
         down_addr = f"127.0.0.1:{free_port()}"
         for label, addr in (("collector up", up_addr), ("collector down", down_addr)):
             samples: dict[str, list[float]] = {"off": [], "every=1": [], "every=10": []}
-            for _ in range(args.rounds):
+            for rnd in range(args.rounds):
                 for cfg in samples:
                     handle = None
                     if cfg != "off":
                         handle = layrot.watch(
                             model,
                             opt,
-                            run=f"bench-{label.split()[1]}-{cfg}",
+                            # One run per handle: a run belongs to the job (process) that made it.
+                            run=f"bench-{label.split()[1]}-{cfg}-r{rnd}-{os.getpid()}",
                             every=int(cfg.split("=")[1]),
                             collector=addr,
                         )
@@ -93,7 +95,7 @@ def main() -> None:
 
             # Report cost vs one SGD(momentum=0.9).step() on the same parameters,
             # interleaved: the fused C kernel (the default on CPU) and the ATen blocked pass.
-            handle = layrot.watch(model, opt, run=f"bench-micro-{label.split()[1]}", collector=addr)
+            handle = layrot.watch(model, opt, run=f"bench-micro-{label.split()[1]}-{os.getpid()}", collector=addr)
             train_steps(model, opt, x, y, 1)
             paths = {
                 "fused": handle._distances,
