@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -338,3 +339,160 @@ def test_replaced_layer_in_real_training_reaches_alertmanager_within_5s(alertman
     text = urllib.request.urlopen(c.metrics_url, timeout=5).read().decode()
     line = next(x for x in text.splitlines() if x.startswith("layrot_alertmanager_posts_total"))
     assert float(line.split()[-1]) >= 1 and np.isfinite(float(line.split()[-1]))
+
+
+# ---------------------------------------------------------------- Alertmanager behind nginx (basic auth, token, TLS)
+NGINX_CONF = """\
+{user}worker_processes 1;
+error_log {tmp}/error.log warn;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+  access_log {tmp}/access.log;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  server {{  # basic auth
+    listen 127.0.0.1:{basic};
+    location / {{
+      auth_basic "alertmanager";
+      auth_basic_user_file {tmp}/htpasswd;
+      proxy_pass http://127.0.0.1:{am};
+    }}
+  }}
+  server {{  # bearer token
+    listen 127.0.0.1:{bearer};
+    location / {{
+      if ($http_authorization != "Bearer {token}") {{ return 401; }}
+      proxy_pass http://127.0.0.1:{am};
+    }}
+  }}
+  server {{  # https with a private CA, basic auth
+    listen 127.0.0.1:{tls} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{
+      auth_basic "alertmanager";
+      auth_basic_user_file {tmp}/htpasswd;
+      proxy_pass http://127.0.0.1:{am};
+    }}
+  }}
+}}
+"""
+
+
+class Nginx:
+    """A real nginx (Debian's package) in the foreground with its own config, on loopback ports."""
+
+    def __init__(self, workdir: Path, am_port: int, cert: str, key: str, user: str, password: str, token: str):
+        binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+        if binary is None:
+            pytest.skip("nginx not installed (scripts/test installs Debian's nginx as root)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        # {SHA} base64 of SHA-1: a format nginx's auth_basic accepts without crypt(3).
+        import base64
+        import hashlib
+
+        sha = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+        (workdir / "htpasswd").write_text(f"{user}:{{SHA}}{sha}\n")
+        self.basic, self.bearer, self.tls = free_port(), free_port(), free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                # As root nginx's workers would run as nobody, who cannot read pytest's 0700 temp dirs.
+                user="user root;\n" if os.geteuid() == 0 else "",
+                tmp=workdir,
+                basic=self.basic,
+                bearer=self.bearer,
+                tls=self.tls,
+                am=am_port,
+                cert=cert,
+                key=key,
+                token=token,
+            )
+        )
+        self.log = (workdir / "nginx.out").open("w")
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.basic), timeout=0.5):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    err = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
+                    pytest.fail(f"nginx did not start: {(workdir / 'nginx.out').read_text()} {err}", pytrace=False)
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def test_pusher_through_nginx_with_basic_auth_bearer_token_and_a_private_ca(alertmanager, tmp_path):
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    user, password, token = "layrot", "s3cret:@/pw", "tok-123"
+    proxy = Nginx(tmp_path / "nginx", alertmanager.port, pki.server_cert, pki.server_key, user, password, token)
+    (tmp_path / "pw").write_text(password + "\n")
+    (tmp_path / "token").write_text(token + "\n")
+    quoted = urllib.request.quote(password, safe="")
+    pushers = {
+        "url": AlertmanagerPusher(f"http://{user}:{quoted}@127.0.0.1:{proxy.basic}", resend=60),
+        "files": AlertmanagerPusher(
+            f"http://127.0.0.1:{proxy.basic}", resend=60, user=user, password_file=str(tmp_path / "pw")
+        ),
+        "bearer": AlertmanagerPusher(f"http://127.0.0.1:{proxy.bearer}", resend=60, token_file=str(tmp_path / "token")),
+        "tls": AlertmanagerPusher(f"https://{user}:{quoted}@127.0.0.1:{proxy.tls}", resend=60, ca=pki.ca),
+        "wrong": AlertmanagerPusher(f"http://{user}:nope@127.0.0.1:{proxy.basic}", resend=60, backoff=(0.2, 0.2)),
+        "untrusted": AlertmanagerPusher(
+            f"https://{user}:{quoted}@127.0.0.1:{proxy.tls}", resend=60, ca=pki.other_ca, backoff=(0.2, 0.2)
+        ),
+    }
+    try:
+        assert all("@" not in p.url and password not in p.url for p in pushers.values())  # never logged
+        for name, p in pushers.items():
+            p.start()
+            p.fire(an_alert(run=f"via-{name}", incident=f"via-{name}/abrupt_rotation/120", layers=["a", "b"]))
+        for name in ("url", "files", "bearer", "tls"):
+            got, _ = wait_for(lambda: alertmanager.alerts(run=f"via-{name}"), 5.0)
+            assert got, f"{name}: not delivered ({pushers[name].stats()})"
+            (a,) = got
+            assert a["labels"]["incident"] == f"via-{name}/abrupt_rotation/120"
+            assert a["annotations"]["layers"] == "a, b"
+        time.sleep(0.5)
+        for name, err in (("wrong", "HTTP 401"), ("untrusted", "CERTIFICATE_VERIFY_FAILED")):
+            assert alertmanager.alerts(run=f"via-{name}") == []
+            assert err in pushers[name].stats()["last_error"], pushers[name].stats()
+    finally:
+        for p in pushers.values():
+            p.close(timeout=0.5)
+        proxy.close()
+
+
+def test_pusher_credentials_are_checked_up_front(tmp_path):
+    (tmp_path / "empty").write_text("")
+    for kw, msg in (
+        ({"url": "http://u:p@h", "user": "v"}, "twice"),
+        ({"url": "http://h", "password_file": str(tmp_path / "empty"), "user": "u"}, "empty"),
+        ({"url": "http://h", "password_file": str(tmp_path / "missing"), "user": "u"}, "cannot read"),
+        ({"url": "http://u:p@h", "token_file": str(tmp_path / "empty")}, "not both"),
+        ({"url": "https://h", "ca": str(tmp_path / "missing")}, "CA"),
+    ):
+        url = kw.pop("url")
+        with pytest.raises(ValueError, match=msg):
+            AlertmanagerPusher(url, **kw)
