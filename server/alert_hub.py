@@ -1,6 +1,13 @@
 """The alert hub: where every alert goes once a detector raised it.
 
-Memory (``ListAlerts``, newest ``KEEP_PER_RUN`` per run), the history store,
+Every alert carries an incident id (detectors set it; the hub gives run/kind/step to
+those that do not). A publication whose incident is already kept is an UPDATE: it
+replaces the kept version (``ListAlerts`` shows each incident once, in its first
+position), goes to watchers and Alertmanager again, and is counted and stored only
+when its severity is new for the incident (the store has one row per incident and
+severity; after a restart rows of one incident are merged by run, kind and step).
+
+Memory (``ListAlerts``, newest ``KEEP_PER_RUN`` incidents per run), the history store,
 the ``layrot_alerts_total`` counters (read by the ``/metrics`` thread under a
 lock), ``WatchAlerts`` subscribers (one asyncio queue each) and the
 Alertmanager pushers (server/alertmanager.py, their own threads). Publishing
