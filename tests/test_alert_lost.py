@@ -108,7 +108,7 @@ def test_sigkilled_torch_job_raises_run_lost_and_its_return_resolves_it(collecto
     # Listed by the CLI and counted in /metrics.
     r = CliRunner().invoke(cli, ["alerts", "--run", "killed", "--json", "--collector", c.grpc_address])
     assert r.exit_code == 0, r.output
-    assert [a["kind"] for a in json.loads(r.output)] == ["run_lost"]
+    assert [a["kind"] for a in json.loads(r.output)["alerts"]] == ["run_lost"]
     m = scrape(c)
     counts = {lab["kind"]: v for lab, v in m["layrot_alerts_total"] if lab["run"] == "killed"}
     assert counts.get("run_lost") == 1
