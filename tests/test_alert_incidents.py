@@ -205,3 +205,39 @@ def test_json_says_when_the_listing_was_cut(collector, ingest, sim_job):
     assert "more exist" in r.output
     with QueryClient(collector.grpc_address) as q:
         assert math.isfinite(q.list_alerts("many")[0]["angle"])
+
+
+def test_watchers_get_an_incident_then_its_updates_and_list_keeps_it_once():
+    import asyncio
+
+    hub = AlertHub()
+    engine = AlertEngine(hub, Thresholds())
+    L, S = 6, 150
+    angles = noisy_run(91, S, L, sigma=0.1)
+    angles[99, :3] *= 10.0  # step 100: 3 of 6 layers
+    angles[102, 3:] *= 10.0  # step 103: the other 3, inside the window: an update
+
+    async def main() -> list[pb.Alert]:
+        got: list[pb.Alert] = []
+
+        async def consume() -> None:
+            async for a in hub.watch("w"):
+                got.append(a)
+                if len(got) == 2:
+                    return
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0)
+        feed(engine, run_state("w", L), angles, [1])
+        await asyncio.wait_for(task, 5)
+        return got
+
+    got = asyncio.run(main())
+    assert [(a.incident, a.updates, len(a.layers)) for a in got] == [
+        ("w/abrupt_rotation/100", 0, 3),
+        ("w/abrupt_rotation/100", 1, 6),
+    ]
+    (kept,) = hub.list("w")
+    assert kept.updates == 1 and kept.last_step == 103
+    (count,) = [n for (run, _, kind, _), n in hub._counts.items() if run == "w" and kind == "abrupt_rotation"]
+    assert count == 1  # an update is not a second alert in layrot_alerts_total
