@@ -1,7 +1,8 @@
 """The collector's alert engine: detector numbers, real training runs, query calls, CLI, metrics.
 
-Detector numbers are checked against an independent float64 reference
-(``reference_fires``: exact per-step rolling median / MAD in plain numpy) and
+The per-layer jump limits are checked against an independent float64 reference
+(``reference_limit``: exact per-step rolling median / MAD of the log angles in plain
+numpy; the incident model itself in tests/test_alert_incidents.py) and
 real torch runs against angles computed from saved weights. Collectors are
 real (embedded, gRPC on loopback); jobs are real torch trainings with
 ``layrot.watch`` or raw ingest streams (conftest ``SimJob``).
@@ -79,34 +80,33 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, handle, steps: int, seed
     return losses
 
 
+def reference_limit(history: np.ndarray, th: Thresholds) -> np.ndarray:
+    """Per-layer jump limit from the window ending just before the last row of ``history`` (float64).
+
+    A layer jumps above ``median x exp(max(k x spread, log ratio))``, spread = 1.4826 x MAD of the
+    log angles (at least 0.1), never below min_angle, never above abs_angle.
+    """
+    win = np.log(np.maximum(history[-th.window - 1 : -1], 1e-9))
+    lmed = np.median(win, axis=0)
+    spread = np.maximum(1.4826 * np.median(np.abs(win - lmed), axis=0), 0.1)
+    limit = np.maximum(np.exp(lmed + np.maximum(th.k * spread, math.log(th.ratio))), th.min_angle)
+    return np.minimum(limit, th.abs_angle)
+
+
 def reference_fires(angles: np.ndarray, th: Thresholds, rho: np.ndarray | None = None) -> set[tuple[int, int]]:
-    """Independent detector: (step index, layer) pairs that should fire, exact per-step rolling windows."""
+    """Independent check: (step index, layer) pairs where a layer jumps (the incident rules come on top)."""
     S, L = angles.shape
     out = set()
     for t in range(S):
-        win = angles[max(0, t - th.window) : t]
-        armed = t >= th.warmup and win.shape[0] >= 3
+        limit = reference_limit(angles[: t + 1], th) if t >= th.warmup else np.full(L, th.abs_angle)
         for j in range(L):
             a = angles[t, j]
-            fire = a > th.abs_angle
-            if armed and not fire:
-                med = float(np.median(win[:, j]))
-                mad = float(np.median(np.abs(win[:, j] - med)))
-                limit = max(med + th.k * max(1.4826 * mad, 0.5 * med), th.min_angle)
-                fire = a > limit
+            fire = a > limit[j]
             if fire and rho is not None and a <= 1.25 * math.atan(rho[t, j]):
                 fire = False
             if fire:
                 out.add((t, j))
     return out
-
-
-def reference_limit(history: np.ndarray, th: Thresholds) -> np.ndarray:
-    """Per-layer baseline limit of the window ending just before the last row of ``history``."""
-    win = history[-th.window - 1 : -1]
-    med = np.median(win, axis=0)
-    mad = np.median(np.abs(win - med), axis=0)
-    return np.minimum(np.maximum(med + th.k * np.maximum(1.4826 * mad, 0.5 * med), th.min_angle), th.abs_angle)
 
 
 def run_state(name: str, num_layers: int) -> RunState:
