@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=100_000, help="stop after this many generated messages")
     ap.add_argument("--session-messages", type=int, default=200, help="most messages after a session's Hello")
-    ap.add_argument("--round", type=int, default=200, help="hypothesis examples per round")
+    ap.add_argument("--round", type=int, default=10, help="examples per hypothesis round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -171,7 +171,10 @@ def _batch(draw: Any, num_layers: int, init_norm: np.ndarray, seq: int, step0: i
     """
     kind = draw(st.sampled_from(["valid", "valid", "valid", "values", "steps", "shape", "time", "random"]))
     if kind == "random":
-        return draw(messages(pb.StepBatch, 0)), step0
+        b = draw(messages(pb.StepBatch, 0))
+        if draw(st.integers(0, 3)):  # mostly the session's own seq: a random one usually ends the session (bad_seq)
+            b.seq = seq
+        return b, step0
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     S = int(rng.integers(1, 25))
     if kind == "shape":
@@ -232,9 +235,15 @@ def sessions(draw: Any, max_messages: int = 30) -> Session:
     elif shape == "valid":
         layers, init = _layer_table(draw)
         hello = pb.Hello(
-            run=draw(st.sampled_from(["fuzz-a", "fuzz-b", INNOCENT]) | st.text(min_size=1, max_size=30)),
-            rank=draw(st.integers(0, 3)),
-            world_size=draw(st.sampled_from([0, 1, 4])),
+            # Mostly a new run (accepted, so its batches are processed); sometimes a taken name, the
+            # innocent job's included (run_owned, layer_table_mismatch), or any text.
+            run=draw(
+                st.integers(0, 2**40).map(lambda i: f"fuzz-{i}")
+                | st.sampled_from(["fuzz-a", "fuzz-b", INNOCENT])
+                | st.text(min_size=1, max_size=30)
+            ),
+            world_size=(ws := draw(st.sampled_from([0, 1, 4]))),
+            rank=draw(st.integers(0, max(0, ws - 1))),  # a valid rank
             framework="fuzz",
             host="fuzzer",
             pid=1,
@@ -259,8 +268,11 @@ def sessions(draw: Any, max_messages: int = 30) -> Session:
     else:
         layers, init = _layer_table(draw)
     seq, step0 = 0, draw(st.sampled_from([1, 1, 100, 2**62 - 5, 2**62 + 1]))
-    for _ in range(draw(st.integers(0, max_messages))):
-        what = draw(st.sampled_from(["batch"] * 12 + ["seq", "control_ack", "hello", "empty", "goodbye"]))
+    lengths = [0, 1, 3, max_messages // 4, max_messages // 2, max_messages]  # long sessions often
+    n = draw(st.sampled_from(lengths) | st.integers(0, max_messages))
+    for _ in range(n):
+        # A Goodbye or a seq that does not increase ends the session: rare, so sessions run long.
+        what = draw(st.sampled_from(["batch"] * 40 + ["seq", "control_ack", "control_ack", "hello", "empty", "bye"]))
         if what in ("batch", "seq"):
             seq = min(seq + 1, 2**64 - 1) if what == "batch" else draw(ints(0, 2**64 - 1))
             b, step0 = draw(_batch(len(layers), init, seq, step0))
@@ -375,7 +387,7 @@ class Fuzzer:
                 self.tally.garbage_unanswered += 1
 
     def call(self, name: str, request: Any) -> None:
-        """One Query call (streams read to their end; WatchAlerts for 0.2 s)."""
+        """One Query call (streams read to their end; WatchAlerts for 0.05 s)."""
         self.tally.queries += 1
         self.tally.messages += 1
         method = getattr(self.query, name)
@@ -383,12 +395,12 @@ class Fuzzer:
         t0 = time.monotonic()
         try:
             if name == "WatchAlerts":
-                call = method(request, timeout=0.2)
+                call = method(request, timeout=0.05)
                 try:
                     for _ in call:
                         pass
                 except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # our own 0.2 s: the stream was alive
+                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # our own 0.05 s: the stream was alive
                         raise
                 self.tally.statuses["OK"] += 1
             elif stream:
