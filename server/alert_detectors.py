@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from layrot.proto import layrot_pb2 as pb
-from layrot.server.alert_hub import ALERT_BURST, ALERT_REFILL_PER_S, AlertHub
+from layrot.server.alert_hub import ALERT_BURST, ALERT_REFILL_PER_S, AlertHub, event_alert
 from layrot.server.alert_thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -697,18 +697,14 @@ class Divergence:
         names = [rs.names[c] if c < len(rs.names) else f"#{c}" for c in cols.tolist()]
         first = names[0]
         self.hub.publish(
-            pb.Alert(
+            event_alert(
                 run=rs.run,
                 layer=first,
                 step=int(steps[row]),
                 kind="divergence",
                 severity="critical",
                 layers=names,
-                angle=NAN,
-                baseline=NAN,
                 time=self.clock(),
-                loss_before=NAN,
-                loss_after=NAN,
                 message=(
                     f"non-finite weights (NaN/Inf) in {cols.size} of {bad.shape[1]} layers at step "
                     f"{int(steps[row])} (rank {rank}), first {first}: the run diverged"
@@ -765,17 +761,13 @@ class Stalls:
             snap = rs.primary()
             step = snap.step if snap is not None else 0
             self.hub.publish(
-                pb.Alert(
+                event_alert(
                     run=rs.run,
                     layer="",
                     step=step,
                     kind="stalled",
                     severity="warning",
-                    angle=NAN,
-                    baseline=NAN,
                     time=self.clock(),
-                    loss_before=NAN,
-                    loss_after=NAN,
                     message=(f"connected but no report for {silent:.0f} s (limit {limit:.0f} s); last step {step}"),
                 ),
                 hold=True,
@@ -817,17 +809,13 @@ class RejectionBursts:
         text = ", ".join(f"{k}: {v}" for k, v in reasons.most_common() if v > 0) or "unknown"
         accepted = ra.last_batch is not None and ra.last_batch >= now_m - REJECT_WINDOW
         self.hub.publish(
-            pb.Alert(
+            event_alert(
                 run=rs.run,
                 layer="",
                 step=ra.last_step,
                 kind="rejections",
                 severity="warning" if accepted else "critical",
-                angle=NAN,
-                baseline=NAN,
                 time=self.clock(),
-                loss_before=NAN,
-                loss_after=NAN,
                 message=(
                     f"{recent} messages rejected in the last {REJECT_WINDOW:.0f} s ({text})"
                     + ("" if accepted else "; no batch accepted in that time")

@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -313,3 +313,10 @@ class AlertHub:
                 dropped.add_metric([p.url], s["dropped"])
                 active.add_metric([p.url], s["active"])
             yield from (sent, errors, dropped, active)
+
+
+def event_alert(**fields: Any) -> pb.Alert:
+    """An alert about an event rather than one angle: angle, baseline and losses are NaN unless given."""
+    for name in ("angle", "baseline", "loss_before", "loss_after"):
+        fields.setdefault(name, math.nan)
+    return pb.Alert(**fields)

@@ -27,14 +27,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from layrot.proto import layrot_pb2 as pb
-from layrot.server.alert_hub import AlertHub
+from layrot.server.alert_hub import AlertHub, event_alert
 
 log = logging.getLogger(__name__)
 
 KIND = "run_lost"
 DEFAULT_GRACE = 60.0
-NAN = float("nan")
 
 
 @dataclass
@@ -118,17 +116,13 @@ class LostSessions:
         more = f" and {len(ranks) - 8} more ranks" if len(ranks) > 8 else ""
         self.raised += 1
         self.hub.publish(
-            pb.Alert(
+            event_alert(
                 run=run,
                 layer="",
                 step=max(rl.ranks[r].step for r in ranks),
                 kind=KIND,
                 severity="warning",
-                angle=NAN,
-                baseline=NAN,
                 time=self.clock(),
-                loss_before=NAN,
-                loss_after=NAN,
                 message=(
                     f"the job's session ended without Goodbye and it has not come back for {self.grace:.0f} s:"
                     f" {who}{more} (killed, host gone or network lost; last peer {first.peer or '?'})"
