@@ -90,6 +90,7 @@ STORE_RETRY_AFTER = 1.0
 # those never reach the servicer (the job gets RESOURCE_EXHAUSTED, nothing is counted).
 # Up to it, the servicer refuses and counts them (reason too_large): see grpc_receive_limit.
 GRPC_LIMIT_FACTOR = 4
+GRPC_LIMIT_FLOOR = 256 << 20
 # Characters of a ControlAck reason kept (a longer one is cut, not refused).
 MAX_ACK_REASON = 4096
 
@@ -133,9 +134,10 @@ def grpc_receive_limit(max_message_bytes: int) -> int:
 
     Above the ingest limit, so that messages between the two reach the
     servicer's deserializer and are refused *and counted*; gRPC refuses
-    larger ones silently (to the servicer, the stream just ends).
+    larger ones silently (to the servicer, the stream just ends). At least
+    GRPC_LIMIT_FLOOR, so a runaway client's 200 MB message is still counted.
     """
-    return min(2**31 - 1, max_message_bytes * GRPC_LIMIT_FACTOR)
+    return min(2**31 - 1, max(max_message_bytes * GRPC_LIMIT_FACTOR, GRPC_LIMIT_FLOOR))
 
 
 def job_message_deserializer(max_message_bytes: int) -> Callable[[bytes], pb.JobMessage]:

@@ -149,6 +149,12 @@ def test_oversized_and_undecodable_messages_are_counted(collector, ingest, sim_j
     codes = [pb.CollectorMessage.FromString(g).WhichOneof("kind") for g in got]
     assert codes[0] == "welcome" and pb.CollectorMessage.FromString(got[-1]).error.code == "too_large"
     assert rejected(collector, "too_large") == 1
+    # A runaway 200 MB message (far above the 16 MiB limit) is counted too.
+    huge = pb.JobMessage(steps=pb.StepBatch(seq=1, norm=b"\0" * (200 << 20))).SerializeToString()
+    got, status = raw_session(collector.grpc_address, [hello, huge])
+    del huge
+    assert status is None and pb.CollectorMessage.FromString(got[-1]).error.code == "too_large"
+    assert rejected(collector, "too_large") == 2
 
     for garbage in (b"\xff\xff\xff\xff garbage", b"\x0a\xff\xff\xff\xff\x0f"):
         got, status = raw_session(collector.grpc_address, [garbage])
