@@ -42,7 +42,7 @@ import grpc
 import numpy as np
 
 from layrot.agent.spool import DEFAULT_MAX_BYTES, Spool, default_spool_root, spool_dir_name
-from layrot.agent.transport import TLSConfig, check_address, open_channel
+from layrot.agent.transport import TLSConfig, check_address, explain_connection_error, open_channel
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto.wire import pack
 
@@ -807,6 +807,10 @@ class Reporter:
             elif not self._warned_down:
                 self._warned_down = True
                 kept = f"kept in the spool {self.spool_path}" if self._spool is not None else "buffered in memory"
+                # A TLS mismatch is worth one clear line (this runs once, on the connection thread).
+                mismatch = explain_connection_error(self.address, self.tls, self.stats.last_error)
+                if mismatch:
+                    self.stats.last_error = mismatch
                 log.warning(
                     "layrot: cannot reach the collector at %s (%s); training continues, steps are %s and sent "
                     "when it answers",

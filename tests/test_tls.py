@@ -9,6 +9,7 @@ a plaintext collector each fail with one clear line instead of gRPC's "Socket cl
 from __future__ import annotations
 
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -245,3 +246,26 @@ def test_torch_job_reports_through_tls(tls_collector, pki, monkeypatch):
     with QueryClient(tls_collector.grpc_address, tls=TLSConfig(ca=pki.ca)) as q:
         h = q.history("tls-job")
     assert list(h.steps) == list(range(1, 21)) and h.num_layers == 2
+
+
+def test_plaintext_job_at_a_tls_collector_is_told_why(tls_collector, caplog):
+    torch = pytest.importorskip("torch")
+    import logging
+
+    import layrot
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="layrot"):
+        handle = layrot.watch(model, opt, run="plain-job", collector=tls_collector.grpc_address)
+        x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        deadline = time.monotonic() + 20
+        while "speaks TLS" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        handle.close(timeout=1.0)
+    assert "speaks TLS" in caplog.text and "LAYROT_TLS_CA" in caplog.text, caplog.text
+    assert handle.stats.dropped == 0  # the steps wait in the spool for a job that has the CA
