@@ -354,3 +354,23 @@ def test_a_second_collector_on_a_taken_port_is_refused(collector_factory):
     assert f"port {first.grpc_port}" in str(e.value) and "in use" in str(e.value)
     with QueryClient(first.grpc_address) as q:
         assert q.list_runs() == []
+
+
+def test_a_token_holder_cannot_write_into_another_jobs_run(collector_factory, ingest, sim_job):
+    c = collector_factory(token="shared-token")
+    owner = sim_job(run="victim")
+    s = ingest(c, token="shared-token")
+    s.send(owner.hello(run_key="k-owner"))
+    s.send(owner.batch(1))
+    s.wait_ack(owner.seq)
+    s.close()
+    # Another holder of the same token, with the victim's layer table but not its key.
+    thief = sim_job(run="victim")
+    t = ingest(c, token="shared-token")
+    t.send(thief.hello(run_key="k-thief"))
+    t.send(thief.batch(1))
+    t.send(thief.batch(2))
+    assert t.wait_end(5)
+    with QueryClient(c.grpc_address, token="shared-token") as q:
+        assert q.history("victim").steps.tolist() == [1]  # the owner's step only: 0 foreign steps
+    assert rejected(c, "run_owned") == 1
