@@ -19,7 +19,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["real_optimizer", "HookGuard", "FailureLog", "never_fatal"]
+__all__ = ["real_optimizer", "HookGuard", "FailureLog", "never_fatal", "CallbackSettings"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -145,3 +145,48 @@ def never_fatal(method: _F) -> _F:
             return None
 
     return wrapper  # type: ignore[return-value]
+
+
+class CallbackSettings:
+    """What both framework callbacks take and report: the watch settings and the failures they caught."""
+
+    _failed: FailureLog
+
+    def _configure(
+        self,
+        where: str,
+        run: str | None,
+        collector: str | None,
+        every: int,
+        layers: Any,
+        control: bool,
+        loss: bool,
+        close_timeout: float,
+        watch_kwargs: dict[str, Any],
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.run = run
+        self.collector = collector
+        self.every = int(every)
+        self.layers = layers
+        self.control = control
+        self.loss = loss
+        self.close_timeout = close_timeout
+        self.watch_kwargs = dict(watch_kwargs)
+        self._failed = FailureLog(where)
+
+    def _watch_options(self, integration: str) -> tuple[dict[str, str], dict[str, Any]]:
+        """(meta naming the integration, the other ``layrot.watch`` keyword arguments given by the user)."""
+        meta = {"integration": integration, **dict(self.watch_kwargs.get("meta") or {})}
+        return meta, {k: v for k, v in self.watch_kwargs.items() if k != "meta"}
+
+    @property
+    def failures(self) -> int:
+        """Exceptions caught so far (callback and watch hooks); training went on after each."""
+        return self._failed.failures
+
+    @property
+    def errors(self) -> list[str]:
+        """What those exceptions were (the first 100)."""
+        return list(self._failed.errors)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import layrot
-from layrot.hooks.integration_guard import FailureLog, HookGuard, never_fatal, real_optimizer
+from layrot.hooks.integration_guard import CallbackSettings, HookGuard, never_fatal, real_optimizer
 from layrot.hooks.watch_base import default_run_name
 
 try:
@@ -69,7 +69,7 @@ CHECKPOINT_PREFIX = "checkpoint"
 
 
 # ---------------------------------------------------------------- the callback
-class RotationCallback(TrainerCallback):
+class RotationCallback(CallbackSettings, TrainerCallback):
     """A ``transformers.TrainerCallback`` streaming each layer's rotation to the layrot collector.
 
     See the module docstring for what it does at each event.
@@ -101,19 +101,19 @@ class RotationCallback(TrainerCallback):
             close_timeout: seconds ``close()`` waits for the collector at the end of training.
             **watch_kwargs: passed to ``layrot.watch`` (``token``, ``meta``, ``tls_ca``, ``spool``, ...).
         """
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.run = run
-        self.collector = collector
-        self.every = int(every)
-        self.layers = layers
-        self.control = control
-        self.loss = loss
-        self.close_timeout = close_timeout
-        self.watch_kwargs = dict(watch_kwargs)
+        self._configure(
+            "the Hugging Face RotationCallback",
+            run,
+            collector,
+            every,
+            layers,
+            control,
+            loss,
+            close_timeout,
+            watch_kwargs,
+        )
         #: The watch handle (None before ``on_train_begin``, after ``on_train_end``, or when watching failed).
         self.handle: Any = None
-        self._failed = FailureLog("the Hugging Face RotationCallback")
         self._guard: HookGuard | None = None
         self._hooks: list[Any] = []
         self._loss_sum: torch.Tensor | None = None
@@ -126,16 +126,6 @@ class RotationCallback(TrainerCallback):
     def stats(self) -> Any:
         """The handle's reporter counters (``handle.stats``), or None."""
         return self.handle.stats if self.handle is not None else None
-
-    @property
-    def failures(self) -> int:
-        """Exceptions caught so far (callback and watch hook); training went on after each."""
-        return self._failed.failures
-
-    @property
-    def errors(self) -> list[str]:
-        """What those exceptions were (the first 100)."""
-        return list(self._failed.errors)
 
     # ------------------------------------------------------------ Trainer events
     @never_fatal
@@ -150,8 +140,7 @@ class RotationCallback(TrainerCallback):
         layca = isinstance(opt, layrot.Layca)
         if self.control and not layca:
             log.warning("layrot: control=True but the optimizer is not a layrot.Layca; watching without remote control")
-        meta = {"integration": "transformers", **dict(self.watch_kwargs.get("meta") or {})}
-        kwargs = {k: v for k, v in self.watch_kwargs.items() if k != "meta"}
+        meta, kwargs = self._watch_options("transformers")
         handle = layrot.watch(
             model,
             opt,

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 import layrot
-from layrot.hooks.integration_guard import FailureLog, HookGuard, never_fatal, real_optimizer
+from layrot.hooks.integration_guard import CallbackSettings, HookGuard, never_fatal, real_optimizer
 from layrot.hooks.watch_base import default_run_name
 
 try:  # the unified package first, the standalone one when only it is installed
@@ -92,7 +92,7 @@ def is_layca(optimizer: Any) -> bool:
 
 
 # ---------------------------------------------------------------- the callback
-class _RotationCallbackMixin:
+class _RotationCallbackMixin(CallbackSettings):
     """The callback's logic; :class:`RotationCallback` binds it to the installed Lightning's ``Callback``."""
 
     def __init__(
@@ -122,19 +122,11 @@ class _RotationCallbackMixin:
             **watch_kwargs: passed to ``layrot.watch`` (``token``, ``meta``, ``tls_ca``, ``spool``, ...).
         """
         super().__init__()
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.run = run
-        self.collector = collector
-        self.every = int(every)
-        self.layers = layers
-        self.control = control
-        self.loss = loss
-        self.close_timeout = close_timeout
-        self.watch_kwargs = dict(watch_kwargs)
+        self._configure(
+            "the Lightning RotationCallback", run, collector, every, layers, control, loss, close_timeout, watch_kwargs
+        )
         #: One watch handle per optimizer (None where watching it failed).
         self.handles: list[Any] = []
-        self._failed = FailureLog("the Lightning RotationCallback")
         self._optimizers: list[torch.optim.Optimizer] = []
         self._guards: list[HookGuard | None] = []
         self._pending: Mapping[str, Any] | None = None
@@ -154,16 +146,6 @@ class _RotationCallbackMixin:
         """The first handle's reporter counters (``handle.stats``), or None."""
         h = self.handle
         return h.stats if h is not None else None
-
-    @property
-    def failures(self) -> int:
-        """Exceptions caught so far (callback and watch hooks); training went on after each."""
-        return self._failed.failures
-
-    @property
-    def errors(self) -> list[str]:
-        """What those exceptions were (the first 100)."""
-        return list(self._failed.errors)
 
     @property
     def state_key(self) -> str:
@@ -237,8 +219,7 @@ class _RotationCallbackMixin:
         self._base_run = self._run_name(trainer)
         if self.control and not any(is_layca(o) for o in self._optimizers):
             log.warning("layrot: control=True but no optimizer is a layrot.Layca; watching without remote control")
-        meta = {"integration": "lightning", **dict(self.watch_kwargs.get("meta") or {})}
-        kwargs = {k: v for k, v in self.watch_kwargs.items() if k != "meta"}
+        meta, kwargs = self._watch_options("lightning")
         saved = list((self._pending or {}).get("handles") or [])
         for i, opt in enumerate(self._optimizers):
             run = self._base_run if i == 0 else f"{self._base_run}-opt{i}"
