@@ -170,30 +170,18 @@ class AlertEngine:
         Never raises: a failure is logged and counted, ingest goes on.
         """
         try:
-            self._observe(rs, rank, steps, angle, bad, rho, loss)
+            run = rs.run
+            ra = self.runs.get_or_add(run)
+            self.stalls.on_batch(run, ra, self.monotonic())
+            any_bad = bool(bad.any())
+            self.divergence.observe(rs, ra, rank, steps, bad, any_bad)
+            th = self.thresholds(run)
+            self.abrupt.observe(rs, ra, th, rank, steps, angle, bad, any_bad, rho, loss)
+            if len(loss):
+                self.not_learning.observe(rs, ra, th, rank, steps, loss)
         except Exception:
             self.hub.engine_errors += 1
             log.exception("alert engine failed on a batch of run %s (ingest unaffected)", getattr(rs, "run", "?"))
-
-    def _observe(
-        self,
-        rs: RunState,
-        rank: int,
-        steps: np.ndarray,
-        angle: np.ndarray,
-        bad: np.ndarray,
-        rho: np.ndarray | None,
-        loss: Sequence[float],
-    ) -> None:
-        run = rs.run
-        ra = self.runs.get_or_add(run)
-        self.stalls.on_batch(run, ra, self.monotonic())
-        any_bad = bool(bad.any())
-        self.divergence.observe(rs, ra, rank, steps, bad, any_bad)
-        th = self.thresholds(run)
-        self.abrupt.observe(rs, ra, th, rank, steps, angle, bad, any_bad, rho, loss)
-        if len(loss):
-            self.not_learning.observe(rs, ra, th, rank, steps, loss)
 
     # ------------------------------------------------------------ time
     def tick(self, state: CollectorState) -> None:

@@ -104,20 +104,9 @@ __all__ = [
     "IngestServicer",
     "SessionReject",
     "add_ingest_to_server",
-    "check_token",
     "grpc_receive_limit",
     "validate_hello",
 ]
-
-
-def check_token(context: grpc.aio.ServicerContext, token: str | None) -> bool:
-    """True when no token is configured or the call carries ``authorization: Bearer <token>``."""
-    if not token:
-        return True
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return hmac.compare_digest(value[7:].encode(), token.encode())
-    return False
 
 
 class MessageRefused(Exception):
@@ -204,7 +193,6 @@ class IngestServicer(pb_grpc.IngestServicer):
         store: Store,
         control: ControlPlane,
         alerts: AlertEngine | None = None,
-        token: str | None = None,
         max_pending_samples: int = MAX_PENDING_SAMPLES,
         limits: IngestLimits | None = None,
     ) -> None:
@@ -212,7 +200,6 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.store = store
         self.control = control
         self.alerts = alerts
-        self.token = token
         self.max_pending_samples = max_pending_samples
         self.limits = limits or DEFAULT_LIMITS
         self.pending_samples = 0  # accepted, not yet committed (loop thread only)
@@ -292,9 +279,7 @@ class IngestServicer(pb_grpc.IngestServicer):
     async def Session(
         self, request_iterator: AsyncIterator[pb.JobMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CollectorMessage]:
-        if not check_token(context, self.token):
-            self.state.reject("unauthenticated")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>'")
+        # Tokens are checked for every service by one interceptor (server/auth.py).
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         sess = LiveSession(asyncio.get_running_loop(), context.peer())
