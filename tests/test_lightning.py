@@ -17,7 +17,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from reference import angle, cosine_distance, rel_err
+from history_check import check_history
+from reference import rel_err
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,9 +30,6 @@ from layrot.agent.reporter import Reporter  # noqa: E402
 from layrot.client.query import QueryClient  # noqa: E402
 
 torch.set_num_threads(1)
-
-TOL = 1e-6  # relative, where the value is not tiny
-TINY = 1e-9
 
 
 class Net(L.LightningModule):
@@ -113,27 +111,6 @@ def trainer(tmp_path, callbacks, max_steps: int, **kw) -> L.Trainer:
         callbacks=callbacks,
         **kw,
     )
-
-
-def check_history(address: str, run: str, w0, saved, steps: list[int]):
-    """The collector's rotation and step angle at ``steps`` vs float64 references from the saved weights."""
-    hist = QueryClient(address).history(run)
-    assert list(hist.steps) == steps
-    worst = [0.0, 0.0]
-    for k, t in enumerate(steps):
-        prev = w0 if t == 1 else saved[t - 1]
-        for l, name in enumerate(hist.layer_names):
-            w = saved[t][name].numpy()
-            rot = cosine_distance(w0[name].numpy(), w)
-            ang = angle(prev[name].numpy(), w)
-            if rot > TINY:
-                worst[0] = max(worst[0], float(rel_err(hist.rotation[k, l], rot)))
-                assert rel_err(hist.rotation[k, l], rot) <= TOL, (t, name, hist.rotation[k, l], rot)
-            if ang > TINY:
-                worst[1] = max(worst[1], float(rel_err(hist.step_angle[k, l], ang)))
-                assert rel_err(hist.step_angle[k, l], ang) <= TOL, (t, name, hist.step_angle[k, l], ang)
-    print(f"{run}: max relative error rotation {worst[0]:.2e}, step angle {worst[1]:.2e}")
-    return hist
 
 
 def test_accumulation_a_report_per_optimizer_step_exact_rotations_and_loss(collector, tmp_path):
