@@ -48,9 +48,9 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
         run: run id; default ``LAYROT_RUN`` or script+time+host.
         every: report every N optimizer steps.
         layers: the layer rule shared by every hook and Layca
-            (:mod:`layrot.core.layer_rule`): None (trainable variables with ndim >= 2,
-            in ``model.trainable_variables`` order: layer order for Sequential and
-            functional models), a regex on variable paths or a predicate
+            (:mod:`layrot.core.layer_rule`): None (trainable weights with ndim >= 2, not
+            biases or gamma/beta whatever their shape, in ``model.trainable_variables``
+            order: layer order for Sequential and functional models), a regex on variable paths or a predicate
             ``(name, variable) -> bool`` filtering those, or a list of exact paths.
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
         control: accept remote rate commands for the model's ``layrot.keras.Layca``

@@ -185,10 +185,11 @@ class Layca(keras.optimizers.Optimizer, RuleView, CommandIntake):
             refused (1.0 = 45 degrees per step).
         layers: which variables are layers, by the layer rule of
             :mod:`layrot.core.layer_rule` shared with the watch hooks: None for every
-            trainable variable with ndim >= 2 (kernels, embeddings) in the order the
+            trainable weight with ndim >= 2 (kernels, embeddings; not biases such as
+            ``MultiHeadAttention``'s (heads, dim) ones, nor gamma/beta) in the order the
             optimizer is built with (``model.trainable_variables``: layer order for
             Sequential and functional models), a regex or a predicate
-            ``(name, variable) -> bool`` filtering those ndim >= 2 variables, or a
+            ``(name, variable) -> bool`` filtering those, or a
             list of exact paths. A predicate is saved in the config as the names it chose.
 
     Steps are counted by the base optimizer's ``iterations`` (step 1 is the first).

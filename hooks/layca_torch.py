@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from layrot.agent.commands import CommandInbox, CommandListener
-from layrot.core.layer_rule import LayerSelector, select_layers
+from layrot.core.layer_rule import LayerSelector, is_layer, select_layers
 from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, RateRule, RhoSchedule
 from layrot.hooks.layca_rule_view import CommandIntake, RuleView
 from layrot.hooks.torch_shards import reject_sharded_layca
@@ -217,10 +217,11 @@ class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
         layers: which parameters are layers (multiplicative weights), by the layer
             rule of :mod:`layrot.core.layer_rule` shared with ``layrot.watch``: None
-            for every trainable parameter with ``ndim >= 2`` in the optimizer's
-            order, a regex or a predicate ``(name, param) -> bool`` filtering those,
-            or a list of exact names. Names are the base optimizer's
-            ``param_names`` (build it from ``model.named_parameters()``), else
+            for every trainable weight with ``ndim >= 2`` (not biases or normalization
+            parameters, whatever their shape) in the optimizer's order, a regex or a
+            predicate ``(name, param) -> bool`` filtering those, or a list of exact
+            names. Names are the base optimizer's ``param_names`` (build it from
+            ``model.named_parameters()``), else
             ``"param{i}"`` by optimizer position. Deprecated (they warn): a list of
             parameter tensors, a one-argument predicate ``param -> bool``.
         rho_max: the largest rate any rule may produce; remote commands above it are
@@ -305,7 +306,10 @@ class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
     def _select_layers(self, flat: list[torch.Tensor], layers: Any) -> list[int]:
         """Optimizer positions of the layer parameters chosen by ``layers=``."""
         if layers is None:
-            return [i for i, p in enumerate(flat) if p.ndim >= 2 and p.requires_grad]
+            # The shared rule by role (a bias kept as a matrix is not a layer), from the
+            # optimizer's param_names when it has them ("param{i}" says nothing: ndim decides).
+            names = self._default_names()
+            return [i for i, p in enumerate(flat) if p.requires_grad and is_layer(names[i], p.ndim)]
         if callable(layers) and not isinstance(layers, re.Pattern) and _takes_one_argument(layers):
             warnings.warn(
                 "Layca(layers=fn) with a one-argument predicate fn(param) is deprecated; "

@@ -14,7 +14,8 @@ device (``tf_distances``) and the resulting tensor goes to the background
 reporter, which is the only place that waits for it. On the step before a
 report the w(t-1) copy is refreshed; every other step costs a Python counter.
 
-Layers are the trainable variables with ndim >= 2 (kernels, embeddings), in the
+Layers are the trainable weights with ndim >= 2 (kernels, embeddings; by role,
+so ``MultiHeadAttention``'s 2-D biases are not layers: :mod:`layrot.core.layer_rule`), in the
 order of ``model.trainable_variables``: layer order for Sequential and functional
 models (the order layers are called in), attribute-assignment order for
 subclassed models. ``RotationCallback`` (``layrot.keras``) drives the same
@@ -65,7 +66,7 @@ def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple
 
     ``target`` is a Keras model / layer, a ``tf.Module`` or a sequence of variables.
     ``layers``: the shared rule of :mod:`layrot.core.layer_rule` (None, a regex or
-    predicate ``(name, variable) -> bool`` on the ndim >= 2 variables, or exact names).
+    predicate ``(name, variable) -> bool`` on the default layers, or exact names).
     Names are Keras variable paths such as ``"dense/kernel"``, without the model-name
     prefix, see :func:`~layrot.hooks.tf_distances.variable_names`.
     """
@@ -312,7 +313,8 @@ def watch(
         every: report every N optimizer steps (unreported steps cost a counter,
             the step before a report one on-device copy).
         layers: the layer rule shared by every hook and Layca
-            (:mod:`layrot.core.layer_rule`): None (trainable variables with ndim >= 2),
+            (:mod:`layrot.core.layer_rule`): None (trainable weights with ndim >= 2,
+            not biases or normalization parameters),
             a regex on variable paths or a predicate ``(name, variable) -> bool``
             filtering those, or a list of exact paths.
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``.
