@@ -198,6 +198,11 @@ class ReporterStats:
     reconnects: int = 0
     session_errors: int = 0
     commands_received: int = 0
+    #: Exceptions a watch handle caught in its hooks after setup (training went on; the first stops
+    #: its measurements). Set by the handle, not by the reporter.
+    hook_errors: int = 0
+    #: Batches the exporter thread failed to pack (their steps count in ``dropped_bad_values``).
+    export_errors: int = 0
     connected: bool = False
     refused: str = ""
     spool_dir: str = ""
@@ -602,7 +607,7 @@ class Reporter:
                 item = None
             if isinstance(item, _Marker):
                 if batch:
-                    self._emit(batch)
+                    self._emit_guarded(batch)
                     batch = []
                 item.key = self._next_key - 1
                 item.event.set()
@@ -615,8 +620,28 @@ class Reporter:
                     first = time.monotonic()
                 batch.append(item)  # type: ignore[arg-type]
             if batch and (len(batch) >= self._batch_steps or time.monotonic() - first >= self._flush_interval):
-                self._emit(batch)
+                self._emit_guarded(batch)
                 batch = []
+
+    def _emit_guarded(self, batch: list[StepRecord]) -> None:
+        """``_emit``, but a failure loses this batch (counted, logged once) instead of the exporter thread."""
+        try:
+            self._emit(batch)
+        except Exception as exc:
+            self.stats.export_errors += 1
+            self.stats.dropped_bad_values += len(batch)
+            if self.stats.export_errors == 1:
+                log.warning(
+                    "layrot: the exporter failed to pack %d steps of run %s (%s: %s); they are dropped, "
+                    "training and reporting go on",
+                    len(batch),
+                    self.run,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
+            else:
+                log.debug("layrot: the exporter failed again: %r", exc)
 
     def _open_spool(self) -> None:
         """Open the run's spool (on the exporter thread: the training thread never waits on the disk)."""

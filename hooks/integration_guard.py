@@ -1,10 +1,13 @@
-"""What the training-framework integrations share: never fatal, and the optimizer that really steps.
+"""What the training-framework integrations share: never fatal callbacks, and the optimizer that really steps.
 
 Used by :mod:`layrot.lightning` and :mod:`layrot.hf` (torch only: neither
-integration imports the other's framework). ``real_optimizer`` unwraps
-Accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer``;
-``HookGuard``, ``FailureLog`` and ``never_fatal`` keep an exception of a hook or a
-callback out of the training loop (logged once, counted).
+integration imports the other's framework). ``real_optimizer`` (from
+:mod:`layrot.hooks.torch_watch`, which unwraps by itself too) finds the optimizer
+below Accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer``;
+``FailureLog`` and ``never_fatal`` keep an exception of a callback out of the
+training loop (logged once, counted). The watch handle guards its own hooks;
+the callbacks set its ``on_error`` to their ``FailureLog`` so one count and one
+warning cover both.
 """
 
 from __future__ import annotations
@@ -14,98 +17,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch
-from torch import nn
+from layrot.hooks.torch_watch import real_optimizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["real_optimizer", "HookGuard", "FailureLog", "never_fatal", "CallbackSettings"]
+__all__ = ["real_optimizer", "FailureLog", "never_fatal", "CallbackSettings"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def real_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` whose step hooks fire, below wrappers such as Accelerate's
-    ``AcceleratedOptimizer`` (a torch Optimizer subclass without its hook tables) or
-    ``LightningOptimizer``; a ``layrot.Layca`` is a real optimizer and is kept.
-
-    Raises TypeError for an object that is neither an optimizer nor wraps one.
-    """
-    opt = optimizer
-    for _ in range(8):
-        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_pre_hooks"):
-            return opt
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            inner = getattr(opt, "_optimizer", None)
-        if inner is None or inner is opt:
-            break
-        opt = inner
-    raise TypeError(
-        f"layrot: {type(optimizer).__name__} is not a torch.optim.Optimizer and wraps none (.optimizer); "
-        "pass the optimizer whose step() updates the weights"
-    )
-
-
-class HookGuard:
-    """Makes a watch handle's hooks never fatal.
-
-    Replaces, in place, the hook functions the handle (or one of its helper objects,
-    e.g. the forward-order recorder) registered on the optimizer, the model's modules
-    and its parameters with wrappers that catch exceptions. The first exception stops
-    the handle's hooks (later calls return at once) and is passed to ``on_error``.
-    The hook ids stay the same, so the handle's own ``remove()`` calls still work.
-    """
-
-    def __init__(self, handle: Any, optimizer: Any, model: nn.Module, on_error: Callable[[str, BaseException], None]):
-        self.failed = False
-        self._on_error = on_error
-        owners = {id(handle)} | {
-            id(v)
-            for v in getattr(handle, "__dict__", {}).values()
-            if type(v).__module__.startswith("layrot.") and not isinstance(v, torch.optim.Optimizer)
-        }
-        self.wrapped = 0
-        for where, hooks in _hook_dicts(optimizer, model):
-            for key, fn in list(hooks.items()):
-                if id(getattr(fn, "__self__", None)) in owners:
-                    hooks[key] = self._wrap(fn, where)
-                    self.wrapped += 1
-        if not self.wrapped:
-            log.debug("layrot: found no hook of the watch handle to guard (it guards itself or uses other hooks)")
-
-    def _wrap(self, fn: Callable[..., Any], where: str) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            if self.failed:
-                return None
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                self.failed = True
-                self._on_error(f"watch hook ({where}: {getattr(fn, '__name__', fn)})", exc)
-                return None
-
-        return guarded
-
-
-def _hook_dicts(optimizer: Any, model: nn.Module) -> list[tuple[str, dict[Any, Any]]]:
-    out = []
-    for attr in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
-        d = getattr(optimizer, attr, None)
-        if isinstance(d, dict):
-            out.append((attr.strip("_"), d))
-    for module in model.modules():
-        for attr in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
-            d = getattr(module, attr, None)
-            if isinstance(d, dict) and d:
-                out.append((attr.strip("_"), d))
-    for p in model.parameters():
-        for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
-            d = getattr(p, attr, None)
-            if isinstance(d, dict) and d:
-                out.append((attr.strip("_"), d))
-    return out
 
 
 class FailureLog:

@@ -1,14 +1,30 @@
-"""Which parameters of a PyTorch model are *layers*, and in which order.
+"""Which parameters of a PyTorch model are *layers*, under which names, and in which order.
 
 A layer is a multiplicative weight: a trainable parameter with ndim >= 2
 (Linear, ConvNd, Embedding, custom modules' 2-D+ parameters). Biases and
-normalisation parameters are not layers. The order is the forward order,
-learned from the first forward pass (falling back to registration order).
+normalisation parameters are not layers.
+
+Names are the model's parameter names without the components that wrappers
+add (:func:`stable_named_parameters`): ``_orig_mod.`` (``torch.compile``),
+``module.`` (DDP, DataParallel), ``_fsdp_wrapped_module.`` and
+``_checkpoint_wrapped_module.``, so compiled, distributed and plain runs of one
+model report the same layers and load each other's checkpoints. A parameter
+shared by several modules (tied weights, GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``) is one layer, named where ``named_parameters``
+first meets it.
+
+The order is the forward order (:class:`ForwardOrderRecorder`), learned from
+the first training step: the first call of the modules owning the parameters,
+and the order in which the first backward accumulates their gradients, which
+also sees parameters read by functional code (``nn.MultiheadAttention``'s
+``out_proj.weight``) and forwards run inside ``optimizer.step(closure)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,57 +33,195 @@ from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.torch_shards import module_type_name
 
 
+def _wrapper_attributes(module: nn.Module) -> tuple[str, ...]:
+    """The child attribute through which a wrapper module holds the real model (empty for others)."""
+    names = []
+    cls = type(module)
+    if cls.__name__ == "OptimizedModule":  # torch.compile(model)
+        names.append("_orig_mod")
+    if cls.__name__ in ("DistributedDataParallel", "DataParallel") or (
+        isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+    ):
+        names.append("module")
+    names += ["_fsdp_wrapped_module", "_checkpoint_wrapped_module"]  # FSDP1, activation checkpointing
+    return tuple(names)
+
+
+def _stable_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, str, nn.Module]]:
+    """(raw name, stable name, module) of every module, each once, stable names without wrapper components."""
+    seen: set[int] = set()
+
+    def walk(mod: nn.Module, raw: str, stable: str) -> Iterator[tuple[str, str, nn.Module]]:
+        if id(mod) in seen:
+            return
+        seen.add(id(mod))
+        yield raw, stable, mod
+        skip = _wrapper_attributes(mod)
+        for child_name, child in mod._modules.items():
+            if child is None:
+                continue
+            child_raw = f"{raw}.{child_name}" if raw else child_name
+            child_stable = stable if child_name in skip else (f"{stable}.{child_name}" if stable else child_name)
+            yield from walk(child, child_raw, child_stable)
+
+    yield from walk(module, prefix, prefix)
+
+
+def stable_named_parameters(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """(raw name, stable name, parameter) in ``model.named_parameters()`` order (shared parameters once).
+
+    The stable name drops the wrapper components listed in the module docstring.
+    """
+    stable_of: dict[str, str] = {}
+    for raw_mod, stable_mod, module in _stable_modules(model):
+        for p_name, _ in module.named_parameters(recurse=False):
+            raw = f"{raw_mod}.{p_name}" if raw_mod else p_name
+            stable_of[raw] = f"{stable_mod}.{p_name}" if stable_mod else p_name
+    return [(n, stable_of.get(n, n), p) for n, p in model.named_parameters()]
+
+
+def stable_name(name: str) -> str:
+    """A parameter name of a saved state without wrapper components, read from the string alone.
+
+    For names saved by an older release (which kept ``_orig_mod.`` / ``module.``):
+    ``module.`` is dropped only as the leading component (where DDP puts it).
+    """
+    parts = [c for c in name.split(".") if c not in ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")]
+    while parts and parts[0] == "module" and len(parts) > 1:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
 def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Parameter, str]]:
-    """(name, parameter, owning module type) of the selected layers, registration order.
+    """(stable name, parameter, owning module type) of the selected layers, registration order.
 
     ``layers``: see :mod:`layrot.core.layer_rule` (None, a regex or predicate on
-    the ndim >= 2 parameters, or exact parameter names).
+    the ndim >= 2 parameters, or exact parameter names; stable names, and a raw
+    name with wrapper components is accepted too).
     """
     owners: dict[str, str] = {}
-    for mod_name, module in model.named_modules():
+    for _, stable_mod, module in _stable_modules(model):
         for p_name, _ in module.named_parameters(recurse=False):
-            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module_type_name(module)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            owners[f"{stable_mod}.{p_name}" if stable_mod else p_name] = module_type_name(module)
+    triples = stable_named_parameters(model)
+    if layers is not None and not isinstance(layers, (str, bytes, re.Pattern)) and not callable(layers):
+        raw_to_stable = {raw: st for raw, st, _ in triples}
+        layers = [raw_to_stable.get(n, n) if isinstance(n, str) else n for n in layers]
+    named = [(st, p) for _, st, p in triples if p.requires_grad]
     chosen = select_layers(named, lambda p: p.ndim, layers, "model's trainable parameters")
     return [(n, p, owners.get(n, "")) for n, p in chosen]
 
 
-class ForwardOrderRecorder:
-    """Records the order in which modules owning the given parameters first run.
+def is_compiled(model: nn.Module) -> bool:
+    """True when ``model`` or one of its modules runs under ``torch.compile`` (wrapper or ``Module.compile()``)."""
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
-    Installs forward pre-hooks that remove themselves after the first forward
-    pass, so steady-state training pays nothing.
+
+_Wrap = Callable[[Callable[..., Any], str], Callable[..., Any]]
+
+
+def _no_wrap(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+    return fn
+
+
+class ForwardOrderRecorder:
+    """Records the forward order of the given parameters during the first training step.
+
+    Two one-time sources, merged by :meth:`order`:
+
+    * forward pre-hooks on the modules owning the parameters: the order of their
+      first call (exact where modules are called);
+    * post-accumulate-grad hooks on the parameters: the order in which the first
+      backward accumulates their gradients. The autograd engine runs a node's
+      backward when its inputs' gradients are ready, later-created nodes first, so
+      this is the reverse of the forward order of the operations reading them, and
+      it sees parameters read by functional code without calling their module
+      (``nn.MultiheadAttention``'s ``out_proj.weight``) as well as forwards run inside
+      ``optimizer.step(closure)``.
+
+    ``module_hooks=False`` keeps only the gradient hooks: for ``torch.compile``d
+    models, where adding then removing module hooks changes what dynamo guards on
+    and forces a recompilation (gradient hooks of leaf parameters run in the eager
+    autograd engine, outside the compiled graphs). ``wrap(fn, where)`` lets the
+    watch handle make the hooks never fatal. Both kinds are removed by
+    :meth:`remove` (the handle calls it once the order is fixed).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        named: Sequence[tuple[str, torch.Tensor]],
+        module_hooks: bool = True,
+        wrap: _Wrap = _no_wrap,
+    ) -> None:
         self._first_call: dict[str, int] = {}
-        self._handles = []
-        wanted = set(names)
+        self._grad_order: list[str] = []
+        self._grad_seen: set[str] = set()
+        self._handles: list[Any] = []
         self._by_module: dict[int, list[str]] = {}
-        for mod_name, module in model.named_modules():
-            owned = [f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)]
-            owned = [n for n in owned if n in wanted]
-            if owned:
-                self._by_module[id(module)] = owned
-                self._handles.append(module.register_forward_pre_hook(self._hook))
-        self._counter = 0
+        name_of = {id(p): n for n, p in named}
+        self._grad_name: dict[int, str] = {}
+        if module_hooks:
+            for module in model.modules():
+                owned = [name_of[id(p)] for p in module.parameters(recurse=False) if id(p) in name_of]
+                if owned and id(module) not in self._by_module:
+                    self._by_module[id(module)] = owned
+                    self._handles.append(module.register_forward_pre_hook(wrap(self._hook, "forward pre-hook")))
+        grad_hook = wrap(self._grad_hook, "post-accumulate-grad hook")
+        for n, p in named:
+            if p.requires_grad and p.is_leaf and id(p) not in self._grad_name:
+                self._grad_name[id(p)] = n
+                self._handles.append(p.register_post_accumulate_grad_hook(grad_hook))
 
     def _hook(self, module: nn.Module, args: object) -> None:
         for name in self._by_module.get(id(module), ()):
             if name not in self._first_call:
-                self._first_call[name] = self._counter
-                self._counter += 1
+                self._first_call[name] = len(self._first_call)
+
+    def _grad_hook(self, param: torch.Tensor) -> None:
+        name = self._grad_name.get(id(param))
+        # Only the first backward counts (the sets are small: every parameter once).
+        if name is not None and name not in self._grad_seen:
+            self._grad_seen.add(name)
+            self._grad_order.append(name)
 
     @property
     def seen(self) -> bool:
-        return bool(self._first_call)
+        """Whether a forward or a backward has run since the hooks were installed."""
+        return bool(self._first_call or self._grad_order)
 
     def order(self, names: Sequence[str]) -> list[int]:
-        """Permutation of ``names`` into forward order (unseen ones last, stable)."""
-        big = len(names) + len(self._first_call)
-        return sorted(range(len(names)), key=lambda i: (self._first_call.get(names[i], big), i))
+        """Permutation of ``names`` into forward order.
+
+        Parameters whose module ran, in the order of those first calls; a parameter
+        seen only by the backward goes right after the parameter that precedes it in
+        the backward-derived order; parameters seen by neither go last, in the given
+        order.
+        """
+        grad_rank = {n: i for i, n in enumerate(reversed(self._grad_order))}
+        placed = sorted((n for n in dict.fromkeys(names) if n in self._first_call), key=self._first_call.__getitem__)
+        only_grad = sorted(
+            (n for n in dict.fromkeys(names) if n not in self._first_call and n in grad_rank), key=grad_rank.__getitem__
+        )
+        for n in only_grad:
+            r = grad_rank[n]
+            before = [i for i, m in enumerate(placed) if grad_rank.get(m, r) < r]
+            if before:
+                # after the closest backward-order predecessor already placed
+                at = max(before, key=lambda i: grad_rank[placed[i]]) + 1
+            else:
+                later = [i for i, m in enumerate(placed) if grad_rank.get(m, -1) > r]
+                at = min(later) if later else len(placed)
+            placed.insert(at, n)
+        rank = {n: i for i, n in enumerate(placed)}
+        big = len(rank)
+        return sorted(range(len(names)), key=lambda i: (rank.get(names[i], big), i))
 
     def remove(self) -> None:
+        """Remove every hook (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -13,6 +13,14 @@ background reporter, whose thread derives ||w(t)|| and ||w(t-1)|| exactly from
 weights) let the collector turn them into rotations and tiny step angles
 without cancellation. No host-device sync happens on the training thread;
 unreported steps cost at most one copy.
+
+Never fatal: once ``watch()`` returned, an exception of the hook (its optimizer
+step hooks, the one-time forward-order hooks), of the hand-off to the reporter or
+of ``observe_loss`` / ``flush`` / ``close`` never reaches the training loop. It is
+logged once (or passed to ``handle.on_error``), counted in
+``handle.stats.hook_errors``, and the handle stops measuring (its numbers could be
+stale otherwise) while training continues. The reporter's own threads already
+catch their errors (drops are counted in ``stats``).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,9 +36,17 @@ import torch
 from torch import nn
 
 from layrot.agent.measurement import PackedMeasurement
-from layrot.agent.reporter import LayerSpec, new_run_key
+from layrot.agent.reporter import LayerSpec, ReporterStats, new_run_key
 from layrot.hooks.torch_distances import LayerDistances
-from layrot.hooks.torch_layers import ForwardOrderRecorder, LayerSelector, candidate_layers, init_norms
+from layrot.hooks.torch_layers import (
+    ForwardOrderRecorder,
+    LayerSelector,
+    candidate_layers,
+    init_norms,
+    is_compiled,
+    stable_name,
+    stable_named_parameters,
+)
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
 from layrot.hooks.watch_base import WatchBase, legacy_positionals
 
@@ -46,6 +62,31 @@ def _dist_rank_world() -> tuple[int, int]:
     except Exception:
         pass
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def real_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` whose step hooks fire, below wrappers such as Accelerate's
+    ``AcceleratedOptimizer`` (a torch Optimizer subclass without its hook tables, ``.optimizer``)
+    or Lightning's ``LightningOptimizer`` (``._optimizer``); a ``layrot.Layca`` is a real
+    optimizer and is kept.
+
+    Raises:
+        TypeError: for an object that is neither a torch optimizer nor wraps one.
+    """
+    opt = optimizer
+    for _ in range(8):
+        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_pre_hooks"):
+            return opt
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            inner = getattr(opt, "_optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    raise TypeError(
+        f"layrot: {type(optimizer).__name__} is not a torch.optim.Optimizer and wraps none (.optimizer); "
+        "pass the optimizer whose step() updates the weights"
+    )
 
 
 def _shared_run_key() -> str:
@@ -130,15 +171,24 @@ class WatchHandle(WatchBase):
         self._configure(
             run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
         )
+        optimizer = real_optimizer(optimizer)
         self._optimizer = optimizer
         self._set_control(_as_layca(optimizer), control, "layrot.Layca")
+        #: Called with (where, exception) for each exception the handle caught after setup,
+        #: instead of its own one-time warning (the framework callbacks log through theirs).
+        self.on_error: Callable[[str, BaseException], None] | None = None
+        self._failed = False
+        self._hook_errors = 0
+        self._recorder: ForwardOrderRecorder | None = None
 
         chosen = candidate_layers(model, layers)
         self._names = [n for n, _, _ in chosen]
         self._params = [p for _, p, _ in chosen]
         self._types = [t for _, _, t in chosen]
-        # Names of every parameter, so Layca's own layer set can be put in forward order too.
-        self._name_of = {id(p): n for n, p in model.named_parameters()}
+        # Names of every parameter (wrapper components dropped), so Layca's own layer set
+        # can be put in forward order too.
+        named = [(st, p) for _, st, p in stable_named_parameters(model)]
+        self._name_of = {id(p): n for n, p in named}
         if self._layca is not None:
             reject_sharded_layca(self._layca.layers, lambda p: self._name_of.get(id(p), "?"))
         # FSDP2 layers: w(0), w(t-1) and the measurement are the rank's local shard.
@@ -150,27 +200,104 @@ class WatchHandle(WatchBase):
         self._init_norms = (
             self._shards.global_init_norms(self._w0, self.every) if self._shards.any else init_norms(self._w0)
         )
-        self._recorder = ForwardOrderRecorder(model, list(self._name_of.values()))
+        # Compiled models: gradient hooks only (adding then removing module hooks recompiles).
+        self._recorder = ForwardOrderRecorder(model, named, module_hooks=not is_compiled(model), wrap=self._guarded)
         self._prev_valid = True
         self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
         self._loss: torch.Tensor | None = None
         self.step = 0
         self._run_key = _shared_run_key()
         self._hooks = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
+            optimizer.register_step_pre_hook(self._guarded(self._pre_step, "optimizer step pre-hook", at_step=True)),
+            optimizer.register_step_post_hook(self._guarded(self._post_step, "optimizer step post-hook", at_step=True)),
         ]
 
     # ------------------------------------------------------------ public API
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Attach the current loss to the next reported step (no host sync)."""
-        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        if self._failed:
+            return
+        try:
+            self._loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        except Exception as exc:
+            self._fail("observe_loss", exc)
+
+    @property
+    def failed(self) -> bool:
+        """True once the handle caught an exception after setup: it measures nothing from then on."""
+        return self._failed
+
+    @property
+    def stats(self) -> ReporterStats:
+        """Reporter counters (drops, acks, reconnects) and ``hook_errors``; zeros before the first step."""
+        stats = super().stats
+        stats.hook_errors = self._hook_errors
+        return stats
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the collector acknowledged every reported step (or timeout); False on an error."""
+        try:
+            return super().flush(timeout)
+        except Exception as exc:
+            self._fail("flush", exc)
+            return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Detach from the training job, flush what the collector can still take, stop the reporter's threads."""
+        try:
+            super().close(timeout)
+        except Exception as exc:
+            self._fail("close", exc)
 
     def _detach(self) -> None:
         for h in self._hooks:
             h.remove()
-        self._recorder.remove()
+        if self._recorder is not None:
+            self._recorder.remove()
+
+    # ------------------------------------------------------------ never fatal
+
+    def _guarded(self, fn: Callable[..., Any], where: str, at_step: bool = False) -> Callable[..., Any]:
+        """``fn`` as a hook that never raises: the first exception stops the handle (see the module docstring)."""
+
+        def hook(*args: Any, **kwargs: Any) -> None:
+            if self._failed:
+                return None
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:
+                self._fail(where, exc)
+                if at_step and self._recorder is not None:
+                    # Safe here (no forward or backward runs): a failed handle keeps no per-forward hook.
+                    self._recorder.remove()
+            return None  # a step pre-hook returning something would replace the step's arguments
+
+        hook.__name__ = getattr(fn, "__name__", "hook")
+        return hook
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        self._hook_errors += 1
+        first = not self._failed
+        self._failed = True
+        handler = self.on_error
+        if handler is not None:
+            try:
+                handler(f"watch hook ({where})", exc)
+                return
+            except Exception as inner:  # the handler's own failure must not reach training either
+                log.debug("layrot: the on_error handler failed: %r", inner)
+        if first:
+            log.warning(
+                "layrot: watching run %s failed in %s (%s: %s); training continues, monitoring of this run stops",
+                self.run,
+                where,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+        else:
+            log.debug("layrot: watching run %s failed again in %s: %r", self.run, where, exc)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed job continues its rotation curves."""
@@ -184,7 +311,13 @@ class WatchHandle(WatchBase):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore w(0) and the step count saved by :meth:`state_dict`."""
+        """Restore w(0) and the step count saved by :meth:`state_dict`.
+
+        States saved by earlier releases, whose names kept the ``_orig_mod.`` /
+        ``module.`` components of ``torch.compile`` / DDP, load too.
+        """
+        if any(stable_name(n) != n for n in state.get("names", ())) and not set(self._names) <= set(state["names"]):
+            state = {**state, "names": [stable_name(n) for n in state["names"]]}
         index = self._state_index(state)
         self._shards.check_resume(self._names, self._w0, state, index, _dist_rank_world())
         with torch.no_grad():
@@ -199,10 +332,14 @@ class WatchHandle(WatchBase):
     def _finalize(self) -> None:
         """Fix the forward order and open the reporter (first optimizer step)."""
         everything = list(self._name_of.values())
+        recorder = self._recorder
         self._forward_rank = (
-            {everything[i]: r for r, i in enumerate(self._recorder.order(everything))} if self._recorder.seen else {}
+            {everything[i]: r for r, i in enumerate(recorder.order(everything))}
+            if recorder is not None and recorder.seen
+            else {}
         )
-        self._recorder.remove()
+        if recorder is not None:
+            recorder.remove()
         order = self._in_forward_order(self._names)
         for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded"):
             seq = getattr(self, attr)
@@ -245,18 +382,26 @@ class WatchHandle(WatchBase):
 
     @torch.no_grad()
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self.reporter is None and not self._closed:
+        # A forward inside step(closure) (LBFGS, Lightning's automatic optimization) has not
+        # run yet: then the order is fixed after the step, when the closure has run.
+        if self.reporter is None and not self._closed and self._recorder is not None and self._recorder.seen:
             self._finalize()
         if not self._prev_valid:
-            self._check_shards()
-            self._distances.copy_prev()
+            if self.reporter is None:  # a state loaded before the first step: the layers are not ordered yet
+                for buf, view in zip(self._prev, self._shards.local_views()):
+                    buf.copy_(view)
+            else:
+                self._check_shards()
+                self._distances.copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
 
     @torch.no_grad()
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._closed or self.reporter is None:
+        if self._closed:
             return
+        if self.reporter is None:
+            self._finalize()
         self.step += 1
         t = self.step
         if self._shards.any and (t % self.every == 0 or (t + 1) % self.every == 0):

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import layrot
-from layrot.hooks.integration_guard import CallbackSettings, HookGuard, never_fatal, real_optimizer
+from layrot.hooks.integration_guard import CallbackSettings, never_fatal, real_optimizer
 from layrot.hooks.watch_base import default_run_name
 
 try:
@@ -114,7 +114,6 @@ class RotationCallback(CallbackSettings, TrainerCallback):
         )
         #: The watch handle (None before ``on_train_begin``, after ``on_train_end``, or when watching failed).
         self.handle: Any = None
-        self._guard: HookGuard | None = None
         self._hooks: list[Any] = []
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
@@ -153,7 +152,7 @@ class RotationCallback(CallbackSettings, TrainerCallback):
             **kwargs,
         )
         self.handle, self._optimizer = handle, opt
-        self._guard = HookGuard(handle, opt, model, self._failed)
+        handle.on_error = self._failed  # the handle guards its hooks; one count, one warning
         if saved is not None:
             handle.load_state_dict(saved["handle"])
         elif state.global_step > 0:
@@ -222,7 +221,7 @@ class RotationCallback(CallbackSettings, TrainerCallback):
         try:
             loss, n = self._loss_sum, self._loss_n
             self._loss_sum, self._loss_n = None, 0
-            if loss is None or self.handle is None or (self._guard is not None and self._guard.failed):
+            if loss is None or self.handle is None or self.handle.failed:
                 return
             value = loss * self._loss_factor if self._loss_scaled else loss / n
             self.handle.observe_loss(value)
@@ -260,7 +259,7 @@ class RotationCallback(CallbackSettings, TrainerCallback):
             h.remove()
         self._hooks = []
         self._loss_sum, self._loss_n = None, 0
-        handle, self.handle, self._guard = self.handle, None, None
+        handle, self.handle = self.handle, None
         if handle is not None:
             try:
                 handle.close(self.close_timeout)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 import layrot
-from layrot.hooks.integration_guard import CallbackSettings, HookGuard, never_fatal, real_optimizer
+from layrot.hooks.integration_guard import CallbackSettings, never_fatal, real_optimizer
 from layrot.hooks.watch_base import default_run_name
 
 try:  # the unified package first, the standalone one when only it is installed
@@ -128,7 +128,6 @@ class _RotationCallbackMixin(CallbackSettings):
         #: One watch handle per optimizer (None where watching it failed).
         self.handles: list[Any] = []
         self._optimizers: list[torch.optim.Optimizer] = []
-        self._guards: list[HookGuard | None] = []
         self._pending: Mapping[str, Any] | None = None
         self._closed_state: dict[str, Any] | None = None
         self._base_run: str | None = None
@@ -236,7 +235,7 @@ class _RotationCallbackMixin(CallbackSettings):
                     meta={**meta, "optimizer_index": str(i)},
                     **kwargs,
                 )
-                self._guards.append(HookGuard(handle, opt, pl_module, self._failed))
+                handle.on_error = self._failed  # the handle guards its hooks; one count, one warning
                 if i < len(saved) and saved[i]:
                     handle.load_state_dict(saved[i])
             except Exception as exc:
@@ -244,7 +243,6 @@ class _RotationCallbackMixin(CallbackSettings):
                 if handle is not None:
                     handle.close(0.0)
                     handle = None
-                self._guards.append(None)
             self.handles.append(handle)
         self._pending = None
 
@@ -263,7 +261,7 @@ class _RotationCallbackMixin(CallbackSettings):
                 self._closed_state = self.state_dict()
             except Exception as exc:
                 self._failed("state_dict at close", exc)
-        handles, self.handles, self._guards = self.handles, [], []
+        handles, self.handles = self.handles, []
         self._loss_sum = None
         for h in handles:
             if h is not None:
