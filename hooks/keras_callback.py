@@ -26,6 +26,7 @@ from typing import Any
 import keras
 
 from layrot.agent.reporter import ReporterStats
+from layrot.hooks.keras_distances import check_backend
 from layrot.hooks.tf_watch import LayerSelector, TFWatchHandle
 from layrot.hooks.watch_base import DeprecatedStateNames, legacy_positionals, watch_options
 
@@ -96,6 +97,8 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
             every, layers, collector = given["every"], given["layers"], given["collector"]
             control, token = given["control"], given["token"]
         super().__init__()
+        # Refused here, not in fit: a backend the hooks cannot measure (jax) is a setup error.
+        check_backend("layrot.keras.RotationCallback")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self._watch_kwargs: dict[str, Any] = {

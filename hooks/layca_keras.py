@@ -55,8 +55,9 @@ import tensorflow as tf
 from layrot.agent.commands import CommandInbox, CommandListener
 from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.core.rates import DEFAULT_RHO0, LARS_GROWTH_CAP, MODES, RateRule, RhoSchedule
+from layrot.hooks.keras_distances import variable_names
 from layrot.hooks.layca_rule_view import CommandIntake, RuleView
-from layrot.hooks.tf_distances import as_tf_variable, variable_names
+from layrot.hooks.tf_distances import as_tf_variable
 
 __all__ = ["Layca", "CommandListener"]
 

@@ -43,6 +43,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+# Re-exported: the names are backend-neutral and live with the keras.ops measurement.
+from layrot.hooks.keras_distances import variable_name, variable_names  # noqa: F401
+
 
 def as_tf_variable(v: Any) -> tf.Variable:
     """The ``tf.Variable`` behind a Keras 3 ``keras.Variable`` (or ``v`` itself)."""
@@ -56,37 +59,6 @@ def as_tf_variable(v: Any) -> tf.Variable:
     if isinstance(v, tf.Variable):
         return v
     raise TypeError(f"expected a tf.Variable or keras.Variable, got {type(v).__name__}")
-
-
-def variable_name(v: Any) -> str:
-    """Display name: Keras 3 ``path`` ("model/dense/kernel"), else the TF name without ":0"."""
-    path = getattr(v, "path", None)
-    if isinstance(path, str) and path:
-        return path
-    name = getattr(v, "name", "") or "variable"
-    return name[:-2] if name.endswith(":0") else name
-
-
-def variable_names(variables: Sequence[Any]) -> list[str]:
-    """Names for all of a model's variables, stable across ``model.save`` / ``load_model``.
-
-    Keras prefixes variable paths with the model's name when layers are built
-    inside the model ("cnn/dense/kernel") but not when a loaded model rebuilds
-    them ("dense/kernel"), so a leading component shared by every variable is
-    dropped as long as each name keeps at least two components. Duplicates get
-    "#index". The hooks and Layca name layers with this same rule, so their
-    layer tables agree.
-    """
-    names = [variable_name(v) for v in variables]
-    parts = [n.split("/") for n in names]
-    if parts and all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1:
-        names = ["/".join(p[1:]) for p in parts]
-    seen: set[str] = set()
-    for i, n in enumerate(names):
-        if n in seen:
-            names[i] = f"{n}#{i}"
-        seen.add(names[i])
-    return names
 
 
 def _work_dtype(dtype: tf.DType) -> tf.DType:

@@ -31,19 +31,48 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from layrot.agent.measurement import PackedMeasurement
 from layrot.agent.reporter import LayerSpec, new_run_key
 from layrot.core.layer_rule import LayerSelector, select_layers
-from layrot.hooks.tf_distances import TFLayerDistances, as_tf_variable, variable_names
+from layrot.hooks.keras_distances import KerasLayerDistances, check_backend, keras_backend, variable_names
 from layrot.hooks.watch_base import DeprecatedStateNames, WatchBase, legacy_positionals
 
 log = logging.getLogger(__name__)
 
 
+def _uses_tensorflow(variables: list[Any]) -> bool:
+    """Whether these variables live in TensorFlow (the TF backend, or plain ``tf.Variable`` s).
+
+    TensorFlow is imported only then, so the Keras callback runs on the torch backend
+    in a process without TensorFlow.
+    """
+    backend = keras_backend()
+    if backend == "tensorflow":
+        return True
+    if backend:
+        # keras.Variable on another backend; anything else (a raw tf.Variable list) is TF's
+        import keras
+
+        return not all(isinstance(v, keras.Variable) for v in variables)
+    return True
+
+
+def _var_key(v: Any) -> int:
+    """Identity of a variable shared by its Keras wrapper and the backend value behind it."""
+    return id(getattr(v, "value", v)) if _is_keras_variable(v) else id(v)
+
+
+def _is_keras_variable(v: Any) -> bool:
+    try:
+        import keras
+    except Exception:  # pragma: no cover - keras absent
+        return False
+    return isinstance(v, keras.Variable)
+
+
 def _owner_types(target: Any) -> dict[int, str]:
-    """id(tf.Variable) -> class name of the innermost Keras layer owning it."""
+    """Variable identity (:func:`_var_key`) -> class name of the innermost Keras layer owning it."""
     owners: dict[int, str] = {}
     flatten = getattr(target, "_flatten_layers", None)
     if flatten is None:
@@ -54,10 +83,7 @@ def _owner_types(target: Any) -> dict[int, str]:
         return owners
     for layer in layers:  # parents come before children, so the innermost layer wins
         for v in getattr(layer, "_trainable_variables", []) or []:
-            try:
-                owners[id(as_tf_variable(v))] = type(layer).__name__
-            except TypeError:
-                pass
+            owners[_var_key(v)] = type(layer).__name__
     return owners
 
 
@@ -68,7 +94,7 @@ def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple
     ``layers``: the shared rule of :mod:`layrot.core.layer_rule` (None, a regex or
     predicate ``(name, variable) -> bool`` on the default layers, or exact names).
     Names are Keras variable paths such as ``"dense/kernel"``, without the model-name
-    prefix, see :func:`~layrot.hooks.tf_distances.variable_names`.
+    prefix, see :func:`~layrot.hooks.keras_distances.variable_names`.
     """
     if isinstance(target, (list, tuple)):
         variables = list(target)
@@ -86,10 +112,18 @@ def candidate_variables(target: Any, layers: LayerSelector = None) -> list[tuple
         if not named:
             raise ValueError(f"{exc} (is the model built? call it once or pass input shapes)") from None
         raise
-    return [(n, v, owners.get(id(as_tf_variable(v)), "")) for n, v in chosen]
+    return [(n, v, owners.get(_var_key(v), "")) for n, v in chosen]
+
+
+def _tf_eager() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.executing_eagerly())
 
 
 def _as_layca(optimizer: Any) -> Any:
+    if optimizer is None or keras_backend() not in ("", "tensorflow"):
+        return None  # layrot.keras.Layca runs on the TensorFlow backend only
     try:
         from layrot.hooks.layca_keras import Layca
     except Exception:  # pragma: no cover - keras absent
@@ -127,6 +161,7 @@ class TFWatchHandle(DeprecatedStateNames, WatchBase):
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
     ) -> None:
+        check_backend("layrot.tf.watch and layrot.keras.RotationCallback")
         self._configure(
             run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
         )
@@ -138,7 +173,14 @@ class TFWatchHandle(DeprecatedStateNames, WatchBase):
         self._names = [n for n, _, _ in chosen]
         self._vars = [v for _, v, _ in chosen]
         self._types = [t for _, _, t in chosen]
-        self._dist = TFLayerDistances(self._vars, loss_tracker=loss_tracker, jit_compile=jit_compile)
+        self._tf = _uses_tensorflow(self._vars)
+        self._dist: Any
+        if self._tf:
+            from layrot.hooks.tf_distances import TFLayerDistances
+
+            self._dist = TFLayerDistances(self._vars, loss_tracker=loss_tracker, jit_compile=jit_compile)
+        else:
+            self._dist = KerasLayerDistances(self._vars, loss_tracker=loss_tracker)
         self._init_norms = [float(np.linalg.norm(w.astype(np.float64).ravel())) for w in self._dist.w0_values()]
         self._prev_is_w0 = True  # until the first refresh of w(t-1), ||w(t-1)|| = ||w(0)|| exactly
         self._loss: Any = None
@@ -162,7 +204,7 @@ class TFWatchHandle(DeprecatedStateNames, WatchBase):
         ``n > 1`` (several steps inside one ``tf.function`` call) reports at this call
         only, and the step angle then spans those steps.
         """
-        if not tf.executing_eagerly():
+        if self._tf and not _tf_eager():
             raise RuntimeError("handle.step() runs outside tf.function: call it after your compiled train step")
         if self._closed:
             return
@@ -238,11 +280,18 @@ class TFWatchHandle(DeprecatedStateNames, WatchBase):
             import keras
 
             meta.setdefault("keras", keras.__version__)
+            meta.setdefault("keras_backend", keras.backend.backend())
         except Exception:  # pragma: no cover
             pass
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
-        self._open_reporter(specs, "tensorflow", tf.__version__, rank, world, meta)
+        if self._tf:
+            import tensorflow as tf
+
+            framework, version = "tensorflow", tf.__version__
+        else:
+            framework, version = "keras", meta.get("keras", "")
+        self._open_reporter(specs, framework, version, rank, world, meta)
 
     def _rates(self, t: int) -> np.ndarray | None:
         layca = self._layca
