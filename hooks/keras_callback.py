@@ -37,6 +37,17 @@ _LEGACY_POSITIONALS = ("every", "layers", "collector", "control", "token")
 _DEFAULTS: dict[str, Any] = {"every": 1, "layers": None, "collector": None, "control": False, "token": None}
 
 
+def _iterations(optimizer: Any) -> int:
+    """``optimizer.iterations`` on the host, on any backend."""
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def _may_skip_steps(optimizer: Any) -> bool:
+    """Whether ``apply`` may leave the weights (and ``iterations``) untouched: a loss scaler."""
+    scaler = getattr(keras.optimizers, "LossScaleOptimizer", None)
+    return scaler is not None and isinstance(optimizer, scaler)
+
+
 class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
     """Streams per-layer rotation of the model being fitted to the layrot collector.
 
@@ -69,8 +80,25 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
     Steps continue from the optimizer's ``iterations`` at the first ``fit`` (so a
     resumed model keeps its step numbers) and across later ``fit`` calls. w(0) is
     the weights at the first ``fit``; :meth:`state_dict` / :meth:`load_state_dict` carry it
-    across a restart. With ``steps_per_execution > 1`` steps are observed per
-    execution and the step angle spans the execution.
+    across a restart.
+
+    Step numbers are optimizer steps actually applied, read from ``optimizer.iterations``
+    whenever a batch may not be one step:
+
+    * a ``LossScaleOptimizer`` (``mixed_float16``) skips the steps whose gradients are not
+      finite: its ``iterations`` does not move, the weights do not change, and the callback
+      reports nothing for that batch, so reported steps == applied steps;
+    * with ``steps_per_execution=k > 1`` Keras hands control back once per execution, so a
+      report carries the step number ``iterations`` reached at the end of the execution
+      (k, 2k, ...; a shorter last execution of an epoch ends earlier) and its **step angle
+      spans the whole execution**: the angle between the weights at the previous
+      observation and now, up to k optimizer steps, not one. With ``every=N`` a step is
+      reported when an execution crosses a multiple of N, under the number it ends at.
+      Use ``steps_per_execution=1`` for single-step angles (abrupt-rotation alerts are
+      calibrated on those).
+
+    In both cases reading ``iterations`` costs one scalar read per batch; otherwise a
+    batch is one step and the callback reads nothing.
     """
 
     def __init__(
@@ -123,6 +151,7 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
         self._state: Mapping[str, Any] | None = None
         self._inflight = False
         self._spe = 1
+        self._by_iterations = False
         self._iter_mark = 0
 
     # ------------------------------------------------------------ public API
@@ -174,7 +203,7 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
         start = 0
         if optimizer is not None:
             try:
-                start = int(optimizer.iterations.numpy())
+                start = _iterations(optimizer)
             except Exception:
                 start = 0
         tracker = None
@@ -207,8 +236,11 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
         handle = self._ensure_handle()
         self._inflight = False
         self._spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
-        if self._spe > 1:
-            self._iter_mark = int(self.model.optimizer.iterations.numpy())
+        optimizer = getattr(self.model, "optimizer", None)
+        # A batch is one applied step unless an execution holds several or a loss scaler may skip it.
+        self._by_iterations = optimizer is not None and (self._spe > 1 or _may_skip_steps(optimizer))
+        if self._by_iterations:
+            self._iter_mark = _iterations(optimizer)
         if handle._layca is not None:
             handle._layca.step_boundary(handle.step_count + 1)
 
@@ -239,9 +271,12 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
         if not self._inflight or self.handle is None:
             return
         self._inflight = False
-        if self._spe == 1:
+        if not self._by_iterations:
             n = 1
         else:
-            now = int(self.model.optimizer.iterations.numpy())
+            now = _iterations(self.model.optimizer)
             n, self._iter_mark = now - self._iter_mark, now
-        self.handle.step(n)
+        if n > 0:
+            self.handle.step(n)
+        else:
+            self.handle.skipped()  # the loss scaler skipped this batch: no step, nothing to report

@@ -235,6 +235,20 @@ class TFWatchHandle(DeprecatedStateNames, WatchBase):
         if self._layca is not None:
             self._layca.step_boundary(t + 1)
 
+    def skipped(self) -> None:
+        """A batch ran but applied no step (a loss scaler skipped non-finite gradients).
+
+        Nothing is counted or reported. When w(t-1) was just refreshed to w(t) (the next
+        applied step may be reported), the loss snapshot moves past this batch too, so the
+        reported step's loss is its own batch's; re-copying w(t-1) is harmless then, as the
+        weights did not change.
+        """
+        if self._closed:
+            return
+        t = self.step_count
+        if (t + 1) % self.every == 0 or self._multi_warned:
+            self._dist.copy_prev()  # w(t-1) already held these weights: its flags stay true
+
     def reset_loss(self) -> None:
         """The loss tracker was reset (Keras does it at every epoch start)."""
         self._dist.reset_loss_tracker()
