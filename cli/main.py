@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -118,18 +117,15 @@ def cli(log_level: str) -> None:
 
 
 # ---------------------------------------------------------------- serve
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def check_db_path(db: str) -> None:
-    """Refuse a database URL for ``--db``: only SQLite files exist today (click refuses a folder)."""
-    m = _URL.match(db)
-    if m:
-        scheme = m.group(0)[:-3]
+    """``--db`` is a SQLite file or a ``postgresql://`` URL; refuse any other URL (click refuses a folder)."""
+    from layrot.server.store_api import is_postgres_url, is_url
+
+    if is_url(db) and not is_postgres_url(db):
         raise click.BadParameter(
             # The URL itself is not echoed: it may carry a password.
-            f"got a {scheme}:// URL; the collector stores its history in a SQLite file only "
-            "(PostgreSQL is not supported yet): give a file path, e.g. --db /var/lib/layrot/layrot.db",
+            f"got a {db.split('://', 1)[0]}:// URL; the history is a SQLite file or a PostgreSQL database: "
+            "give a file path (--db /var/lib/layrot/layrot.db) or a URL (--db postgresql://user@host/db)",
             param_hint="'--db'",
         )
 
@@ -169,8 +165,9 @@ def check_output_folder(output: str) -> None:
     default="./layrot.db",
     show_default=True,
     type=click.Path(dir_okay=False),
-    help="SQLite history database file (created with its folders if missing; history survives restarts). "
-    "Database URLs (postgresql://...) are not supported yet.",
+    help="History database: a SQLite file (created with its folders if missing), or a PostgreSQL URL "
+    "postgresql://user[:password]@host[:port]/db (needs the postgres extra: pip install 'layrot[postgres]'). "
+    "History survives restarts.",
 )
 @serve_security_options
 @click.option(
@@ -244,14 +241,22 @@ def serve(
 
         if isinstance(exc, TLSFileError):
             raise click.ClickException(str(exc)) from None
+        from layrot.server.store_api import StoreError, redact_url
+
         if isinstance(exc, sqlite3.Error):
             raise click.ClickException(f"cannot open the history database {db}: {exc}") from None
+        if isinstance(exc, StoreError):  # its message names the database (a URL without its password)
+            raise click.ClickException(f"cannot open the history database: {exc}") from None
+        if isinstance(exc, ImportError) and exc.name in ("psycopg", "psycopg_pool"):
+            raise click.ClickException(
+                f"--db {redact_url(db)} needs psycopg: pip install 'layrot[postgres]' ({exc})"
+            ) from None
         if isinstance(exc, OSError) and exc.filename is not None:
             raise click.ClickException(f"cannot start the collector: {exc.strerror}: {exc.filename}") from None
-        raise click.ClickException(f"cannot start the collector (db {db}): {exc}") from None
+        raise click.ClickException(f"cannot start the collector (db {redact_url(db)}): {exc}") from None
     click.echo(
         f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
-        f"db {db} ({collector.security_summary})",
+        f"db {collector.store.description if collector.store else db} ({collector.security_summary})",
         err=True,
     )
     collector.serve_forever()

@@ -30,7 +30,7 @@ from layrot.proto import layrot_pb2 as pb
 
 if TYPE_CHECKING:
     from layrot.server.alertmanager import AlertmanagerPusher
-    from layrot.server.store import Store
+    from layrot.server.store_api import HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _pb_num(x: float | None) -> float:
 class AlertHub:
     """Where alerts go: memory (ListAlerts), the store, counters (/metrics), watchers, Alertmanager pushers."""
 
-    def __init__(self, store: Store | None = None, pushers: Sequence[AlertmanagerPusher] = ()) -> None:
+    def __init__(self, store: HistoryStore | None = None, pushers: Sequence[AlertmanagerPusher] = ()) -> None:
         self.store = store
         self.pushers = list(pushers)
         self.recent: dict[str, collections.deque[pb.Alert]] = {}

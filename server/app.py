@@ -37,7 +37,7 @@ from layrot.server.ingest import IngestLimits, IngestServicer, add_ingest_to_ser
 from layrot.server.metrics import LayrotCollector, MetricsServer
 from layrot.server.query import QueryServicer
 from layrot.server.state import CollectorState
-from layrot.server.store import Store
+from layrot.server.store_api import HistoryStore, is_url, open_store, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Collector:
         self.alert_engine: AlertEngine | None = None
         self._pushers: list[AlertmanagerPusher] = []
         self.state = CollectorState()
-        self.store: Store | None = None
+        self.store: HistoryStore | None = None
         self.control: ControlPlane | None = None
         self.ingest: IngestServicer | None = None
         self.query: QueryServicer | None = None
@@ -195,7 +195,7 @@ class Collector:
             self.grpc_address,
             self.security_summary,
             self.metrics_url,
-            self.db_path,
+            redact_url(self.db_path),  # a URL may carry a password
         )
         self._warn_exposed()
         return self
@@ -234,9 +234,10 @@ class Collector:
 
     def _wire(self) -> None:
         """Create the collector's parts in dependency order, each restored from the store."""
-        if self.db_path != ":memory:":
+        if self.db_path != ":memory:" and not is_url(self.db_path):
             Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
-        store = self.store = Store(self.db_path, busy_timeout=self.store_busy_timeout)
+        # A SQLite file, or a postgresql:// URL (server/store_api.py).
+        store = self.store = open_store(self.db_path, busy_timeout=self.store_busy_timeout)
         state = self.state = CollectorState()
         state.restore(store.load_runs())
         control = self.control = ControlPlane(state, store)
@@ -358,7 +359,7 @@ class Collector:
             self.store = None
 
     # ------------------------------------------------------------ alerts
-    def _start_alerts(self, store: Store) -> AlertEngine:
+    def _start_alerts(self, store: HistoryStore) -> AlertEngine:
         """Alertmanager pushers, the alert hub (memory, store, counters, pushers) and the engine, restored."""
         self._pushers = [
             AlertmanagerPusher(u, quiet=self.alert_quiet, resend=self.alert_resend, **self.alertmanager_auth).start()

@@ -49,10 +49,11 @@ import numpy as np
 from layrot.core.rates import RateRule
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto.commands import rule_from_command, validate_command
+from layrot.server.store_api import StoreError
 
 if TYPE_CHECKING:  # imported for type hints only: state.py imports this module
     from layrot.server.state import CollectorState, LiveSession, RunState
-    from layrot.server.store import Store
+    from layrot.server.store_api import HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class RunControl:
 class ControlPlane:
     """Commands, delivery and audit for every run of one collector (loop thread)."""
 
-    def __init__(self, state: CollectorState, store: Store) -> None:
+    def __init__(self, state: CollectorState, store: HistoryStore) -> None:
         self.state = state
         self.store = store
 
@@ -318,7 +319,7 @@ class ControlPlane:
         """Load current commands, per-rank answers and recent audit from the store."""
         try:
             self._restore()
-        except sqlite3.Error:  # an old db without the tables: nothing to restore
+        except (sqlite3.Error, StoreError):  # an old db without the tables: nothing to restore
             log.exception("control plane: cannot restore commands from the history store")
 
     def _restore(self) -> None:
@@ -479,7 +480,7 @@ class ControlPlane:
         # once per SetControl of a multi-rank run.
         try:
             rows = self.store.recent_steps(rs.run_id, rank, RATE_REPORTS)
-        except sqlite3.Error:
+        except (sqlite3.Error, StoreError):  # StoreError: PostgreSQL's read failures
             log.exception("control plane: cannot read the step history of run %s", rs.run)
             return None
         return step_rate(rows)
@@ -605,7 +606,7 @@ class ControlPlane:
         return out
 
 
-def attach(state: CollectorState, store: Store) -> ControlPlane:
+def attach(state: CollectorState, store: HistoryStore) -> ControlPlane:
     """Create the control plane of a collector, restore it, and hang it on ``state.control``.
 
     The collector wires its plane in server/app.py; this stays for embedders.

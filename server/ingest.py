@@ -70,7 +70,7 @@ from layrot.server.decode import (
 from layrot.server.derive import derive
 from layrot.server.records import newest_snapshot, step_rows
 from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot
-from layrot.server.store import RunRecord, Store, StoreValueError, hash_run_key
+from layrot.server.store_api import HistoryStore, RunRecord, StoreValueError, hash_run_key
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
@@ -190,7 +190,7 @@ class IngestServicer(pb_grpc.IngestServicer):
     def __init__(
         self,
         state: CollectorState,
-        store: Store,
+        store: HistoryStore,
         control: ControlPlane,
         alerts: AlertEngine | None = None,
         max_pending_samples: int = MAX_PENDING_SAMPLES,

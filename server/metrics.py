@@ -28,7 +28,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from layrot.server.state import CollectorState, RunState
-from layrot.server.store import Store
+from layrot.server.store_api import HistoryStore
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
@@ -93,7 +93,7 @@ class LayrotCollector(Collector):
     def __init__(
         self,
         state: CollectorState,
-        store: Store | None = None,
+        store: HistoryStore | None = None,
         run_ttl: float = 86400.0,
         clock: Callable[[], float] = time.time,
         alerts: AlertEngine | None = None,

@@ -20,7 +20,7 @@ from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.control import ControlPlane, ControlRefused, check_command_args, client_who
 from layrot.server.state import CollectorState, RunState
-from layrot.server.store import Store
+from layrot.server.store_api import HistoryStore
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
@@ -76,7 +76,7 @@ class QueryServicer(pb_grpc.QueryServicer):
     def __init__(
         self,
         state: CollectorState,
-        store: Store,
+        store: HistoryStore,
         control: ControlPlane,
         alerts: AlertEngine | None = None,
     ) -> None:

@@ -338,15 +338,26 @@ def test_grafana_help_has_examples():
             assert r.exit_code == 0 and "Examples:" in r.output and "layrot-agent grafana push --url" in r.output
 
 
-@pytest.mark.parametrize(
-    "url", ["postgresql://layrot:secret@db:5432/layrot", "postgres://db/layrot", "sqlite:///tmp/x.db"]
-)
-def test_serve_refuses_a_database_url(url, tmp_path, monkeypatch):
+@pytest.mark.parametrize("url", ["mysql://layrot:secret@db:5432/layrot", "sqlite:///tmp/x.db"])
+def test_serve_refuses_a_database_url_of_another_backend(url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = _clean_error(CliRunner().invoke(cli, ["serve", "--db", url]), 2)
-    assert "--db" in out and "SQLite file" in out and "not supported yet" in out
+    assert "--db" in out and "SQLite file or a PostgreSQL database" in out
     assert "secret" not in out  # a URL's password is not echoed
     assert not list(tmp_path.iterdir())  # no SQLite file named after the URL
+
+
+def test_serve_says_why_a_postgresql_database_cannot_be_opened(tmp_path, monkeypatch):
+    pytest.importorskip("psycopg")
+    with socket.socket() as s:  # a loopback port with nobody listening: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    url = f"postgresql://layrot:secret@127.0.0.1:{port}/layrot"
+    out = _clean_error(CliRunner().invoke(cli, ["serve", "--db", url, "--grpc-port", "0", "--metrics-port", "0"]), 1)
+    assert "cannot open the history database" in out and f"layrot:***@127.0.0.1:{port}/layrot" in out
+    assert "secret" not in out
+    assert not list(tmp_path.iterdir())
 
 
 def test_serve_db_errors_name_the_file(tmp_path):

@@ -4,9 +4,10 @@
 agent's reporter): it keeps every batch until an ``Ack`` covers it (``Ack.seq``
 or ``Ack.stored``), sends a batch the collector could not store (``Nack``
 with ``retry``) again under a new seq, and counts as dropped what is refused
-for good. At *every* Ack it reads SQLite through a connection of its own
-and checks that every step the Ack covers is there. At the end: steps in the
-history + steps dropped = steps trained, with 0 dropped for an innocent job.
+for good. At *every* Ack it reads the history (SQLite here, PostgreSQL in
+tests/test_store_postgres.py) through a connection of its own and checks that
+every step the Ack covers is there. At the end: steps in the history + steps
+dropped = steps trained, with 0 dropped for an innocent job.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ from layrot.proto import layrot_pb2 as pb
 pytestmark = pytest.mark.timeout(120)
 
 
+def _connect(db: str):
+    """A connection of the test's own to the collector's history: a SQLite file or a postgresql:// URL."""
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        return psycopg.connect(db, autocommit=True)  # autocommit: every read sees the newest commits
+    return sqlite3.connect(db, timeout=30)
+
+
 class ExactJob:
     """A protocol-level job that checks the store against every Ack it gets."""
 
@@ -37,7 +47,8 @@ class ExactJob:
         first = self.session.recv()
         assert first.WhichOneof("kind") == "welcome", first
         self.welcome = first.welcome
-        self.check = sqlite3.connect(db_path, timeout=30)  # our own connection, never the collector's
+        self.check = _connect(db_path)  # our own connection, never the collector's
+        self.mark = "?" if isinstance(self.check, sqlite3.Connection) else "%s"
         self.seq = 0
         self.unacked: dict[int, list[int]] = {}  # seq -> steps
         self.trained = 0
@@ -59,11 +70,13 @@ class ExactJob:
         self._send(list(b.steps))
 
     def _stored(self, steps: list[int]) -> set[int]:
-        marks = ",".join("?" * len(steps))
+        m = self.mark
+        marks = ",".join([m] * len(steps))
         return {
             r[0]
             for r in self.check.execute(
-                f"SELECT step FROM steps JOIN runs ON runs.id = steps.run_id WHERE runs.run = ? AND step IN ({marks})",
+                "SELECT step FROM steps JOIN runs ON runs.id = steps.run_id"
+                f" WHERE runs.run = {m} AND step IN ({marks})",
                 (self.run, *steps),
             )
         }
@@ -117,7 +130,7 @@ class ExactJob:
         return {
             r[0]
             for r in self.check.execute(
-                "SELECT step FROM steps JOIN runs ON runs.id = steps.run_id WHERE runs.run = ?", (self.run,)
+                f"SELECT step FROM steps JOIN runs ON runs.id = steps.run_id WHERE runs.run = {self.mark}", (self.run,)
             )
         }
 

@@ -1,0 +1,589 @@
+"""What both history backends share: one writer thread, batched commits, per-item retry, commit callbacks.
+
+The invariant this module keeps for ingest: **acked => in the history store**.
+A queued item may carry an opaque ``token``; ``on_commit(tokens, new_rows)`` is called
+only after the transaction holding those items has committed (so the rows are
+durable and visible to every other connection), and an item whose statements
+did not commit goes to ``on_failure(tokens, reason)`` instead, never to both,
+never to neither. Ingest turns the first into ``Ack``s and the second into
+``Nack``s (server/ingest.py), so a job is never told to drop a batch that is not
+in the database.
+
+Why this shape:
+
+* All writes go through ONE dedicated thread fed by a queue, so the asyncio
+  ingest loop never blocks on the database and the backend never sees
+  concurrent writers from one collector. The thread drains whatever is queued
+  into one transaction, so the commit rate adapts to the load: one commit per
+  message when idle (lowest ack latency), large transactions under load
+  (highest throughput).
+* Isolation: every value is checked *before* it is queued (``check_params``),
+  so no item can make a shared transaction fail. If one still fails for a
+  reason tied to its items (not a locked database or a lost server, which would
+  fail every item alike: ``_item_independent``), each item is retried in a
+  transaction of its own, so a bad item costs only itself.
+* An item is a unit: a StepBatch's rows and its run's progress update commit
+  or fail together (``submit_batch``), and a new run's ``runs`` row with its
+  layer table (``create_run``).
+
+An item's statements are named (``_Op``: name, parameters, many), not SQL: each
+backend turns a name into its own dialect (``_execute``). The reads are plain
+SQL that both dialects accept, written with ``?`` placeholders; a backend's
+``_fetchall`` translates them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from layrot.server.store_api import (
+    INT64_MAX,
+    LayerRecord,
+    RunRecord,
+    StoreValueError,
+    check_params,
+)
+
+log = logging.getLogger(__name__)
+
+# Upper bound of rows per transaction, so one commit never holds callbacks
+# (acks) back for long under a flood.
+MAX_ROWS_PER_COMMIT = 20_000
+
+# Columns of a step row, in the order ``records.step_rows`` builds them.
+STEP_COLUMNS = (
+    "run_id",
+    "rank",
+    "step",
+    "time",
+    "loss",
+    "command_version",
+    "rotation",
+    "step_angle",
+    "weight_norm",
+    "rho",
+    "dist0",
+    "dstep",
+    "norm_prev",
+    "dot0",
+    "dotstep",
+)
+
+# Names of the statements an item may hold (each backend maps them to SQL; "steps" are step rows).
+STEPS = "steps"
+RUN = "run"
+LAYER = "layer"
+PROGRESS = "progress"  # (last_seen, nonfinite, run_id)
+FIRST_REPORT = "first_report"  # (first_report, run_id)
+WORLD_SIZE = "world_size"  # (world_size, run_id)
+CONTROL_ACK = "control_ack"
+COMMAND = "command"
+AUDIT = "audit"
+ALERT = "alert"
+THRESHOLDS = "thresholds"  # (run, overrides, updated)
+
+
+def check_step_rows(rows: Sequence[Sequence[Any]]) -> None:
+    """``check_params`` for step rows, at a cost per row of a few comparisons.
+
+    The ingest pipeline builds these rows from validated arrays (steps < 2**62,
+    float64 BLOBs of one layer table); this is the backstop that keeps a row
+    from failing a shared transaction if that ever changes.
+    """
+    if not rows:
+        return
+    check_params(rows[0])
+    for r in rows:
+        if not (
+            type(r[0]) is int
+            and type(r[1]) is int
+            and type(r[2]) is int
+            and 0 <= r[0] <= INT64_MAX
+            and 0 <= r[1] <= INT64_MAX
+            and 0 <= r[2] <= INT64_MAX
+            and (r[5] is None or (type(r[5]) is int and 0 <= r[5] <= INT64_MAX))
+        ):
+            raise StoreValueError(f"step row out of range: run_id={r[0]!r} rank={r[1]!r} step={r[2]!r}")
+
+
+def run_params(rec: RunRecord) -> tuple:
+    """The ``runs`` row of a new run, in ``RUN`` column order."""
+    return (
+        rec.run_id,
+        rec.run,
+        rec.framework,
+        rec.framework_version,
+        rec.host,
+        rec.world_size,
+        rec.every,
+        json.dumps(rec.capabilities),
+        json.dumps(rec.meta, sort_keys=True),
+        rec.created,
+        rec.last_seen,
+        rec.first_report,
+        rec.nonfinite,
+        rec.key_hash,
+    )
+
+
+def layer_params(run_id: int, lay: LayerRecord) -> tuple:
+    """One ``layers`` row, in ``LAYER`` column order."""
+    return (
+        run_id,
+        lay.index,
+        lay.name,
+        json.dumps(list(lay.shape)),
+        lay.init_norm,
+        lay.numel,
+        lay.module_type,
+        int(lay.sharded),
+    )
+
+
+# (statement name, parameters or rows, executemany?)
+Op = tuple[str, Sequence[Any], bool]
+
+
+@dataclass(slots=True)
+class Item:
+    """One unit of the writer: its statements commit together or not at all."""
+
+    ops: list[Op]
+    token: Any
+    nrows: int
+    done: threading.Event | None = None
+    new_rows: int = 0  # step rows this item added (not replaced) in its last commit attempt
+
+
+class QueuedStore:
+    """The writer thread and the reads both backends share; a backend supplies the database side.
+
+    ``on_commit(tokens, new_rows)`` is called from the writer thread after each commit
+    with the tokens of the items it contained, in submission order, and for
+    each the number of step rows it added (rows of steps stored already are
+    replaced, not counted);
+    ``on_failure(tokens, reason)`` with the tokens of items whose statements
+    were rolled back and are not in the database.
+
+    A backend implements ``_open_writer`` / ``_close_writer`` (the writer
+    thread's connection), ``_execute`` (one transaction of items, committed),
+    ``_rollback``, ``_item_independent``, ``_fetchall`` (a read with ``?``
+    placeholders) and ``_close_readers``; its ``__init__`` opens the schema and
+    then calls ``_start_writer``.
+    """
+
+    def __init__(
+        self,
+        on_commit: Callable[[list[Any], list[int]], None] | None = None,
+        on_failure: Callable[[list[Any], str], None] | None = None,
+    ) -> None:
+        self.on_commit = on_commit
+        self.on_failure = on_failure
+        self.errors = 0
+        self.commits = 0
+        self.failed_items = 0
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def description(self) -> str:
+        """Where the history is, for logs."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ backend side
+    def _open_writer(self) -> Any:
+        raise NotImplementedError
+
+    def _close_writer(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _execute(self, conn: Any, items: Sequence[Item]) -> None:
+        """Run the items' statements in one transaction and commit it; set each item's ``new_rows``."""
+        raise NotImplementedError
+
+    def _rollback(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _item_independent(self, exc: BaseException) -> bool:
+        """True when a failed transaction would fail for any item alike: retrying items one by one is useless."""
+        return False
+
+    def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def _close_readers(self) -> None:
+        raise NotImplementedError
+
+    def _start_writer(self) -> None:
+        self._thread = threading.Thread(target=self._writer, name="layrot-store-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ writes
+    @property
+    def pending_rows(self) -> int:
+        """Rows (plus statements) queued but not yet committed."""
+        return self._pending
+
+    def _put(self, item: Item) -> None:
+        if self._closed:
+            raise RuntimeError("store is closed")
+        with self._lock:
+            self._pending += item.nrows
+        self._queue.put(item)
+
+    def _submit(self, name: str, params: Sequence[Any], token: Any = None) -> None:
+        check_params(params)
+        self._put(Item([(name, params, False)], token, 1))
+
+    def submit_rows(self, rows: Sequence[Sequence[Any]], token: Any = None) -> None:
+        """Queue step rows (``STEP_COLUMNS`` order); StoreValueError if a value is out of bounds."""
+        check_step_rows(rows)
+        self._put(Item([(STEPS, rows, True)], token, len(rows)))
+
+    def submit_batch(
+        self,
+        rows: Sequence[Sequence[Any]],
+        run_id: int,
+        last_seen: float | None,
+        nonfinite: int,
+        first_report: float | None = None,
+        token: Any = None,
+    ) -> None:
+        """Queue one StepBatch as one unit: its step rows and its run's progress commit together or not at all."""
+        check_step_rows(rows)
+        progress = (last_seen, nonfinite, run_id)
+        check_params(progress)
+        ops: list[Op] = [(STEPS, rows, True), (PROGRESS, progress, False)]
+        if first_report is not None:
+            check_params((first_report, run_id))
+            ops.append((FIRST_REPORT, (first_report, run_id), False))
+        self._put(Item(ops, token, len(rows) + len(ops) - 1))
+
+    def barrier(self, token: Any) -> None:
+        """Queue nothing but a token: it is released after everything queued before it commits."""
+        self._put(Item([], token, 0))
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Block until everything queued so far is committed. Returns False on timeout."""
+        if self._closed or self._thread is None or not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._put(Item([], None, 0, done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush and stop the writer thread."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._close_readers()
+
+    def _commit_items(self, conn: Any, items: list[Item]) -> list[tuple[Item, str | None]]:
+        """Commit ``items`` in one transaction, else one by one; each item with None (stored) or the reason."""
+        try:
+            self._execute(conn, items)
+            self.commits += 1
+            return [(it, None) for it in items]
+        except Exception as exc:  # disk full, locked db, lost server, bad row: never kill the writer
+            self.errors += 1
+            self._rollback(conn)
+            reason = f"{type(exc).__name__}: {exc}"
+            if len(items) == 1 or self._item_independent(exc):
+                log.error("history store: transaction of %d items failed, rolled back: %s", len(items), reason)
+                return [(it, reason) for it in items]
+            log.warning(
+                "history store: transaction of %d items failed (%s); retrying them one by one", len(items), reason
+            )
+        out: list[tuple[Item, str | None]] = []
+        for it in items:
+            if not it.ops:
+                out.append((it, None))
+                continue
+            try:
+                self._execute(conn, (it,))
+                self.commits += 1
+                out.append((it, None))
+            except Exception as exc:
+                self.errors += 1
+                self._rollback(conn)
+                out.append((it, f"{type(exc).__name__}: {exc}"))
+        return out
+
+    def _writer(self) -> None:
+        conn = self._open_writer()
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            items = [first]
+            nrows = first.nrows
+            while nrows < MAX_ROWS_PER_COMMIT:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+                nrows += nxt.nrows
+            outcome = self._commit_items(conn, items)
+            with self._lock:
+                self._pending -= nrows
+            done_items = [it for it, reason in outcome if reason is None and it.token is not None]
+            stored = [it.token for it in done_items]
+            new_rows = [it.new_rows for it in done_items]
+            failed: dict[str, list[Any]] = {}
+            for it, reason in outcome:
+                if reason is not None:
+                    self.failed_items += 1
+                    if it.token is not None:
+                        failed.setdefault(reason, []).append(it.token)
+            self._callback(self.on_commit, stored, new_rows)
+            for reason, tokens in failed.items():
+                self._callback(self.on_failure, tokens, reason)
+            for it in items:
+                if it.done is not None:
+                    it.done.set()
+        self._close_writer(conn)
+
+    @staticmethod
+    def _callback(fn: Callable[..., None] | None, tokens: list[Any], *args: Any) -> None:
+        if fn is None or not tokens:
+            return
+        try:
+            fn(tokens, *args)
+        except Exception:
+            log.exception("store callback failed")
+
+    # ------------------------------------------------------------ runs (ingest)
+    def create_run(self, rec: RunRecord, token: Any = None) -> None:
+        """Queue a new run and its layer table as one unit; ``token`` is released with its commit (or failure).
+
+        A plain INSERT (no upsert): a run name or id that exists already fails
+        this run's creation instead of hanging its layers on another run.
+        StoreValueError when a value is out of bounds.
+        """
+        ops: list[Op] = [(RUN, run_params(rec), False)]
+        ops += [(LAYER, layer_params(rec.run_id, lay), False) for lay in rec.layers]
+        for _, params, _ in ops:
+            check_params(params)
+        self._put(Item(ops, token, len(ops)))
+
+    def insert_run(self, rec: RunRecord) -> None:
+        """Queue a new run and its layer table (no token; see ``create_run``)."""
+        self.create_run(rec)
+
+    def set_world_size(self, run_id: int, world_size: int) -> None:
+        """Queue a run's larger world size (a later Hello announced more ranks)."""
+        self._submit(WORLD_SIZE, (world_size, run_id))
+
+    def set_first_report(self, run_id: int, t: float) -> None:
+        """Queue the time of a run's first reported step."""
+        self._submit(FIRST_REPORT, (t, run_id))
+
+    def update_progress(self, run_id: int, last_seen: float | None, nonfinite: int, token: Any = None) -> None:
+        """Queue a run's newest report time and non-finite count; ``token`` is released with its commit."""
+        self._submit(PROGRESS, (last_seen, nonfinite, run_id), token=token)
+
+    def insert_control_ack(self, params: Sequence[Any]) -> None:
+        """Queue a ControlAck: (run_id, rank, session_id, version, applied, reason, step, time)."""
+        self._submit(CONTROL_ACK, params)
+
+    # ------------------------------------------------------------ control plane (server/control.py)
+    def insert_command(self, params: Sequence[Any]) -> None:
+        """Queue a RateCommand as sent: (run_id, version, time, issued_by, controller, serialized command)."""
+        self._submit(COMMAND, params)
+
+    def insert_audit(self, params: Sequence[Any]) -> None:
+        """Queue an audit entry: (run_id, version, time, who, what, event, step, reason, rank)."""
+        self._submit(AUDIT, params)
+
+    # ------------------------------------------------------------ alerts (server/alert_hub.py, server/alerts.py)
+    def insert_alert(self, params: Sequence[Any]) -> None:
+        """Queue an alert.
+
+        ``params``: (run, layer, step, kind, severity, angle, baseline, time, message, loss_before, loss_after).
+        """
+        self._submit(ALERT, params)
+
+    def save_thresholds(self, run: str, overrides: str, updated: float) -> None:
+        """Queue a run's threshold overrides (json)."""
+        self._submit(THRESHOLDS, (run, overrides, updated))
+
+    # ------------------------------------------------------------ reads
+    def load_runs(self) -> list[RunRecord]:
+        """Every stored run with its layers and newest row (lowest rank), for restoring state."""
+        out = []
+        for r in self._fetchall(
+            "SELECT id, run, framework, framework_version, host, world_size, every, capabilities, meta,"
+            " created, last_seen, first_report, nonfinite, key_hash FROM runs ORDER BY id"
+        ):
+            out.append(
+                RunRecord(
+                    run_id=r[0],
+                    run=r[1],
+                    framework=r[2] or "",
+                    framework_version=r[3] or "",
+                    host=r[4] or "",
+                    world_size=r[5] or 1,
+                    every=r[6] or 1,
+                    capabilities=json.loads(r[7] or "{}"),
+                    meta=json.loads(r[8] or "{}"),
+                    created=r[9] or 0.0,
+                    last_seen=r[10],
+                    first_report=r[11],
+                    nonfinite=r[12] or 0,
+                    key_hash=r[13],
+                )
+            )
+        for rec in out:
+            rec.layers = [
+                LayerRecord(
+                    index=i,
+                    name=n,
+                    shape=json.loads(s or "[]"),
+                    init_norm=x,
+                    numel=k or 0,
+                    module_type=m or "",
+                    sharded=bool(sh),
+                )
+                for i, n, s, x, k, m, sh in self._fetchall(
+                    "SELECT idx, name, shape, init_norm, numel, module_type, sharded FROM layers"
+                    " WHERE run_id=? ORDER BY idx",
+                    (rec.run_id,),
+                )
+            ]
+            rec.stored_steps = {
+                rk: st
+                for rk, st in self._fetchall(
+                    "SELECT rank, MAX(step) FROM steps WHERE run_id=? GROUP BY rank", (rec.run_id,)
+                )
+            }
+            rank = min(rec.stored_steps) if rec.stored_steps else None
+            if rank is not None:
+                rec.last_rank = rank
+                rows = self._fetchall(
+                    "SELECT step, time, loss, rotation, step_angle, weight_norm, rho FROM steps"
+                    " WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT 1",
+                    (rec.run_id, rank),
+                )
+                rec.last_row = tuple(rows[0]) if rows else None
+        return out
+
+    def history_page(self, run_id: int, rank: int, after_step: int, until_step: int, limit: int) -> list[tuple]:
+        """Rows (step, time, loss, rotation, step_angle, weight_norm, rho) with after_step < step <= until_step."""
+        return self._fetchall(
+            "SELECT step, time, loss, rotation, step_angle, weight_norm, rho FROM steps"
+            " WHERE run_id=? AND rank=? AND step>? AND step<=? ORDER BY step LIMIT ?",
+            (run_id, rank, after_step, until_step, limit),
+        )
+
+    def ranks(self, run_id: int) -> list[int]:
+        """Ranks with stored rows for a run."""
+        return [r for (r,) in self._fetchall("SELECT DISTINCT rank FROM steps WHERE run_id=? ORDER BY rank", (run_id,))]
+
+    def highest_run_id(self) -> int:
+        """The highest run id any table uses (0 when none).
+
+        Counts ids of rows without a ``runs`` row too (orphans written by
+        layrot versions before the run-creation rule), so a new run never
+        inherits them.
+        """
+        top = 0
+        for table, col in (("runs", "id"), ("steps", "run_id"), ("layers", "run_id"), ("commands", "run_id")):
+            ((v,),) = self._fetchall(f"SELECT MAX({col}) FROM {table}")
+            top = max(top, v or 0)
+        for table in ("audit", "control_acks"):  # no index on run_id: small tables
+            ((v,),) = self._fetchall(f"SELECT MAX(run_id) FROM {table}")
+            top = max(top, v or 0)
+        return top
+
+    def stored_steps(self, run_id: int, rank: int, steps: Sequence[int]) -> list[int]:
+        """Which of ``steps`` of one rank are in the history (tests, consistency checks)."""
+        return [
+            s
+            for s in steps
+            if self._fetchall("SELECT 1 FROM steps WHERE run_id=? AND rank=? AND step=?", (run_id, rank, s))
+        ]
+
+    def current_commands(self) -> list[tuple[int, int, bytes]]:
+        """(run_id, version, serialized command) of the newest command of every run."""
+        return [
+            (run_id, version, bytes(blob))
+            for run_id, version, blob in self._fetchall(
+                "SELECT run_id, version, command FROM commands c WHERE version ="
+                " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)"
+            )
+        ]
+
+    def last_applied(self) -> list[tuple]:
+        """(run_id, rank, version, step, time, reason) of every rank's newest 'applied' audit entry."""
+        return self._fetchall(
+            "SELECT run_id, rank, version, step, time, reason FROM audit a WHERE event = 'applied' AND id ="
+            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"
+        )
+
+    def last_rejected(self) -> list[tuple]:
+        """(run_id, rank, version, reason) of every rank's newest 'rejected' audit entry."""
+        return self._fetchall(
+            "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
+            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"
+        )
+
+    def recent_audit(self, run_id: int, limit: int) -> list[tuple]:
+        """The newest ``limit`` audit entries of a run, newest first.
+
+        Rows are (version, time, who, what, event, step, reason).
+        """
+        return self._fetchall(
+            "SELECT version, time, who, what, event, step, reason FROM audit WHERE run_id = ? ORDER BY id DESC LIMIT ?",
+            (run_id, limit),
+        )
+
+    def recent_steps(self, run_id: int, rank: int, limit: int) -> list[tuple[int, float]]:
+        """(step, time) of the newest ``limit`` stored steps of one rank, newest first."""
+        return self._fetchall(
+            "SELECT step, time FROM steps WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT ?",
+            (run_id, rank, limit),
+        )
+
+    def alert_counts(self) -> dict[tuple[str, str, str, str], int]:
+        """Stored alerts counted by (run, layer, kind, severity)."""
+        return {
+            (run, layer, kind, severity): n
+            for run, layer, kind, severity, n in self._fetchall(
+                "SELECT run, COALESCE(layer, ''), kind, severity, COUNT(*) FROM alerts"
+                " GROUP BY run, COALESCE(layer, ''), kind, severity"
+            )
+        }
+
+    def alert_runs(self) -> list[str]:
+        """Runs with stored alerts."""
+        return [r for (r,) in self._fetchall("SELECT DISTINCT run FROM alerts")]
+
+    def recent_alerts(self, run: str, limit: int) -> list[tuple]:
+        """The newest ``limit`` stored alerts of a run, newest first, in ``insert_alert`` column order."""
+        return self._fetchall(
+            "SELECT run, layer, step, kind, severity, angle, baseline, time, message, loss_before, loss_after"
+            " FROM alerts WHERE run=? ORDER BY id DESC LIMIT ?",
+            (run, limit),
+        )
+
+    def load_thresholds(self) -> list[tuple[str, str]]:
+        """(run, overrides json) of every run with stored overrides."""
+        return self._fetchall("SELECT run, overrides FROM alert_thresholds")
