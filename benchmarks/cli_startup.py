@@ -6,7 +6,9 @@ times, as wall time of the whole process:
 
 * ``python -c pass``                       Python's own start-up (site, .pth files)
 * ``layrot-agent --help``                  click and the command definitions
-* ``layrot-agent runs --json``             plus grpc, protobuf and one real query
+* ``layrot-agent runs --json`` (HTTP)      the same query through the collector's HTTP API
+                                           (``--collector http://...``): http.client, no grpc
+* ``layrot-agent runs --json`` (gRPC)      plus grpc, protobuf and the query over gRPC
 * ``import click, grpc, layrot_pb2``        for scale: what any click + gRPC command loads
 
 against a real collector (``layrot-agent serve`` in its own process), and with
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collector_proc import start_collector  # noqa: E402
+from collector_proc import free_port, start_collector  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
 
     script = agent_script()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, addr = start_collector(tmp)
+        http_port = free_port()
+        proc, addr = start_collector(tmp, metrics_port=http_port)
+        http_addr = f"http://127.0.0.1:{http_port}"
         try:
             os.chdir(tmp)  # no project folder as sys.path[0]
             cases = {
                 "python -c pass": [sys.executable, "-c", "pass"],
                 "layrot-agent --help": [sys.executable, script, "--help"],
-                "layrot-agent runs --json": [sys.executable, script, "runs", "--json", "--collector", addr],
+                "runs --json (HTTP API)": [sys.executable, script, "runs", "--json", "--collector", http_addr],
+                "runs --json (gRPC)": [sys.executable, script, "runs", "--json", "--collector", addr],
                 # What any click + gRPC query command must load, for scale:
                 "(floor: click grpc pb2)": [
                     sys.executable,

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from layrot.cli.cli_common import client, collector_options_with, tls_options
+from layrot.cli.cli_common import client, collector_options_with, tls_options, write_client
 from layrot.client.errors import CollectorError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -298,7 +298,7 @@ def thresholds_command(
     """
     values: dict[str, float] = {}
     try:
-        with client(collector or obj["collector"], token or obj["token"]) as q:
+        with write_client(collector or obj["collector"], token or obj["token"]) as q:
             if reset:
                 defaults = q.set_thresholds("")
                 q.set_thresholds(

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from layrot.client.errors import DEFAULT_COLLECTOR
+from layrot.core.json_safe import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from layrot.client.query import QueryClient
+    from layrot.client.reader import ReadClient
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -86,17 +88,42 @@ def collector_options_with(fn: Callable, token_help: str) -> Callable:
         show_default=True,
         show_envvar=True,
         metavar="ADDR",
-        help="Collector gRPC address host:port.",
+        help="Collector address: its gRPC port host:port, or its HTTP port http(s)://host:port "
+        "(serve --metrics-port; read commands only, and they start twice as fast).",
     )(fn)
     return fn
 
 
-def client(collector: str, token: str | None) -> QueryClient:
-    """A query client with the command's TLS options; grpc and the generated code load here, on first use."""
+def _tls_given() -> dict[str, str]:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(TLS_META, {}) if ctx is not None else {}
+
+
+def client(collector: str, token: str | None) -> ReadClient:
+    """A read client with the command's TLS options: the HTTP API for an ``http(s)://`` address, else gRPC.
+
+    The HTTP client loads neither grpc nor protobuf; grpc and the generated code load
+    here, on first use, and only for a gRPC address.
+    """
+    from layrot.client.http_query import HttpQueryClient, is_http_address
+
+    if is_http_address(collector):
+        given = _tls_given()
+        return HttpQueryClient(collector, token, ca=given.get("ca"), cert=given.get("cert"), key=given.get("key"))
+    return write_client(collector, token)
+
+
+def write_client(collector: str, token: str | None) -> QueryClient:
+    """A gRPC client for commands that write (control, thresholds); an ``http(s)://`` address is a usage error."""
+    from layrot.client.http_query import is_http_address
     from layrot.client.query import QueryClient, TLSConfig
 
-    ctx = click.get_current_context(silent=True)
-    given = ctx.meta.get(TLS_META, {}) if ctx is not None else {}
+    if is_http_address(collector):
+        raise click.UsageError(
+            f"{collector} is the collector's HTTP port, which only reads; this command writes:"
+            " give its gRPC address host:port (--collector / LAYROT_COLLECTOR)"
+        )
+    given = _tls_given()
     return QueryClient(collector, token, tls=TLSConfig.from_env(given.get("ca"), given.get("cert"), given.get("key")))
 
 
@@ -134,16 +161,6 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] | frozenset
         ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return num(obj)
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def echo_json(obj: Any) -> None:

@@ -34,6 +34,9 @@ from layrot.cli.cli_common import (
 from layrot.cli.cli_common import (
     table as _table,
 )
+from layrot.cli.cli_common import (
+    write_client as _write_client,
+)
 from layrot.client.errors import CollectorError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,7 +224,7 @@ def set_cmd(
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     try:
-        with _client(collector, token) as q:
+        with _write_client(collector, token) as q:
             offset = 0
             if from_now:
                 offset = int(q.get_run(run)["step"])
@@ -260,7 +263,7 @@ def off_cmd(run: str, reason: str, wait: float, as_json: bool, collector: str, t
     from layrot.controllers.profile import off_command
 
     try:
-        with _client(collector, token) as q:
+        with _write_client(collector, token) as q:
             st = q.set_control(run, off_command(reason))
             version = st["requested_version"]
             if wait > 0:
@@ -409,7 +412,7 @@ def _run_controller(
     stop = _stop_on_signals()
     echo: Echo = (lambda s: None) if as_json else click.echo
     try:
-        with _client(collector, token) as q:
+        with _write_client(collector, token) as q:
             summary = start(q, stop, echo)
     except ValueError as exc:
         raise bad_value(str(exc)) from None

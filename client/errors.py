@@ -25,10 +25,13 @@ def default_address() -> str:
 class CollectorError(Exception):
     """A query failed; ``str(exc)`` is a one-line explanation for humans.
 
-    ``code`` is the ``grpc.StatusCode`` of the failed call (None when there was no call),
-    e.g. ``NOT_FOUND`` for an unknown run.
+    ``status`` names the outcome the same way for both transports: the gRPC status code's
+    name (``"NOT_FOUND"`` for an unknown run, ``"UNAUTHENTICATED"``, ...), None when there
+    was no answer. ``code`` is the ``grpc.StatusCode`` itself on the gRPC client (None on
+    the HTTP client, which never loads grpc).
     """
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, status: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status if status is not None else (code.name if code is not None else None)

@@ -16,15 +16,23 @@ comes from ``layrot.agent.transport.open_channel``, the one the training jobs us
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from layrot.agent.transport import DEFAULT_OPTIONS, AddressError, TLSConfig, explain_connection_error, open_channel
 from layrot.client.errors import DEFAULT_COLLECTOR, CollectorError, default_address
+from layrot.client.history import History, concat_histories
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
+from layrot.proto.views import (
+    alert_dict,
+    command_dict,
+    control_status_dict,
+    run_detail_dict,
+    run_summary_dict,
+    thresholds_dict,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -38,79 +46,11 @@ __all__ = [
     "History",
     "QueryClient",
     "TLSConfig",
+    "alert_dict",
     "command_dict",
     "control_status_dict",
     "default_address",
 ]
-
-
-@dataclass
-class History:
-    """Per-step, per-layer history of one rank of a run; 2-D arrays are (steps, layers)."""
-
-    run: str
-    layer_names: list[str]
-    steps: np.ndarray
-    times: np.ndarray
-    loss: np.ndarray
-    rotation: np.ndarray
-    step_angle: np.ndarray
-    weight_norm: np.ndarray
-    rho: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_names)
-
-    def __len__(self) -> int:
-        return int(self.steps.size)
-
-
-def alert_dict(a: pb.Alert) -> dict[str, Any]:
-    """An Alert as plain Python: run, layer, step, kind, severity, angle and baseline (radians), time
-    (unix seconds), message, loss_before, loss_after (NaN where unknown); incident (one id per
-    incident: an update re-sends it), layers (every layer of the incident), last_step, updates
-    (0 when first raised), updated and resolved (unix seconds; resolved 0 while on)."""
-    return {
-        "run": a.run,
-        "layer": a.layer,
-        "step": a.step,
-        "kind": a.kind,
-        "severity": a.severity,
-        "angle": a.angle,
-        "baseline": a.baseline,
-        "time": a.time,
-        "message": a.message,
-        "loss_before": a.loss_before,
-        "loss_after": a.loss_after,
-        "incident": a.incident,
-        "layers": list(a.layers),
-        "last_step": a.last_step or a.step,
-        "updates": a.updates,
-        "updated": a.updated or a.time,
-        "resolved": a.resolved,
-    }
-
-
-def _summary(s: pb.RunSummary) -> dict[str, Any]:
-    return {
-        "run": s.run,
-        "framework": s.framework,
-        "host": s.host,
-        "world_size": s.world_size,
-        "step": s.step,
-        "last_report": s.last_report or None,
-        "first_report": s.first_report or None,
-        "num_layers": s.num_layers,
-        "min_rotation": s.min_rotation,
-        "mean_rotation": s.mean_rotation,
-        "connected": s.connected,
-        "sessions": s.sessions,
-        "layca": s.layca,
-        "control": s.control,
-        "meta": dict(s.meta),
-    }
 
 
 class QueryClient:
@@ -233,7 +173,7 @@ class QueryClient:
             )
         except grpc.RpcError as exc:
             raise self._error(exc) from None
-        return {f.name: getattr(resp, f.name) for f in pb.Thresholds.DESCRIPTOR.fields}
+        return thresholds_dict(resp)
 
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run the collector knows, as dicts (see ``RunSummary`` in the proto)."""
@@ -241,7 +181,7 @@ class QueryClient:
             resp = self._stub.ListRuns(pb.ListRunsRequest(), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
-        return [_summary(s) for s in resp.runs]
+        return [run_summary_dict(s) for s in resp.runs]
 
     def get_run(self, run: str) -> dict[str, Any]:
         """Summary plus ``layers``: per-layer newest state (rotation, step_angle, weight_norm, rho, ...)."""
@@ -249,22 +189,7 @@ class QueryClient:
             resp = self._stub.GetRun(pb.GetRunRequest(run=run), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
-        out = _summary(resp.summary)
-        out["layers"] = [
-            {
-                "index": lay.index,
-                "name": lay.name,
-                "shape": list(lay.shape),
-                "init_norm": lay.init_norm,
-                "rotation": lay.rotation,
-                "step_angle": lay.step_angle,
-                "weight_norm": lay.weight_norm,
-                "rho": lay.rho,
-                "step": lay.step,
-            }
-            for lay in resp.layers
-        ]
-        return out
+        return run_detail_dict(resp)
 
     def iter_history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> Iterator[History]:
         """History in chunks (<= ~2000 steps each) as they stream in: constant memory for any run length."""
@@ -300,29 +225,7 @@ class QueryClient:
 
     def history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> History:
         """Full history (inclusive step bounds; 0 = open) as numpy arrays."""
-        import numpy as np
-
-        parts = list(self.iter_history(run, since_step, until_step, rank))
-        names = parts[0].layer_names if parts else []
-        L = len(names)
-
-        def cat(key: str, two_d: bool = True) -> np.ndarray:
-            arrays = [getattr(p, key) for p in parts]
-            if not arrays:
-                return np.empty((0, L)) if two_d else np.empty(0)
-            return np.concatenate(arrays, axis=0)
-
-        return History(
-            run=run,
-            layer_names=names,
-            steps=cat("steps", False).astype(np.int64),
-            times=cat("times", False),
-            loss=cat("loss", False),
-            rotation=cat("rotation"),
-            step_angle=cat("step_angle"),
-            weight_norm=cat("weight_norm"),
-            rho=cat("rho"),
-        )
+        return concat_histories(run, list(self.iter_history(run, since_step, until_step, rank)))
 
     # ------------------------------------------------------------ control plane
     def set_control(self, run: str, command: pb.RateCommand) -> dict[str, Any]:
@@ -346,79 +249,3 @@ class QueryClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return control_status_dict(resp)
-
-
-def command_dict(cmd: pb.RateCommand) -> dict[str, Any]:
-    """A RateCommand as plain Python (an AdaptCopy table as its extent, not its bytes)."""
-    out: dict[str, Any] = {
-        "version": cmd.version,
-        "run": cmd.run,
-        "mode": cmd.mode or "layca",
-        "alpha": cmd.alpha,
-        "schedule": None,
-        "multipliers": list(cmd.multipliers),
-        "layer_multipliers": dict(cmd.layer_multipliers),
-        "table": None,
-        "reason": cmd.reason,
-        "issued_by": cmd.issued_by,
-        "issued_at": cmd.issued_at or None,
-        "controller": cmd.controller,
-        "step_offset": cmd.step_offset,
-        "apply_at_step": cmd.apply_at_step,
-    }
-    if cmd.HasField("schedule"):
-        s = cmd.schedule
-        out["schedule"] = {
-            "rho0": s.rho0,
-            "kind": s.kind or "constant",
-            "milestones": list(s.milestones),
-            "factor": s.factor,
-            "total_steps": s.total_steps,
-            "rho_min": s.rho_min,
-        }
-    if cmd.HasField("table"):
-        t = cmd.table
-        n = len(t.rates) // (8 * t.num_layers) if t.num_layers else 0
-        out["table"] = {"start_step": t.start_step, "num_layers": t.num_layers, "num_steps": n}
-    return out
-
-
-def control_status_dict(st: pb.ControlStatus) -> dict[str, Any]:
-    """A ControlStatus as plain Python (see the proto for the fields)."""
-    return {
-        "run": st.run,
-        "requested": command_dict(st.requested) if st.requested.version else None,
-        "requested_version": st.requested.version,
-        "applied_version": st.applied_version,
-        "applied_step": st.applied_step,
-        "rejected_reason": st.rejected_reason,
-        "layer_names": list(st.layer_names),
-        "requested_rho": list(st.requested_rho),
-        "applied_rho": list(st.applied_rho),
-        "audit": [
-            {
-                "version": a.version,
-                "time": a.time,
-                "who": a.who,
-                "what": a.what,
-                "event": a.event,
-                "step": a.step,
-                "reason": a.reason,
-            }
-            for a in st.audit
-        ],
-        "ranks": [
-            {
-                "rank": r.rank,
-                "applied_version": r.applied_version,
-                "applied_step": r.applied_step,
-                "wanted_step": r.wanted_step,
-                "late": r.late,
-                "rejected_version": r.rejected_version,
-                "rejected_reason": r.rejected_reason,
-                "step": r.step,
-                "connected": r.connected,
-            }
-            for r in st.ranks
-        ],
-    }

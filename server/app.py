@@ -33,6 +33,7 @@ from layrot.server.alertmanager import AlertmanagerPusher
 from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
 from layrot.server.auth import ServerTLS, TokenInterceptor, is_loopback
 from layrot.server.control import ControlPlane
+from layrot.server.http_api import HttpApi
 from layrot.server.ingest import IngestLimits, IngestServicer, add_ingest_to_server, grpc_receive_limit
 from layrot.server.metrics import LayrotCollector, MetricsServer
 from layrot.server.query import QueryServicer
@@ -138,6 +139,7 @@ class Collector:
         self.query: QueryServicer | None = None
         self.health: health_aio.HealthServicer | None = None
         self.metrics: MetricsServer | None = None
+        self.http_api: HttpApi | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -163,6 +165,28 @@ class Collector:
         """``http://host:port/metrics`` (None when metrics are disabled)."""
         return self.metrics.url if self.metrics is not None else None
 
+    @property
+    def http_url(self) -> str | None:
+        """``http(s)://host:port`` of the HTTP port: /metrics, /healthz, /readyz, /api/v1 (None when off)."""
+        return self.metrics.base_url if self.metrics is not None else None
+
+    # ------------------------------------------------------------ what the HTTP API needs (server/http_api.py)
+    def is_ready(self) -> bool:
+        """True while the collector serves (started, loop running, not stopping)."""
+        return self._running and self.loop is not None and not self.loop.is_closed()
+
+    def count_rejection(self, reason: str) -> None:
+        """Count a refused request in the rejection counters, from any thread (they belong to the loop)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.state.reject, reason)
+        else:
+            self.state.reject(reason)
+
+    def _http_app(self, metrics_app: Any) -> HttpApi:
+        self.http_api = HttpApi(metrics_app, self, token=self.token, read_token=self.read_token)
+        return self.http_api
+
     # ------------------------------------------------------------ lifecycle
     def start(self) -> Collector:
         """Open the store, restore history, start serving; returns once listening."""
@@ -178,6 +202,7 @@ class Collector:
                     self.metrics_host,
                     self.metrics_port,
                     ssl_context=self.tls.ssl_context() if self.tls else None,
+                    wrap=self._http_app,
                 )
                 self.metrics_port = self.metrics.port
             self._ready.clear()
@@ -336,6 +361,8 @@ class Collector:
         if not self._running:
             return
         self._running = False
+        if self.http_api is not None:
+            self.http_api.close()
         loop, stop_future = self.loop, self._stop_future
         if loop is not None and stop_future is not None and not loop.is_closed():
 

@@ -48,6 +48,7 @@ __all__ = [
     "bearer_matches",
     "is_loopback",
     "read_token_file",
+    "token_digests",
 ]
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -60,6 +61,11 @@ Kind = str  # "open", "read" or "write"
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def token_digests(*tokens: str | None) -> tuple[bytes, ...]:
+    """SHA-256 digests of the given tokens (None and empty ones left out), as :func:`bearer_matches` wants them."""
+    return tuple(_digest(t) for t in tokens if t)
 
 
 def bearer_matches(metadata: Any, digests: tuple[bytes, ...]) -> bool:
@@ -129,9 +135,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         read_token: str | None = None,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
-        self._write = (_digest(token),) if token else ()
+        self._write = token_digests(token)
         # The write token is a superset: whoever may write may also read.
-        self._read = tuple(_digest(t) for t in (read_token, token) if t) if read_token else ()
+        self._read = token_digests(read_token, token) if read_token else ()
         self._on_reject = on_reject
 
     @property

@@ -229,9 +229,22 @@ class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: no access log
         pass
 
+    def get_environ(self) -> dict[str, Any]:
+        env = super().get_environ()
+        # PATH_INFO is percent-decoded, so a run name with "%2F" in it would read as two path
+        # segments; the HTTP API splits the raw path and decodes each segment itself.
+        env["layrot.raw_path"] = self.path.split("?", 1)[0]
+        # Long answers (the alert stream) watch it to notice at once when their reader hangs up.
+        env["layrot.socket"] = self.connection
+        return env
+
 
 class MetricsServer:
     """``/metrics`` over HTTP, or HTTPS with ``ssl_context``, on its own registry and thread.
+
+    ``wrap`` turns the ``/metrics`` WSGI app into the app the port serves (the
+    collector passes the HTTP API of server/http_api.py, which routes ``/metrics``
+    back to it); without it every path answers the metrics.
 
     Same server as ``prometheus_client.start_http_server`` but with a short
     poll interval, so stopping a collector takes milliseconds, not 0.5 s. TLS
@@ -245,6 +258,7 @@ class MetricsServer:
         host: str = "127.0.0.1",
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
+        wrap: Callable[[Any], Any] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
@@ -253,9 +267,10 @@ class MetricsServer:
         class _LayrotMetricsServer(_Server):
             address_family = family
 
-        self._httpd = make_server(
-            host, port, make_wsgi_app(self.registry), _LayrotMetricsServer, handler_class=_QuietHandler
-        )
+        app = make_wsgi_app(self.registry)
+        if wrap is not None:
+            app = wrap(app)
+        self._httpd = make_server(host, port, app, _LayrotMetricsServer, handler_class=_QuietHandler)
         if ssl_context is not None:
             # The handshake runs on the first read, in the request's own thread: with the
             # default (handshake inside accept) one client that connects and sends nothing
@@ -272,11 +287,16 @@ class MetricsServer:
         self.port: int = self._httpd.server_address[1]
 
     @property
-    def url(self) -> str:
+    def base_url(self) -> str:
+        """``http(s)://host:port`` of the port (``127.0.0.1`` when bound to all interfaces)."""
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
         if ":" in host:
             host = f"[{host}]"
-        return f"{self.scheme}://{host}:{self.port}/metrics"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/metrics"
 
     def close(self) -> None:
         """Stop serving and release the port."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from reference import angle, cosine_distance, rel_err
 
+from layrot.client.http_query import HttpQueryClient, is_http_address
 from layrot.client.query import QueryClient
 
 TOL = 1e-6  # relative, where the value is not tiny
@@ -11,8 +12,11 @@ TINY = 1e-9
 
 
 def check_history(address: str, run: str, w0, saved, steps: list[int], tol: float = TOL, tiny: float = TINY):
-    """The collector's rotation and step angle at ``steps`` vs float64 references from the saved weights."""
-    hist = QueryClient(address).history(run)
+    """The collector's rotation and step angle at ``steps`` vs float64 references from the saved weights.
+
+    ``address`` is the collector's gRPC address, or its HTTP port (``http://...``) to read the history there.
+    """
+    hist = (HttpQueryClient(address) if is_http_address(address) else QueryClient(address)).history(run)
     assert list(hist.steps) == steps
     worst = [0.0, 0.0]
     for k, t in enumerate(steps):

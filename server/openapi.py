@@ -1,0 +1,257 @@
+"""The OpenAPI 3.1 description of the collector's read-only JSON API (server/http_api.py).
+
+Served at ``/api/v1/openapi.json``; tests/test_http_api.py checks that every
+path it names answers and that the answers carry the properties it lists.
+The schemas follow ``layrot.proto.views``, the dicts both clients return.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from layrot.core.version import __version__
+
+__all__ = ["openapi_document"]
+
+_NUM = {"type": ["number", "null"], "description": "null where unknown (NaN)"}
+_TIME = {"type": ["number", "null"], "description": "unix seconds; null = never"}
+
+
+def _obj(props: dict[str, Any], description: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props, "required": sorted(props)}
+    if description:
+        out["description"] = description
+    return out
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _rows(what: str) -> dict[str, Any]:
+    return {
+        "type": "array",
+        "description": f"{what}: one row per step, one value per layer (forward order), null where unknown",
+        "items": {"type": "array", "items": {"type": ["number", "null"]}},
+    }
+
+
+_RUN_SUMMARY = {
+    "run": {"type": "string"},
+    "framework": {"type": "string"},
+    "host": {"type": "string"},
+    "world_size": {"type": "integer"},
+    "step": {"type": "integer", "description": "newest reported step of rank 0"},
+    "last_report": _TIME,
+    "first_report": _TIME,
+    "num_layers": {"type": "integer"},
+    "min_rotation": _NUM,
+    "mean_rotation": _NUM,
+    "connected": {"type": "boolean"},
+    "sessions": {"type": "integer"},
+    "layca": {"type": "boolean"},
+    "control": {"type": "boolean"},
+    "meta": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+_LAYER_STATE = {
+    "index": {"type": "integer"},
+    "name": {"type": "string"},
+    "shape": {"type": "array", "items": {"type": "integer"}},
+    "init_norm": _NUM,
+    "rotation": {**_NUM, "description": "cosine distance to the initial weights"},
+    "step_angle": {**_NUM, "description": "angle of the newest step, radians"},
+    "weight_norm": _NUM,
+    "rho": {**_NUM, "description": "Layca rate; null without Layca"},
+    "step": {"type": "integer"},
+}
+
+_ALERT = {
+    "run": {"type": "string"},
+    "layer": {"type": "string", "description": "empty for run-level alerts"},
+    "step": {"type": "integer"},
+    "kind": {"type": "string"},
+    "severity": {"type": "string", "enum": ["warning", "critical"]},
+    "angle": _NUM,
+    "baseline": _NUM,
+    "time": {"type": "number"},
+    "message": {"type": "string"},
+    "loss_before": _NUM,
+    "loss_after": _NUM,
+    "incident": {"type": "string"},
+    "layers": {"type": "array", "items": {"type": "string"}},
+    "last_step": {"type": "integer"},
+    "updates": {"type": "integer"},
+    "updated": {"type": "number"},
+    "resolved": {"type": "number", "description": "unix seconds the condition ended; 0 while on"},
+}
+
+_CHUNK = {
+    "steps": {"type": "array", "items": {"type": "integer"}},
+    "times": {"type": "array", "items": {"type": ["number", "null"]}},
+    "loss": {"type": "array", "items": {"type": ["number", "null"]}},
+    "rotation": _rows("rotation"),
+    "step_angle": _rows("step angle (radians)"),
+    "weight_norm": _rows("weight norm"),
+    "rho": _rows("Layca rate"),
+}
+
+_CONTROL = {
+    "run": {"type": "string"},
+    "requested": {"type": ["object", "null"], "description": "the current command; null = none"},
+    "requested_version": {"type": "integer"},
+    "applied_version": {"type": "integer"},
+    "applied_step": {"type": "integer"},
+    "rejected_reason": {"type": "string"},
+    "layer_names": {"type": "array", "items": {"type": "string"}},
+    "requested_rho": {"type": "array", "items": {"type": ["number", "null"]}},
+    "applied_rho": {"type": "array", "items": {"type": ["number", "null"]}},
+    "audit": {"type": "array", "items": {"type": "object"}},
+    "ranks": {"type": "array", "items": {"type": "object"}},
+}
+
+
+def _json_answer(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _param(name: str, where: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "schema": schema, "description": description}
+
+
+_RUN_PARAM = _param("run", "path", {"type": "string"}, "run name, percent-encoded", required=True)
+_STEP = {"type": "integer", "minimum": 0}
+_ERRORS = {
+    "400": {"$ref": "#/components/responses/Error"},
+    "401": {"$ref": "#/components/responses/Error"},
+    "404": {"$ref": "#/components/responses/Error"},
+    "503": {"$ref": "#/components/responses/Error"},
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``/api/v1``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "layrot collector API",
+            "version": __version__,
+            "description": (
+                "Read-only JSON view of a layrot collector: runs, per-layer state, history, alerts and"
+                " control status. The same answers as the gRPC Query service. With a read token set"
+                " (serve --read-token), send 'Authorization: Bearer <read or write token>'."
+            ),
+        },
+        "servers": [{"url": "/api/v1"}],
+        "security": [{}, {"bearer": []}],
+        "paths": {
+            "/runs": {
+                "get": {
+                    "summary": "Every run the collector knows, sorted by name",
+                    "operationId": "listRuns",
+                    "responses": {
+                        "200": _json_answer(_obj({"runs": {"type": "array", "items": _ref("RunSummary")}})),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/runs/{run}": {
+                "get": {
+                    "summary": "A run's summary and each layer's newest state",
+                    "operationId": "getRun",
+                    "parameters": [_RUN_PARAM],
+                    "responses": {"200": _json_answer(_ref("RunDetail")), **_ERRORS},
+                }
+            },
+            "/runs/{run}/history": {
+                "get": {
+                    "summary": "Per-step history of one rank, in columnar chunks (streamed)",
+                    "operationId": "getHistory",
+                    "parameters": [
+                        _RUN_PARAM,
+                        _param("since_step", "query", _STEP, "first step (inclusive); 0 = from the start"),
+                        _param("until_step", "query", _STEP, "last step (inclusive); 0 = to the end"),
+                        _param("rank", "query", _STEP, "which rank's rows (default 0)"),
+                    ],
+                    "responses": {"200": _json_answer(_ref("History")), **_ERRORS},
+                }
+            },
+            "/runs/{run}/control": {
+                "get": {
+                    "summary": "Requested vs applied Layca command, per-layer rates, audit trail",
+                    "operationId": "getControl",
+                    "parameters": [_RUN_PARAM],
+                    "responses": {"200": _json_answer(_ref("ControlStatus")), **_ERRORS},
+                }
+            },
+            "/alerts": {
+                "get": {
+                    "summary": "Kept alerts, oldest first",
+                    "operationId": "listAlerts",
+                    "parameters": [
+                        _param("run", "query", {"type": "string"}, "one run (default: every run)"),
+                        _param("limit", "query", _STEP, "the newest N (0 = all kept)"),
+                        _param("since", "query", {"type": "number"}, "only alerts at or after (unix seconds)"),
+                    ],
+                    "responses": {
+                        "200": _json_answer(_obj({"alerts": {"type": "array", "items": _ref("Alert")}})),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/alerts/stream": {
+                "get": {
+                    "summary": "Alerts as they are raised (server-sent events: one 'data: <Alert JSON>' each)",
+                    "operationId": "watchAlerts",
+                    "parameters": [
+                        _param("run", "query", {"type": "string"}, "one run (default: every run)"),
+                        _param("backlog", "query", _STEP, "first the newest N kept alerts"),
+                        _param("since", "query", {"type": "number"}, "backlog only from this time (unix seconds)"),
+                    ],
+                    "responses": {
+                        "200": {"description": "event stream", "content": {"text/event-stream": {}}},
+                        **_ERRORS,
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                "Error": _json_answer(
+                    _obj(
+                        {
+                            "error": _obj(
+                                {
+                                    "status": {"type": "string", "description": "gRPC status name, e.g. NOT_FOUND"},
+                                    "message": {"type": "string"},
+                                }
+                            )
+                        }
+                    ),
+                    "the request was refused; the message says why",
+                )
+            },
+            "schemas": {
+                "RunSummary": _obj(_RUN_SUMMARY),
+                "LayerState": _obj(_LAYER_STATE),
+                "RunDetail": _obj(
+                    {**_RUN_SUMMARY, "layers": {"type": "array", "items": _ref("LayerState")}},
+                    "RunSummary plus each layer's newest state, in forward order",
+                ),
+                "HistoryChunk": _obj(_CHUNK),
+                "History": _obj(
+                    {
+                        "run": {"type": "string"},
+                        "rank": {"type": "integer"},
+                        "layer_names": {"type": "array", "items": {"type": "string"}},
+                        "chunks": {"type": "array", "items": _ref("HistoryChunk")},
+                    },
+                    "consecutive chunks of at most ~2000 steps; an 'error' member at the end when the"
+                    " stream broke after it had started",
+                ),
+                "Alert": _obj(_ALERT),
+                "ControlStatus": _obj(_CONTROL),
+            },
+        },
+    }
