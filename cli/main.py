@@ -256,6 +256,7 @@ def serve(
         raise click.ClickException(f"cannot start the collector (db {redact_url(db)}): {exc}") from None
     click.echo(
         f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
+        f"JSON API {collector.http_url}/api/v1, "
         f"db {collector.store.description if collector.store else db} ({collector.security_summary})",
         err=True,
     )

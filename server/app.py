@@ -216,10 +216,11 @@ class Collector:
             raise
         self._running = True
         log.info(
-            "collector listening: grpc %s (%s), metrics %s, db %s",
+            "collector listening: grpc %s (%s), metrics %s, JSON API %s, db %s",
             self.grpc_address,
             self.security_summary,
             self.metrics_url,
+            f"{self.http_url}/api/v1" if self.http_url else None,
             redact_url(self.db_path),  # a URL may carry a password
         )
         self._warn_exposed()

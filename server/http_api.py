@@ -346,7 +346,7 @@ class HttpApi:
 
         def body() -> Iterator[bytes]:
             head = {"run": request.run, "rank": request.rank, "layer_names": names}
-            yield (json.dumps(head)[:-1] + ',"chunks":[').encode()
+            yield (json.dumps(head, separators=(",", ":"))[:-1] + ',"chunks":[').encode()
             sep = ""
             if first is not None and first.steps:
                 yield _chunk_json(first, L).encode()
