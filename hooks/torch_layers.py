@@ -22,6 +22,7 @@ also sees parameters read by functional code (``nn.MultiheadAttention``'s
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -31,6 +32,8 @@ from torch import nn
 
 from layrot.core.layer_rule import LayerSelector, select_layers
 from layrot.hooks.torch_shards import module_type_name
+
+log = logging.getLogger(__name__)
 
 
 def _wrapper_attributes(module: nn.Module) -> tuple[str, ...]:
@@ -112,12 +115,36 @@ def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tup
     return [(n, p, owners.get(n, "")) for n, p in chosen]
 
 
-def is_compiled(model: nn.Module) -> bool:
-    """True when ``model`` or one of its modules runs under ``torch.compile`` (wrapper or ``Module.compile()``)."""
-    return any(
-        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-        for m in model.modules()
-    )
+class EagerUntilOrdered:
+    """Makes ``torch.compile`` run eagerly (stance ``"force_eager"``) until :meth:`release`.
+
+    The forward order is recorded with module hooks during the first training step and
+    the hooks are removed after it. Compiled into dynamo's first graph, their removal
+    would change what the graph guards on and force a recompilation at the second
+    step; run eagerly, the first step compiles nothing, the second compiles exactly
+    the graphs a run without the hook compiles, and the hooks see every module call
+    (``torch.compile`` applied before or after ``watch`` alike). The stance is global,
+    so compiled functions of the job run eagerly until then too.
+    """
+
+    def __init__(self) -> None:
+        self._ours: Any = None
+        self._prior: Any = None
+        try:
+            stance = torch.compiler.set_stance("force_eager")
+            self._ours, self._prior = stance.stance, stance.prev
+        except Exception as exc:  # an older torch, or called inside a compiled region
+            log.debug("layrot: cannot make torch.compile eager for the first step (%r)", exc)
+
+    def release(self) -> None:
+        """Give ``torch.compile`` back its prior stance (idempotent; kept if the job changed it meanwhile)."""
+        if self._ours is None:
+            return
+        ours, self._ours = self._ours, None
+        from torch._dynamo import eval_frame
+
+        if getattr(eval_frame, "_stance", None) is ours:
+            eval_frame._set_stance(self._prior)
 
 
 _Wrap = Callable[[Callable[..., Any], str], Callable[..., Any]]
@@ -142,11 +169,11 @@ class ForwardOrderRecorder:
       (``nn.MultiheadAttention``'s ``out_proj.weight``) as well as forwards run inside
       ``optimizer.step(closure)``.
 
-    ``module_hooks=False`` keeps only the gradient hooks: for ``torch.compile``d
-    models, where adding then removing module hooks changes what dynamo guards on
-    and forces a recompilation (gradient hooks of leaf parameters run in the eager
-    autograd engine, outside the compiled graphs). ``wrap(fn, where)`` lets the
-    watch handle make the hooks never fatal. Both kinds are removed by
+    Under ``torch.compile`` both need the first step to run eagerly
+    (:class:`EagerUntilOrdered`): a compiled backward accumulates every gradient of
+    its graph at once, in the graph's input order. ``module_hooks=False`` keeps only
+    the gradient hooks. ``wrap(fn, where)`` lets the watch handle make the hooks
+    never fatal. Both kinds are removed by
     :meth:`remove` (the handle calls it once the order is fixed).
     """
 

@@ -39,11 +39,11 @@ from layrot.agent.measurement import PackedMeasurement
 from layrot.agent.reporter import LayerSpec, ReporterStats, new_run_key
 from layrot.hooks.torch_distances import LayerDistances
 from layrot.hooks.torch_layers import (
+    EagerUntilOrdered,
     ForwardOrderRecorder,
     LayerSelector,
     candidate_layers,
     init_norms,
-    is_compiled,
     stable_name,
     stable_named_parameters,
 )
@@ -200,8 +200,7 @@ class WatchHandle(WatchBase):
         self._init_norms = (
             self._shards.global_init_norms(self._w0, self.every) if self._shards.any else init_norms(self._w0)
         )
-        # Compiled models: gradient hooks only (adding then removing module hooks recompiles).
-        self._recorder = ForwardOrderRecorder(model, named, module_hooks=not is_compiled(model), wrap=self._guarded)
+        self._recorder = ForwardOrderRecorder(model, named, wrap=self._guarded)
         self._prev_valid = True
         self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
         self._loss: torch.Tensor | None = None
@@ -211,6 +210,8 @@ class WatchHandle(WatchBase):
             optimizer.register_step_pre_hook(self._guarded(self._pre_step, "optimizer step pre-hook", at_step=True)),
             optimizer.register_step_post_hook(self._guarded(self._post_step, "optimizer step post-hook", at_step=True)),
         ]
+        # torch.compile stays eager until the order is fixed, so removing the hooks recompiles nothing.
+        self._eager = EagerUntilOrdered()
 
     # ------------------------------------------------------------ public API
 
@@ -255,6 +256,7 @@ class WatchHandle(WatchBase):
             h.remove()
         if self._recorder is not None:
             self._recorder.remove()
+        self._eager.release()
 
     # ------------------------------------------------------------ never fatal
 
@@ -280,6 +282,10 @@ class WatchHandle(WatchBase):
         self._hook_errors += 1
         first = not self._failed
         self._failed = True
+        try:
+            self._eager.release()
+        except Exception as inner:
+            log.debug("layrot: cannot restore the torch.compile stance: %r", inner)
         handler = self.on_error
         if handler is not None:
             try:
@@ -340,6 +346,7 @@ class WatchHandle(WatchBase):
         )
         if recorder is not None:
             recorder.remove()
+        self._eager.release()
         order = self._in_forward_order(self._names)
         for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded"):
             seq = getattr(self, attr)
