@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from layrot.agent.measurement import PackedMeasurement
-from layrot.agent.reporter import LayerSpec, ReporterStats, new_run_key
+from layrot.agent.reporter import LayerSpec, ReporterStats, default_run_name, new_run_key
 from layrot.hooks.torch_distances import LayerDistances
 from layrot.hooks.torch_layers import (
     EagerUntilOrdered,
@@ -89,19 +90,50 @@ def real_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     )
 
 
-def _shared_run_key() -> str:
-    """One run key for every rank: rank 0's, by one ``broadcast_object_list`` when torch.distributed runs."""
+def _elastic_run_name() -> str | None:
+    """``<script>-<TORCHELASTIC_RUN_ID>`` under torchrun with a rendezvous id (the same on every rank), else None."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if not run_id or run_id == "none":  # torchrun's default id when none was given
+        return None
+    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
+    return f"{script}-{run_id}"
+
+
+def _shared_run(run: str | None) -> tuple[str | None, str]:
+    """The run name (None: the default, resolved later) and run key every rank uses.
+
+    The key is rank 0's, and so is the default name when the job names no run
+    (``run=None``, no ``LAYROT_RUN``): the default has a timestamp and a host, so
+    ranks choosing their own would split the job into one run per rank. Under
+    torchrun with a rendezvous id the name is taken from it; otherwise both travel in
+    one ``broadcast_object_list`` when torch.distributed runs (every rank calls
+    ``watch``, as the key needs already).
+    """
     key = new_run_key()
+    named = run is not None or bool(os.environ.get("LAYROT_RUN"))
+    if not named:
+        run = _elastic_run_name()
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box: list[Any] = [key]
+            box: list[Any] = [key, run if (named or run is not None) else default_run_name()]
             dist.broadcast_object_list(box, src=0)
             key = str(box[0])
+            if not named:
+                run = str(box[1])
+            return run, key
     except Exception as exc:  # a rank with its own key is refused by the collector, never crashed
-        log.warning("layrot: could not share the run key across ranks (%s); set LAYROT_RUN_KEY for the job", exc)
-    return key
+        log.warning(
+            "layrot: could not share the run name and key across ranks (%s); pass run= and set LAYROT_RUN_KEY", exc
+        )
+        return run, key
+    if not named and run is None and _dist_rank_world()[1] > 1:
+        log.warning(
+            "layrot: WORLD_SIZE > 1 but no process group is initialized at watch(): each rank picks its own "
+            "default run name; call watch() after init_process_group, or pass run= / set LAYROT_RUN"
+        )
+    return run, key
 
 
 class _DeviceFetch:
@@ -168,6 +200,7 @@ class WatchHandle(WatchBase):
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
     ) -> None:
+        run, run_key = _shared_run(run)  # collective when torch.distributed runs: before anything can raise
         self._configure(
             run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
         )
@@ -205,7 +238,7 @@ class WatchHandle(WatchBase):
         self._prev_is_w0 = True  # until the first copy, w(t-1) = w(0) and its norm is known exactly
         self._loss: torch.Tensor | None = None
         self.step = 0
-        self._run_key = _shared_run_key()
+        self._run_key = run_key
         self._hooks = [
             optimizer.register_step_pre_hook(self._guarded(self._pre_step, "optimizer step pre-hook", at_step=True)),
             optimizer.register_step_post_hook(self._guarded(self._post_step, "optimizer step post-hook", at_step=True)),
@@ -500,7 +533,9 @@ def watch(
             hook runs right after its ``step()`` through the optimizer's step
             hooks, so a step skipped by ``GradScaler`` is not a step, and with
             gradient accumulation steps are optimizer steps.
-        run: run id shared by all ranks; default ``LAYROT_RUN`` or script+time+host.
+        run: run id shared by all ranks; default ``LAYROT_RUN``, else ``<script>-<TORCHELASTIC_RUN_ID>``
+            under torchrun with a rendezvous id, else rank 0's script+time+host (shared with
+            every rank over the initialized process group: call ``watch`` on every rank).
         every: report every N optimizer steps (unreported steps cost at most one copy).
             FSDP2 (``fully_shard``): call ``watch`` on every rank after sharding,
             with the same ``every`` everywhere (checked at setup): each reported
