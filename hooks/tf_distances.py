@@ -16,16 +16,18 @@ Cost model: in TensorFlow a small model's measurement is dominated by op
 dispatch (an elementwise op on a 100 k-element tensor costs as much as the
 arithmetic of ten), so the graph uses few full-size ops per layer: two
 differences and four product sums. Measured and rejected as slower on CPU:
-float64 casts of the weights, a packed all-layers buffer with segment sums,
-MatMul dots, ``L2Loss`` and XLA.
+a packed all-layers buffer with segment sums, MatMul dots, ``L2Loss`` and XLA.
 
-Precision: the differences are formed in the weights' dtype (w(t) - w(t-1) is
-exact for small steps by Sterbenz's lemma); TensorFlow's full reductions sum
-pairwise, so sums of squares keep ~5e-8 relative accuracy at millions of
-elements (measured; a sequential float32 sum drifts to 1e-5), and the dots'
-error stays ~1e-8 of ||dw|| ||w||, which is what the collector's radial
-correction needs (see ``torch_distances``). Half-precision weights are widened
-to float32 first; results are float64.
+Precision: every weight is widened to float64 before any difference or product,
+as the PyTorch hook's fused kernel does. float32, bfloat16 and float16 values are
+exact in float64, so are their differences and products, and the sums carry
+~1e-16 relative error. The widening costs time (it was once rejected as slower)
+but float32 sums are not enough: on a mostly radial step (weight decay dominating)
+the angle lives in the tangential part ||ds||^2 - (ds . w)^2 / ||w||^2, whose
+cancellation amplifies the sums' rounding by ||ds||^2 / ||ds_tangential||^2; with
+float32 pairwise sums a depthwise kernel under MirroredStrategy reached 6e-5
+relative error in its step angle and 3e-4 in its rotation
+(``tests/test_keras_precision.py``), with float64 1e-6 is far inside the margin.
 
 The loss of the reported step comes from either an explicit tensor argument
 (``tf.watch``'s ``observe_loss``) or a Keras ``Mean`` loss tracker
@@ -59,10 +61,6 @@ def as_tf_variable(v: Any) -> tf.Variable:
     if isinstance(v, tf.Variable):
         return v
     raise TypeError(f"expected a tf.Variable or keras.Variable, got {type(v).__name__}")
-
-
-def _work_dtype(dtype: tf.DType) -> tf.DType:
-    return dtype if dtype in (tf.float32, tf.float64) else tf.float32
 
 
 class TFLayerDistances:
@@ -120,7 +118,7 @@ class TFLayerDistances:
     @staticmethod
     def _read(v: tf.Variable) -> tf.Tensor:
         x = v.read_value()
-        return x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+        return x if x.dtype == tf.float64 else tf.cast(x, tf.float64)
 
     @staticmethod
     def _dot(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
@@ -141,7 +139,8 @@ class TFLayerDistances:
     def _measure(self, loss: tf.Tensor | None, refresh: bool) -> tf.Tensor:
         d02, p0, ds2, pw, current = [], [], [], [], []
         for p, a, b in zip(self.params, self.w0, self.prev):
-            w = self._read(p)
+            raw = p.read_value()
+            w = raw if raw.dtype == tf.float64 else tf.cast(raw, tf.float64)
             x0 = self._read(a)
             ds = w - self._read(b)
             d0 = w - x0
@@ -149,13 +148,13 @@ class TFLayerDistances:
             p0.append(self._dot(d0, x0))
             ds2.append(self._dot(ds, ds))
             pw.append(self._dot(ds, w))
-            current.append(w)
-        # DEVICE_ROWS order; float32 pairwise sums are carried in float64 from here.
-        rows = tf.cast(tf.stack([tf.stack(d02), tf.stack(p0), tf.stack(ds2), tf.stack(pw)]), tf.float64)
+            current.append(raw)
+        rows = tf.stack([tf.stack(d02), tf.stack(p0), tf.stack(ds2), tf.stack(pw)])  # DEVICE_ROWS order
         if refresh:
-            # Auto control dependencies order these writes after the reads above.
+            # Auto control dependencies order these writes after the reads above; the
+            # weights' own values, so w(t-1) is an exact copy.
             for b, w in zip(self.prev, current):
-                b.assign(tf.cast(w, b.dtype))
+                b.assign(w)
         step_loss = self._loss(loss, refresh)
         loss_row = tf.concat([tf.reshape(step_loss, [1]), tf.fill([self.num_layers - 1], self._nan)], axis=0)
         return tf.concat([rows, loss_row[None, :]], axis=0)  # (PACKED_ROWS, L)
