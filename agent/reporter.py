@@ -259,6 +259,15 @@ def session_call(channel: grpc.Channel) -> Any:
     )
 
 
+def check_total_steps(total_steps: int | None) -> int:
+    """The planned last step as the Hello carries it (0 = unknown); ValueError for a negative or non-integer one."""
+    if total_steps is None:
+        return 0
+    if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 0:
+        raise ValueError(f"total_steps must be an integer >= 0 (0 or None = unknown), got {total_steps!r}")
+    return int(total_steps)
+
+
 def same_binding(a: pb.Hello, b: pb.Hello) -> bool:
     """Whether batches recorded under Hello ``a`` mean the same under ``b`` (same key and layer table)."""
 
@@ -321,6 +330,8 @@ class Reporter:
         spool_max_bytes: the spool's bound (default 1 GiB, ``LAYROT_SPOOL_MAX_BYTES``).
         on_command: called on the connection thread with each ``RateCommand``;
             must return quickly.
+        total_steps: the optimizer step the job plans to end at, sent in the Hello (0 or
+            None = unknown); the collector judges ``not_learning`` at a share of it.
         max_queue: steps waiting for the exporter before new ones are dropped.
         max_unacked_bytes: bytes of unacknowledged batches kept in memory for resending;
             beyond it the oldest are read back from the spool when needed (without
@@ -351,6 +362,7 @@ class Reporter:
         loss: bool = False,
         meta: dict[str, str] | None = None,
         on_command: Callable[[pb.RateCommand], None] | None = None,
+        total_steps: int | None = None,
         spool: bool | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         spool_max_bytes: int | None = None,
@@ -397,6 +409,7 @@ class Reporter:
             meta=dict(meta or {}),
             session_id=uuid.uuid4().hex,
             run_key=self.run_key,
+            total_steps=check_total_steps(total_steps),
         )
         self._queue: queue.Queue[StepRecord | object] = queue.Queue(maxsize=max_queue)
         self._max_unacked_bytes = max_unacked_bytes
@@ -475,6 +488,10 @@ class Reporter:
     def set_applied_version(self, version: int) -> None:
         """Version announced in Hello on the next reconnect."""
         self._hello.applied_command_version = version
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """The planned last step announced in Hello from the next (re)connect on (0 or None = unknown)."""
+        self._hello.total_steps = check_total_steps(total_steps)
 
     @property
     def unacked_steps(self) -> int:

@@ -37,6 +37,20 @@ _LEGACY_POSITIONALS = ("every", "layers", "collector", "control", "token")
 _DEFAULTS: dict[str, Any] = {"every": 1, "layers": None, "collector": None, "control": False, "token": None}
 
 
+def planned_steps(params: Mapping[str, Any] | None) -> int | None:
+    """Optimizer steps this ``fit`` plans: ``epochs x steps`` of Keras' callback params (None when unknown).
+
+    A fit from ``initial_epoch > 0`` runs fewer epochs than ``epochs``: the planned end is
+    then later than the real one, so ``not_learning`` is judged later, never earlier.
+    """
+    if not params:
+        return None
+    epochs, steps = params.get("epochs"), params.get("steps")
+    if not (isinstance(epochs, int) and isinstance(steps, int)) or epochs <= 0 or steps <= 0:
+        return None
+    return epochs * steps
+
+
 def _iterations(optimizer: Any) -> int:
     """``optimizer.iterations`` on the host, on any backend."""
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
@@ -234,6 +248,9 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Any = None) -> None:
         handle = self._ensure_handle()
+        planned = planned_steps(getattr(self, "params", None))
+        if planned is not None:  # the collector judges not_learning at a share of the run's planned end
+            handle.set_total_steps(handle.step_count + planned)
         self._inflight = False
         self._spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
         optimizer = getattr(self.model, "optimizer", None)

@@ -16,6 +16,7 @@ from layrot.agent.reporter import (
     ReporterStats,
     check_collector,
     check_run_name,
+    check_total_steps,
     default_run_name,
     spool_settings,
 )
@@ -147,6 +148,7 @@ class WatchBase:
     _token: str | None
     _meta: dict[str, str]
     _reporter_options: dict[str, Any]
+    _total_steps: int = 0  # the planned last step (0 = unknown), sent in the Hello
     _init_norms: list[float]
     every: int
 
@@ -163,10 +165,17 @@ class WatchBase:
         tls_key: str | None,
         spool: bool | None,
         spool_max_bytes: int | None,
+        *,
+        total_steps: int | None = None,
     ) -> None:
-        """Check and keep the settings every watch handle takes (ValueError before training starts)."""
+        """Check and keep the settings every watch handle takes (ValueError before training starts).
+
+        ``total_steps``: the optimizer step the job plans to end at (None = unknown); the
+        collector judges ``not_learning`` at a share of it instead of after a fixed count.
+        """
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        self._total_steps = check_total_steps(total_steps)
         self._options = watch_options(
             run,
             collector,
@@ -218,12 +227,23 @@ class WatchBase:
             loss=True,
             meta=meta,
             on_command=commands.submit_command if commands is not None else None,
+            total_steps=self._total_steps,
             **{**self._options.reporter_kwargs(), **self._reporter_options},
         )
         self.reporter = reporter
         if commands is not None:
             commands.add_command_listener(reporter.command_result)
         return reporter
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Announce the optimizer step the run plans to end at (None = unknown; ValueError if negative).
+
+        The collector judges ``not_learning`` at a share of it. Before the first report it
+        goes out with the first Hello; later, with the next reconnect's.
+        """
+        self._total_steps = check_total_steps(total_steps)
+        if self.reporter is not None:
+            self.reporter.set_total_steps(self._total_steps)
 
     @property
     def layer_names(self) -> list[str]:

@@ -140,6 +140,8 @@ class RotationCallback(CallbackSettings, TrainerCallback):
         if self.control and not layca:
             log.warning("layrot: control=True but the optimizer is not a layrot.Layca; watching without remote control")
         meta, kwargs = self._watch_options("transformers")
+        if int(getattr(state, "max_steps", 0) or 0) > 0:
+            kwargs.setdefault("total_steps", int(state.max_steps))  # not_learning is judged at a share of it
         handle = layrot.watch(
             model,
             opt,

@@ -38,6 +38,7 @@ numbers could be stale otherwise).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -89,6 +90,23 @@ def layers_of_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, laye
 def is_layca(optimizer: Any) -> bool:
     """True for a ``layrot.Layca``."""
     return isinstance(optimizer, layrot.Layca)
+
+
+def planned_steps(trainer: Any) -> int | None:
+    """The optimizer steps the fit plans (``trainer.estimated_stepping_batches``, else ``max_steps``); None if unknown.
+
+    ``estimated_stepping_batches`` already counts gradient accumulation and devices and
+    is ``inf`` for a fit without an end (``max_epochs=-1``); it needs the data loaders
+    and may raise, so any failure means "unknown".
+    """
+    for name in ("estimated_stepping_batches", "max_steps"):
+        try:
+            value = getattr(trainer, name)
+        except Exception:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            return int(value)
+    return None
 
 
 # ---------------------------------------------------------------- the callback
@@ -219,6 +237,7 @@ class _RotationCallbackMixin(CallbackSettings):
         if self.control and not any(is_layca(o) for o in self._optimizers):
             log.warning("layrot: control=True but no optimizer is a layrot.Layca; watching without remote control")
         meta, kwargs = self._watch_options("lightning")
+        kwargs.setdefault("total_steps", planned_steps(trainer))  # not_learning is judged at a share of it
         saved = list((self._pending or {}).get("handles") or [])
         for i, opt in enumerate(self._optimizers):
             run = self._base_run if i == 0 else f"{self._base_run}-opt{i}"

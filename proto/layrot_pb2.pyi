@@ -58,7 +58,7 @@ class Capabilities(_message.Message):
     def __init__(self, layca: bool = ..., control: bool = ..., loss: bool = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("run", "rank", "world_size", "framework", "framework_version", "host", "pid", "layers", "capabilities", "client_version", "every", "meta", "applied_command_version", "session_id", "run_key", "replay")
+    __slots__ = ("run", "rank", "world_size", "framework", "framework_version", "host", "pid", "layers", "capabilities", "client_version", "every", "meta", "applied_command_version", "session_id", "run_key", "replay", "total_steps")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class Hello(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_KEY_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     world_size: int
@@ -98,7 +99,8 @@ class Hello(_message.Message):
     session_id: str
     run_key: str
     replay: bool
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., client_version: _Optional[str] = ..., every: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., applied_command_version: _Optional[int] = ..., session_id: _Optional[str] = ..., run_key: _Optional[str] = ..., replay: bool = ...) -> None: ...
+    total_steps: int
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., client_version: _Optional[str] = ..., every: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., applied_command_version: _Optional[int] = ..., session_id: _Optional[str] = ..., run_key: _Optional[str] = ..., replay: bool = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("seq", "steps", "times", "num_layers", "norm", "dist0", "dstep", "norm_prev", "rho", "loss", "command_version", "dot0", "dotstep")
@@ -511,7 +513,7 @@ class ListAlertsResponse(_message.Message):
     def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
 
 class Thresholds(_message.Message):
-    __slots__ = ("abs_angle", "k", "window", "warmup", "stall_seconds", "min_angle", "ratio", "group", "single_ratio", "refractory", "not_learning_steps", "not_learning_drop")
+    __slots__ = ("abs_angle", "k", "window", "warmup", "stall_seconds", "min_angle", "ratio", "group", "single_ratio", "refractory", "not_learning_steps", "not_learning_drop", "not_learning_share")
     ABS_ANGLE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -524,6 +526,7 @@ class Thresholds(_message.Message):
     REFRACTORY_FIELD_NUMBER: _ClassVar[int]
     NOT_LEARNING_STEPS_FIELD_NUMBER: _ClassVar[int]
     NOT_LEARNING_DROP_FIELD_NUMBER: _ClassVar[int]
+    NOT_LEARNING_SHARE_FIELD_NUMBER: _ClassVar[int]
     abs_angle: float
     k: float
     window: int
@@ -536,7 +539,8 @@ class Thresholds(_message.Message):
     refractory: int
     not_learning_steps: float
     not_learning_drop: float
-    def __init__(self, abs_angle: _Optional[float] = ..., k: _Optional[float] = ..., window: _Optional[int] = ..., warmup: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., min_angle: _Optional[float] = ..., ratio: _Optional[float] = ..., group: _Optional[float] = ..., single_ratio: _Optional[float] = ..., refractory: _Optional[int] = ..., not_learning_steps: _Optional[float] = ..., not_learning_drop: _Optional[float] = ...) -> None: ...
+    not_learning_share: float
+    def __init__(self, abs_angle: _Optional[float] = ..., k: _Optional[float] = ..., window: _Optional[int] = ..., warmup: _Optional[int] = ..., stall_seconds: _Optional[float] = ..., min_angle: _Optional[float] = ..., ratio: _Optional[float] = ..., group: _Optional[float] = ..., single_ratio: _Optional[float] = ..., refractory: _Optional[int] = ..., not_learning_steps: _Optional[float] = ..., not_learning_drop: _Optional[float] = ..., not_learning_share: _Optional[float] = ...) -> None: ...
 
 class SetThresholdsRequest(_message.Message):
     __slots__ = ("run", "thresholds")
