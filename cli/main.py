@@ -172,10 +172,29 @@ def check_output_folder(output: str) -> None:
 @serve_security_options
 @click.option(
     "--run-ttl",
-    default=86400.0,
+    default=3600.0,
     show_default=True,
-    type=float,
-    help="Seconds after its last report that a disconnected run leaves /metrics (history is kept).",
+    type=click.FloatRange(min=0.0),
+    metavar="SECONDS",
+    help="Seconds after its last report that a disconnected run leaves /metrics (its history is kept).",
+)
+@click.option(
+    "--max-series",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Cap on the per-layer series of /metrics (4 per layer: rotation, step angle, norm, rho). Runs beyond "
+    "it, connected and newest first, are exported as run-level aggregates only (min / mean / max / quantiles; "
+    "layrot_run_aggregate_only 1). 0 = no cap.",
+)
+@click.option(
+    "--aggregate-layers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Export runs with more than N layers as run-level aggregates only (for huge models). 0 = never.",
 )
 @serve_alert_options
 @serve_limit_options
@@ -186,6 +205,8 @@ def serve(
     metrics_port: int,
     db: str,
     run_ttl: float,
+    max_series: int,
+    aggregate_layers: int,
     security_options: dict[str, Any],
     alert_options: dict[str, Any],
     limit_options: dict[str, Any],
@@ -228,6 +249,8 @@ def serve(
         metrics_port=metrics_port,
         db_path=db,
         run_ttl=run_ttl,
+        max_series=max_series,
+        aggregate_layers=aggregate_layers,
         **security_options,
         **alert_options,
         **limit_options,
@@ -256,7 +279,7 @@ def serve(
         raise click.ClickException(f"cannot start the collector (db {redact_url(db)}): {exc}") from None
     click.echo(
         f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
-        f"JSON API {collector.http_url}/api/v1, "
+        f"{f'JSON API {collector.http_url}/api/v1, ' if getattr(collector, 'http_url', None) else ''}"
         f"db {collector.store.description if collector.store else db} ({collector.security_summary})",
         err=True,
     )

@@ -86,7 +86,7 @@ class Collector:
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         tls_client_ca: str | Path | None = None,
-        run_ttl: float = 86400.0,
+        run_ttl: float = 3600.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         alerts: bool = True,
         thresholds: Thresholds | Mapping[str, Any] | None = None,
@@ -97,6 +97,8 @@ class Collector:
         ingest_limits: IngestLimits | None = None,
         store_busy_timeout: float = 30.0,
         lost_grace: float = DEFAULT_GRACE,
+        max_series: int = 0,
+        aggregate_layers: int = 0,
     ) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
@@ -114,6 +116,11 @@ class Collector:
         )
         self.tls: ServerTLS | None = None  # loaded (and checked) by start()
         self.run_ttl = run_ttl
+        # /metrics budget (server/metrics_render.py): runs beyond it are exported as aggregates only.
+        if max_series < 0 or aggregate_layers < 0:
+            raise ValueError("max_series and aggregate_layers must be >= 0 (0 = no limit)")
+        self.max_series = max_series
+        self.aggregate_layers = aggregate_layers
         self.max_message_bytes = max_message_bytes
         # What one job may send (server/decode.py); max_message_bytes is the one source of the message size.
         self.ingest_limits = dataclasses.replace(ingest_limits or IngestLimits(), max_message_bytes=max_message_bytes)
@@ -198,7 +205,14 @@ class Collector:
         try:
             if self.metrics_port is not None:
                 self.metrics = MetricsServer(
-                    LayrotCollector(self.state, self.store, self.run_ttl, alerts=self.alert_engine),
+                    LayrotCollector(
+                        self.state,
+                        self.store,
+                        self.run_ttl,
+                        alerts=self.alert_engine,
+                        max_series=self.max_series,
+                        aggregate_layers=self.aggregate_layers,
+                    ),
                     self.metrics_host,
                     self.metrics_port,
                     ssl_context=self.tls.ssl_context() if self.tls else None,

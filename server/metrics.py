@@ -1,8 +1,11 @@
 """Prometheus exposition of the collector state (``/metrics``).
 
-A custom collector renders the in-memory state at scrape time, so ingest
-pays nothing per sample for metrics, and every collector instance has its
-own ``CollectorRegistry`` (several collectors can share a test process).
+Rendered at scrape time from the in-memory state, so ingest pays nothing per
+sample for metrics: the per-run series (per layer and per run) as text cached
+per reported batch (server/metrics_render.py), the collector's own families
+through a ``prometheus_client`` custom collector on a ``CollectorRegistry`` of
+each collector instance (several collectors can share a test process), with
+the process, platform and ``layrot_build_info`` series.
 
 Labels: ``run``, ``layer``, ``index``, ``reason``, ``framework``, ``host``;
 never ``job`` (Prometheus attaches its own ``job`` and ``instance``).
@@ -11,22 +14,23 @@ Per-run numbers come from the lowest reporting rank (rank 0).
 
 from __future__ import annotations
 
+import gzip
 import logging
-import math
 import socket
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from layrot.server.metrics_render import LAYER_FAMILIES, RunSeries, series_budget
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store_api import HistoryStore
 
@@ -39,17 +43,11 @@ LAYER_LABELS = ["run", "layer", "index"]
 
 
 def control_families(runs: list[RunState]) -> Iterator[Metric]:
-    """Control plane metrics: requested rates, command versions, late applications (server/control.py).
+    """Control plane metrics: command versions and late applications (server/control.py).
 
-    ``layrot_layer_rho_requested`` is the current command evaluated at the run's
-    newest reported step; it is absent when the collector cannot know the rates
-    (no command, mode "off", or a command without a schedule).
+    The per-layer ``layrot_layer_rho_requested`` (the current command evaluated at the
+    run's newest step) is rendered with the other per-layer series (server/metrics_render.py).
     """
-    requested = GaugeMetricFamily(
-        "layrot_layer_rho_requested",
-        "Layca per-layer rate the current control command asks for at the run's newest step",
-        labels=LAYER_LABELS,
-    )
     version = GaugeMetricFamily(
         "layrot_run_command_version_requested",
         "Version of the run's current control command (0 = none)",
@@ -73,13 +71,15 @@ def control_families(runs: list[RunState]) -> Iterator[Metric]:
         version.add_metric([rs.run], rc.version)
         applied.add_metric([rs.run], rc.applied_state()[0])
         late.add_metric([rs.run], rc.late_total)
-        snap = rs.view.primary
-        rates = rc.requested_rates(snap.step if snap is not None else 1)
-        if rates is None:
-            continue
-        for i, (name, r) in enumerate(zip(rs.names, rates.tolist())):
-            requested.add_metric([rs.run, name, str(i)], r)
-    yield from (requested, version, applied, late)
+    yield from (version, applied, late)
+
+
+class _Scrape(NamedTuple):
+    """What one scrape exports: the runs, those exported as aggregates only, the per-layer series count."""
+
+    runs: list[RunState]
+    aggregate: set[str]
+    layer_series: int
 
 
 class LayrotCollector(Collector):
@@ -94,15 +94,22 @@ class LayrotCollector(Collector):
         self,
         state: CollectorState,
         store: HistoryStore | None = None,
-        run_ttl: float = 86400.0,
+        run_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
         alerts: AlertEngine | None = None,
+        max_series: int = 0,
+        aggregate_layers: int = 0,
     ) -> None:
         self.state = state
         self.store = store
         self.run_ttl = run_ttl
         self.clock = clock
         self.alerts = alerts
+        self.max_series = max_series
+        self.aggregate_layers = aggregate_layers
+        self.run_series = RunSeries()
+        self._scrape_lock = threading.Lock()
+        self._scrape: _Scrape | None = None
 
     def visible_runs(self) -> list[RunState]:
         """Runs that are connected or reported within ``run_ttl`` seconds."""
@@ -115,71 +122,47 @@ class LayrotCollector(Collector):
                 out.append(rs)
         return out
 
-    def collect(self) -> Iterator[Metric]:
-        rotation = GaugeMetricFamily(
-            "layrot_layer_rotation",
-            "Cosine distance between the layer's weights now and at initialization",
-            labels=LAYER_LABELS,
-        )
-        angle = GaugeMetricFamily(
-            "layrot_layer_step_angle_radians",
-            "Angle the layer's weights rotated in the last reported optimizer step",
-            labels=LAYER_LABELS,
-        )
-        norm = GaugeMetricFamily("layrot_layer_weight_norm", "L2 norm of the layer's weights", labels=LAYER_LABELS)
-        rho = GaugeMetricFamily(
-            "layrot_layer_rho_applied",
-            "Layca per-layer rotation rate the job applied at the last reported step",
-            labels=LAYER_LABELS,
-        )
-        step = GaugeMetricFamily("layrot_run_step", "Newest reported optimizer step", labels=["run"])
-        last = GaugeMetricFamily(
-            "layrot_run_last_report_timestamp_seconds",
-            "Unix time at which the newest reported step was measured",
-            labels=["run"],
-        )
-        nlayers = GaugeMetricFamily("layrot_run_layers", "Number of monitored layers", labels=["run"])
-        rmin = GaugeMetricFamily("layrot_run_rotation_min", "Smallest layer rotation of the run", labels=["run"])
-        rmean = GaugeMetricFamily("layrot_run_rotation_mean", "Mean layer rotation of the run", labels=["run"])
-        connected = GaugeMetricFamily("layrot_run_connected", "1 while the run has an open session", labels=["run"])
-        info = GaugeMetricFamily(
-            "layrot_run_info", "Run identity (value is always 1)", labels=["run", "framework", "host"]
-        )
-        nonfinite = CounterMetricFamily(
-            "layrot_run_nonfinite_samples",
-            "Layer samples with NaN/Inf norms or distances (the run diverged)",
-            labels=["run"],
-        )
+    def exposition(self, registry: CollectorRegistry) -> bytes:
+        """The whole ``/metrics`` text: per-layer series (cached, server/metrics_render.py) and ``registry``'s.
 
-        runs = self.visible_runs()
-        for rs in runs:
-            run = rs.run
-            view = rs.view  # one read: every number below is of the same batch
-            snap = view.primary
-            nlayers.add_metric([run], rs.num_layers)
-            connected.add_metric([run], 1.0 if rs.connected else 0.0)
-            info.add_metric([run, rs.framework, rs.host], 1.0)
-            nonfinite.add_metric([run], view.nonfinite)
-            if snap is None:
-                continue
-            step.add_metric([run], snap.step)
-            if view.last_report is not None:
-                last.add_metric([run], view.last_report)
-            mn, mean = view.summary_stats()
-            rmin.add_metric([run], mn)
-            rmean.add_metric([run], mean)
-            rot_l = snap.rotation.tolist()
-            ang_l = snap.step_angle.tolist()
-            norm_l = snap.weight_norm.tolist()
-            rho_l = snap.rho.tolist() if snap.rho is not None else None
-            for i, name in enumerate(rs.names[: len(rot_l)]):
-                labels = [run, name, str(i)]
-                rotation.add_metric(labels, rot_l[i])
-                angle.add_metric(labels, ang_l[i])
-                norm.add_metric(labels, norm_l[i])
-                if rho_l is not None and not math.isnan(rho_l[i]):
-                    rho.add_metric(labels, rho_l[i])
-        yield from (rotation, angle, norm, rho, step, last, nlayers, rmin, rmean, connected, info, nonfinite)
+        Each run's ``view`` is read once for both parts, so every number of a run in one
+        scrape is of the same batch.
+        """
+        with self._scrape_lock:
+            runs = self.visible_runs()
+            views = {rs.run: rs.view for rs in runs}  # one read per run for the whole scrape
+            full, aggregate = series_budget(runs, self.max_series, self.aggregate_layers)
+            self._scrape = _Scrape(
+                runs, {rs.run for rs in aggregate}, len(LAYER_FAMILIES) * sum(rs.num_layers for rs in full)
+            )
+            try:
+                per_layer = {rs.run for rs in full}
+                run_text = self.run_series.render((rs, views[rs.run], rs.run in per_layer) for rs in runs)
+                rest = generate_latest(registry)
+            finally:
+                self._scrape = None
+        return run_text.encode() + rest
+
+    def _current_scrape(self) -> _Scrape:
+        if self._scrape is not None:
+            return self._scrape
+        runs = self.visible_runs()  # collect() called on its own (not through exposition)
+        full, aggregate = series_budget(runs, self.max_series, self.aggregate_layers)
+        return _Scrape(runs, {rs.run for rs in aggregate}, len(LAYER_FAMILIES) * sum(rs.num_layers for rs in full))
+
+    def collect(self) -> Iterator[Metric]:
+        """The collector-level families (the per-run ones are rendered by :meth:`exposition`)."""
+        scrape = self._current_scrape()
+        runs = scrape.runs
+        yield GaugeMetricFamily(
+            "layrot_layer_series",
+            "Per-layer series in this scrape (families x layers of the runs exported per layer)",
+            value=scrape.layer_series,
+        )
+        if self.max_series > 0:
+            yield GaugeMetricFamily(
+                "layrot_layer_series_limit", "Cap on the per-layer series (serve --max-series)", value=self.max_series
+            )
         yield from control_families(runs)
 
         st = self.state
@@ -213,6 +196,40 @@ class LayrotCollector(Collector):
             )
         if self.alerts is not None:  # layrot_alerts_total{run,layer,kind,severity} etc. (server/alert_hub.py)
             yield from self.alerts.hub.metric_families(rs.run for rs in runs)
+
+
+def build_labels() -> dict[str, str]:
+    """Labels of ``layrot_build_info``: layrot's, Python's, grpcio's and protobuf's versions."""
+    import platform
+
+    import google.protobuf
+    import grpc
+
+    from layrot.core.version import __version__
+
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+    }
+
+
+def metrics_app(collector: LayrotCollector, registry: CollectorRegistry) -> Callable[..., Any]:
+    """WSGI app of ``/metrics``: the text exposition format, gzip when the scraper accepts it."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        body = collector.exposition(registry)
+        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            # Level 1: a few MB of repetitive text shrink ~10x at a fraction of level 9's cost.
+            body = gzip.compress(body, compresslevel=1)
+            headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+    return app
 
 
 class _Server(ThreadingWSGIServer):
@@ -262,12 +279,18 @@ class MetricsServer:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        # The collector's own process_* / python_info series and its build, as every exporter has them.
+        for own in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR):
+            self.registry.register(own)
+        Info("layrot_build", "The collector's version and its main libraries", registry=self.registry).info(
+            build_labels()
+        )
         family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
         class _LayrotMetricsServer(_Server):
             address_family = family
 
-        app = make_wsgi_app(self.registry)
+        app = metrics_app(collector, self.registry)
         if wrap is not None:
             app = wrap(app)
         self._httpd = make_server(host, port, app, _LayrotMetricsServer, handler_class=_QuietHandler)

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from metrics_text import scrape
 
 from layrot.client.query import CollectorError, QueryClient
+from layrot.core.version import __version__ as layrot_version
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.proto.wire import pack
@@ -524,8 +525,20 @@ def test_metrics_names_labels_values(collector, ingest, sim_job):
     assert value(m, "layrot_sessions_active") == 1
     assert value(m, "layrot_sessions_opened_total") == 1
     assert value(m, "layrot_store_pending_rows") == 0
+    # Run-level aggregates (what a run exported as aggregates only keeps), against numpy.
+    rot, ang = truth["rotation"], truth["step_angle"]
+    assert value(m, "layrot_run_rotation_max", run="metrics") == pytest.approx(rot.max(), rel=1e-12)
+    for q in (0.1, 0.5, 0.9):
+        got = value(m, "layrot_run_rotation_quantile", run="metrics", quantile=repr(q))
+        assert got == pytest.approx(np.quantile(rot, q), rel=1e-9)
+    assert value(m, "layrot_run_step_angle_max_radians", run="metrics") == pytest.approx(ang.max(), rel=1e-9)
+    assert value(m, "layrot_run_aggregate_only", run="metrics") == 0
+    assert value(m, "layrot_layer_series") == 4 * L
+    (build,) = m["layrot_build_info"]
+    assert build[0]["version"] == layrot_version and build[1] == 1
+    assert value(m, "process_resident_memory_bytes") > 0  # the collector's own process, as exporters have
     for name, samples in m.items():
-        assert name.startswith("layrot_"), name
+        assert name.startswith(("layrot_", "process_", "python_")), name
         for labels, _ in samples:
             assert "job" not in labels and "instance" not in labels, name
 

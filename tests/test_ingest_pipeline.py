@@ -11,6 +11,8 @@ import threading
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 from layrot.core import rotation as rot
 from layrot.proto import layrot_pb2 as pb
@@ -121,13 +123,16 @@ def test_a_scrape_sees_one_batch_of_a_run():
     with state.lock:
         state.runs[rs.run] = rs
     metrics = LayrotCollector(state, clock=lambda: 0.0)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)
     stop = threading.Event()
     problems: list[str] = []
 
     def scrape() -> None:
         while not stop.is_set():
-            try:
-                fams = {f.name: f.samples for f in metrics.collect()}
+            try:  # the whole exposition, as /metrics sends it: per-run text (cached) and the registry's
+                text = metrics.exposition(registry).decode()
+                fams = {f.name: f.samples for f in text_string_to_metric_families(text)}
             except Exception as exc:  # e.g. a dict changing size under the scrape
                 problems.append(repr(exc))
                 return

@@ -53,6 +53,8 @@ def test_serve_passes_every_option_to_the_collector(monkeypatch, tmp_path):
     class Fake:
         grpc_port = 1
         metrics_url = None
+        http_url = None
+        store = None
         security_summary = "plaintext"
 
         def __init__(self, **kwargs):
