@@ -243,6 +243,12 @@ def alerts_command(
 @click.option(
     "--not-learning-drop", type=float, default=None, help="Relative loss drop below which the run is not learning."
 )
+@click.option(
+    "--not-learning-share",
+    type=float,
+    default=None,
+    help="Share (0-1] of the run's announced total_steps at which not_learning is judged.",
+)
 @click.option("--window", type=click.IntRange(min=3), default=None, help="Baseline window (reported steps).")
 @click.option(
     "--warmup", type=click.IntRange(min=1), default=None, help="Reported steps before the baseline rule arms."
@@ -276,6 +282,7 @@ def thresholds_command(
     refractory: int | None,
     not_learning_steps: float | None,
     not_learning_drop: float | None,
+    not_learning_share: float | None,
     reset: bool,
     as_json: bool,
     token: str | None,
@@ -294,6 +301,7 @@ def thresholds_command(
       layrot-agent alerts thresholds resnet-a
       layrot-agent alerts thresholds resnet-a --k 8 --warmup 100
       layrot-agent alerts thresholds resnet-a --not-learning-steps 2000
+      layrot-agent alerts thresholds resnet-a --not-learning-share 0.1
       layrot-agent alerts thresholds resnet-a --reset
     """
     values: dict[str, float] = {}
@@ -312,6 +320,7 @@ def thresholds_command(
                     single_ratio=-1,
                     not_learning_steps=-1,
                     not_learning_drop=-1,
+                    not_learning_share=-1,
                     window=defaults["window"],
                     warmup=defaults["warmup"],
                     refractory=defaults["refractory"],
@@ -329,6 +338,7 @@ def thresholds_command(
                 ("refractory", refractory),
                 ("not_learning_steps", not_learning_steps),
                 ("not_learning_drop", not_learning_drop),
+                ("not_learning_share", not_learning_share),
             ):
                 if v is not None:
                     if isinstance(v, float) and (math.isnan(v) or v <= 0) and name != "min_angle":

@@ -153,7 +153,8 @@ class QueryClient:
         """Set alert thresholds of ``run`` (None = collector defaults); returns the effective thresholds.
 
         Keyword arguments: the fields of ``Thresholds`` (abs_angle, k, window, warmup, stall_seconds,
-        min_angle, ratio, group, single_ratio, refractory, not_learning_steps, not_learning_drop).
+        min_angle, ratio, group, single_ratio, refractory, not_learning_steps, not_learning_drop,
+        not_learning_share).
         Omitted fields keep their value, a negative value goes back to the default,
         no argument at all just reads them. Needs the token when the collector has one.
         """

@@ -52,12 +52,31 @@ recomputed with two row sorts and one log pass every ``max(1, window // 10)``
 reported steps; a batch is judged against the baseline as of its first step.
 Non-finite angles (a diverged layer) enter the ring as the layer's median.
 
-not_learning (class ``NotLearning``): judged once, at ``not_learning_steps`` (100)
-reported steps with losses: the loss is still within ``not_learning_drop`` (5 %) of
-its untrained value (the lower of the median of the first 5 losses and the level a
-tenth of the way) and has not fallen 5 % since halfway. Held until the loss falls,
-then resolved. Healthy corpus runs are 5 % below their untrained loss by step 13-51;
-a slower real job sets ``not_learning_steps`` per run.
+not_learning (class ``NotLearning``), two tests, each judged once, held until the loss
+falls, then resolved:
+
+* At ``not_learning_share`` (5 %) of the run's announced length (``Hello.total_steps``,
+  set by ``watch(..., total_steps=N)`` and the callbacks; step 15 of a 300-step run):
+  the loss has not fallen 5 % since the middle third of the steps so far AND the weights
+  are dead: no layer turned more than ``FROZEN_ANGLE`` (1e-6 rad) in any step (lr 0,
+  frozen weights) or the median layer is more than 45 degrees from its w(0) (Layca at
+  rho 3^-1..1 re-draws the weights every few steps). Why the weights and not the loss
+  alone: at 5 % of a 300-step run the loss cannot tell a dead run from a slow healthy one
+  (benchmarks/alert_corpus.py, seeds 0-3, at step 15: from the median of steps 6-10 to
+  that of steps 11-15 the loss moved -0.7..+2.9 % on the four healthy cnn-sgd-lr0.15
+  runs, then at 2.28-2.32, and -2.0..+0.5 % on the four shuffled-label runs, at
+  2.31-2.35; the Layca rho 1 runs sit at 2.31-2.36 after their first spikes). The weights
+  can: the median layer of the 76 healthy runs is 1.1-21.1 degrees from w(0) at their
+  share point and none stands still; Layca rho 1 is at 86-108 degrees, lr 0 at exactly 0
+  (shuffled labels: 2.3-5.0 degrees, like a healthy run).
+* After ``max(not_learning_steps, share point)`` reported steps with losses (100 on a
+  300-step run; the only test when no length was announced): the loss is still within
+  ``not_learning_drop`` (5 %) of its untrained value (the lower of the median of the
+  first 5 losses and the level a tenth of the way), was there halfway too, and has not
+  fallen 5 % since. Healthy corpus runs are 5 % below their untrained loss by step 13-51;
+  a slower real job sets ``not_learning_steps`` per run. A run that learns nothing with
+  moving weights (shuffled labels) is found only here: at 100 steps, not at 5 % of a
+  short run.
 
 Other kinds: "divergence" (critical) when a rank reports non-finite weights (once per
 episode, re-armed after a fully finite batch; the layers listed); "stalled" (warning)
@@ -104,6 +123,12 @@ TINY_ANGLE = 1e-9
 # not_learning: the untrained loss is the median of the first NL_FIRST losses, "now" the median of the last NL_RECENT.
 NL_FIRST = 5
 NL_RECENT = 10
+# not_learning's dead-weights test: losses it needs (thirds of at least 2), a step angle that is "not moving"
+# (radians; float64 rounding of an unchanged weight gives ~1e-8), and the median cosine distance from w(0)
+# that is "scrambled" (1 - cos 45 deg; healthy corpus runs are at most 21 deg from w(0) at 5 % of the run).
+NL_MIN_DEAD = 6
+FROZEN_ANGLE = 1e-6
+SCRAMBLED_COSINE = 1.0 - math.cos(math.pi / 4)
 # Losses kept per run until not_learning is judged (not_learning_steps above it: judged on the first ones).
 NL_HISTORY_MAX = 100_000
 # Normal-distribution consistency factor of the MAD.
@@ -287,7 +312,9 @@ class LearningState:
         self.recent: collections.deque[float] = collections.deque(maxlen=NL_RECENT)
         self.reported = 0
         self.last_step = 0
-        self.judged = False
+        self.judged = False  # the loss test ran (or an alert fired): only resolution is left
+        self.weights_judged = False  # the dead-weights test ran
+        self.max_angle = 0.0  # largest step angle of any layer so far (until judged)
         self.line = NAN
         self.alert: pb.Alert | None = None
 
@@ -575,18 +602,29 @@ class AbruptRotations:
 
 
 class NotLearning:
-    """The loss stays near the run's untrained loss after ``not_learning_steps`` reported steps.
+    """The run does not learn: judged at ``not_learning_share`` of its announced length, and by its loss.
 
-    Judged once, when the run's lowest rank has reported ``not_learning_steps``
-    steps with losses: the untrained loss ``u`` is the lower of the median of the
-    first ``NL_FIRST`` losses and the median of the ``NL_RECENT`` losses around a
-    tenth of the way (a Layca run at a huge rho starts at a loss of 100+ and
-    settles at the chance level within a few steps), the halfway level ``h`` the
-    median of those around half of the way, ``now`` the median of the newest
-    ``NL_RECENT``. Not learning when ``now`` is above both ``(1 - drop) x u``
-    and ``(1 - drop) x h``: still at the untrained loss, and flat. Held (firing
-    in Alertmanager) and resolved, with a terminal update of the same incident,
-    once ``now`` falls below ``(1 - drop) x min(u, h)``.
+    Two tests, both on the run's lowest rank, each judged once (module docstring: why):
+
+    * Dead weights, at the share point ``J = ceil(not_learning_share x total_steps)``
+      when the job announced ``total_steps`` (``Hello.total_steps``), else with the loss
+      test: the loss has not fallen since the first third of the steps so far (the
+      median of the last third is above ``(1 - drop)`` x the median of the middle
+      third) AND the weights are dead: no monitored layer turned more than
+      ``FROZEN_ANGLE`` in any step (lr 0, frozen layers), or the median layer is at a
+      cosine distance of at least ``SCRAMBLED_COSINE`` (45 degrees) from its w(0)
+      (Layca at rho 3^-1..1: the weights are re-drawn every few steps).
+    * Loss only, after ``max(not_learning_steps, J)`` reported steps with losses: the
+      untrained loss ``u`` is the lower of the median of the first ``NL_FIRST`` losses
+      and the median of the ``NL_RECENT`` losses around a tenth of the way (a Layca
+      run at a huge rho starts at a loss of 100+ and settles at the chance level
+      within a few steps), the halfway level ``h`` the median of those around half of
+      the way, ``now`` the median of the newest ``NL_RECENT``. Not learning when ``now``
+      is above both ``(1 - drop) x u`` and ``(1 - drop) x h``: still at the untrained
+      loss, and flat.
+
+    Held (firing in Alertmanager) and resolved, with a terminal update of the same
+    incident, once ``now`` falls below the line the alert names.
     """
 
     def __init__(self, hub: AlertHub, clock: Callable[[], float]) -> None:
@@ -594,9 +632,17 @@ class NotLearning:
         self.clock = clock
 
     def observe(
-        self, rs: RunState, ra: RunAlerts, th: Thresholds, rank: int, steps: np.ndarray, loss: Sequence[float]
+        self,
+        rs: RunState,
+        ra: RunAlerts,
+        th: Thresholds,
+        rank: int,
+        steps: np.ndarray,
+        loss: Sequence[float],
+        angle: np.ndarray | None = None,
+        rotation: np.ndarray | None = None,
     ) -> None:
-        """One accepted batch with losses."""
+        """One accepted batch with losses; ``angle`` / ``rotation`` its (S, L) step angles and cosine distances."""
         st = ra.learning
         if st.rank is None or rank < st.rank:
             st.rank = rank
@@ -613,51 +659,145 @@ class NotLearning:
             return
         st.reported += len(fin)
         st.recent.extend(fin[-NL_RECENT:])
-        if not st.judged:
-            st.history.extend(fin)
-            n = th.not_learning_steps
-            if not math.isfinite(n) or len(st.history) < max(n, 2 * NL_RECENT):
-                del st.history[NL_HISTORY_MAX:]
-                return
-            hist = st.history
-            st.judged = True
-            st.history = []
-
-            def level(at: int) -> float:
-                lo = max(0, min(len(hist) - NL_RECENT, at - NL_RECENT // 2))
-                return float(np.median(hist[lo : lo + NL_RECENT]))
-
-            first = float(np.median(hist[:NL_FIRST]))
-            u = min(first, level(len(hist) // 10))
-            h = level(len(hist) // 2)
-            now = float(np.median(st.recent))
-            drop = th.not_learning_drop
-            if not (now >= u - drop * abs(u) and now >= h - drop * abs(h)):
-                return
-            st.line = min(u, h) - drop * abs(min(u, h))
-            t = self.clock()
-            st.alert = pb.Alert(
-                run=rs.run,
-                layer="",
-                step=top,
-                last_step=top,
-                kind="not_learning",
-                severity="warning",
-                angle=NAN,
-                baseline=NAN,
-                time=t,
-                updated=t,
-                incident=f"{rs.run}/not_learning/{top}",
-                loss_before=u,
-                loss_after=now,
-                message=(
-                    f"not learning: after {st.reported} reported steps with a loss, the loss is {now:.4g} (median of "
-                    f"the last {NL_RECENT}): not {100 * drop:g} % below its untrained value {u:.4g} nor below its "
-                    f"level halfway {h:.4g}"
-                ),
-            )
-            self.hub.publish(st.alert, hold=True)
+        if st.judged:
+            self._resolve_if_learning(rs, st, top)
             return
+        share_at = share_point(rs.total_steps, th.not_learning_share)
+        dead_due = not st.weights_judged and share_at is not None and top >= share_at
+        values = np.asarray(loss, dtype=np.float64)
+        k = len(steps) - 1
+        if dead_due and values.size == len(steps):
+            k = int(np.argmax(steps >= share_at))  # judged as of the share step: a batch may run past it
+        self._take(st, values[: k + 1], None if angle is None else angle[: k + 1])
+        if dead_due and len(st.history) >= NL_MIN_DEAD:
+            st.weights_judged = True
+            row = None if rotation is None or rotation.shape[0] <= k else rotation[k]
+            if self._dead_weights(rs, st, th, int(steps[k]), row):
+                return
+        self._take(st, values[k + 1 :], None if angle is None else angle[k + 1 :])
+        n = len(st.history)
+        loss_at = th.not_learning_steps if share_at is None else max(th.not_learning_steps, share_at)
+        if not math.isfinite(loss_at) or n < max(loss_at, 2 * NL_RECENT):
+            del st.history[NL_HISTORY_MAX:]
+            return
+        if not st.weights_judged:  # no announced length: the dead-weights test joins the loss test
+            st.weights_judged = True
+            row = None if rotation is None or not rotation.shape[0] else rotation[-1]
+            if self._dead_weights(rs, st, th, top, row):
+                return
+        self._loss_test(rs, st, th, top)
+
+    @staticmethod
+    def _take(st: LearningState, values: np.ndarray, angle: np.ndarray | None) -> None:
+        """Add a slice of a batch: its finite losses to the history, its largest step angle to ``max_angle``."""
+        st.history.extend(values[np.isfinite(values)].tolist())
+        if angle is not None and angle.size:
+            ok = angle[np.isfinite(angle)]
+            if ok.size:
+                st.max_angle = max(st.max_angle, float(ok.max()))
+
+    def _dead_weights(
+        self, rs: RunState, st: LearningState, th: Thresholds, top: int, rotation: np.ndarray | None
+    ) -> bool:
+        """The share-point test at step ``top`` (``rotation``: its (L,) cosine distances to w(0), if known).
+
+        A flat loss with weights that stand still or are scrambled; True if it fired.
+        """
+        hist = st.history
+        n = len(hist)
+        middle = float(np.median(hist[n // 3 : 2 * n // 3]))
+        last = float(np.median(hist[2 * n // 3 :]))
+        drop = th.not_learning_drop
+        if last < middle - drop * abs(middle):
+            return False  # still falling: whatever the weights do, the loss improves
+        frozen = st.max_angle <= FROZEN_ANGLE
+        spread = NAN
+        if rotation is not None and rotation.size:
+            ok = rotation[np.isfinite(rotation)]
+            spread = float(np.median(ok)) if ok.size else NAN
+        scrambled = math.isfinite(spread) and spread >= SCRAMBLED_COSINE
+        if not (frozen or scrambled):
+            return False
+        if frozen:
+            why = f"no layer turned more than {_deg(max(st.max_angle, 0.0))} in a step (lr 0 or frozen weights)"
+        else:
+            why = (
+                f"the median layer is {_deg(math.acos(max(-1.0, 1.0 - spread)))} from its initial weights "
+                "(scrambled, as by a far too large Layca rate)"
+            )
+        of = f" of {rs.total_steps}" if rs.total_steps else ""
+        self._fire(
+            rs,
+            st,
+            top,
+            before=middle,
+            now=last,
+            line=min(middle, last) - drop * abs(min(middle, last)),
+            text=(
+                f"not learning: at step {top}{of}, the loss {last:.4g} (median of the last third) has not fallen "
+                f"{100 * drop:g} % below {middle:.4g} (the middle third) and {why}"
+            ),
+        )
+        return True
+
+    def _loss_test(self, rs: RunState, st: LearningState, th: Thresholds, top: int) -> None:
+        """The loss-only test after enough reported steps (see the class docstring)."""
+        hist = st.history
+        st.judged = True
+        st.history = []
+
+        def level(at: int) -> float:
+            lo = max(0, min(len(hist) - NL_RECENT, at - NL_RECENT // 2))
+            return float(np.median(hist[lo : lo + NL_RECENT]))
+
+        first = float(np.median(hist[:NL_FIRST]))
+        u = min(first, level(len(hist) // 10))
+        h = level(len(hist) // 2)
+        now = float(np.median(st.recent))
+        drop = th.not_learning_drop
+        # Flat all the way: a run that fell well below u by halfway learned, and a bump of its loss now is not that.
+        if not (now >= u - drop * abs(u) and now >= h - drop * abs(h) and h >= u - drop * abs(u)):
+            return
+        self._fire(
+            rs,
+            st,
+            top,
+            before=u,
+            now=now,
+            line=min(u, h) - drop * abs(min(u, h)),
+            text=(
+                f"not learning: after {st.reported} reported steps with a loss, the loss is {now:.4g} (median of "
+                f"the last {NL_RECENT}): not {100 * drop:g} % below its untrained value {u:.4g} nor below its "
+                f"level halfway {h:.4g}"
+            ),
+        )
+
+    def _fire(
+        self, rs: RunState, st: LearningState, top: int, before: float, now: float, line: float, text: str
+    ) -> None:
+        st.judged = True
+        st.history = []
+        st.line = line
+        t = self.clock()
+        st.alert = pb.Alert(
+            run=rs.run,
+            layer="",
+            step=top,
+            last_step=top,
+            kind="not_learning",
+            severity="warning",
+            angle=NAN,
+            baseline=NAN,
+            time=t,
+            updated=t,
+            incident=f"{rs.run}/not_learning/{top}",
+            loss_before=before,
+            loss_after=now,
+            message=text,
+        )
+        self.hub.publish(st.alert, hold=True)
+
+    def _resolve_if_learning(self, rs: RunState, st: LearningState, top: int) -> None:
         now = float(np.median(st.recent))
         if st.alert is not None and now < st.line:
             alert = st.alert
@@ -669,6 +809,13 @@ class NotLearning:
             alert.message += f"; resolved at step {top}: loss {now:.4g}"
             self.hub.publish(alert)
             self.hub.resolve(rs.run, "", "not_learning")
+
+
+def share_point(total_steps: int, share: float) -> int | None:
+    """The step at which a run of ``total_steps`` planned steps is judged (None: length unknown)."""
+    if total_steps <= 0:
+        return None
+    return max(1, math.ceil(share * total_steps - 1e-9))
 
 
 class Divergence:

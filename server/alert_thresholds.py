@@ -41,11 +41,14 @@ class Thresholds:
 
     stall_seconds: a connected run silent this long is stalled (same as the
         15 min of the Prometheus rule LayrotRunStalled).
-    not_learning_steps: reported steps after which a run whose loss is still
-        near its untrained loss (the median of its first reported losses) is
-        ``not_learning``...
-    not_learning_drop: ...near = the median of its newest losses is above
-        (1 - not_learning_drop) x the untrained loss.
+    not_learning_share: a run that announced its planned length (``Hello.total_steps``,
+        ``watch(..., total_steps=N)`` and the callbacks) is judged for ``not_learning``
+        at this share of it (0.05: step 15 of a 300-step run)...
+    not_learning_steps: ...a run that did not, after this many reported steps with
+        a loss.
+    not_learning_drop: the loss counts as "still at its untrained value" while it
+        has not fallen this share below it (the test at each judgment point:
+        server/alert_detectors.py, ``NotLearning``).
 
     ``math.inf`` disables abs_angle, k, ratio, single_ratio, stall_seconds or
     not_learning_steps.
@@ -63,6 +66,7 @@ class Thresholds:
     refractory: int = 20
     not_learning_steps: float = 100.0
     not_learning_drop: float = 0.05
+    not_learning_share: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("abs_angle", "k", "stall_seconds", "single_ratio", "not_learning_steps"):
@@ -71,7 +75,7 @@ class Thresholds:
                 raise ValueError(f"{name} must be > 0 (inf disables it), got {v!r}")
         if not (isinstance(self.ratio, (int, float)) and not math.isnan(self.ratio) and self.ratio >= 1):
             raise ValueError(f"ratio must be >= 1 (inf disables it), got {self.ratio!r}")
-        for name in ("group", "not_learning_drop"):
+        for name in ("group", "not_learning_drop", "not_learning_share"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")

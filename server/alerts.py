@@ -164,8 +164,9 @@ class AlertEngine:
         bad: np.ndarray,
         rho: np.ndarray | None,
         loss: Sequence[float],
+        rotation: np.ndarray | None = None,
     ) -> None:
-        """One accepted StepBatch of ``rs``: steps (S,), angles and non-finite mask (S, L).
+        """One accepted StepBatch of ``rs``: steps (S,), angles, non-finite mask and cosine distances to w(0) (S, L).
 
         Never raises: a failure is logged and counted, ingest goes on.
         """
@@ -178,7 +179,7 @@ class AlertEngine:
             th = self.thresholds(run)
             self.abrupt.observe(rs, ra, th, rank, steps, angle, bad, any_bad, rho, loss)
             if len(loss):
-                self.not_learning.observe(rs, ra, th, rank, steps, loss)
+                self.not_learning.observe(rs, ra, th, rank, steps, loss, angle, rotation)
         except Exception:
             self.hub.engine_errors += 1
             log.exception("alert engine failed on a batch of run %s (ingest unaffected)", getattr(rs, "run", "?"))

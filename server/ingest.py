@@ -69,7 +69,7 @@ from layrot.server.decode import (
 )
 from layrot.server.derive import derive
 from layrot.server.records import newest_snapshot, step_rows
-from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot
+from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot, hello_meta
 from layrot.server.store_api import HistoryStore, RunRecord, StoreValueError, hash_run_key
 
 if TYPE_CHECKING:
@@ -425,6 +425,8 @@ class IngestServicer(pb_grpc.IngestServicer):
             created = True
             break
         self._check_owner(hello, rs, key_hash)
+        if hello.total_steps > 0 and not hello.replay:
+            rs.total_steps = int(hello.total_steps)  # a resumed job may plan a longer run
         if not created:
             names = [lay.name for lay in layers]
             if names != rs.names:
@@ -493,7 +495,7 @@ class IngestServicer(pb_grpc.IngestServicer):
             world_size=max(1, hello.world_size),
             every=max(1, hello.every),
             capabilities=capabilities(hello),
-            meta=dict(hello.meta),
+            meta=hello_meta(hello),
             created=time.time(),
             last_seen=None,
             first_report=None,
@@ -559,7 +561,9 @@ class IngestServicer(pb_grpc.IngestServicer):
         derived = derive(batch, init_norm)
         alerts = self.alerts
         if alerts is not None and alerts.enabled:  # vectorised, never raises
-            alerts.observe(rs, sess.rank, batch.steps, derived.angle, derived.bad, batch.rho, batch.loss)
+            alerts.observe(
+                rs, sess.rank, batch.steps, derived.angle, derived.bad, batch.rho, batch.loss, derived.rotation
+            )
         rows = step_rows(batch, derived, rs.run_id, sess.rank)
         snap = newest_snapshot(batch, derived, sess.rank)
         self._record(seq, sess, batch.num_steps, rows, snap, derived.nonfinite)

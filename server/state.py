@@ -78,6 +78,26 @@ class RunView(NamedTuple):
 ACK = object()
 END = object()
 
+#: The run meta key under which the collector keeps ``Hello.total_steps`` (persisted with the run, no schema change).
+TOTAL_STEPS_META = "total_steps"
+
+
+def hello_meta(hello: pb.Hello) -> dict[str, str]:
+    """The meta a new run is stored with: the Hello's, plus its planned length when it announced one."""
+    meta = dict(hello.meta)
+    if hello.total_steps > 0:
+        meta[TOTAL_STEPS_META] = str(hello.total_steps)
+    return meta
+
+
+def meta_total_steps(meta: Mapping[str, str]) -> int:
+    """The planned last step kept in a run's meta (0 = unknown, also for a value that is not a positive integer)."""
+    try:
+        n = int(meta.get(TOTAL_STEPS_META, "0"))
+    except ValueError:
+        return 0
+    return max(0, n)
+
 
 class LiveSession:
     """One open Ingest.Session stream: the control plane's handle on a training process.
@@ -216,6 +236,8 @@ class RunState:
         self.every = rec.every
         self.capabilities = dict(rec.capabilities)
         self.meta = dict(rec.meta)
+        # The planned last step (0 = unknown): from the stored meta after a restart, else the newest Hello's.
+        self.total_steps = meta_total_steps(self.meta)
         self.created = rec.created
         self.view = RunView({}, None, rec.first_report, rec.last_seen, rec.nonfinite)
         self.layers: list[LayerRecord] = list(rec.layers)
