@@ -11,21 +11,43 @@ reporter's thread) derives ||w(t)|| and ||w(t-1)|| exactly from them and
 ||w(0)|| (:func:`~layrot.agent.measurement.wire_rows`), so no pass is spent on
 the norms themselves; why dots of differences, see that module.
 
+Every dtype is widened *before* the differences are taken: w(0) and w(t-1)
+are kept in the parameter's dtype (exact copies), but a bfloat16 / float16
+difference taken in its own dtype keeps 8 / 11 bits, which gave rotations and
+step angles 1e-4 relative errors (and the products of those differences, taken
+in bfloat16 too, lost more). Widened first, the differences are exact (float64)
+or rounded once at float32 precision relative to the difference itself, and the
+sums accumulate in float64 (the blocked path's float32 layers: per block in
+float32, ~1e-7).
+
 Three paths, chosen per layer:
 
-* **Fused** (CPU, contiguous float32/float64, when the ``_fused_report`` C
-  kernel was built at install): one multithreaded sweep over all layers that
-  reads w, w(0), w(t-1) once, writes w(t-1) once and accumulates the four sums
-  in float64 from exactly widened inputs. Memory-bound like the optimizer step
-  itself (see ``benchmarks/hook_overhead.py`` for its cost against one).
+* **Fused** (CPU, dense float32/float64/bfloat16/float16, when the
+  ``_fused_report`` C kernel was built at install): one multithreaded sweep
+  over all layers that reads w, w(0), w(t-1) once, writes w(t-1) once and
+  accumulates the four sums in float64 from inputs widened exactly in
+  registers (no extra memory). Memory-bound like the optimizer step itself
+  (see ``benchmarks/hook_overhead.py`` for its cost against one).
 * **Blocked** (CPU without the kernel, or ``LAYROT_FUSED=0``): one pass over cache-sized
   blocks; w, w(0) and w(t-1) are read from memory once and w(t-1) written
   once, near the minimum traffic for these quantities. Sums use BLAS ``dot``
   per block: a block is small enough that float32 accumulation stays ~1e-7
   relative, where whole-tensor float32 norms on CPU drift to ~4e-5 on
-  multi-million-element layers, too coarse for small angles.
-* **Foreach** (CUDA and everything else): a handful of ``torch._foreach_*``
-  kernels for all layers, per-layer dot kernels, accumulation in >= float32.
+  multi-million-element layers, too coarse for small angles. bfloat16 / float16
+  blocks are widened into three float64 scratch blocks (3 x 8 B x BLOCK / 4,
+  allocated once) and summed in float64.
+* **Foreach** (CUDA and everything else): ``torch._foreach_*`` kernels and
+  per-layer dot kernels over groups of layers of about ``FOREACH_CHUNK``
+  elements (a larger layer is a group of its own), sums accumulated in float64.
+  Cost of the widening: on accelerators a bfloat16 / float16 layer's w, and in
+  turn its w(0) and w(t-1), are widened to float32 temporaries (2x the layer's
+  bytes each; float32 layers need none); with the differences and products a
+  group holds at most ~4 x 4 B x FOREACH_CHUNK (128 MB) at once, freed before
+  the next group, so no full-size copy of the model is ever made (before, the
+  differences of *all* layers were alive at once: one model-sized temporary).
+  (Float32 products hold every float16 square; bfloat16 weights beyond ~1e19
+  would overflow them, as they did before.) On CPU, where this path only takes
+  non-dense layouts, the temporaries are float64 (twice that bound).
 """
 
 from __future__ import annotations
@@ -43,15 +65,24 @@ import torch
 # The contract both frameworks' hooks follow; wire_rows is re-exported for callers of this module.
 from layrot.agent.measurement import DEVICE_ROWS, wire_rows
 
-__all__ = ["BLOCK", "DEVICE_ROWS", "LayerDistances", "fused_kernel", "wire_rows"]
+__all__ = ["BLOCK", "DEVICE_ROWS", "FOREACH_CHUNK", "LayerDistances", "fused_kernel", "wire_rows"]
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 19  # elements per block: 2 MiB of float32; w, w(0), w(t-1) blocks stay in cache
+# Elements per group of the foreach path: bounds its temporaries (differences,
+# widened 16-bit weights, products) to a few times this, whatever the model size.
+FOREACH_CHUNK = 1 << 23
+
+# Element types the C kernel takes, with its code for each (``kind`` in _fused_report.c).
+_FUSED_KINDS = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+# The kernel's calling convention this module speaks (LAYROT_FUSED_ABI in _fused_report.c).
+_FUSED_ABI = 2
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _blockable(p: torch.Tensor) -> bool:
-    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
+    return p.device.type == "cpu" and p.dtype in _FUSED_KINDS and p.is_contiguous()
 
 
 def _dense_layout(p: torch.Tensor) -> bool:
@@ -67,7 +98,7 @@ def _fusable(p: torch.Tensor, w0: torch.Tensor, prev: torch.Tensor) -> bool:
     # dense layout works as long as all three share it (clone() preserves it).
     return (
         all(t.device.type == "cpu" and t.dtype == p.dtype and _dense_layout(t) for t in (p, w0, prev))
-        and p.dtype in (torch.float32, torch.float64)
+        and p.dtype in _FUSED_KINDS
         and p.stride() == w0.stride() == prev.stride()
     )
 
@@ -90,6 +121,9 @@ def fused_kernel() -> ctypes.CDLL | None:
             else:
                 try:
                     lib = ctypes.CDLL(spec.origin)
+                    abi = lib.layrot_fused_abi
+                    abi.restype = ctypes.c_int
+                    abi.argtypes = []
                     fn = lib.layrot_fused_report
                     fn.restype = ctypes.c_int
                     fn.argtypes = [
@@ -103,9 +137,18 @@ def fused_kernel() -> ctypes.CDLL | None:
                         ctypes.c_int,
                         ctypes.c_void_p,
                     ]
+                    if abi() != _FUSED_ABI:
+                        raise AttributeError(f"built for calling convention {abi()}, this layrot needs {_FUSED_ABI}")
                     _FUSED = lib
                 except (OSError, AttributeError) as exc:
-                    log.warning("fused report kernel %s failed to load (%s): using the ATen path", spec.origin, exc)
+                    # A kernel built from an older _fused_report.c (a stale in-place build; without
+                    # layrot_fused_abi it predates bfloat16/float16) must not be fed layers it reads wrong.
+                    log.warning(
+                        "fused report kernel %s failed to load (%s; reinstalling layrot rebuilds it): "
+                        "using the ATen path",
+                        spec.origin,
+                        exc,
+                    )
     return _FUSED or None
 
 
@@ -131,6 +174,9 @@ class LayerDistances:
         self.num_layers = len(self.params)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self._fused_ok = fused  # False: the ATen blocked pass even where the kernel is available
+        # The foreach path's CPU variant (flat float64 copies, BLAS dot); tests switch it off to run
+        # the accelerator variant on CPU.
+        self._foreach_flat64 = self.device.type == "cpu"
         self._build()
 
     def _build(self) -> None:
@@ -170,7 +216,7 @@ class LayerDistances:
             ptrs(self.w0),
             ptrs(self.prev),
             np.array([self.params[i].numel() for i in idx], dtype=np.int64),
-            np.array([self.params[i].dtype == torch.float64 for i in idx], dtype=np.int32),
+            np.array([_FUSED_KINDS[self.params[i].dtype] for i in idx], dtype=np.int32),
         )
 
     def _build_blocked(self, blocked: list[int]) -> None:
@@ -180,19 +226,24 @@ class LayerDistances:
         scratch: dict[torch.dtype, torch.Tensor] = {}
         for j, i in enumerate(blocked):
             w, a, b = (t.view(-1) for t in (self.params[i], self.w0[i], self.prev[i]))
+            half = w.dtype in _HALF
+            # 16-bit blocks are widened into three float64 scratch rows (w, w(0) or w(t-1), d0):
+            # a quarter of the block keeps that scratch at the size of a float32 block's.
+            size = max(1, self.block // 4) if half else self.block
             if w.dtype not in scratch:
-                scratch[w.dtype] = torch.empty(self.block, dtype=w.dtype, device=w.device)
+                shape = (3, size) if half else (size,)
+                scratch[w.dtype] = torch.empty(shape, dtype=torch.float64 if half else w.dtype, device=w.device)
             buf = scratch[w.dtype]
-            for s in range(0, w.numel(), self.block):
-                e = min(s + self.block, w.numel())
-                self._blocks.append((w[s:e], a[s:e], b[s:e], buf[: e - s]))
+            for s in range(0, w.numel(), size):
+                e = min(s + size, w.numel())
+                self._blocks.append((w[s:e], a[s:e], b[s:e], buf[..., : e - s]))
                 seg.append(j)
         self._seg = torch.tensor(seg, dtype=torch.long, device=self.device)
         n = len(self._blocks)
         # One accumulator row per quantity; dot() writes each block's sum straight into it.
         self._acc = {dt: torch.zeros(4, n, dtype=dt, device=self.device) for dt in (torch.float32, torch.float64)}
-        is64 = [blk[0].dtype == torch.float64 for blk in self._blocks]
-        self._is64 = torch.tensor(is64, device=self.device) if any(is64) else None
+        wide = [blk[0].dtype != torch.float32 for blk in self._blocks]  # summed in float64
+        self._wide = torch.tensor(wide, device=self.device) if any(wide) else None
 
     def _check_storage(self) -> None:
         # Parameters moved or re-allocated (model.to(), FSDP re-sharding): rebuild views.
@@ -232,7 +283,7 @@ class LayerDistances:
         return out
 
     def _measure_fused(self, refresh_prev: bool) -> torch.Tensor | None:
-        w, w0, prev, numel, is64 = self._fused_args
+        w, w0, prev, numel, kinds = self._fused_args
         out = torch.empty((4, len(self._fused_idx)), dtype=torch.float64)
         # ctypes drops the GIL for the call: the reporter thread keeps running.
         rc = fused_kernel().layrot_fused_report(  # type: ignore[union-attr]
@@ -241,7 +292,7 @@ class LayerDistances:
             w0,
             prev,
             numel.ctypes.data,
-            is64.ctypes.data,
+            kinds.ctypes.data,
             int(refresh_prev),
             torch.get_num_threads(),
             out.data_ptr(),
@@ -263,20 +314,33 @@ class LayerDistances:
 
     def _measure_blocked(self, refresh_prev: bool) -> torch.Tensor:
         dot, sub = torch.dot, torch.sub
-        rows = {dt: tuple(acc) for dt, acc in self._acc.items()}
+        f32, f64 = self._acc[torch.float32].unbind(), self._acc[torch.float64].unbind()
         for i, (w, a, b, buf) in enumerate(self._blocks):
-            d0sq, dot0, dssq, dsw = rows[w.dtype]
-            sub(w, a, out=buf)  # d0 = w - w(0): w and w(0) read from memory once
-            dot(buf, buf, out=d0sq[i])
-            dot(buf, a, out=dot0[i])
-            b.sub_(w)  # w(t-1) - w = -ds, in place: w now comes from cache
-            dot(b, b, out=dssq[i])
-            dot(b, w, out=dsw[i])  # = -ds . w(t)
+            if w.dtype in _HALF:
+                d0sq, dot0, dssq, dsw = f64
+                x, y, d = buf  # float64 scratch: widening is exact, so are the differences
+                x.copy_(w)
+                y.copy_(a)
+                sub(x, y, out=d)
+                dot(d, d, out=d0sq[i])
+                dot(d, y, out=dot0[i])
+                y.copy_(b)
+                y.sub_(x)  # w(t-1) - w = -ds
+                dot(y, y, out=dssq[i])
+                dot(y, x, out=dsw[i])
+            else:
+                d0sq, dot0, dssq, dsw = f64 if w.dtype == torch.float64 else f32
+                sub(w, a, out=buf)  # d0 = w - w(0): w and w(0) read from memory once
+                dot(buf, buf, out=d0sq[i])
+                dot(buf, a, out=dot0[i])
+                b.sub_(w)  # w(t-1) - w = -ds, in place: w now comes from cache
+                dot(b, b, out=dssq[i])
+                dot(b, w, out=dsw[i])  # = -ds . w(t)
             if refresh_prev:
                 b.copy_(w)
         acc = self._acc[torch.float32].double()
-        if self._is64 is not None:
-            acc = torch.where(self._is64, self._acc[torch.float64], acc)
+        if self._wide is not None:
+            acc = torch.where(self._wide, self._acc[torch.float64], acc)
         sums = torch.zeros(4, len(self._blocked_idx), dtype=torch.float64, device=self.device)
         sums.index_add_(1, self._seg, acc)
         sums[3].neg_()
@@ -284,24 +348,60 @@ class LayerDistances:
 
     def _measure_foreach(self, refresh_prev: bool) -> torch.Tensor:
         idx = self._foreach_idx
-        ws = [self.params[i] for i in idx]
-        w0 = [self.w0[i] for i in idx]
-        prev = [self.prev[i] for i in idx]
-        acc_dt = torch.float64 if all(w.dtype == torch.float64 for w in ws) else torch.float32
+        parts = []
+        start, size = 0, 0
+        for k, i in enumerate(idx):
+            size += self.params[i].numel()
+            if size >= FOREACH_CHUNK or k == len(idx) - 1:
+                parts.append(self._foreach_group(idx[start : k + 1], refresh_prev))
+                start, size = k + 1, 0
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _foreach_group(self, idx: Sequence[int], refresh_prev: bool) -> torch.Tensor:
+        """The (4, len(idx)) float64 sums of one group of layers; its temporaries are freed on return."""
+        f64 = torch.float64
+        cpu = self._foreach_flat64
+        params = [self.params[i] for i in idx]
+        # Widened before any subtraction (explicit casts, one temporary each: mixed-dtype ops are
+        # ~5x slower on CPU). On CPU everything goes to flat float64 copies summed by BLAS dot
+        # (a float64 torch.sum of float32 casts element by element, ~10x slower); elsewhere 16-bit
+        # tensors go to float32 and the float64 accumulation rides in the reduction kernels.
+        ws = [_widened(w, cpu) for w in params]
 
         def sq_norms(ts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return torch.stack(torch._foreach_norm(ts, 2, dtype=acc_dt)).double().square()
+            if cpu:
+                # Not _foreach_norm: on CPU it accumulates without cascading (5e-4 relative error in
+                # float32 at 8M elements). BLAS dot on the flat float64 copies needs no product temporary.
+                return torch.stack([torch.dot(t, t) for t in ts])
+            return torch.stack(torch._foreach_norm(ts, 2, dtype=f64)).square()
 
         def dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
             # Small per-layer kernels, no sync.
-            return torch.stack([torch.sum(x * y, dtype=acc_dt) for x, y in zip(xs, ys)]).double()
+            if cpu:
+                return torch.stack([torch.dot(x, y) for x, y in zip(xs, ys)])
+            return torch.stack([torch.sum(x * y, dtype=f64) for x, y in zip(xs, ys)])
 
-        diff = torch._foreach_sub(ws, w0)
-        d0sq, dot0 = sq_norms(diff), dots(diff, w0)
-        del diff
-        ds = torch._foreach_sub(ws, prev)
+        ref = [_widened(self.w0[i], cpu) for i in idx]
+        diff = torch._foreach_sub(ws, ref)
+        d0sq, dot0 = sq_norms(diff), dots(diff, ref)
+        del diff, ref
+        ref = [_widened(self.prev[i], cpu) for i in idx]
+        ds = torch._foreach_sub(ws, ref)
+        del ref
         dssq, dsw = sq_norms(ds), dots(ds, ws)
-        del ds
+        del ds, ws
         if refresh_prev:
-            torch._foreach_copy_(prev, ws)
+            torch._foreach_copy_([self.prev[i] for i in idx], params)
         return torch.stack([d0sq, dot0, dssq, dsw])
+
+
+def _widened(t: torch.Tensor, cpu: bool) -> torch.Tensor:
+    """``t`` in the dtype its differences are taken in: float64 on CPU; float32 for 16-bit tensors elsewhere.
+
+    On CPU the result is flat and contiguous (for BLAS dot). The casts are exact (every
+    bfloat16 / float16 / float32 value is a float64 one); ``t`` itself (or a view) when it
+    already has that dtype and layout: no copy.
+    """
+    if cpu:
+        return t.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1)
+    return t.float() if t.dtype in _HALF else t

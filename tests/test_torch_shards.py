@@ -66,6 +66,7 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--hsdp", action="store_true", help="2-D mesh (replicate=1, shard=world): HSDP placements")
+    ap.add_argument("--dtype", default="float32", help="the parameters' dtype (torch attribute name)")
     a = ap.parse_args(argv)
 
     from datetime import timedelta
@@ -92,7 +93,8 @@ def worker_main(argv: list[str]) -> None:
         else init_device_mesh("cpu", (a.world,))
     )
     torch.manual_seed(0)  # same full init on every rank; each keeps its shard
-    model = build_model()
+    dtype = getattr(torch, a.dtype)
+    model = build_model().to(dtype)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             fully_shard(m, mesh=mesh)
@@ -131,8 +133,8 @@ def worker_main(argv: list[str]) -> None:
 
     saved = [shards()]
     g = torch.Generator().manual_seed(100 + a.rank)  # each rank its own data; FSDP averages gradients
-    x = torch.randn(64, IN, generator=g)
-    y = torch.randn(64, 1, generator=g)
+    x = torch.randn(64, IN, generator=g).to(dtype)
+    y = torch.randn(64, 1, generator=g).to(dtype)
     for _ in range(STEPS):
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
@@ -184,7 +186,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(collector: Any, out: Path, run: str, every: int = 1, hsdp: bool = False) -> list[dict[str, Any]]:
+def run_job(
+    collector: Any, out: Path, run: str, every: int = 1, hsdp: bool = False, dtype: str = "float32"
+) -> list[dict[str, Any]]:
     """Start both ranks, wait for them, return each rank's report (with its shards under "w")."""
     port = free_port()
     env = dict(
@@ -211,6 +215,8 @@ def run_job(collector: Any, out: Path, run: str, every: int = 1, hsdp: bool = Fa
                 str(out),
                 "--every",
                 str(every),
+                "--dtype",
+                dtype,
             ]
             + (["--hsdp"] if hsdp else []),
             env=env,
