@@ -199,22 +199,10 @@ class WatchHandle(WatchBase):
         tls_key: str | None = None,
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
-        total_steps: int | None = None,
     ) -> None:
         run, run_key = _shared_run(run)  # collective when torch.distributed runs: before anything can raise
         self._configure(
-            run,
-            collector,
-            every,
-            token,
-            meta,
-            reporter_options,
-            tls_ca,
-            tls_cert,
-            tls_key,
-            spool,
-            spool_max_bytes,
-            total_steps=total_steps,
+            run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
         )
         optimizer = real_optimizer(optimizer)
         self._optimizer = optimizer
@@ -242,6 +230,11 @@ class WatchHandle(WatchBase):
             self._w0 = [w.clone() for w in self._shards.local_views()]
             self._prev = [w.clone() for w in self._w0]
         self._sharded = list(self._shards.sharded)
+        # Where each layer lives (module, attribute) and the storage measured: model.to(), .half() or a
+        # new Parameter after watch() are seen at the next measurement and re-bound (_check_bindings).
+        self._slots = _owner_slots(model, self._params)
+        self._bound = [_binding(v) for v in self._shards.local_views()]
+        self._warned_rebind = False
         self._init_norms = (
             self._shards.global_init_norms(self._w0, self.every) if self._shards.any else init_norms(self._w0)
         )
@@ -393,7 +386,7 @@ class WatchHandle(WatchBase):
             recorder.remove()
         self._eager.release()
         order = self._in_forward_order(self._names)
-        for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded"):
+        for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded", "_slots", "_bound"):
             seq = getattr(self, attr)
             setattr(self, attr, [seq[i] for i in order])
         self._rho_index: np.ndarray | None = None  # set by _order_layca when Layca's layers differ
@@ -406,6 +399,7 @@ class WatchHandle(WatchBase):
                 zip(self._names, self._params, self._init_norms, self._types, self._sharded)
             )
         ]
+        self._check_bindings()  # a cast between watch() and the first step
         rank, world = _dist_rank_world()
         self._open_reporter(specs, "pytorch", torch.__version__, rank, world, self._meta)
         p0 = self._params[0]
@@ -439,6 +433,7 @@ class WatchHandle(WatchBase):
         if self.reporter is None and not self._closed and self._recorder is not None and self._recorder.seen:
             self._finalize()
         if not self._prev_valid:
+            self._check_bindings()
             if self.reporter is None:  # a state loaded before the first step: the layers are not ordered yet
                 for buf, view in zip(self._prev, self._shards.local_views()):
                     buf.copy_(view)
@@ -456,8 +451,10 @@ class WatchHandle(WatchBase):
             self._finalize()
         self.step += 1
         t = self.step
-        if self._shards.any and (t % self.every == 0 or (t + 1) % self.every == 0):
-            self._check_shards()
+        if t % self.every == 0 or (t + 1) % self.every == 0:
+            self._check_bindings()
+            if self._shards.any:
+                self._check_shards()
         if t % self.every == 0:
             self._report(t)
         elif (t + 1) % self.every == 0:
@@ -465,6 +462,66 @@ class WatchHandle(WatchBase):
             self._distances.copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
+
+    def _check_bindings(self) -> None:
+        """Re-bind the layers whose parameter was replaced, moved or cast since it was bound.
+
+        Checked only where the buffers are used (reported steps and the copy before
+        them): a dict lookup and a pointer per layer, no device work. w(0) and w(t-1)
+        follow the parameter to its new device and dtype (exact when widening, e.g.
+        ``model.to(torch.float64)``; rounded when narrowing, said in the warning);
+        ``||w(0)||`` stays the exact one announced to the collector.
+        """
+        moved = []
+        for i, slot in enumerate(self._slots):
+            if slot is None or self._sharded[i]:
+                continue  # FSDP shards: _check_shards
+            p = slot[0]._parameters.get(slot[1])
+            if p is None:
+                continue
+            if p is not self._params[i] or _binding(p) != self._bound[i]:
+                moved.append((i, p))
+        if moved:
+            self._rebind(moved)
+
+    def _rebind(self, moved: Sequence[tuple[int, nn.Parameter]]) -> None:
+        changes, narrowed = [], []
+        for i, p in moved:
+            old = self._w0[i]
+            if tuple(p.shape) != tuple(self._params[i].shape):
+                raise RuntimeError(
+                    f"layer {self._names[i]} changed shape after watch() ({tuple(self._params[i].shape)} -> "
+                    f"{tuple(p.shape)}); watch the new model with a new handle"
+                )
+            changes.append(f"{self._names[i]}: {old.dtype} on {old.device} -> {p.dtype} on {p.device}")
+            if p.dtype.is_floating_point and torch.finfo(p.dtype).eps > torch.finfo(old.dtype).eps:
+                narrowed.append(self._names[i])
+            self._params[i] = p
+            self._w0[i] = old.to(device=p.device, dtype=p.dtype)
+            self._prev[i] = self._prev[i].to(device=p.device, dtype=p.dtype)
+            self._bound[i] = _binding(p)
+        if not self._warned_rebind:
+            self._warned_rebind = True
+            log.warning(
+                "layrot: %d layer(s) of run %s were moved or cast after watch() (%s%s); measured in their new "
+                "storage from this step on%s",
+                len(changes),
+                self.run,
+                "; ".join(changes[:3]),
+                f"; and {len(changes) - 3} more" if len(changes) > 3 else "",
+                (
+                    f". {len(narrowed)} to a narrower dtype: their w(0) and w(t-1) are rounded to it, so their "
+                    "rotations carry that rounding"
+                )
+                if narrowed
+                else "",
+            )
+        else:
+            log.info("layrot: re-bound %d more moved or cast layer(s) of run %s", len(changes), self.run)
+        self._shards = ShardGroups(self._params, self._names)
+        if self.reporter is not None:  # before the first step the distances are built by _finalize
+            self._distances = LayerDistances(self._shards.local_views(), self._w0, self._prev)
+            self._nan = self._nan.to(self._params[0].device)
 
     def _check_shards(self) -> None:
         # FSDP re-allocates a local shard on model.to() or assign-loads: measure the new storage.
@@ -497,6 +554,21 @@ class WatchHandle(WatchBase):
         reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
 
 
+def _owner_slots(model: nn.Module, params: Sequence[torch.Tensor]) -> list[tuple[nn.Module, str] | None]:
+    """(module, attribute) holding each parameter (the first owner of a tied one); None if not found."""
+    where: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) not in where:
+                where[id(p)] = (module, attr)
+    return [where.get(id(p)) for p in params]
+
+
+def _binding(t: torch.Tensor) -> tuple[int, torch.dtype, torch.device]:
+    """What identifies the storage a layer is measured in."""
+    return (t.data_ptr(), t.dtype, t.device)
+
+
 def _as_layca(optimizer: Any) -> Any:
     try:
         from layrot.hooks.layca_torch import Layca
@@ -527,7 +599,6 @@ def watch(
     tls_key: str | None = None,
     spool: bool | None = None,
     spool_max_bytes: int | None = None,
-    total_steps: int | None = None,
 ) -> WatchHandle:
     """Stream per-layer rotation of ``model`` to the layrot collector.
 
@@ -570,14 +641,11 @@ def watch(
             ``LAYROT_SPOOL=0`` turns it off); the folder is ``LAYROT_SPOOL_DIR`` or the user
             cache dir (``~/.cache/layrot/spool``).
         spool_max_bytes: the spool's bound (default 1 GiB, ``LAYROT_SPOOL_MAX_BYTES``).
-        total_steps: the optimizer step the run plans to end at (None = unknown); the
-            collector then judges ``not_learning`` at ``not_learning_share`` (5 %) of it
-            instead of after ``not_learning_steps`` (100) reported steps.
 
     Raises:
         ValueError: before training starts, for a run name the collector would refuse,
-            a collector address that is not ``host:port``, an unreadable TLS file,
-            ``every < 1`` or a negative ``total_steps``.
+            a collector address that is not ``host:port``, an unreadable TLS file, or
+            ``every < 1``.
 
     Returns:
         A :class:`WatchHandle` with ``close()``, ``state_dict()`` /
