@@ -199,10 +199,22 @@ class WatchHandle(WatchBase):
         tls_key: str | None = None,
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
         run, run_key = _shared_run(run)  # collective when torch.distributed runs: before anything can raise
         self._configure(
-            run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
+            run,
+            collector,
+            every,
+            token,
+            meta,
+            reporter_options,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            spool,
+            spool_max_bytes,
+            total_steps=total_steps,
         )
         optimizer = real_optimizer(optimizer)
         self._optimizer = optimizer
@@ -599,6 +611,7 @@ def watch(
     tls_key: str | None = None,
     spool: bool | None = None,
     spool_max_bytes: int | None = None,
+    total_steps: int | None = None,
 ) -> WatchHandle:
     """Stream per-layer rotation of ``model`` to the layrot collector.
 
@@ -641,11 +654,14 @@ def watch(
             ``LAYROT_SPOOL=0`` turns it off); the folder is ``LAYROT_SPOOL_DIR`` or the user
             cache dir (``~/.cache/layrot/spool``).
         spool_max_bytes: the spool's bound (default 1 GiB, ``LAYROT_SPOOL_MAX_BYTES``).
+        total_steps: the optimizer step the run plans to end at (None = unknown); the
+            collector then judges ``not_learning`` at ``not_learning_share`` (5 %) of it
+            instead of after ``not_learning_steps`` (100) reported steps.
 
     Raises:
         ValueError: before training starts, for a run name the collector would refuse,
-            a collector address that is not ``host:port``, an unreadable TLS file, or
-            ``every < 1``.
+            a collector address that is not ``host:port``, an unreadable TLS file,
+            ``every < 1`` or a negative ``total_steps``.
 
     Returns:
         A :class:`WatchHandle` with ``close()``, ``state_dict()`` /
