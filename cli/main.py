@@ -196,6 +196,12 @@ def check_output_folder(output: str) -> None:
     metavar="N",
     help="Export runs with more than N layers as run-level aggregates only (for huge models). 0 = never.",
 )
+@click.option(
+    "--no-ui",
+    "no_ui",
+    is_flag=True,
+    help="Do not serve the web view at / of the metrics port (/metrics, /healthz, /readyz and /api/v1 stay).",
+)
 @serve_alert_options
 @serve_limit_options
 def serve(
@@ -207,6 +213,7 @@ def serve(
     run_ttl: float,
     max_series: int,
     aggregate_layers: int,
+    no_ui: bool,
     security_options: dict[str, Any],
     alert_options: dict[str, Any],
     limit_options: dict[str, Any],
@@ -224,6 +231,10 @@ def serve(
     missing. Jobs and the CLI then set LAYROT_TOKEN and LAYROT_TLS_CA (the CA
     file that signed --tls-cert); with --tls-client-ca also LAYROT_TLS_CERT and
     LAYROT_TLS_KEY. Health checks are always open.
+
+    A web view (runs, live layer rotation curves, step-angle heatmap, alerts,
+    Layca rates, run comparison) is at http://METRICS-HOST:METRICS-PORT/ unless
+    --no-ui; with --read-token it asks for the token (kept in the browser tab).
 
     \b
     Examples:
@@ -251,6 +262,7 @@ def serve(
         run_ttl=run_ttl,
         max_series=max_series,
         aggregate_layers=aggregate_layers,
+        ui=not no_ui,
         **security_options,
         **alert_options,
         **limit_options,

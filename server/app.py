@@ -39,6 +39,7 @@ from layrot.server.metrics import LayrotCollector, MetricsServer
 from layrot.server.query import QueryServicer
 from layrot.server.state import CollectorState
 from layrot.server.store_api import HistoryStore, is_url, open_store, redact_url
+from layrot.server.web import WebUI
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class Collector:
     ...     print(c.grpc_address, c.metrics_url)
 
     ``grpc_port=0`` / ``metrics_port=0`` pick free ports; ``metrics_port=None``
-    disables ``/metrics``. ``token`` protects ingest and every write call
+    disables ``/metrics`` (and the HTTP API and web view with it; ``ui=False``
+    turns off only the web view at ``/``). ``token`` protects ingest and every write call
     (``authorization: Bearer <token>`` metadata); ``read_token`` protects the
     queries too (without it they stay open); health checks are always open
     (server/auth.py). ``tls_cert`` + ``tls_key`` (PEM files) serve gRPC and
@@ -83,6 +85,7 @@ class Collector:
         db_path: str | Path = "layrot.db",
         token: str | None = None,
         read_token: str | None = None,
+        ui: bool = True,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         tls_client_ca: str | Path | None = None,
@@ -147,6 +150,8 @@ class Collector:
         self.health: health_aio.HealthServicer | None = None
         self.metrics: MetricsServer | None = None
         self.http_api: HttpApi | None = None
+        # The web view's files at / and /ui/ of the HTTP port (server/web.py); ui=False (serve --no-ui): 404 there.
+        self.web: WebUI | None = WebUI() if ui and metrics_port is not None else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._thread: threading.Thread | None = None

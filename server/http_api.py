@@ -13,7 +13,10 @@ are written as ``null``.
 ``GET /api/v1/runs``                    ``{"runs": [RunSummary, ...]}`` sorted by name
 ``GET /api/v1/runs/{run}``              RunSummary plus ``layers`` (newest state per layer)
 ``GET /api/v1/runs/{run}/history``      ``since_step``, ``until_step`` (inclusive, 0 = open),
-                                        ``rank``: ``{"run", "layer_names", "chunks": [...]}``,
+                                        ``rank``, ``stride`` (the first step of each
+                                        ``stride``-step window; 0/1 = all), ``fields``
+                                        (per-layer columns, comma-separated; default all):
+                                        ``{"run", "layer_names", "chunks": [...]}``,
                                         each chunk columnar: ``steps``, ``times``, ``loss``,
                                         and ``rotation`` / ``step_angle`` / ``weight_norm`` /
                                         ``rho`` as lists of per-step rows; streamed
@@ -147,7 +150,10 @@ def _number_json(values: Any) -> str:
     return text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null")
 
 
-def _chunk_json(chunk: pb.HistoryChunk, num_layers: int) -> str:
+HISTORY_FIELDS = ("rotation", "step_angle", "weight_norm", "rho")
+
+
+def _chunk_json(chunk: pb.HistoryChunk, num_layers: int, fields: tuple[str, ...] = HISTORY_FIELDS) -> str:
     S = len(chunk.steps)
     L = chunk.num_layers or num_layers
 
@@ -161,8 +167,44 @@ def _chunk_json(chunk: pb.HistoryChunk, num_layers: int) -> str:
         f'"times":{_number_json(list(chunk.times))}',
         f'"loss":{_number_json(list(chunk.loss))}',
     ]
-    parts += [f'"{key}":{rows(getattr(chunk, key))}' for key in ("rotation", "step_angle", "weight_norm", "rho")]
+    parts += [f'"{key}":{rows(getattr(chunk, key))}' for key in fields]
     return "{" + ",".join(parts) + "}"
+
+
+class _Stride:
+    """Keeps, of the steps in each window ``[k * n, (k + 1) * n)``, only the first (a history's chunks in order).
+
+    Windows are absolute steps, not positions: the same steps are kept whatever the chunking and
+    wherever ``since_step`` starts a window, so a page can fetch a long run sparsely and then
+    follow it with ``since_step = (k + 1) * n``.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.window = -1
+
+    def __call__(self, chunk: pb.HistoryChunk) -> pb.HistoryChunk:
+        keep = []
+        for i, step in enumerate(chunk.steps):
+            if step // self.n != self.window:
+                self.window = step // self.n
+                keep.append(i)
+        S = len(chunk.steps)
+        if len(keep) == S:
+            return chunk
+        out = pb.HistoryChunk(
+            layer_names=chunk.layer_names,
+            num_layers=chunk.num_layers,
+            steps=[chunk.steps[i] for i in keep],
+            times=[chunk.times[i] for i in keep] if len(chunk.times) == S else [],
+            loss=[chunk.loss[i] for i in keep] if len(chunk.loss) == S else [],
+        )
+        L = chunk.num_layers or (len(chunk.rotation) // 8 // S if S else 0)
+        for key in ("rotation", "step_angle", "weight_norm", "rho"):
+            data = getattr(chunk, key)
+            if data and S and L:
+                setattr(out, key, np.frombuffer(data, dtype="<f8").reshape(S, L)[keep].tobytes())
+        return out
 
 
 def _int_arg(args: dict[str, list[str]], name: str, default: int = 0) -> int:
@@ -176,6 +218,18 @@ def _int_arg(args: dict[str, list[str]], name: str, default: int = 0) -> int:
     if value < 0 or value > 2**63 - 1:
         raise ApiError("INVALID_ARGUMENT", f"{name} {value} is out of range")
     return value
+
+
+def _fields_arg(args: dict[str, list[str]]) -> tuple[str, ...]:
+    """``fields=rotation,step_angle``: which per-layer columns a history answer carries (default all)."""
+    values = args.get("fields")
+    if not values or not values[-1]:
+        return HISTORY_FIELDS
+    wanted = values[-1].split(",")
+    unknown = [f for f in wanted if f not in HISTORY_FIELDS]
+    if unknown:
+        raise ApiError("INVALID_ARGUMENT", f"unknown fields {unknown}: choose from {', '.join(HISTORY_FIELDS)}")
+    return tuple(f for f in HISTORY_FIELDS if f in wanted)
 
 
 def _float_arg(args: dict[str, list[str]], name: str, default: float = 0.0) -> float:
@@ -243,6 +297,9 @@ class HttpApi:
                 peer = f"http:{environ.get('REMOTE_ADDR', '?')}"
                 sock = environ.get("layrot.socket")
                 return self._route(path[len(API_PREFIX) :], args, peer, start_response, sock)
+            web = getattr(self.backend, "web", None)  # the web view's files (server/web.py); None: serve --no-ui
+            if web is not None and web.owns(path):
+                return web(environ, start_response)
             raise ApiError("NOT_FOUND", f"no such path {path!r} (see {API_PREFIX}/openapi.json)")
         except _MethodNotAllowed:
             body = _json_bytes({"error": {"status": "METHOD_NOT_ALLOWED", "message": "the HTTP API only reads: GET"}})
@@ -280,7 +337,7 @@ class HttpApi:
                 until_step=_int_arg(args, "until_step"),
                 rank=min(_int_arg(args, "rank"), 2**32 - 1),
             )
-            return self._history(request, peer, start_response)
+            return self._history(request, peer, start_response, _int_arg(args, "stride"), _fields_arg(args))
         if len(parts) == 3 and parts[0] == "runs" and parts[2] == "control":
             run = parts[1]
             st = self._call(lambda s, c: s.GetControl(pb.GetControlRequest(run=run), c), peer)
@@ -337,8 +394,17 @@ class HttpApi:
             if not loop.is_closed():
                 asyncio.run_coroutine_threadsafe(agen.aclose(), loop)
 
-    def _history(self, request: pb.HistoryRequest, peer: str, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        chunks = self._stream(lambda s, c: s.GetHistory(request, c), peer)
+    def _history(
+        self,
+        request: pb.HistoryRequest,
+        peer: str,
+        start_response: Callable[..., Any],
+        stride: int = 0,
+        fields: tuple[str, ...] = HISTORY_FIELDS,
+    ) -> Iterable[bytes]:
+        chunks: Iterator[Any] = self._stream(lambda s, c: s.GetHistory(request, c), peer)
+        if stride > 1:
+            chunks = map(_Stride(stride), chunks)
         # The first chunk is fetched before the headers go out, so an unknown run is a clean 404.
         first = next(chunks, None)
         names = list(first.layer_names) if first is not None else []
@@ -349,12 +415,12 @@ class HttpApi:
             yield (json.dumps(head, separators=(",", ":"))[:-1] + ',"chunks":[').encode()
             sep = ""
             if first is not None and first.steps:
-                yield _chunk_json(first, L).encode()
+                yield _chunk_json(first, L, fields).encode()
                 sep = ","
             try:
                 for chunk in chunks:
                     if chunk.steps:
-                        yield (sep + _chunk_json(chunk, L)).encode()
+                        yield (sep + _chunk_json(chunk, L, fields)).encode()
                         sep = ","
             except ApiError as exc:  # headers are gone: end the document with the error, not silently
                 log.warning("history of %r over HTTP ended early: %s", request.run, exc.message)

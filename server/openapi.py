@@ -172,6 +172,20 @@ def openapi_document() -> dict[str, Any]:
                         _param("since_step", "query", _STEP, "first step (inclusive); 0 = from the start"),
                         _param("until_step", "query", _STEP, "last step (inclusive); 0 = to the end"),
                         _param("rank", "query", _STEP, "which rank's rows (default 0)"),
+                        _param(
+                            "stride",
+                            "query",
+                            _STEP,
+                            "downsampling: of the steps in each window [k*stride, (k+1)*stride), only the first"
+                            " (0 or 1 = every step); windows are absolute, so since_step = (k+1)*stride continues",
+                        ),
+                        _param(
+                            "fields",
+                            "query",
+                            {"type": "string", "example": "rotation,step_angle"},
+                            "per-layer columns to send, comma-separated, of rotation, step_angle, weight_norm, rho"
+                            " (default all; steps, times and loss always come)",
+                        ),
                     ],
                     "responses": {"200": _json_answer(_ref("History")), **_ERRORS},
                 }
@@ -239,7 +253,8 @@ def openapi_document() -> dict[str, Any]:
                     {**_RUN_SUMMARY, "layers": {"type": "array", "items": _ref("LayerState")}},
                     "RunSummary plus each layer's newest state, in forward order",
                 ),
-                "HistoryChunk": _obj(_CHUNK),
+                # The per-layer columns are there unless the request's `fields` left them out.
+                "HistoryChunk": {**_obj(_CHUNK), "required": ["loss", "steps", "times"]},
                 "History": _obj(
                     {
                         "run": {"type": "string"},
