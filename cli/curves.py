@@ -7,7 +7,7 @@ last layer bright), with a colour bar for the layer index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,52 @@ import numpy as np
 
 if TYPE_CHECKING:
     import matplotlib.figure
+
+    from layrot.client.history import History
+
+# Points per curve kept for a figure: far more than a figure's width in pixels.
+MAX_POINTS = 4000
+
+
+def decimated_rotation(
+    parts: Iterable[History], max_points: int = MAX_POINTS
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(steps, rotation (steps x layers), layer names) of a streamed history, at most ``2 * max_points`` rows.
+
+    Keeps every k-th reported step, doubling k whenever the kept rows reach
+    ``2 * max_points``, so memory stays bounded for any run length (a 100k-step x
+    200-layer history would take 160 MB per column whole); the newest step is
+    always kept, so the curves end where the run is.
+    """
+    stride = 1
+    index = 0  # position of the next row in the full history
+    kept_steps: list[np.ndarray] = []
+    kept_rot: list[np.ndarray] = []
+    n_kept = 0
+    names: list[str] = []
+    last: tuple[np.ndarray, np.ndarray] | None = None
+    for part in parts:
+        names = list(part.layer_names) or names
+        n = len(part)
+        if n == 0:
+            continue
+        take = np.flatnonzero((index + np.arange(n)) % stride == 0)
+        kept_steps.append(part.steps[take].copy())
+        kept_rot.append(part.rotation[take].copy())
+        n_kept += take.size
+        last = (part.steps[-1:].copy(), part.rotation[-1:].copy())
+        index += n
+        while n_kept >= 2 * max_points:  # too many: keep every other kept row, twice the stride
+            steps_all, rot_all = np.concatenate(kept_steps), np.concatenate(kept_rot)
+            kept_steps, kept_rot = [steps_all[::2]], [rot_all[::2]]
+            n_kept = kept_steps[0].size
+            stride *= 2
+    if not kept_steps:
+        return np.empty(0, dtype=np.int64), np.empty((0, len(names))), names
+    steps, rot = np.concatenate(kept_steps), np.concatenate(kept_rot)
+    if last is not None and steps[-1] != last[0][0]:
+        steps, rot = np.concatenate([steps, last[0]]), np.vstack([rot, last[1]])
+    return steps, rot, names
 
 
 def layer_rotation_figure(

@@ -9,14 +9,13 @@ Commands that talk to a collector take ``--collector ADDR`` (or
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -37,11 +36,9 @@ from layrot.cli.cli_common import (
     fmt as _fmt,
 )
 from layrot.cli.cli_common import (
-    num as _num,
-)
-from layrot.cli.cli_common import (
     table as _table,
 )
+from layrot.cli.export_format import EXPORT_FIELDS
 from layrot.cli.serve_options import serve_alert_options, serve_limit_options, serve_security_options
 from layrot.client.errors import CollectorError
 
@@ -49,11 +46,11 @@ from layrot.client.errors import CollectorError
 # in the commands that talk to a collector, matplotlib in `curves`, the server in
 # `serve` and `demo`. tests/test_cli.py checks what a query command imports.
 if TYPE_CHECKING:  # pragma: no cover
-    from layrot.client.query import History
+    from layrot.client.history import History
 
 log = logging.getLogger(__name__)
 
-EXPORT_FIELDS = ("run", "step", "layer", "layer_index", "rotation", "step_angle", "weight_norm", "rho")
+__all__ = ["EXPORT_FIELDS", "cli", "main"]
 
 
 # ---------------------------------------------------------------- group
@@ -401,44 +398,6 @@ def show(run: str, collector: str, token: str | None, as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------- export
-def export_records(h: History) -> Iterator[dict[str, Any]]:
-    """One record per (step, layer): the keys of ``EXPORT_FIELDS``, NaN as None."""
-    steps = h.steps.tolist()
-    rot, ang, wn, rho = (a.tolist() for a in (h.rotation, h.step_angle, h.weight_norm, h.rho))
-    names = h.layer_names
-    for s, step in enumerate(steps):
-        for i, name in enumerate(names):
-            yield {
-                "run": h.run,
-                "step": step,
-                "layer": name,
-                "layer_index": i,
-                "rotation": _num(rot[s][i]),
-                "step_angle": _num(ang[s][i]),
-                "weight_norm": _num(wn[s][i]),
-                "rho": _num(rho[s][i]),
-            }
-
-
-def _write_json(records: Iterator[dict[str, Any]], out: IO[str]) -> None:
-    out.write("[")
-    first = True
-    for rec in records:
-        out.write("\n  " if first else ",\n  ")
-        out.write(json.dumps(rec, allow_nan=False))
-        first = False
-    out.write("\n]\n" if not first else "]\n")
-
-
-def _write_csv(records: Iterator[dict[str, Any]], out: IO[str]) -> None:
-    import csv
-
-    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for rec in records:
-        writer.writerow({k: ("" if v is None else v) for k, v in rec.items()})
-
-
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("run")
 @click.option(
@@ -468,20 +427,22 @@ def export(
       layrot-agent export resnet-a --since-step 1000 --until-step 2000 > part.json
     """
     check_output_folder(output)
-    writer = _write_json if fmt == "json" else _write_csv
+    from layrot.cli.export_format import write_csv, write_json
+
+    writer = write_json if fmt == "json" else write_csv
     counts = {"steps": 0, "layers": 0}
 
-    def records() -> Iterator[dict[str, Any]]:
+    def chunks() -> Iterator[History]:
         # Stream chunk by chunk: constant memory however long the run is.
         with _client(collector, token) as q:
             for part in q.iter_history(run, since_step=since_step, until_step=until_step, rank=rank):
                 counts["steps"] += len(part)
                 counts["layers"] = part.num_layers
-                yield from export_records(part)
+                yield part
 
-    stream = records()
+    stream = chunks()
     try:
-        # Pull the first record before opening the output, so an unreachable
+        # Pull the first chunk before opening the output, so an unreachable
         # collector or unknown run leaves no empty file behind.
         head = list(itertools.islice(stream, 1))
     except CollectorError as exc:
@@ -526,22 +487,21 @@ def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token:
       layrot-agent curves resnet-a -o resnet-a.svg --log-x
     """
     check_output_folder(output)
-    from layrot.cli.curves import plot_layer_rotation_curves
+    from layrot.cli.curves import decimated_rotation, plot_layer_rotation_curves
 
     try:
         with _client(collector, token) as q:
-            h = q.history(run, rank=rank)
+            # Streamed and thinned to a few thousand points per curve: bounded memory for any run length.
+            steps, rotation, names = decimated_rotation(q.iter_history(run, rank=rank))
     except CollectorError as exc:
         raise click.ClickException(str(exc)) from None
-    if len(h) == 0:
+    if steps.size == 0:
         raise click.ClickException(f"run {run!r} has no reported steps yet")
     try:
-        plot_layer_rotation_curves(
-            h.steps, h.rotation, h.layer_names, output, title=f"Layer rotation curves: {run}", log_x=log_x
-        )
+        plot_layer_rotation_curves(steps, rotation, names, output, title=f"Layer rotation curves: {run}", log_x=log_x)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot write {output}: {exc}") from None
-    click.echo(f"wrote {output} ({h.num_layers} layers, {len(h)} steps)", err=True)
+    click.echo(f"wrote {output} ({len(names)} layers, up to step {int(steps[-1])})", err=True)
 
 
 # ---------------------------------------------------------------- demo

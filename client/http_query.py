@@ -240,35 +240,34 @@ class HttpQueryClient:
                 raise CollectorError(f"the alert stream from {self.address} broke: {exc}") from None
 
     def iter_history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> Iterator[History]:
-        """History in chunks (<= ~2000 steps each), as numpy arrays."""
+        """History in chunks (<= ~2000 steps each) as they stream in: one chunk in memory at a time."""
         import numpy as np
 
-        doc = self._get(
-            f"/runs/{self._segment(run)}/history",
-            {"since_step": since_step, "until_step": until_step, "rank": rank},
-        )
-        if "error" in doc:  # the stream broke after it started: what came is not the whole answer
-            err = doc["error"] or {}
-            raise CollectorError(f"history of {run!r} broke off: {err.get('message')}", status=err.get("status"))
-        names = list(doc["layer_names"])
-        L = len(names)
-        for chunk in doc["chunks"]:
-            S = len(chunk["steps"])
+        params = {"since_step": since_step, "until_step": until_step, "rank": rank}
+        # No overall deadline: a long history may take a while to stream (a read still times out).
+        with self._open(f"/runs/{self._segment(run)}/history", params, timeout=max(self.timeout, 60.0)) as resp:
+            head, chunks = _history_lines(resp.body, self.address)
+            names = list(head["layer_names"])
+            L = len(names)
+            for chunk in chunks:
+                S = len(chunk["steps"])
 
-            def rows(key: str, chunk: dict[str, Any] = chunk, S: int = S) -> np.ndarray:
-                return np.array(chunk[key], dtype=np.float64).reshape(S, L) if S and L else np.empty((S, L))
+                def rows(key: str, chunk: dict[str, Any] = chunk, S: int = S) -> np.ndarray:
+                    if key not in chunk:  # a column the answer left out (fields=...): unknown
+                        return np.full((S, L), np.nan)
+                    return np.array(chunk[key], dtype=np.float64).reshape(S, L) if S and L else np.empty((S, L))
 
-            yield History(
-                run=run,
-                layer_names=names,
-                steps=np.asarray(chunk["steps"], dtype=np.int64),
-                times=np.array(chunk["times"], dtype=np.float64),
-                loss=np.array(chunk["loss"], dtype=np.float64),
-                rotation=rows("rotation"),
-                step_angle=rows("step_angle"),
-                weight_norm=rows("weight_norm"),
-                rho=rows("rho"),
-            )
+                yield History(
+                    run=run,
+                    layer_names=names,
+                    steps=np.asarray(chunk["steps"], dtype=np.int64),
+                    times=np.array(chunk["times"], dtype=np.float64),
+                    loss=np.array(chunk["loss"], dtype=np.float64),
+                    rotation=rows("rotation"),
+                    step_angle=rows("step_angle"),
+                    weight_norm=rows("weight_norm"),
+                    rho=rows("rho"),
+                )
 
     def history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> History:
         """Full history (inclusive step bounds; 0 = open) as numpy arrays."""
@@ -287,6 +286,48 @@ class HttpQueryClient:
 
     def set_thresholds(self, run: str | None = None, **values: float) -> dict[str, Any]:
         raise self._read_only("setting thresholds")
+
+
+def _history_lines(body: Any, address: str) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """The head (run, rank, layer names) and the chunks of a streamed history answer, read line by line.
+
+    The collector writes the head, then each chunk on a line of its own (server/http_api.py),
+    so only one chunk is ever parsed and held; an ``error`` member at the end (the stream
+    broke after it began) is raised, never taken for a complete answer.
+    """
+
+    def bad(what: str) -> CollectorError:
+        return CollectorError(f"the collector at {address} sent a history answer that does not parse ({what})")
+
+    first = body.readline().decode("utf-8").rstrip("\n")
+    cut = first.rfind(',"chunks":[')
+    if cut < 0:
+        raise bad("no chunk list")
+    try:
+        head = json.loads(first[:cut] + "}")
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+
+    def chunks() -> Iterator[dict[str, Any]]:
+        for raw in body:
+            line = raw.decode("utf-8").strip()
+            if not line:
+                continue
+            if line.startswith("]"):
+                tail = json.loads("{" + line[2:]) if line.startswith("],") else {}
+                if "error" in tail:
+                    err = tail["error"] or {}
+                    raise CollectorError(
+                        f"history of {head.get('run')!r} broke off: {err.get('message')}", status=err.get("status")
+                    )
+                return
+            try:
+                yield json.loads(line[1:] if line.startswith(",") else line)
+            except ValueError as exc:
+                raise bad(str(exc)) from None
+        raise bad("it ended early")
+
+    return head, chunks()
 
 
 class _Response:

@@ -412,21 +412,23 @@ class HttpApi:
 
         def body() -> Iterator[bytes]:
             head = {"run": request.run, "rank": request.rank, "layer_names": names}
+            # One chunk per line (JSON allows the newlines): a client can read the answer line by
+            # line and hold one chunk at a time (client/http_query.py).
             yield (json.dumps(head, separators=(",", ":"))[:-1] + ',"chunks":[').encode()
-            sep = ""
+            sep = "\n"
             if first is not None and first.steps:
-                yield _chunk_json(first, L, fields).encode()
-                sep = ","
+                yield (sep + _chunk_json(first, L, fields)).encode()
+                sep = "\n,"
             try:
                 for chunk in chunks:
                     if chunk.steps:
                         yield (sep + _chunk_json(chunk, L, fields)).encode()
-                        sep = ","
+                        sep = "\n,"
             except ApiError as exc:  # headers are gone: end the document with the error, not silently
                 log.warning("history of %r over HTTP ended early: %s", request.run, exc.message)
-                yield f'],"error":{json.dumps({"status": exc.status, "message": exc.message})}}}'.encode()
+                yield f'\n],"error":{json.dumps({"status": exc.status, "message": exc.message})}}}\n'.encode()
                 return
-            yield b"]}"
+            yield b"\n]}\n"
 
         start_response("200 OK", [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
         return body()
