@@ -203,6 +203,10 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.max_pending_samples = max_pending_samples
         self.limits = limits or DEFAULT_LIMITS
         self.pending_samples = 0  # accepted, not yet committed (loop thread only)
+        # Set while pending_samples is within bounds: a session over the bound waits on it (set by
+        # the commits that make room), with no polling timer per blocked stream.
+        self._room = asyncio.Event()
+        self._room.set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: set[LiveSession] = set()
         self.creating: dict[str, asyncio.Future] = {}  # run name -> its runs row commit (loop thread)
@@ -249,6 +253,11 @@ class IngestServicer(pb_grpc.IngestServicer):
                     retry_after_s=STORE_RETRY_AFTER,
                 )
             )
+        self._made_room()
+
+    def _made_room(self) -> None:
+        if self.pending_samples <= self.max_pending_samples:
+            self._room.set()
 
     def _on_commit(self, tokens: list[Any], new_rows: list[int] | None = None) -> None:
         state = self.state
@@ -274,6 +283,7 @@ class IngestServicer(pb_grpc.IngestServicer):
             if rs is not None and tok.max_step > rs.stored_step.get(sess.rank, 0):
                 rs.stored_step[sess.rank] = tok.max_step
             sess.committed(tok.seq)
+        self._made_room()
 
     # ------------------------------------------------------------ the stream
     async def Session(
@@ -345,7 +355,10 @@ class IngestServicer(pb_grpc.IngestServicer):
                     continue
                 if kind == "steps":
                     while self.pending_samples > self.max_pending_samples:
-                        await asyncio.sleep(0.005)
+                        # Backpressure: stop reading this stream until commits make room (gRPC's
+                        # flow control then holds the job's sends), woken by the commit, not a timer.
+                        self._room.clear()
+                        await self._room.wait()
                     self._batch(msg.steps, sess)
                 elif kind == "control_ack":
                     self._control_ack(msg.control_ack, sess)
