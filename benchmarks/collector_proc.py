@@ -21,9 +21,13 @@ def free_port() -> int:
 
 
 def start_collector(
-    tmp: str, extra_args: list[str] | tuple[str, ...] = (), db_name: str = "bench.db", metrics_port: int | None = None
+    tmp: str,
+    extra_args: list[str] | tuple[str, ...] = (),
+    db_name: str = "bench.db",
+    metrics_port: int | None = None,
+    db: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """Start the collector with its history in ``tmp``; returns (process, gRPC address)."""
+    """Start the collector with its history in ``tmp`` (or in ``db``, e.g. a postgresql:// URL); (process, address)."""
     port, mport = free_port(), metrics_port or free_port()
     proc = subprocess.Popen(
         [
@@ -40,7 +44,7 @@ def start_collector(
             "--metrics-port",
             str(mport),
             "--db",
-            os.path.join(tmp, db_name),
+            db or os.path.join(tmp, db_name),
             *extra_args,
         ],
         stdout=subprocess.DEVNULL,

@@ -10,6 +10,11 @@ checked against the acknowledgements the clients received.
     python benchmarks/ingest.py                  # alerts as configured by default
     python benchmarks/ingest.py --compare-alerts # alerts on vs off, one run
     python benchmarks/ingest.py --compare-spool  # the clients' spool on vs off
+    python benchmarks/ingest.py --db postgresql://user@host/db   # PostgreSQL history
+    python benchmarks/ingest.py --db postgresql://user@host/db --compare-db   # SQLite vs PostgreSQL
+
+With a PostgreSQL URL every measurement gets a schema of its own in that database
+(``layrot_bench_*``, dropped at its end), so the store check counts only its rows.
 
 The reporters keep their spool on (the default, every batch written to disk by
 the exporter thread) in a folder of the measurement's own, and are throttled to
@@ -20,13 +25,16 @@ acknowledgements at the end (a fresh db and spool: nothing else is stored).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -99,69 +107,105 @@ def client(
     )
 
 
-def measure(args: argparse.Namespace, extra_serve_args: list[str], spool: bool = True) -> dict[str, float]:
-    mport = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        serve, address = start_collector(tmp, extra_serve_args, db_name="ingest.db", metrics_port=mport)
-        port = int(address.rsplit(":", 1)[1])
-        try:
-            url = f"http://127.0.0.1:{mport}/metrics"
-            for _ in range(300):
-                try:
-                    scrape(url)
-                    break
-                except Exception:
-                    time.sleep(0.1)
-            runs = [f"ingest-{i:02d}" for i in range(args.runs)]
-            groups = [runs[i :: args.procs] for i in range(args.procs)]
-            q: mp.Queue = mp.get_context("spawn").Queue()
-            ctx = mp.get_context("spawn")
-            spool_dir = os.path.join(tmp, "spool")
-            procs = [
-                ctx.Process(
-                    target=client,
-                    args=(
-                        f"127.0.0.1:{port}",
-                        g,
-                        args.layers,
-                        args.warmup + args.seconds + 1.0,
-                        spool_dir,
-                        spool,
-                        args.max_unacked_steps,
-                        q,
-                    ),
-                )
-                for g in groups
-                if g
-            ]
-            for p in procs:
-                p.start()
-            time.sleep(args.warmup)
-            m0, t0 = scrape(url), time.monotonic()
-            time.sleep(args.seconds)
-            m1, t1 = scrape(url), time.monotonic()
-            results = [q.get(timeout=180) for _ in procs]
-            for p in procs:
-                p.join(timeout=30)
-            key = "layrot_samples_ingested_total"
-            rate = (m1.get(key, 0) - m0.get(key, 0)) / (t1 - t0)
-            # Cross-check the counter against what the history store really holds, and against the acks.
-            m2 = scrape(url)
-            import sqlite3
+@contextlib.contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A fresh schema in the database of ``url``, dropped at the end; yields the URL that uses it."""
+    import psycopg
 
-            with sqlite3.connect(os.path.join(tmp, "ingest.db")) as db:
-                stored_steps = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
-            out = {k: sum(r[k] for r in results) for k in results[0]}
-            return {
-                "samples_per_s": rate,
-                **out,
-                "stored_steps": stored_steps,
-                "stored_samples": stored_steps * args.layers,
-                "counted_samples": m2.get(key, 0),
-            }
-        finally:
-            serve.terminate()
-            serve.wait(timeout=30)
+    name = f"layrot_bench_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        # quote, not urlencode: libpq decodes %20, not + (which it would pass on as part of the option).
+        yield url + ("&" if "?" in url else "?") + "options=" + urllib.parse.quote(f"-c search_path={name}")
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+def stored_steps_in(db: str) -> int:
+    """Step rows in the history ``db`` (a SQLite file or a PostgreSQL URL), read by a connection of our own."""
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            row = conn.execute("SELECT COUNT(*) FROM steps").fetchone()
+    else:
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT COUNT(*) FROM steps").fetchone()
+    return int(row[0]) if row else 0
+
+
+def measure(
+    args: argparse.Namespace, extra_serve_args: list[str], spool: bool = True, db: str | None = None
+) -> dict[str, float]:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        db = stack.enter_context(postgres_schema(db)) if db else os.path.join(tmp, "ingest.db")
+        return _measure(args, extra_serve_args, spool, tmp, db)
+
+
+def _measure(args: argparse.Namespace, extra_serve_args: list[str], spool: bool, tmp: str, db: str) -> dict[str, float]:
+    mport = free_port()
+    serve, address = start_collector(tmp, extra_serve_args, metrics_port=mport, db=db)
+    port = int(address.rsplit(":", 1)[1])
+    try:
+        url = f"http://127.0.0.1:{mport}/metrics"
+        for _ in range(300):
+            try:
+                scrape(url)
+                break
+            except Exception:
+                time.sleep(0.1)
+        runs = [f"ingest-{i:02d}" for i in range(args.runs)]
+        groups = [runs[i :: args.procs] for i in range(args.procs)]
+        q: mp.Queue = mp.get_context("spawn").Queue()
+        ctx = mp.get_context("spawn")
+        spool_dir = os.path.join(tmp, "spool")
+        procs = [
+            ctx.Process(
+                target=client,
+                args=(
+                    f"127.0.0.1:{port}",
+                    g,
+                    args.layers,
+                    args.warmup + args.seconds + 1.0,
+                    spool_dir,
+                    spool,
+                    args.max_unacked_steps,
+                    q,
+                ),
+            )
+            for g in groups
+            if g
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(args.warmup)
+        m0, t0 = scrape(url), time.monotonic()
+        time.sleep(args.seconds)
+        m1, t1 = scrape(url), time.monotonic()
+        results = [q.get(timeout=180) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        key = "layrot_samples_ingested_total"
+        rate = (m1.get(key, 0) - m0.get(key, 0)) / (t1 - t0)
+        # Cross-check the counter against what the history store really holds, and against the acks.
+        m2 = scrape(url)
+        stored_steps = stored_steps_in(db)
+        out = {k: sum(r[k] for r in results) for k in results[0]}
+        return {
+            "samples_per_s": rate,
+            **out,
+            "stored_steps": stored_steps,
+            "stored_samples": stored_steps * args.layers,
+            "counted_samples": m2.get(key, 0),
+        }
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
 
 
 def main() -> None:
@@ -181,10 +225,21 @@ def main() -> None:
     ap.add_argument(
         "--compare-spool", action="store_true", help="also measure with the clients' spool off (spool=False)"
     )
+    ap.add_argument(
+        "--db",
+        default=None,
+        help="history in PostgreSQL: postgresql://user@host/db (default: a SQLite file in a temp dir)",
+    )
+    ap.add_argument("--compare-db", action="store_true", help="with --db: SQLite and PostgreSQL side by side")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    results = {"default": measure(args, [])}
+    if args.compare_db and not args.db:
+        ap.error("--compare-db needs --db postgresql://...")
+    results = {("postgresql" if args.db else "default"): measure(args, [], db=args.db)}
+    if args.compare_db:
+        results["sqlite"] = measure(args, [])
+        results["postgresql 2"] = measure(args, [], db=args.db)
     if args.compare_alerts:
         results["alerts off"] = measure(args, ["--no-alerts"])
         results["alerts on"] = measure(args, [])
@@ -214,6 +269,11 @@ def main() -> None:
     if args.compare_alerts:
         on, off = results["alerts on"]["samples_per_s"], results["alerts off"]["samples_per_s"]
         print(f"alert evaluation cost: {max(0.0, off / on - 1) * 100:.1f} % of ingest time (on vs off)")
+    if args.compare_db:
+        pg = (results["postgresql"]["samples_per_s"] + results["postgresql 2"]["samples_per_s"]) / 2
+        print(
+            f"PostgreSQL / SQLite: {pg / results['sqlite']['samples_per_s']:.3f} (PostgreSQL measured before and after)"
+        )
     if args.compare_spool:
         on, off = results["spool on"]["samples_per_s"], results["spool off"]["samples_per_s"]
         print(f"spool on / off: {on / off:.3f} (the clients' disk writes; the collector is the same)")

@@ -178,6 +178,9 @@ class QueuedStore:
     then calls ``_start_writer``.
     """
 
+    # Rows (plus statements) the writer drains into one transaction at most.
+    max_rows_per_commit = MAX_ROWS_PER_COMMIT
+
     def __init__(
         self,
         on_commit: Callable[[list[Any], list[int]], None] | None = None,
@@ -331,7 +334,7 @@ class QueuedStore:
                 break
             items = [first]
             nrows = first.nrows
-            while nrows < MAX_ROWS_PER_COMMIT:
+            while nrows < self.max_rows_per_commit:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:

@@ -10,8 +10,10 @@ version. What is PostgreSQL's own:
   row (at-least-once delivery stays idempotent) and only rows that were not there count as
   new (``xmax = 0`` of the returned rows), each credited to the first item of the
   transaction that holds it, as SQLite's IGNORE-then-REPLACE pass does. When one
-  transaction holds the same step twice (a resend queued behind its original), the later
-  values win (``DISTINCT ON ... item DESC``), as in SQLite where the later statement runs last.
+  transaction holds the same step twice (a resend queued behind its original), only the
+  later row is staged, as in SQLite where the later statement runs last (and PostgreSQL
+  refuses to update one row twice in one statement). Transactions hold fewer rows than
+  SQLite's (``MAX_ROWS_PER_COMMIT``): every row is staged, then copied.
 * The other statements of a transaction go out in one pipeline (no round trip each).
 * Two connection pools: the writer's (one connection, a ``lock_timeout`` of ``busy_timeout``,
   the temporary table made once per connection) and the readers' (the query executor's
@@ -145,6 +147,14 @@ SCHEMA = (
         rank    BIGINT
     )""",
     "CREATE INDEX IF NOT EXISTS audit_run ON audit (run_id, id)",
+    # A step row of L layers holds 9 float64 columns of 8 L bytes: past ~2 kB PostgreSQL compresses
+    # its largest values, then moves them out of line. Float64 bits barely compress: EXTERNAL skips
+    # the attempt (its CPU cost was most of the ingest cost) and stores them out of line as they are.
+    "ALTER TABLE steps "
+    + ", ".join(
+        f"ALTER COLUMN {c} SET STORAGE EXTERNAL"
+        for c in ("rotation", "step_angle", "weight_norm", "rho", "dist0", "dstep", "norm_prev", "dot0", "dotstep")
+    ),
 )
 
 # Any constant: the advisory lock that serialises schema creation between collectors.
@@ -173,24 +183,29 @@ _MIGRATIONS = (_add_key_hash,)
 _STEP_COLS = ", ".join(sb.STEP_COLUMNS)
 # The writer's own staging table (one per connection), emptied by every commit.
 _STAGE = (
-    "CREATE TEMPORARY TABLE IF NOT EXISTS layrot_steps_in (item BIGINT, "
-    + ", ".join(f"{c} {t}" for c, t in zip(sb.STEP_COLUMNS, ("BIGINT",) * 3 + ("DOUBLE PRECISION",) * 2))
-    + ", command_version BIGINT"
-    + "".join(f", {c} BYTEA" for c in sb.STEP_COLUMNS[6:])
-    + ") ON COMMIT DELETE ROWS"
+    "CREATE TEMPORARY TABLE IF NOT EXISTS layrot_steps_in"
+    " (LIKE steps INCLUDING DEFAULTS INCLUDING STORAGE) ON COMMIT DELETE ROWS"
 )
-_COPY_STEPS = f"COPY layrot_steps_in (item, {_STEP_COLS}) FROM STDIN (FORMAT BINARY)"
-_COPY_TYPES = ["int8"] * 4 + ["float8"] * 2 + ["int8"] + ["bytea"] * 9  # item, then STEP_COLUMNS
+_COPY_STAGE = f"COPY layrot_steps_in ({_STEP_COLS}) FROM STDIN (FORMAT BINARY)"
+_COPY_STEPS = f"COPY steps ({_STEP_COLS}) FROM STDIN (FORMAT BINARY)"
+_ANY_STORED = (
+    "SELECT EXISTS (SELECT 1 FROM unnest(%s::int8[], %s::int8[], %s::int8[], %s::int8[]) AS b(run_id, rank, lo, hi)"
+    " JOIN steps s ON s.run_id = b.run_id AND s.rank = b.rank AND s.step BETWEEN b.lo AND b.hi)"
+)
+_COPY_TYPES = ["int8"] * 3 + ["float8"] * 2 + ["int8"] + ["bytea"] * 9  # STEP_COLUMNS
+# Every staged row into steps; a stored (run, rank, step) gets the newest values. The keys come back
+# with whether each row is new (xmax = 0: inserted, not updated by ON CONFLICT).
 _UPSERT_STEPS = (
-    "WITH src AS (SELECT DISTINCT ON (run_id, rank, step) * FROM layrot_steps_in"
-    " ORDER BY run_id, rank, step, item DESC),"
-    f" up AS (INSERT INTO steps ({_STEP_COLS}) SELECT {_STEP_COLS} FROM src"
+    f"INSERT INTO steps ({_STEP_COLS}) SELECT {_STEP_COLS} FROM layrot_steps_in"
     " ON CONFLICT (run_id, rank, step) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in sb.STEP_COLUMNS[3:])
-    + " RETURNING run_id, rank, step, (xmax = 0) AS new),"
-    " first AS (SELECT run_id, rank, step, MIN(item) AS item FROM layrot_steps_in GROUP BY run_id, rank, step)"
-    " SELECT first.item, COUNT(*) FROM up JOIN first USING (run_id, rank, step) WHERE up.new GROUP BY first.item"
+    + " RETURNING run_id, rank, step, (xmax = 0)"
 )
+# Rows per transaction: smaller than SQLite's, since every row is staged (COPY) and then copied, and a
+# transaction of 20k rows of 200 layers would hold ~290 MB of bytea in the staging table.
+MAX_ROWS_PER_COMMIT = 4_000
+# Memory of the staging table before it spills to disk (a session setting, set before its first use).
+TEMP_BUFFERS = "64MB"
 
 # The SQL of every named statement an item may hold, but the step rows; upserts where SQLite replaces.
 STATEMENTS = {
@@ -239,6 +254,8 @@ class PostgresStore(QueuedStore):
     A server that cannot be reached within ``connect_timeout`` seconds, or a
     schema newer than this layrot, is a ``StoreError``.
     """
+
+    max_rows_per_commit = MAX_ROWS_PER_COMMIT
 
     def __init__(
         self,
@@ -328,6 +345,7 @@ class PostgresStore(QueuedStore):
     def _configure_writer(self, conn: psycopg.Connection) -> None:
         """A new writer connection: the lock timeout, and its staging table for COPY (private to the connection)."""
         self._configure_reader(conn)
+        conn.execute(f"SET temp_buffers = '{TEMP_BUFFERS}'")
         conn.execute(_STAGE)
 
     def _close_pools(self) -> None:
@@ -353,20 +371,39 @@ class PostgresStore(QueuedStore):
 
     # ------------------------------------------------------------ writes
     def _execute(self, conn: None, items: Sequence[Item]) -> None:
-        steps = [(k, rows) for k, it in enumerate(items) for name, rows, _ in it.ops if name == sb.STEPS]
-        others = [(name, params, many) for it in items for name, params, many in it.ops if name != sb.STEPS]
+        # One row per (run, rank, step): the last one queued wins, as in SQLite where it is written last
+        # (a resend queued behind its original); each key is credited to the first item that holds it.
+        rows: dict[tuple[int, int, int], Sequence[Any]] = {}
+        first: dict[tuple[int, int, int], Item] = {}
+        others: list[tuple[str, Sequence[Any], bool]] = []
         for it in items:
             it.new_rows = 0
+            for name, params, many in it.ops:
+                if name == sb.STEPS:
+                    for r in params:
+                        key = (r[0], r[1], r[2])
+                        rows[key] = r
+                        first.setdefault(key, it)
+                else:
+                    others.append((name, params, many))
         with self._writers.connection() as db, db.transaction():
-            if steps:
+            if rows:
                 with db.cursor() as cur:
-                    with cur.copy(_COPY_STEPS) as copy:
-                        copy.set_types(_COPY_TYPES)
-                        for k, rows in steps:
-                            for r in rows:
-                                copy.write_row((k, *r))
-                    for k, n in cur.execute(_UPSERT_STEPS).fetchall():
-                        items[k].new_rows = int(n)
+                    if self._any_stored(cur, rows):
+                        with cur.copy(_COPY_STAGE) as copy:
+                            copy.set_types(_COPY_TYPES)
+                            for r in rows.values():
+                                copy.write_row(r)
+                        for run_id, rank, step, new in cur.execute(_UPSERT_STEPS).fetchall():
+                            if new:
+                                first[(run_id, rank, step)].new_rows += 1
+                    else:  # the common case, only new steps: straight in, without staging
+                        with cur.copy(_COPY_STEPS) as copy:
+                            copy.set_types(_COPY_TYPES)
+                            for r in rows.values():
+                                copy.write_row(r)
+                        for it in first.values():
+                            it.new_rows += 1
             if others:
                 with db.pipeline():
                     for name, params, many in others:
@@ -374,6 +411,28 @@ class PostgresStore(QueuedStore):
                             db.cursor().executemany(STATEMENTS[name], [_plain(p) for p in params])
                         else:
                             db.execute(STATEMENTS[name], _plain(params))
+
+    @staticmethod
+    def _any_stored(cur: psycopg.Cursor, rows: dict[tuple[int, int, int], Sequence[Any]]) -> bool:
+        """True when a stored step lies within the step range of any (run, rank) of ``rows`` (one query).
+
+        A range, not each key: cheap, and conservative (a gap in the range takes the upsert path).
+        A step stored by someone else after this check fails the COPY on the primary key: the
+        transaction is retried (per item), and this check then sees it.
+        """
+        ranges: dict[tuple[int, int], list[int]] = {}
+        for run_id, rank, step in rows:
+            r = ranges.get((run_id, rank))
+            if r is None:
+                ranges[(run_id, rank)] = [step, step]
+            elif step < r[0]:
+                r[0] = step
+            elif step > r[1]:
+                r[1] = step
+        cols = [[k[0] for k in ranges], [k[1] for k in ranges], [r[0] for r in ranges.values()]]
+        cols.append([r[1] for r in ranges.values()])
+        row = cur.execute(_ANY_STORED, cols).fetchone()
+        return bool(row and row[0])
 
     def _rollback(self, conn: None) -> None:
         pass  # the transaction block rolled back already (or the connection is gone with it)

@@ -211,6 +211,28 @@ def test_resends_are_idempotent_and_counted_once(backend):
     assert [tuple(r) for r in backend.query("SELECT last_seen, nonfinite FROM runs")] == [(5.0, 0)]
 
 
+def test_a_resend_in_the_same_transaction_as_its_original(backend):
+    """Queued behind a lock, an original and its resend drain into one transaction: the later values win."""
+    out = Outcomes()
+    store = backend.open(on_commit=out.on_commit, on_failure=out.on_failure)
+    old, new = np.arange(3.0).tobytes(), np.arange(3.0, 6.0).tobytes()
+    try:
+        store.create_run(run_record(1, "r"), token="run")
+        assert store.flush()
+        with backend.locked():
+            store.update_progress(1, 0.5, 0, token="first")  # the writer waits on the lock with this one
+            store.submit_batch([step_row(1, s, old) for s in (1, 2)], 1, 2.0, 0, token="original")
+            store.submit_batch([step_row(1, s, new) for s in (2, 3)], 1, 3.0, 0, token="resend")
+            time.sleep(0.3)
+        assert store.flush()
+    finally:
+        store.close()
+    assert out.stored == ["run", "first", "original", "resend"] and out.failed == []
+    assert out.new_rows == [0, 0, 2, 1]
+    rows = backend.query("SELECT step, rotation FROM steps ORDER BY step")
+    assert [(r[0], bytes(r[1])) for r in rows] == [(1, old), (2, new), (3, new)]
+
+
 def test_everything_stored_is_read_back_exactly(backend):
     """Runs, layers, steps (float64 bytes), commands, audit, alerts and thresholds survive a reopen unchanged."""
     rng = np.random.default_rng(0)
