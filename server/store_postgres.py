@@ -5,15 +5,18 @@ writer thread, items batched into one transaction, the per-item retry, the commi
 that keep **acked => stored** (server/store_base.py), the same tables and the same schema
 version. What is PostgreSQL's own:
 
-* Step rows go in with one binary ``COPY`` per transaction into a temporary table, then one
-  ``INSERT ... SELECT ... ON CONFLICT (run_id, rank, step) DO UPDATE``: a resend replaces the
-  row (at-least-once delivery stays idempotent) and only rows that were not there count as
-  new (``xmax = 0`` of the returned rows), each credited to the first item of the
-  transaction that holds it, as SQLite's IGNORE-then-REPLACE pass does. When one
-  transaction holds the same step twice (a resend queued behind its original), only the
-  later row is staged, as in SQLite where the later statement runs last (and PostgreSQL
-  refuses to update one row twice in one statement). Transactions hold fewer rows than
-  SQLite's (``MAX_ROWS_PER_COMMIT``): every row is staged, then copied.
+* Step rows go in with one binary ``COPY`` per transaction. When none of their steps is stored
+  yet (one range query per transaction tells; the common case), straight into ``steps``, every
+  row new. Otherwise (a resend, a replayed spool, a resumed job) into a temporary table, then
+  one ``INSERT ... SELECT ... ON CONFLICT (run_id, rank, step) DO UPDATE``: a resend replaces
+  the row (at-least-once delivery stays idempotent) and only rows that were not there count
+  as new (``xmax = 0`` of the returned rows). Either way each new row is credited to the first
+  item of the transaction that holds it, as SQLite's IGNORE-then-REPLACE pass does. When one
+  transaction holds the same step twice (a resend queued behind its original), only the later
+  row goes in, as in SQLite where the later statement runs last (and PostgreSQL refuses to
+  update one row twice in one statement). Transactions hold fewer rows than SQLite's
+  (``MAX_ROWS_PER_COMMIT``). The float64 columns are stored out of line uncompressed
+  (``STORAGE EXTERNAL``): they barely compress, and the attempt cost more than the rest.
 * The other statements of a transaction go out in one pipeline (no round trip each).
 * Two connection pools: the writer's (one connection, a ``lock_timeout`` of ``busy_timeout``,
   the temporary table made once per connection) and the readers' (the query executor's
@@ -201,8 +204,8 @@ _UPSERT_STEPS = (
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in sb.STEP_COLUMNS[3:])
     + " RETURNING run_id, rank, step, (xmax = 0)"
 )
-# Rows per transaction: smaller than SQLite's, since every row is staged (COPY) and then copied, and a
-# transaction of 20k rows of 200 layers would hold ~290 MB of bytea in the staging table.
+# Rows per transaction: smaller than SQLite's, since a transaction of 20k rows of 200 layers holds
+# ~290 MB of bytea (staged, then copied, when it holds resends).
 MAX_ROWS_PER_COMMIT = 4_000
 # Memory of the staging table before it spills to disk (a session setting, set before its first use).
 TEMP_BUFFERS = "64MB"
