@@ -95,22 +95,83 @@ def stable_name(name: str) -> str:
     return ".".join(parts)
 
 
-def candidate_layers(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Parameter, str]]:
-    """(stable name, parameter, owning module type) of the selected layers, registration order.
+class EffectiveWeight:
+    """The tensor a parametrized module computes (``torch.nn.utils.parametrize``), kept in a buffer.
+
+    ``weight_norm(module)`` stores a magnitude ``parametrizations.weight.original0``
+    (shape (out, 1)) and a direction ``original1``; neither is the weight the layer
+    multiplies by, and the magnitude is no layer at all. The hook measures the
+    effective ``module.weight`` instead, under that name: :meth:`refresh` recomputes
+    it into :attr:`buffer` (on the parameters' device, no host sync) before each
+    measurement and each w(t-1) copy. Any other parametrization (``orthogonal``,
+    ``spectral_norm``) is measured the same way.
+    """
+
+    __slots__ = ("name", "module", "attr", "originals", "buffer", "trainable")
+
+    def __init__(self, name: str, module: nn.Module, attr: str, originals: list[str]) -> None:
+        self.name = name
+        self.module = module
+        self.attr = attr
+        #: Stable names of the parametrization's own parameters (hidden from the layer table).
+        self.originals = originals
+        with torch.no_grad():
+            self.buffer: torch.Tensor = getattr(module, attr).detach().clone()
+        plist: Any = module.parametrizations[attr]  # type: ignore[index]
+        self.trainable = any(p.requires_grad for p in plist.parameters(recurse=False))
+
+    def refresh(self) -> None:
+        """Recompute the effective tensor into the buffer (call under ``torch.no_grad``)."""
+        self.buffer.copy_(getattr(self.module, self.attr))
+
+
+def effective_weights(model: nn.Module) -> list[EffectiveWeight]:
+    """The parametrized tensors of ``model`` (see :class:`EffectiveWeight`), registration order."""
+    from torch.nn.utils import parametrize
+
+    out = []
+    for _, stable_mod, module in _stable_modules(model):
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():  # type: ignore[union-attr, operator]
+            base = f"{stable_mod}.parametrizations.{attr}" if stable_mod else f"parametrizations.{attr}"
+            originals = [f"{base}.{n}" for n, _ in plist.named_parameters(recurse=False)]
+            out.append(EffectiveWeight(f"{stable_mod}.{attr}" if stable_mod else attr, module, attr, originals))
+    return out
+
+
+def candidate_layers(
+    model: nn.Module, layers: LayerSelector = None, effective: Sequence[EffectiveWeight] = ()
+) -> list[tuple[str, torch.Tensor, str]]:
+    """(stable name, tensor, owning module type) of the selected layers, registration order.
 
     ``layers``: see :mod:`layrot.core.layer_rule` (None, a regex or predicate on
     the ndim >= 2 parameters, or exact parameter names; stable names, and a raw
-    name with wrapper components is accepted too).
+    name with wrapper components is accepted too). ``effective``: parametrized
+    tensors (:func:`effective_weights`); each replaces its parametrization's own
+    parameters, at the place of the first one (their names still select them when
+    listed explicitly).
     """
     owners: dict[str, str] = {}
     for _, stable_mod, module in _stable_modules(model):
         for p_name, _ in module.named_parameters(recurse=False):
             owners[f"{stable_mod}.{p_name}" if stable_mod else p_name] = module_type_name(module)
     triples = stable_named_parameters(model)
+    explicit: set[str] = set()
     if layers is not None and not isinstance(layers, (str, bytes, re.Pattern)) and not callable(layers):
         raw_to_stable = {raw: st for raw, st, _ in triples}
         layers = [raw_to_stable.get(n, n) if isinstance(n, str) else n for n in layers]
-    named = [(st, p) for _, st, p in triples if p.requires_grad]
+        explicit = {n for n in layers if isinstance(n, str)}
+    first_of = {e.originals[0]: e for e in effective if e.originals and e.trainable}
+    hidden = {n for e in effective for n in e.originals} - explicit
+    named: list[tuple[str, torch.Tensor]] = []
+    for _, st, p in triples:
+        if st in first_of:
+            e = first_of[st]
+            named.append((e.name, e.buffer))
+            owners[e.name] = module_type_name(e.module)
+        if p.requires_grad and st not in hidden:
+            named.append((st, p))
     chosen = select_layers(named, lambda p: p.ndim, layers, "model's trainable parameters")
     return [(n, p, owners.get(n, "")) for n, p in chosen]
 

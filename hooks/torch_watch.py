@@ -44,6 +44,7 @@ from layrot.hooks.torch_layers import (
     ForwardOrderRecorder,
     LayerSelector,
     candidate_layers,
+    effective_weights,
     init_norms,
     stable_name,
     stable_named_parameters,
@@ -226,7 +227,11 @@ class WatchHandle(WatchBase):
         self._hook_errors = 0
         self._recorder: ForwardOrderRecorder | None = None
 
-        chosen = candidate_layers(model, layers)
+        effective = effective_weights(model)
+        chosen = candidate_layers(model, layers, effective)
+        # Parametrized layers (weight_norm): the effective weight, recomputed into its buffer.
+        self._effective = [e for e in effective if any(e.buffer is t for _, t, _ in chosen)]
+        self._alias = {e.name: e.originals for e in self._effective}
         self._names = [n for n, _, _ in chosen]
         self._params = [p for _, p, _ in chosen]
         self._types = [t for _, _, t in chosen]
@@ -394,6 +399,10 @@ class WatchHandle(WatchBase):
             if recorder is not None and recorder.seen
             else {}
         )
+        for name, originals in self._alias.items():  # a parametrized layer runs where its parameters do
+            ranks = [self._forward_rank[n] for n in originals if n in self._forward_rank]
+            if ranks:
+                self._forward_rank[name] = min(ranks)
         if recorder is not None:
             recorder.remove()
         self._eager.release()
@@ -446,6 +455,7 @@ class WatchHandle(WatchBase):
             self._finalize()
         if not self._prev_valid:
             self._check_bindings()
+            self._refresh_effective()
             if self.reporter is None:  # a state loaded before the first step: the layers are not ordered yet
                 for buf, view in zip(self._prev, self._shards.local_views()):
                     buf.copy_(view)
@@ -465,6 +475,7 @@ class WatchHandle(WatchBase):
         t = self.step
         if t % self.every == 0 or (t + 1) % self.every == 0:
             self._check_bindings()
+            self._refresh_effective()
             if self._shards.any:
                 self._check_shards()
         if t % self.every == 0:
@@ -474,6 +485,11 @@ class WatchHandle(WatchBase):
             self._distances.copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
+
+    def _refresh_effective(self) -> None:
+        # Only where the buffers are read: the measurement and the w(t-1) copy before it.
+        for e in self._effective:
+            e.refresh()
 
     def _check_bindings(self) -> None:
         """Re-bind the layers whose parameter was replaced, moved or cast since it was bound.
@@ -641,7 +657,12 @@ def watch(
         layers: the layer rule shared by every hook and Layca
             (:mod:`layrot.core.layer_rule`): None (parameters with ndim >= 2), a
             regex or a predicate ``(name, param) -> bool`` filtering those, or a
-            list of exact parameter names.
+            list of exact parameter names. Names drop the wrappers' ``_orig_mod.`` / ``module.``;
+            a tied weight (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) is one
+            layer, under the name ``named_parameters()`` gives it first; a parametrized
+            weight (``weight_norm``) is measured as the effective weight under the module's
+            name (``l1.weight``), never its magnitude ``original0``. Forward order comes from
+            the first step (module calls and the first backward; closures included).
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``;
             ``"offline"`` (or ``LAYROT_MODE=offline``) records to the spool only, for a
             later ``layrot-agent sync``.
