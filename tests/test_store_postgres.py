@@ -175,3 +175,36 @@ def test_server_stopped_mid_run_nacks_then_recovers(collector_factory, ingest, s
         job.pump(0.05)
     job.finish(60)
     job.verify()
+
+
+def test_serve_with_a_postgresql_url(postgres_url, tmp_path):  # noqa: F811
+    """``layrot-agent serve --db postgresql://...`` as operators run it: it serves, and never prints the password."""
+    import subprocess
+    import sys
+
+    from layrot.client.query import QueryClient
+
+    # The test cluster trusts its socket, so a password in the URL is accepted (and must stay unprinted).
+    url = postgres_url.replace("postgresql://postgres@", "postgresql://postgres:hunter2@")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "layrot.cli.main", "serve", "--db", url, "--grpc-port", str(port)]
+            + ["--metrics-port", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "layrot collector:" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert QueryClient(f"127.0.0.1:{port}").list_runs() == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "postgres:***@" in text and "hunter2" not in text, text
+    assert not [p for p in tmp_path.iterdir() if p.name != "serve.log"]  # no SQLite file named after the URL
