@@ -194,6 +194,24 @@ def check_output_folder(output: str) -> None:
     help="Export runs with more than N layers as run-level aggregates only (for huge models). 0 = never.",
 )
 @click.option(
+    "--rotation-target",
+    default=0.9,
+    show_default=True,
+    type=click.FloatRange(min=0.0, max=2.0, min_open=True),
+    metavar="X",
+    help="Generalization indicator: a layer is 'at target' once its rotation (cosine distance to its init) "
+    "reaches X (the paper's rule of thumb: every layer near 1). Shown by runs, show, /metrics, the web view.",
+)
+@click.option(
+    "--under-rotated-share",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0.0, max=1.0),
+    metavar="S",
+    help="Flag layers still below --rotation-target as under-rotated once a run is past this share of its "
+    "announced steps (watch(total_steps=...) and the Lightning / HF / Keras callbacks announce them).",
+)
+@click.option(
     "--no-ui",
     "no_ui",
     is_flag=True,
@@ -210,6 +228,8 @@ def serve(
     run_ttl: float,
     max_series: int,
     aggregate_layers: int,
+    rotation_target: float,
+    under_rotated_share: float,
     no_ui: bool,
     security_options: dict[str, Any],
     alert_options: dict[str, Any],
@@ -259,6 +279,8 @@ def serve(
         run_ttl=run_ttl,
         max_series=max_series,
         aggregate_layers=aggregate_layers,
+        rotation_target=rotation_target,
+        under_rotated_share=under_rotated_share,
         ui=not no_ui,
         **security_options,
         **alert_options,
@@ -328,18 +350,31 @@ def runs(collector: str, token: str | None, as_json: bool) -> None:
             str(r["num_layers"]),
             _fmt(r["min_rotation"]),
             _fmt(r["mean_rotation"]),
+            _at_target(r),
             "yes" if r["connected"] else "no",
             _age(r["last_report"], now),
         ]
         for r in items
     ]
+    target = items[0].get("rotation_target") or 0.9
     click.echo(
         _table(
-            ["RUN", "FRAMEWORK", "STEP", "LAYERS", "MIN ROT", "MEAN ROT", "CONNECTED", "LAST REPORT"],
+            ["RUN", "FRAMEWORK", "STEP", "LAYERS", "MIN ROT", "MEAN ROT", f"AT {target:g}", "CONNECTED", "LAST REPORT"],
             rows,
-            right={2, 3, 4, 5},
+            right={2, 3, 4, 5, 6},
         )
     )
+
+
+def _at_target(r: dict[str, Any]) -> str:
+    """The indicator for a table: "k/L" layers at the rotation target, and the under-rotated once judged."""
+    ratio, layers = r.get("layers_at_target_ratio"), r.get("num_layers") or 0
+    if ratio is None or not math.isfinite(ratio) or not layers:
+        return "-"
+    text = f"{round(ratio * layers)}/{layers}"
+    if r.get("indicator_judged") and r.get("layers_under_rotated"):
+        text += f" ({r['layers_under_rotated']} under)"
+    return text
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -373,13 +408,21 @@ def show(run: str, collector: str, token: str | None, as_json: bool) -> None:
         f"{'connected' if detail['connected'] else 'disconnected'}  "
         f"last report {_age(detail['last_report'], now)}"
     )
+    if detail["layers"]:
+        if detail.get("indicator_judged"):
+            when = "under-rotated layers (still below it) are marked *"
+        elif detail.get("total_steps"):
+            when = f"under-rotation is judged later in the run (of {detail['total_steps']} steps)"
+        else:
+            when = "the run announced no length, so under-rotation is not judged (watch(..., total_steps=N))"
+        click.echo(f"at rotation {detail.get('rotation_target', 0.9):g}: {_at_target(detail)} layers; {when}")
     rows = []
     for lay in detail["layers"]:
         ang = lay["step_angle"]
         rows.append(
             [
                 str(lay["index"]),
-                lay["name"],
+                lay["name"] + (" *" if lay.get("under_rotated") else ""),
                 "x".join(str(s) for s in lay["shape"]) or "-",
                 _fmt(lay["rotation"]),
                 _fmt(ang),

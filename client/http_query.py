@@ -48,6 +48,8 @@ _FLOAT_KEYS = frozenset(
         "baseline",
         "loss_before",
         "loss_after",
+        "loss",
+        "layers_at_target_ratio",
         "alpha",
         "requested_rho",
         "applied_rho",

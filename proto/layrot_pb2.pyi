@@ -264,7 +264,7 @@ class ListRunsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("run", "framework", "host", "world_size", "step", "last_report", "num_layers", "min_rotation", "mean_rotation", "connected", "sessions", "layca", "control", "first_report", "meta")
+    __slots__ = ("run", "framework", "host", "world_size", "step", "last_report", "num_layers", "min_rotation", "mean_rotation", "connected", "sessions", "layca", "control", "first_report", "meta", "layers_at_target_ratio", "rotation_target", "indicator_judged", "layers_under_rotated", "total_steps", "loss")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,12 @@ class RunSummary(_message.Message):
     CONTROL_FIELD_NUMBER: _ClassVar[int]
     FIRST_REPORT_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_AT_TARGET_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_TARGET_FIELD_NUMBER: _ClassVar[int]
+    INDICATOR_JUDGED_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_UNDER_ROTATED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
     run: str
     framework: str
     host: str
@@ -302,7 +308,13 @@ class RunSummary(_message.Message):
     control: bool
     first_report: float
     meta: _containers.ScalarMap[str, str]
-    def __init__(self, run: _Optional[str] = ..., framework: _Optional[str] = ..., host: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_report: _Optional[float] = ..., num_layers: _Optional[int] = ..., min_rotation: _Optional[float] = ..., mean_rotation: _Optional[float] = ..., connected: bool = ..., sessions: _Optional[int] = ..., layca: bool = ..., control: bool = ..., first_report: _Optional[float] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    layers_at_target_ratio: float
+    rotation_target: float
+    indicator_judged: bool
+    layers_under_rotated: int
+    total_steps: int
+    loss: float
+    def __init__(self, run: _Optional[str] = ..., framework: _Optional[str] = ..., host: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_report: _Optional[float] = ..., num_layers: _Optional[int] = ..., min_rotation: _Optional[float] = ..., mean_rotation: _Optional[float] = ..., connected: bool = ..., sessions: _Optional[int] = ..., layca: bool = ..., control: bool = ..., first_report: _Optional[float] = ..., meta: _Optional[_Mapping[str, str]] = ..., layers_at_target_ratio: _Optional[float] = ..., rotation_target: _Optional[float] = ..., indicator_judged: bool = ..., layers_under_rotated: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
@@ -317,7 +329,7 @@ class GetRunRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ...) -> None: ...
 
 class LayerState(_message.Message):
-    __slots__ = ("name", "index", "shape", "init_norm", "rotation", "step_angle", "weight_norm", "rho", "step")
+    __slots__ = ("name", "index", "shape", "init_norm", "rotation", "step_angle", "weight_norm", "rho", "step", "under_rotated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +339,7 @@ class LayerState(_message.Message):
     WEIGHT_NORM_FIELD_NUMBER: _ClassVar[int]
     RHO_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    UNDER_ROTATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: int
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -336,7 +349,8 @@ class LayerState(_message.Message):
     weight_norm: float
     rho: float
     step: int
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., init_norm: _Optional[float] = ..., rotation: _Optional[float] = ..., step_angle: _Optional[float] = ..., weight_norm: _Optional[float] = ..., rho: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+    under_rotated: bool
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., init_norm: _Optional[float] = ..., rotation: _Optional[float] = ..., step_angle: _Optional[float] = ..., weight_norm: _Optional[float] = ..., rho: _Optional[float] = ..., step: _Optional[int] = ..., under_rotated: bool = ...) -> None: ...
 
 class RunDetail(_message.Message):
     __slots__ = ("summary", "layers")

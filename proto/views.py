@@ -25,7 +25,9 @@ __all__ = [
 
 def run_summary_dict(s: pb.RunSummary) -> dict[str, Any]:
     """A RunSummary: run, framework, host, world_size, step, first/last_report (unix seconds, None = never),
-    num_layers, min/mean_rotation, connected, sessions, layca, control, meta."""
+    num_layers, min/mean_rotation, connected, sessions, layca, control, meta, total_steps (0 = unknown),
+    loss, and the generalization indicator: layers_at_target_ratio, rotation_target, indicator_judged,
+    layers_under_rotated (core/indicator.py)."""
     return {
         "run": s.run,
         "framework": s.framework,
@@ -42,6 +44,12 @@ def run_summary_dict(s: pb.RunSummary) -> dict[str, Any]:
         "layca": s.layca,
         "control": s.control,
         "meta": dict(s.meta),
+        "total_steps": s.total_steps,
+        "loss": s.loss,
+        "layers_at_target_ratio": s.layers_at_target_ratio,
+        "rotation_target": s.rotation_target,
+        "indicator_judged": s.indicator_judged,
+        "layers_under_rotated": s.layers_under_rotated,
     }
 
 
@@ -59,6 +67,7 @@ def run_detail_dict(d: pb.RunDetail) -> dict[str, Any]:
             "weight_norm": lay.weight_norm,
             "rho": lay.rho,
             "step": lay.step,
+            "under_rotated": lay.under_rotated,
         }
         for lay in d.layers
     ]

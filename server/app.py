@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from layrot.core.indicator import DEFAULT_SHARE, DEFAULT_TARGET, IndicatorSettings
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.alert_lost import DEFAULT_GRACE
 from layrot.server.alertmanager import AlertmanagerPusher
@@ -102,6 +103,8 @@ class Collector:
         lost_grace: float = DEFAULT_GRACE,
         max_series: int = 0,
         aggregate_layers: int = 0,
+        rotation_target: float = DEFAULT_TARGET,
+        under_rotated_share: float = DEFAULT_SHARE,
     ) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
@@ -124,6 +127,8 @@ class Collector:
             raise ValueError("max_series and aggregate_layers must be >= 0 (0 = no limit)")
         self.max_series = max_series
         self.aggregate_layers = aggregate_layers
+        # The generalization indicator (core/indicator.py) in /metrics and the Query answers.
+        self.indicator = IndicatorSettings(rotation_target, under_rotated_share)
         self.max_message_bytes = max_message_bytes
         # What one job may send (server/decode.py); max_message_bytes is the one source of the message size.
         self.ingest_limits = dataclasses.replace(ingest_limits or IngestLimits(), max_message_bytes=max_message_bytes)
@@ -217,6 +222,7 @@ class Collector:
                         alerts=self.alert_engine,
                         max_series=self.max_series,
                         aggregate_layers=self.aggregate_layers,
+                        indicator=self.indicator,
                     ),
                     self.metrics_host,
                     self.metrics_port,
@@ -295,7 +301,7 @@ class Collector:
         self.ingest = IngestServicer(state, store, control, engine, limits=self.ingest_limits)
         store.on_commit = self.ingest.on_store_commit
         store.on_failure = self.ingest.on_store_failure
-        self.query = QueryServicer(state, store, control, engine)
+        self.query = QueryServicer(state, store, control, engine, indicator=self.indicator)
 
     def _thread_main(self) -> None:
         loop = asyncio.new_event_loop()

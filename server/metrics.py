@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from layrot.core.indicator import IndicatorSettings
 from layrot.server.metrics_render import LAYER_FAMILIES, RunSeries, series_budget
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store_api import HistoryStore
@@ -99,6 +100,7 @@ class LayrotCollector(Collector):
         alerts: AlertEngine | None = None,
         max_series: int = 0,
         aggregate_layers: int = 0,
+        indicator: IndicatorSettings | None = None,
     ) -> None:
         self.state = state
         self.store = store
@@ -107,7 +109,7 @@ class LayrotCollector(Collector):
         self.alerts = alerts
         self.max_series = max_series
         self.aggregate_layers = aggregate_layers
-        self.run_series = RunSeries()
+        self.run_series = RunSeries(indicator)
         self._scrape_lock = threading.Lock()
         self._scrape: _Scrape | None = None
 

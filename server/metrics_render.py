@@ -12,7 +12,8 @@ The collector-level families stay with ``prometheus_client`` (server/metrics.py)
 
 Series budget (``serve --max-series``, ``--aggregate-layers``): a run whose
 per-layer series do not fit is exported through its run-level families only
-(min / mean / max / quantiles of rotation, largest step angle), with
+(min / mean / max / quantiles of rotation, largest step angle, the generalization
+indicator of core/indicator.py), with
 ``layrot_run_aggregate_only{run} 1``. Runs are served in order: connected
 first, then by newest report, so a new job is not starved by old runs that
 wait for their TTL.
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from layrot.core.indicator import IndicatorSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from layrot.server.state import RunState, RunView
@@ -57,6 +60,10 @@ REQUESTED = (
     "layrot_layer_rho_requested",
     "Layca per-layer rate the current control command asks for at the run's newest step",
 )
+UNDER = (
+    "layrot_layer_under_rotated",
+    "1 for each layer still below the rotation target past the judged share of the run (only such layers)",
+)
 QUANTILES = (0.1, 0.5, 0.9)
 
 # (exposed name, type, help), in output order. The *_total name is a counter's sample name.
@@ -81,6 +88,19 @@ RUN_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ),
     ("layrot_run_connected", "gauge", "1 while the run has an open session"),
     ("layrot_run_info", "gauge", "Run identity (value is always 1)"),
+    ("layrot_run_loss", "gauge", "Newest reported training loss"),
+    (
+        "layrot_run_layers_at_target_ratio",
+        "gauge",
+        "Share of the run's layers whose rotation reached the target (serve --rotation-target; the paper's"
+        " rule of thumb: every layer near 1)",
+    ),
+    (
+        "layrot_run_layers_under_rotated",
+        "gauge",
+        "Layers still below the rotation target past the judged share of the announced run"
+        " (serve --under-rotated-share; absent while not judged or when the run announced no length)",
+    ),
     (
         "layrot_run_nonfinite_samples_total",
         "counter",
@@ -179,16 +199,17 @@ def series_budget(
 class RunSeries:
     """Exposition text of every per-run family for a set of runs, cached per run (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, indicator: IndicatorSettings | None = None) -> None:
         self._lock = threading.Lock()
         self._runs: dict[str, _RunLines] = {}
+        self.indicator = indicator or IndicatorSettings()
 
     def _entry(self, rs: RunState) -> _RunLines:
         e = self._runs.get(rs.run)
         if e is None or e.names is not rs.names:
             run = escape_label(rs.run)
             labels = [f'{{run="{run}",layer="{escape_label(n)}",index="{i}"}} ' for i, n in enumerate(rs.names)]
-            families = [f for f, _, _ in LAYER_FAMILIES] + [REQUESTED[0]]
+            families = [f for f, _, _ in LAYER_FAMILIES] + [REQUESTED[0], UNDER[0]]
             e = _RunLines(
                 names=rs.names,
                 label=f'{{run="{run}"}} ',
@@ -234,6 +255,18 @@ class RunSeries:
             if rot.size:
                 text["layrot_run_rotation_max"] = f"layrot_run_rotation_max{label}{format_value(mx)}\n"
                 text["layrot_run_rotation_quantile"] = quant
+            if math.isfinite(snap.loss):
+                text["layrot_run_loss"] = f"layrot_run_loss{label}{format_value(snap.loss)}\n"
+            ind = self.indicator.of(snap.rotation, snap.step, rs.total_steps)
+            if rs.num_layers:
+                text["layrot_run_layers_at_target_ratio"] = (
+                    f"layrot_run_layers_at_target_ratio{label}{format_value(ind.at_target_ratio)}\n"
+                )
+            if ind.judged:
+                under = np.flatnonzero(ind.under_rotated)
+                text["layrot_run_layers_under_rotated"] = f"layrot_run_layers_under_rotated{label}{under.size}.0\n"
+                pre = e.prefixes[UNDER[0]]
+                text[UNDER[0]] = "".join(f"{pre[i]}1.0\n" for i in under.tolist() if i < len(pre))
             ang = snap.step_angle[np.isfinite(snap.step_angle)]
             if ang.size:
                 text["layrot_run_step_angle_max_radians"] = (
@@ -273,7 +306,7 @@ class RunSeries:
         The caller reads each run's view once per scrape, so all numbers of a run in one
         scrape are of one batch; ``per_layer`` False exports the run-level families only.
         """
-        layer_names = [name for name, _, _ in LAYER_FAMILIES] + [REQUESTED[0]]
+        layer_names = [name for name, _, _ in LAYER_FAMILIES] + [REQUESTED[0], UNDER[0]]
         parts: dict[str, list[str]] = {name: [] for name in layer_names}
         parts.update({name: [] for name, _, _ in RUN_FAMILIES})
         with self._lock:
@@ -297,8 +330,9 @@ class RunSeries:
         for name, help_text, _ in LAYER_FAMILIES:
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
             out.extend(parts[name])
-        out.append(f"# HELP {REQUESTED[0]} {REQUESTED[1]}\n# TYPE {REQUESTED[0]} gauge\n")
-        out.extend(parts[REQUESTED[0]])
+        for name, help_text in (REQUESTED, UNDER):
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
+            out.extend(parts[name])
         for name, kind, help_text in RUN_FAMILIES:
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
             out.extend(parts[name])

@@ -52,6 +52,12 @@ _RUN_SUMMARY = {
     "layca": {"type": "boolean"},
     "control": {"type": "boolean"},
     "meta": {"type": "object", "additionalProperties": {"type": "string"}},
+    "total_steps": {"type": "integer", "description": "the run's announced length; 0 = unknown"},
+    "loss": {**_NUM, "description": "newest reported training loss"},
+    "layers_at_target_ratio": {**_NUM, "description": "share of layers whose rotation reached rotation_target"},
+    "rotation_target": {"type": "number"},
+    "indicator_judged": {"type": "boolean", "description": "past the share of the run where under_rotated is judged"},
+    "layers_under_rotated": {"type": "integer"},
 }
 
 _LAYER_STATE = {
@@ -64,6 +70,7 @@ _LAYER_STATE = {
     "weight_norm": _NUM,
     "rho": {**_NUM, "description": "Layca rate; null without Layca"},
     "step": {"type": "integer"},
+    "under_rotated": {"type": "boolean", "description": "judged and still below the rotation target"},
 }
 
 _ALERT = {

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 import grpc
 import numpy as np
 
+from layrot.core.indicator import IndicatorSettings
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.control import ControlPlane, ControlRefused, check_command_args, client_who
@@ -33,6 +34,7 @@ CHUNK_STEPS = 2000
 MAX_CHUNK_BYTES = 12 * 1024 * 1024
 
 NAN = float("nan")
+DEFAULT_INDICATOR = IndicatorSettings()
 # Steps in a query: what SQLite's signed 64-bit integers hold (a larger one would raise OverflowError).
 MAX_STEP_ARG = 2**63 - 1
 
@@ -43,10 +45,11 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detai
     raise AssertionError("grpc.aio ServicerContext.abort returned")  # unreachable: abort raises AbortError
 
 
-def run_summary(rs: RunState) -> pb.RunSummary:
-    """RunSummary of a run from the in-memory state."""
+def run_summary(rs: RunState, settings: IndicatorSettings = DEFAULT_INDICATOR) -> pb.RunSummary:
+    """RunSummary of a run from the in-memory state, with its generalization indicator."""
     snap = rs.primary()
     mn, mean = rs.summary_stats()
+    ind = settings.of(snap.rotation, snap.step, rs.total_steps) if snap is not None else None
     return pb.RunSummary(
         run=rs.run,
         framework=rs.framework,
@@ -63,6 +66,12 @@ def run_summary(rs: RunState) -> pb.RunSummary:
         control=bool(rs.capabilities.get("control")),
         first_report=rs.first_report or 0.0,
         meta=rs.meta,
+        layers_at_target_ratio=ind.at_target_ratio if ind is not None else NAN,
+        rotation_target=settings.target,
+        indicator_judged=ind.judged if ind is not None else False,
+        layers_under_rotated=int(ind.under_rotated.sum()) if ind is not None else 0,
+        total_steps=rs.total_steps,
+        loss=snap.loss if snap is not None else NAN,
     )
 
 
@@ -79,11 +88,13 @@ class QueryServicer(pb_grpc.QueryServicer):
         store: HistoryStore,
         control: ControlPlane,
         alerts: AlertEngine | None = None,
+        indicator: IndicatorSettings = DEFAULT_INDICATOR,
     ) -> None:
         self.state = state
         self.store = store
         self.control = control
         self.alerts = alerts
+        self.indicator = indicator
 
     async def _run(self, name: str, context: grpc.aio.ServicerContext) -> RunState:
         rs = self.state.runs.get(name)
@@ -99,11 +110,12 @@ class QueryServicer(pb_grpc.QueryServicer):
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
         runs = sorted(self.state.snapshot_runs(), key=lambda r: r.run)
-        return pb.ListRunsResponse(runs=[run_summary(rs) for rs in runs])
+        return pb.ListRunsResponse(runs=[run_summary(rs, self.indicator) for rs in runs])
 
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.RunDetail:
         rs = await self._run(request.run, context)
         snap = rs.primary()
+        under = self.indicator.of(snap.rotation, snap.step, rs.total_steps).under_rotated if snap is not None else None
         layers = []
         for i, lay in enumerate(rs.layers):
             state = pb.LayerState(name=lay.name, index=lay.index, shape=lay.shape, init_norm=lay.init_norm)
@@ -113,10 +125,11 @@ class QueryServicer(pb_grpc.QueryServicer):
                 state.weight_norm = float(snap.weight_norm[i])
                 state.rho = NAN if snap.rho is None else float(snap.rho[i])
                 state.step = snap.step
+                state.under_rotated = bool(under is not None and i < under.size and under[i])
             else:
                 state.rotation = state.step_angle = state.weight_norm = state.rho = NAN
             layers.append(state)
-        return pb.RunDetail(summary=run_summary(rs), layers=layers)
+        return pb.RunDetail(summary=run_summary(rs, self.indicator), layers=layers)
 
     async def GetHistory(
         self, request: pb.HistoryRequest, context: grpc.aio.ServicerContext

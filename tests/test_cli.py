@@ -62,8 +62,9 @@ def test_runs_table_and_json(fed):
     rot = jobs["cnn"].truth[30]["rotation"]
     assert float(row[4]) == pytest.approx(rot.min(), rel=1e-3)
     assert float(row[5]) == pytest.approx(rot.mean(), rel=1e-3)
-    assert row[6] == "yes"
-    assert next(line.split() for line in lines if line.startswith("mlp"))[6] == "no"
+    assert "AT 0.9" in lines[0] and row[6] == f"{int((rot >= 0.9).sum())}/4"  # the indicator
+    assert row[7] == "yes"
+    assert next(line.split() for line in lines if line.startswith("mlp"))[7] == "no"
 
     r = run_cli("runs", "--json", env={"LAYROT_COLLECTOR": c.grpc_address})
     assert r.exit_code == 0, r.output
@@ -81,9 +82,10 @@ def test_show_table_and_json(fed):
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0].startswith("run cnn") and "step 30" in lines[0]
-    header = lines[1].split()
+    assert lines[1].startswith("at rotation 0.9: ") and "announced no length" in lines[1]
+    header = lines[2].split()
     assert header[:3] == ["INDEX", "LAYER", "SHAPE"]
-    rows = [line.split() for line in lines[3:]]
+    rows = [line.split() for line in lines[4:]]
     assert [row[1] for row in rows] == jobs["cnn"].names
     for i, row in enumerate(rows):
         assert float(row[3]) == pytest.approx(truth["rotation"][i], rel=1e-3)
