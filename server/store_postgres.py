@@ -207,6 +207,8 @@ _UPSERT_STEPS = (
 # Rows per transaction: smaller than SQLite's, since a transaction of 20k rows of 200 layers holds
 # ~290 MB of bytea (staged, then copied, when it holds resends).
 MAX_ROWS_PER_COMMIT = 4_000
+# Seconds a read waits for a pooled connection (less when busy_timeout is shorter).
+READ_TIMEOUT = 5.0
 # Memory of the staging table before it spills to disk (a session setting, set before its first use).
 TEMP_BUFFERS = "64MB"
 
@@ -275,20 +277,28 @@ class PostgresStore(QueuedStore):
         common: dict[str, Any] = dict(
             kwargs={"autocommit": True},  # transactions are explicit (``transaction()``)
             check=ConnectionPool.check_connection,  # a connection broken by a server restart is replaced
-            timeout=self.busy_timeout,
             # A pool gives up reconnecting after this, and tries afresh at the next request: short, so a
             # server that is back is used again soon, not after a long backoff.
             reconnect_timeout=max(self.busy_timeout, 1.0),
             open=False,
         )
         self._writers = ConnectionPool(
-            url, min_size=1, max_size=1, configure=self._configure_writer, name="layrot-history-writer", **common
+            url,
+            min_size=1,
+            max_size=1,
+            configure=self._configure_writer,
+            timeout=self.busy_timeout,
+            name="layrot-history-writer",
+            **common,
         )
+        # Reads fail sooner without a server: some run on the event loop's thread (restore, the control
+        # plane's step rate), which must not wait the writer's full timeout.
         self._readers = ConnectionPool(
             url,
             min_size=1,
             max_size=max(1, readers),
             configure=self._configure_reader,
+            timeout=min(self.busy_timeout, READ_TIMEOUT),
             name="layrot-history-readers",
             **common,
         )

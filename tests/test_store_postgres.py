@@ -165,6 +165,10 @@ def test_server_stopped_mid_run_nacks_then_recovers(collector_factory, ingest, s
             job.pump(0.05)
         assert job.nacked > 0, "commits without a server should have failed"
         assert c.store.errors > 0
+        from layrot.server.store_api import StoreError
+
+        with pytest.raises(StoreError, match="layrot_test_"):  # reads fail with the error the callers catch
+            c.store.ranks(1)
     finally:
         postgres_server.start()
     from test_exact_delivery import _connect
