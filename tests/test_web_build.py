@@ -62,7 +62,8 @@ def test_rebuild_gives_the_same_bundle(tmp_path: Path) -> None:
     try:
         # --ignore-scripts: esbuild's postinstall only optimizes; its platform binary is a package of its own.
         subprocess.run(
-            [npm, "ci", "--ignore-scripts", "--prefer-offline"],
+            # Bounded waits: on a machine without the registry this skips in seconds, not minutes.
+            [npm, "ci", "--ignore-scripts", "--prefer-offline", "--fetch-timeout=30000", "--fetch-retries=1"],
             cwd=work,
             env=env,
             check=True,

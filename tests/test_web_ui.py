@@ -9,6 +9,7 @@ reads), to the precision the page prints (4 decimals for rotations and angles).
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from collections.abc import Iterator
@@ -150,11 +151,16 @@ def test_a_new_report_shows_without_reload(collector: Any, ingest: Any, sim_job:
     assert int(h.steps[-1]) == 15
     for l, name in enumerate(h.layer_names):
         assert cell(page, f'#layers tr[data-layer="{name}"]', "rotation") == f4(h.rotation[-1, l])
-    # The curves got the new steps too: hovering their right end reads step 15's values.
-    page.wait_for_timeout(1500)  # one more poll: the history is fetched after the summary
+    # The curves got the new steps too: hovering their right end reads step 15's values (the history
+    # is fetched after the summary in the same poll: hover again until it has arrived).
     over = page.locator("#curves .u-over").bounding_box()
-    page.mouse.move(over["x"] + over["width"] - 1, over["y"] + over["height"] / 2)
     readout = page.locator("#readout")
+    deadline = time.monotonic() + 10
+    for k in itertools.count():
+        page.mouse.move(over["x"] + over["width"] - 1 - k % 2, over["y"] + over["height"] / 2)
+        if readout.locator('[data-k="step"]').inner_text() == "15" or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(200)
     assert readout.locator('[data-k="step"]').inner_text() == "15"
     layer = readout.locator('[data-k="layer"]').inner_text()
     assert readout.locator('[data-k="rotation"]').inner_text() == f4(h.rotation[-1, h.layer_names.index(layer)])

@@ -31,9 +31,24 @@ from test_grafana import TOKEN, ReplayGrafana
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-_IGNORE = shutil.ignore_patterns(
-    ".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "*.so", ".hypothesis", ".pytest_cache", "*.db*"
+_IGNORE_ANYWHERE = shutil.ignore_patterns(
+    ".git",
+    "build",
+    "*.egg-info",
+    "__pycache__",
+    "*.pyc",
+    "*.so",
+    ".hypothesis",
+    ".pytest_cache",
+    "*.db*",
+    "node_modules",
 )
+
+
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    """What the clean copy leaves out; a top-level dist/ only (server/webui/dist is the web view's package data)."""
+    skip = set(_IGNORE_ANYWHERE(folder, names))
+    return skip | ({"dist"} & set(names) if Path(folder) == ROOT else set())
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -50,7 +65,7 @@ def _ok(done: subprocess.CompletedProcess) -> str:
 def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=_IGNORE)
+    shutil.copytree(ROOT, src, ignore=_ignore)
     _ok(
         _run(
             [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(src)],
@@ -80,6 +95,9 @@ def test_wheel_carries_the_package_data_and_the_kernel(wheel):
         "layrot/deploy/grafana/dashboards/collector.json",
         "layrot/deploy/prometheus/rules/layrot.rules.yml",
         "layrot/cli/__main__.py",
+        "layrot/server/webui/dist/index.html",
+        "layrot/server/webui/dist/app.js",
+        "layrot/server/webui/dist/app.css",
     ):
         assert must in names, must
     assert any(n.startswith("layrot/hooks/_fused_report") and n.endswith(".so") for n in names)
