@@ -179,7 +179,7 @@ class HistoryStore(Protocol):
     def load_thresholds(self) -> list[tuple[str, str]]: ...
 
 
-_POSTGRES_URL = re.compile(r"^postgres(ql)?(\+[a-z0-9]+)?://", re.IGNORECASE)
+_POSTGRES_URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)  # what libpq accepts
 _ANY_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -194,8 +194,9 @@ def is_url(db: str) -> bool:
 
 
 def redact_url(db: str) -> str:
-    """``db`` without the password of a URL (``postgresql://user:***@host/db``), for logs and messages."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", db)
+    """``db`` without the password of a URL (``postgresql://user:***@host/db``, ``?password=***``), for logs."""
+    db = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", db)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", db) if is_url(db) else db
 
 
 def open_store(

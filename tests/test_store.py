@@ -30,6 +30,7 @@ from layrot.server.store import (
     hash_run_key,
     open_store,
 )
+from layrot.server.store_api import redact_url
 
 BLOB = b"\0" * 24
 
@@ -368,3 +369,9 @@ def test_open_store_picks_the_backend_from_the_db_value(tmp_path):
         store.close()
     with pytest.raises(StoreError, match="mysql:// is not a history backend"):
         open_store("mysql://u:pw@h/db")
+    assert redact_url("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert (
+        redact_url("postgresql://u@h/db?sslmode=require&password=pw")
+        == "postgresql://u@h/db?sslmode=require&password=***"
+    )
+    assert redact_url("/var/lib/layrot/a:b@c.db") == "/var/lib/layrot/a:b@c.db"  # a file path is left alone
