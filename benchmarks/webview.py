@@ -213,7 +213,7 @@ def screenshot(context: Any, address: str, url: str, path: Path) -> None:
         nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10),
     )  # fmt: skip
     opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=3**-3, alpha=0.0)
-    handle = layrot.watch(model, opt, run="cnn-layca", collector=address, control=True)
+    handle = layrot.watch(model, opt, run="cnn-layca", collector=address, control=True, total_steps=400)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 1, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
     for t in range(1, 401):

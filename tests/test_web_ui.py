@@ -67,8 +67,11 @@ def cell(page: Any, row: str, col: str) -> str:
 def test_runs_table_and_run_page_show_the_history(collector: Any, ingest: Any, sim_job: Any, page: Any) -> None:
     a = sim_job(run="alpha", layer_sizes=(30, 50, 20, 40, 10), seed=1)
     b = sim_job(run="beta/2", layer_sizes=(16, 16, 16), seed=2, step_angle=0.02)
-    feed(ingest, collector, a, [(25, 0.01), (1, 1.2), (14, 0.03)])  # step 26: a spike the alert engine reports
+    c = sim_job(run="gamma", layer_sizes=(400, 300, 3, 2), seed=5)  # big layers drift far, tiny ones wander
+    # step 26: a spike the alert engine reports; 40 of 60 announced steps: the indicator judges under-rotation
+    feed(ingest, collector, a, [(25, 0.01), (1, 1.2), (14, 0.03)], total_steps=60)
     feed(ingest, collector, b, [(30, 0.02)])
+    feed(ingest, collector, c, [(30, 0.35)], total_steps=40)
     with QueryClient(collector.grpc_address) as q:
         runs = {r["run"]: r for r in q.list_runs()}
         hist = {name: q.history(name) for name in runs}
@@ -88,8 +91,17 @@ def test_runs_table_and_run_page_show_the_history(collector: Any, ingest: Any, s
         assert cell(page, row, "min_rotation") == f4(h.rotation[-1].min())
         assert cell(page, row, "mean_rotation") == f4(h.rotation[-1].mean())
         assert cell(page, row, "num_layers") == str(h.num_layers)
+        # The indicator, from the history's newest row and the collector's target.
+        target = r["rotation_target"]
+        assert target == 0.9
+        assert cell(page, row, "at_target") == f"{100 * np.mean(h.rotation[-1] >= target):.0f} %"
+        judged = name in ("alpha", "gamma")
+        assert r["indicator_judged"] is judged
+        under = int(np.sum(h.rotation[-1] < target))
+        assert cell(page, row, "under_rotated") == (str(under) if judged else "–")
         opened = sum(1 for al in (alerts if name == "alpha" else []) if not al["resolved"])
         assert cell(page, row, "open_alerts") == str(opened)
+    assert cell(page, '#runs tr[data-run="gamma"]', "at_target") == "75 %"  # 3 of 4 layers past 0.9
 
     # The run page, reached by its link (a "/" in the name is percent-encoded in the hash).
     page.click('#runs tr[data-run="beta/2"] a')
@@ -106,6 +118,7 @@ def test_runs_table_and_run_page_show_the_history(collector: Any, ingest: Any, s
         assert cell(page, row, "rotation") == f4(h.rotation[-1, l])
         assert cell(page, row, "step_angle") == f4(h.step_angle[-1, l])
         assert cell(page, row, "weight_norm") == f4(h.weight_norm[-1, l])
+        assert cell(page, row, "under_rotated") == ("yes" if h.rotation[-1, l] < 0.9 else "")  # all, at 40 of 60
     np.testing.assert_allclose(h.rotation, a.truth_array("rotation"), atol=1e-12)  # and the history is the truth
 
     # Hovered values: the curves' readout names a step and a layer; its value is that cell of the history.

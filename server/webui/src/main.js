@@ -72,6 +72,8 @@ const h = (tag, attrs = {}, ...children) => {
 
 const fmt = (v, digits = DIGITS) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(digits));
 const fmtRate = (v) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toPrecision(4));
+// The indicator (core/indicator.py): the share of layers whose rotation reached the target.
+const fmtShare = (r) => (r === null || r === undefined || Number.isNaN(r) ? "–" : `${(100 * r).toFixed(0)} %`);
 const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
 
 // Viridis (matplotlib's, as the CLI's curves figure draws): 9 stops, linearly interpolated.
@@ -159,6 +161,8 @@ function runsView(root) {
           h("th", {}, "connected"),
           h("th", { class: "num" }, "min rotation"),
           h("th", { class: "num" }, "mean rotation"),
+          h("th", { class: "num", title: "share of layers whose rotation reached the target (serve --rotation-target)" }, "at target"),
+          h("th", { class: "num", title: "layers still below the target past the judged share of the run" }, "under-rotated"),
           h("th", { class: "num" }, "layers"),
           h("th", { class: "num" }, "open alerts"),
           h("th", {}, "last report"),
@@ -194,13 +198,15 @@ function runsView(root) {
             h("td", { "data-col": "connected", class: r.connected ? "yes" : "no" }, r.connected ? "yes" : "no"),
             h("td", { "data-col": "min_rotation", class: "num" }, fmt(r.min_rotation)),
             h("td", { "data-col": "mean_rotation", class: "num" }, fmt(r.mean_rotation)),
+            h("td", { "data-col": "at_target", class: "num", title: `rotation >= ${r.rotation_target}` }, fmtShare(r.layers_at_target_ratio)),
+            h("td", { "data-col": "under_rotated", class: "num" + (r.layers_under_rotated ? " sev-warning" : "") }, r.indicator_judged ? r.layers_under_rotated : "–"),
             h("td", { "data-col": "num_layers", class: "num" }, r.num_layers),
             h("td", { "data-col": "open_alerts", class: "num" }, open[r.run] || 0),
             h("td", { "data-col": "last_report" }, fmtTime(r.last_report)),
           );
         }),
       );
-      if (!runs.length) body.replaceChildren(h("tr", {}, h("td", { colspan: 10, class: "muted" }, "no runs yet")));
+      if (!runs.length) body.replaceChildren(h("tr", {}, h("td", { colspan: 12, class: "muted" }, "no runs yet")));
       setStatus(`${runs.length} runs · updated ${new Date().toLocaleTimeString()}`);
       root.dataset.ready = "1";
     } catch (e) {
@@ -217,14 +223,25 @@ function runsView(root) {
   };
 }
 
-// Vertical marks at alert steps, drawn under the curves' plot area.
-function alertMarks(getAlerts) {
+// Vertical marks at alert steps, and the indicator's rotation target as a horizontal line.
+function alertMarks(getAlerts, getTarget) {
   return {
     hooks: {
       draw: [
         (u) => {
           const ctx = u.ctx;
           ctx.save();
+          const target = getTarget();
+          if (target > 0) {
+            const y = u.valToPos(target, "y", true);
+            ctx.strokeStyle = "#888";
+            ctx.lineWidth = devicePixelRatio;
+            ctx.setLineDash([2 * devicePixelRatio, 4 * devicePixelRatio]);
+            ctx.beginPath();
+            ctx.moveTo(u.bbox.left, y);
+            ctx.lineTo(u.bbox.left + u.bbox.width, y);
+            ctx.stroke();
+          }
           for (const a of getAlerts()) {
             const x = u.valToPos(a.step, "x", true);
             if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
@@ -244,7 +261,7 @@ function alertMarks(getAlerts) {
   };
 }
 
-function curvesChart(el, hist, getAlerts, readout) {
+function curvesChart(el, hist, getAlerts, getTarget, readout) {
   const L = hist.names.length;
   const series = [{ label: "step" }];
   for (let l = 0; l < L; l++) series.push({ label: hist.names[l], stroke: depthColor(l, L), width: 1.25, points: { show: false } });
@@ -258,7 +275,7 @@ function curvesChart(el, hist, getAlerts, readout) {
     focus: { alpha: 0.25 },
     scales: { x: { time: false }, y: { range: (u, min, max) => [0, Math.max(1.05, max * 1.05)] } },
     axes: [{ label: "step" }, { label: "cosine distance to initialization", size: 60 }],
-    plugins: [alertMarks(getAlerts)],
+    plugins: [alertMarks(getAlerts, getTarget)],
     hooks: {
       setCursor: [(u) => showNearest(u)],
       setSeries: [(u) => showNearest(u)],
@@ -444,6 +461,7 @@ function runView(root, run) {
   let hist = null;
   let stride = 1;
   let alerts = [];
+  let target = 0;
   const summary = h("div", { class: "summary", id: "summary" });
   const curvesEl = h("div", { id: "curves", class: "panel" });
   const readout = h("div", { class: "readout", id: "readout" }, "hover the curves to read a layer's value");
@@ -484,6 +502,7 @@ function runView(root, run) {
   });
 
   function renderSummary(d) {
+    target = d.rotation_target || 0;
     const item = (k, label, v) => h("span", {}, label + " ", h("b", { "data-k": k }, v));
     summary.replaceChildren(
       item("framework", "framework", d.framework || "–"),
@@ -491,6 +510,8 @@ function runView(root, run) {
       item("connected", "connected", d.connected ? "yes" : "no"),
       item("min_rotation", "min rotation", fmt(d.min_rotation)),
       item("mean_rotation", "mean rotation", fmt(d.mean_rotation)),
+      item("at_target", `at target (≥ ${d.rotation_target})`, fmtShare(d.layers_at_target_ratio)),
+      item("under_rotated", "under-rotated", d.indicator_judged ? d.layers_under_rotated : "– (not judged yet)"),
       item("num_layers", "layers", d.num_layers),
       item("layca", "Layca", d.layca ? "yes" : "no"),
       item("host", "host", d.host || "–"),
@@ -499,7 +520,7 @@ function runView(root, run) {
       h(
         "table",
         { id: "layers" },
-        h("thead", {}, h("tr", {}, ...["#", "layer", "step", "rotation", "step angle", "weight norm", "rho"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ...["#", "layer", "step", "rotation", "step angle", "weight norm", "rho", "under-rotated"].map((t) => h("th", {}, t)))),
         h(
           "tbody",
           {},
@@ -514,6 +535,7 @@ function runView(root, run) {
               h("td", { class: "num", "data-col": "step_angle" }, fmt(lay.step_angle)),
               h("td", { class: "num", "data-col": "weight_norm" }, fmt(lay.weight_norm)),
               h("td", { class: "num", "data-col": "rho" }, fmtRate(lay.rho)),
+              h("td", { "data-col": "under_rotated", class: lay.under_rotated ? "sev-warning" : "" }, lay.under_rotated ? "yes" : ""),
             ),
           ),
         ),
@@ -539,7 +561,7 @@ function runView(root, run) {
     hist = mergeHistory(await api(`/runs/${enc(run)}/history?stride=${stride}&${FIELDS}`));
     alerts = (await api("/alerts?limit=0&run=" + enc(run))).alerts;
     alertsEl.replaceChildren(alertsTable(alerts));
-    charts.push(curvesChart(curvesEl, hist, () => alerts, readout));
+    charts.push(curvesChart(curvesEl, hist, () => alerts, () => target, readout));
     redrawHeat();
     controlPanel(controlEl, await api(`/runs/${enc(run)}/control`).catch(() => ({})), charts);
     root.dataset.ready = "1";
@@ -599,7 +621,7 @@ function compareView(root, runs) {
     h(
       "table",
       { id: "compare" },
-      h("thead", {}, h("tr", {}, ...["run", "step", "min rotation", "mean rotation"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ...["run", "step", "min rotation", "mean rotation", "at target"].map((t) => h("th", {}, t)))),
       table,
     ),
     h("div", { class: "grid2" }, h("div", {}, h("h2", {}, "Mean layer rotation"), meanEl), h("div", {}, h("h2", {}, "Smallest layer rotation"), minEl)),
@@ -624,6 +646,7 @@ function compareView(root, runs) {
           h("td", { class: "num", "data-col": "step" }, d.step),
           h("td", { class: "num", "data-col": "min_rotation" }, fmt(d.min_rotation)),
           h("td", { class: "num", "data-col": "mean_rotation" }, fmt(d.mean_rotation)),
+          h("td", { class: "num", "data-col": "at_target" }, fmtShare(d.layers_at_target_ratio)),
         ),
       ),
     );
