@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,18 @@ def write_client(collector: str, token: str | None) -> QueryClient:
         )
     given = _tls_given()
     return QueryClient(collector, token, tls=TLSConfig.from_env(given.get("ca"), given.get("cert"), given.get("key")))
+
+
+def check_output_folder(output: str) -> None:
+    """``-o`` into a folder that does not exist: one clear error before anything is fetched."""
+    if output == "-":
+        return
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(
+            f"cannot write {output}: folder {os.path.dirname(output) or folder} does not exist (create it first)",
+            param_hint="'-o' / '--output'",
+        )
 
 
 def num(x: float | None) -> float | None:

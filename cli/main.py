@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import click
 
 from layrot.cli.cli_common import (
     CONTEXT_SETTINGS,
+    check_output_folder,
     collector_options,
 )
 from layrot.cli.cli_common import (
@@ -82,6 +82,8 @@ class LazyGroup(click.Group):
     context_settings=CONTEXT_SETTINGS,
     lazy={
         "alerts": "layrot.cli.alerts_cli:alerts_command",
+        "compare": "layrot.cli.curves_cli:compare_command",
+        "curves": "layrot.cli.curves_cli:curves_command",
         "control": "layrot.cli.control_cli:control_group",
         "grafana": "layrot.cli.grafana:grafana_group",
         "sync": "layrot.cli.sync:sync_command",
@@ -124,18 +126,6 @@ def check_db_path(db: str) -> None:
             f"got a {db.split('://', 1)[0]}:// URL; the history is a SQLite file or a PostgreSQL database: "
             "give a file path (--db /var/lib/layrot/layrot.db) or a URL (--db postgresql://user@host/db)",
             param_hint="'--db'",
-        )
-
-
-def check_output_folder(output: str) -> None:
-    """``-o`` into a folder that does not exist: one clear error before anything is fetched."""
-    if output == "-":
-        return
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise click.BadParameter(
-            f"cannot write {output}: folder {os.path.dirname(output) or folder} does not exist (create it first)",
-            param_hint="'-o' / '--output'",
         )
 
 
@@ -501,50 +491,6 @@ def export(
             f"{counts['layers']} layers) to {output}",
             err=True,
         )
-
-
-# ---------------------------------------------------------------- curves
-@cli.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("run")
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False, writable=True),
-    help="Image file to write (.png, .svg, .pdf).",
-)
-@click.option("--log-x", is_flag=True, help="Logarithmic step axis (shows the first steps better).")
-@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True, help="Which rank's rows.")
-@collector_options
-def curves(run: str, output: str, log_x: bool, rank: int, collector: str, token: str | None) -> None:
-    """Draw the layer rotation curves of RUN (the paper's figure).
-
-    x: optimizer step; y: cosine distance between each layer's weights and
-    their initialization; one line per layer coloured from the input side
-    (dark) to the output side (bright). The best-generalizing runs in the
-    paper bring every layer close to 1.
-
-    \b
-    Examples:
-      layrot-agent curves resnet-a -o resnet-a.png
-      layrot-agent curves resnet-a -o resnet-a.svg --log-x
-    """
-    check_output_folder(output)
-    from layrot.cli.curves import decimated_rotation, plot_layer_rotation_curves
-
-    try:
-        with _client(collector, token) as q:
-            # Streamed and thinned to a few thousand points per curve: bounded memory for any run length.
-            steps, rotation, names = decimated_rotation(q.iter_history(run, rank=rank))
-    except CollectorError as exc:
-        raise click.ClickException(str(exc)) from None
-    if steps.size == 0:
-        raise click.ClickException(f"run {run!r} has no reported steps yet")
-    try:
-        plot_layer_rotation_curves(steps, rotation, names, output, title=f"Layer rotation curves: {run}", log_x=log_x)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot write {output}: {exc}") from None
-    click.echo(f"wrote {output} ({len(names)} layers, up to step {int(steps[-1])})", err=True)
 
 
 # ---------------------------------------------------------------- demo

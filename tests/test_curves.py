@@ -44,3 +44,49 @@ def test_thinned_rows_are_the_full_rows_at_a_regular_stride_and_end_at_the_newes
 def test_no_rows():
     steps, rot, names = decimated_rotation(iter([]))
     assert steps.size == 0 and rot.shape == (0, 0) and names == []
+
+
+def test_epoch_axis_and_loss_overlay_carry_the_history(collector, ingest, sim_job, tmp_path):
+    """curves --x epoch --overlay loss and compare, through a real collector: the figure's lines are
+    the history's numbers (checked on the matplotlib objects), and the files are written."""
+    from click.testing import CliRunner
+
+    from layrot.cli.curves import compare_figure, decimated_curves, layer_rotation_figure
+    from layrot.cli.main import cli
+    from layrot.client.query import QueryClient
+
+    for run, angle in (("fast", 0.05), ("slow", 0.005)):
+        job = sim_job(run=run, layer_sizes=(20, 30), step_angle=angle)
+        s = ingest(collector)
+        s.send(job.hello())
+        s.send(job.batch(40))  # loss 1/step
+        s.wait_ack(job.seq)
+    h = QueryClient(collector.grpc_address).history("fast")
+    c = decimated_curves(QueryClient(collector.grpc_address).iter_history("fast"))
+    assert np.array_equal(c.loss, h.loss) and np.array_equal(c.rotation, h.rotation)
+    fig = layer_rotation_figure(c.steps, c.rotation, c.layer_names, loss=c.loss, steps_per_epoch=8)
+    ax, loss_ax = fig.axes[0], fig.axes[1]
+    assert ax.get_xlabel() == "epoch" and loss_ax.get_ylabel() == "training loss"
+    x, y = loss_ax.get_lines()[0].get_data()
+    np.testing.assert_allclose(x, h.steps / 8)
+    np.testing.assert_allclose(y, 1.0 / h.steps)
+    layer0 = next(ln for ln in ax.get_lines() if ln.get_label() == h.layer_names[0])
+    np.testing.assert_allclose(layer0.get_data()[0][1:], h.steps / 8)
+    both = compare_figure([c, decimated_curves(QueryClient(collector.grpc_address).iter_history("slow"))])
+    panels = [a for a in both.axes if a.get_visible()]
+    assert [a.get_title() for a in panels] == ["fast", "slow"]
+    assert panels[0].get_ylim() == panels[1].get_ylim()  # shared axes: the runs compare at a glance
+
+    runner = CliRunner()
+    out = tmp_path / "fast.png"
+    args = ["curves", "fast", "-o", str(out), "--x", "epoch", "--steps-per-epoch", "8", "--overlay", "loss"]
+    r = runner.invoke(cli, [*args, "--collector", collector.http_url])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = runner.invoke(cli, ["curves", "fast", "-o", str(out), "--x", "epoch", "--collector", collector.grpc_address])
+    assert r.exit_code == 2 and "--steps-per-epoch" in r.output
+    cmp = tmp_path / "cmp.png"
+    r = runner.invoke(cli, ["compare", "fast", "slow", "-o", str(cmp), "--collector", collector.grpc_address])
+    assert r.exit_code == 0 and cmp.stat().st_size > 10_000, r.output
+    r = runner.invoke(cli, ["compare", "fast", "nope", "-o", str(cmp), "--collector", collector.grpc_address])
+    assert r.exit_code == 1 and "unknown run 'nope'" in r.output
