@@ -294,6 +294,10 @@ def test_run_dashboard_content():
     (anno,) = [a for a in run_board["annotations"]["list"] if not a.get("builtIn")]
     assert "layrot_alerts_total" in anno["expr"] and anno["datasource"] == DS_REF
     assert panels["Step angle per layer"]["id"] in anno["filter"]["ids"]
+    by_step = panels["Layer rotation vs step"]  # the paper's x axis: optimizer steps, not wall time
+    assert by_step["type"] == "xychart" and by_step["options"]["dims"]["x"] == "step"
+    assert [t["legendFormat"] for t in by_step["targets"]] == ["step", "{{layer}}"]
+    assert by_step["transformations"][0]["id"] == "joinByField"
 
 
 def test_dashboards_use_only_exported_metrics():
@@ -311,6 +315,9 @@ def test_dashboards_use_only_exported_metrics():
         "layrot_run_connected",
         "layrot_run_info",
         "layrot_run_nonfinite_samples_total",
+        "layrot_run_loss",
+        "layrot_run_layers_at_target_ratio",
+        "layrot_run_layers_under_rotated",
         "layrot_alerts_total",
         "layrot_samples_ingested_total",
         "layrot_steps_ingested_total",

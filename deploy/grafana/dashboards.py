@@ -716,6 +716,58 @@ def run_view() -> dict:
             }
         ],
     )
+    # Against optimizer steps, as the paper draws them: an XY chart of each layer's rotation over
+    # the run's step (both series are scraped together, so joining them by time pairs them).
+    by_step = panel(
+        ids,
+        "xychart",
+        "Layer rotation vs step",
+        (0, 37, 12, 11),
+        [
+            target(f"max(layrot_run_step{{{RUN}}})", "step", "A"),
+            target(f"layrot_layer_rotation{{{sel}}}", "{{layer}}", "B"),
+        ],
+        "The layer rotation curves with optimizer steps on the x axis (the other panels use wall time).",
+        {"unit": "none", "min": 0, "max": 1, "custom": {"show": "lines", "lineWidth": 1}},
+        None,
+        {
+            "dims": {"frame": 0, "x": "step"},
+            "seriesMapping": "auto",
+            "series": [],
+            "legend": {"showLegend": True, "displayMode": "list", "placement": "bottom"},
+            "tooltip": {"mode": "single"},
+        },
+        transformations=[{"id": "joinByField", "options": {"byField": "Time", "mode": "outer"}}],
+    )
+    loss = timeseries(
+        ids,
+        "Training loss",
+        (12, 37, 12, 11),
+        [target(f"max(layrot_run_loss{{{RUN}}})", "loss")],
+        "The newest training loss the job reported (handle.observe_loss, or the callbacks').",
+        unit="short",
+    )
+    at_target = stat(
+        ids,
+        "Layers at rotation target",
+        (0, 48, 6, 4),
+        f"max(layrot_run_layers_at_target_ratio{{{RUN}}})",
+        "Share of the layers whose rotation reached the collector's target (serve --rotation-target, 0.9 by "
+        "default): the paper's rule of thumb is every layer near 1.",
+        unit="percentunit",
+        decimals=0,
+        steps=(("red", None), ("orange", 0.5), ("green", 1)),
+    )
+    under = stat(
+        ids,
+        "Under-rotated layers",
+        (6, 48, 6, 4),
+        f"max(layrot_run_layers_under_rotated{{{RUN}}})",
+        "Layers still below the target past the judged share of the announced run (serve "
+        "--under-rotated-share); empty while not judged or when the job did not announce its length.",
+        decimals=0,
+        steps=(("green", None), ("orange", 1)),
+    )
     annotation = {
         "name": "layrot alerts",
         "datasource": DS,
@@ -746,7 +798,7 @@ def run_view() -> dict:
         "layrot-run",
         "layrot / Run",
         "One run, layer by layer: rotation curves, rotation heatmap, step angles with alerts, Layca rates.",
-        stats + [rotation, heatmap, angles, rho, now, norms, alerts],
+        stats + [rotation, heatmap, angles, rho, now, norms, alerts, by_step, loss, at_target, under],
         variables,
         [annotation],
     )
