@@ -62,7 +62,8 @@ def test_every_dashboard_panel_returns_data(tmp_path):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
         opt = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.01)
-        handle = layrot.watch(model, opt, run=RUN, control=True, collector=collector.grpc_address)
+        # 220 steps of an announced 300: past half, so the indicator judges under-rotated layers.
+        handle = layrot.watch(model, opt, run=RUN, control=True, collector=collector.grpc_address, total_steps=300)
         x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
         train(model, opt, handle, 60, x, y)
         client = QueryClient(collector.grpc_address)
