@@ -264,7 +264,12 @@ def train(spec: RunSpec, collector: str | None, on_step: Any = None) -> dict[str
     if spec.kind == "not_learning" and spec.variant == "shuffled":
         ytr = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(_seed(spec, "labels")))]
     opt = make_optimizer(spec, model)
-    handle = layrot.watch(model, opt, run=spec.run_id(), every=1, collector=collector) if collector else None
+    # The run announces its planned length, as a user's job would: the collector judges not_learning at a share of it.
+    handle = (
+        layrot.watch(model, opt, run=spec.run_id(), every=1, collector=collector, total_steps=spec.steps)
+        if collector
+        else None
+    )
     target = dict(model.named_parameters()).get(spec.layer) if spec.layer else None
     gen = torch.Generator().manual_seed(_seed(spec, "batches"))
     it = _batches(len(ytr), gen)
@@ -317,6 +322,7 @@ def train(spec: RunSpec, collector: str | None, on_step: Any = None) -> dict[str
         "loss_first": float(np.mean(losses[:5])) if losses else float("nan"),
         "loss_last": float(np.mean(tail)) if tail else float("nan"),
         "steps_done": len(losses),
+        "losses": losses,
         "incident_time": incident_time,
         "train_s": train_s,
     }
