@@ -217,8 +217,9 @@ class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
         mode: ``"layca"`` (Algorithm 1) or ``"lars"`` (Appendix A.4).
         layers: which parameters are layers (multiplicative weights), by the layer
             rule of :mod:`layrot.core.layer_rule` shared with ``layrot.watch``: None
-            for every trainable weight with ``ndim >= 2`` (not biases or normalization
-            parameters, whatever their shape) in the optimizer's order, a regex or a
+            for every weight with ``ndim >= 2`` (not biases or normalization
+            parameters, whatever their shape; frozen ones included, so a layer
+            unfrozen later is rotated by Layca from then on) in the optimizer's order, a regex or a
             predicate ``(name, param) -> bool`` filtering those, or a list of exact
             names. Names are the base optimizer's ``param_names`` (build it from
             ``model.named_parameters()``), else
@@ -309,7 +310,9 @@ class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
             # The shared rule by role (a bias kept as a matrix is not a layer), from the
             # optimizer's param_names when it has them ("param{i}" says nothing: ndim decides).
             names = self._default_names()
-            return [i for i, p in enumerate(flat) if p.requires_grad and is_layer(names[i], p.ndim)]
+            # Frozen ones too: unfrozen later (gradual unfreezing) they are Layca's layers from
+            # the start; while frozen their step is zero and Layca leaves them bitwise unchanged.
+            return [i for i, p in enumerate(flat) if is_layer(names[i], p.ndim)]
         if callable(layers) and not isinstance(layers, re.Pattern) and _takes_one_argument(layers):
             warnings.warn(
                 "Layca(layers=fn) with a one-argument predicate fn(param) is deprecated; "
@@ -332,8 +335,8 @@ class Layca(torch.optim.Optimizer, RuleView, CommandIntake):
                 raise TypeError("layers= must be names (str), a regex, a predicate (name, param) -> bool or None")
             layers = items
         names = self._default_names()
-        named = [(names[i], p) for i, p in enumerate(flat) if p.requires_grad]
-        chosen = select_layers(named, lambda p: p.ndim, layers, "optimizer's trainable parameters (Layca)")
+        named = [(names[i], p) for i, p in enumerate(flat)]
+        chosen = select_layers(named, lambda p: p.ndim, layers, "optimizer's parameters (Layca)")
         return _positions_of(flat, [p for _, p in chosen])
 
     # ------------------------------------------------------------ torch.optim surface

@@ -1,8 +1,9 @@
 """Which parameters of a PyTorch model are *layers*, under which names, and in which order.
 
-A layer is a multiplicative weight: a trainable parameter with ndim >= 2
-(Linear, ConvNd, Embedding, custom modules' 2-D+ parameters). Biases and
-normalisation parameters are not layers.
+A layer is a multiplicative weight: a parameter with ndim >= 2 (Linear, ConvNd,
+Embedding, custom modules' 2-D+ parameters), frozen ones included, so layers
+unfrozen later (gradual unfreezing) are in the run from its first step. Biases
+and normalisation parameters are not layers.
 
 Names are the model's parameter names without the components that wrappers
 add (:func:`stable_named_parameters`): ``_orig_mod.`` (``torch.compile``),
@@ -107,7 +108,7 @@ class EffectiveWeight:
     ``spectral_norm``) is measured the same way.
     """
 
-    __slots__ = ("name", "module", "attr", "originals", "buffer", "trainable")
+    __slots__ = ("name", "module", "attr", "originals", "buffer")
 
     def __init__(self, name: str, module: nn.Module, attr: str, originals: list[str]) -> None:
         self.name = name
@@ -117,8 +118,6 @@ class EffectiveWeight:
         self.originals = originals
         with torch.no_grad():
             self.buffer: torch.Tensor = getattr(module, attr).detach().clone()
-        plist: Any = module.parametrizations[attr]  # type: ignore[index]
-        self.trainable = any(p.requires_grad for p in plist.parameters(recurse=False))
 
     def refresh(self) -> None:
         """Recompute the effective tensor into the buffer (call under ``torch.no_grad``)."""
@@ -162,7 +161,7 @@ def candidate_layers(
         raw_to_stable = {raw: st for raw, st, _ in triples}
         layers = [raw_to_stable.get(n, n) if isinstance(n, str) else n for n in layers]
         explicit = {n for n in layers if isinstance(n, str)}
-    first_of = {e.originals[0]: e for e in effective if e.originals and e.trainable}
+    first_of = {e.originals[0]: e for e in effective if e.originals}
     hidden = {n for e in effective for n in e.originals} - explicit
     named: list[tuple[str, torch.Tensor]] = []
     for _, st, p in triples:
@@ -170,9 +169,12 @@ def candidate_layers(
             e = first_of[st]
             named.append((e.name, e.buffer))
             owners[e.name] = module_type_name(e.module)
-        if p.requires_grad and st not in hidden:
+        # Frozen parameters too: gradual unfreezing makes them trainable later, and a layer
+        # table is fixed at the first step. While frozen they are measured as they are (their
+        # rotation stays, their step angle is 0: exact, no special case on the wire).
+        if st not in hidden:
             named.append((st, p))
-    chosen = select_layers(named, lambda p: p.ndim, layers, "model's trainable parameters")
+    chosen = select_layers(named, lambda p: p.ndim, layers, "model's parameters")
     return [(n, p, owners.get(n, "")) for n, p in chosen]
 
 

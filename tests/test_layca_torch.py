@@ -311,8 +311,8 @@ def test_parameter_without_gradient_stays_while_others_rotate():
     opt = Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
     model[0].weight.requires_grad_(False)  # frozen after construction: still a layer, no gradient
     assert opt.num_layers == 6
-    # frozen before construction: not a layer by default (as the monitoring hook chooses)
-    assert Layca(torch.optim.SGD(model.parameters(), lr=0.1)).num_layers == 5
+    # frozen before construction: a layer too (gradual unfreezing; the monitoring hook chooses the same)
+    assert Layca(torch.optim.SGD(model.parameters(), lr=0.1)).num_layers == 6
     snaps = train(model, opt, batches(4))
     rho = np.full(6, 0.05)
     rho[0] = 0.0  # no gradient -> a zero step -> angle exactly 0
