@@ -36,6 +36,7 @@ from collector_proc import free_port, start_collector  # noqa: E402
 
 import layrot  # noqa: E402
 from layrot.client.http_query import HttpQueryClient  # noqa: E402
+from layrot.core.indicator import indicator  # noqa: E402
 from layrot.core.rates import RhoSchedule  # noqa: E402
 
 TARGET = 0.9
@@ -109,14 +110,22 @@ def main() -> int:
     trained = [r for r in rows if r[3] > 0.2]  # above chance (0.1): the runs that trained
     if len(trained) >= 3:
         acc = np.array([r[3] for r in trained])
-        ratio = np.array([r[4]["layers_at_target_ratio"] for r in trained])
-        low = np.array([min(r[5]) for r in trained])
-        rho_ratio = spearmanr(ratio, acc).statistic
-        rho_min = spearmanr(low, acc).statistic
-        print(
-            f"\nSpearman over the {len(trained)} runs that trained: indicator (share at {TARGET}) vs test accuracy"
-            f" {rho_ratio:+.2f}; smallest layer rotation vs test accuracy {rho_min:+.2f}"
-        )
+        print(f"\nSpearman's rho with test accuracy over the {len(trained)} runs that trained:")
+        measures = {
+            f"share of layers at {TARGET} (the collector's indicator)": [
+                r[4]["layers_at_target_ratio"] for r in trained
+            ],
+            "share of layers at 0.1 (from the collector's rotations)": [
+                indicator(r[5], 0, target=0.1).at_target_ratio for r in trained
+            ],
+            "smallest layer rotation": [min(r[5]) for r in trained],
+            "mean layer rotation": [float(np.mean(r[5])) for r in trained],
+        }
+        for name, values in measures.items():
+            v = np.asarray(values, dtype=float)
+            stat = spearmanr(v, acc).statistic if np.ptp(v) > 0 else float("nan")
+            note = "" if np.ptp(v) > 0 else "  (the same for every run: undefined)"
+            print(f"  {name:58} {stat:+.2f}{note}")
     else:
         print("\nfewer than 3 runs trained: no correlation")
     return 0
