@@ -62,6 +62,7 @@ PRETRAIN_STEPS = 300  # fine-tune starts: steps on the first half of the train s
 # A healthy run ends at or above this test accuracy: 90 % for the CNN and on digits; the
 # small transformer on the 4,000 MNIST train images ends at 88-90 % (train loss ~0.15),
 # so its bar is 85 %.
+NL_LOSS_ONLY_STEPS = 2000  # the shuffled-labels run's length (see corpus())
 ACC_BAR = {"cnn": 0.90, "tf": 0.90, "tf-mnist": 0.85}
 
 
@@ -396,7 +397,16 @@ def corpus(seed: int, steps: int, quick: bool = False, stall_sleep: float = 8.0)
         spec("lr100-tf-adamw", kind="lr_spike", factor=100.0, variant="x100", **tf_adamw),
         spec("nan-cnn-adam", kind="nan", layer="conv2.weight", opt="adam", lr=1e-3),
         spec("nan-tf-adamw", kind="nan", layer="encoder.layers.0.self_attn.out_proj.weight", **tf_adamw),
-        spec("nl-shuffled-cnn-sgdm", kind="not_learning", variant="shuffled", **sgdm),
+        # A run of realistic length: its loss is the only sign (the weights move as a healthy run's),
+        # and a healthy run's loss needs up to ~50 steps to drop visibly, so the loss test waits for
+        # 100 reported steps: 5 % of this run (33 % of a 300-step one).
+        spec(
+            "nl-shuffled-cnn-sgdm",
+            kind="not_learning",
+            variant="shuffled",
+            steps=steps if quick else NL_LOSS_ONLY_STEPS,
+            **sgdm,
+        ),
         spec("nl-lr0-cnn-sgd", kind="not_learning", variant="lr 0", opt="sgd", lr=0.0),
         spec("nl-layca-rho1-cnn", kind="not_learning", variant="layca rho 1", rho=1.0, **layca),
         spec("stall-cnn-adam", kind="stall", opt="adam", lr=1e-3, stall_sleep=stall_sleep),

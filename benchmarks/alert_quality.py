@@ -235,6 +235,7 @@ def score(
             "misses": 0,
             "right_layer": 0,
             "delays": [],
+            "delay_shares": [],  # delay / the run's length (steps)
             "delays_s": [],
             "alert_kinds": Counter(),
         }
@@ -264,6 +265,7 @@ def score(
                 first = min(hits, key=lambda a: (a["step"], a["time"]))
                 row["detected"] += 1
                 row["delays"].append(int(first["step"]) - int(rec["spec"]["step"]))
+                row["delay_shares"].append(row["delays"][-1] / int(rec["spec"]["steps"]))
                 if rec.get("incident_time"):
                     row["delays_s"].append(float(first["time"]) - float(rec["incident_time"]))
                 if rec["spec"]["layer"] and any(a["layer"] == rec["spec"]["layer"] for a in hits):
@@ -306,6 +308,7 @@ def score(
                 "right_layer": row["right_layer"] if k in ("reinit", "nan") else None,
                 "delay_median": _median(row["delays"]),
                 "delay_max": max(row["delays"]) if row["delays"] else None,
+                "delay_share_max": max(row["delay_shares"]) if row["delay_shares"] else None,
                 "delay_s_median": _median(row["delays_s"]) if k in RUN_KINDS else None,
                 "alert_kinds": dict(row["alert_kinds"]),
             }
@@ -359,6 +362,7 @@ def print_report(result: dict[str, Any]) -> None:
         "RIGHT LAYER",
         "DELAY MED",
         "DELAY MAX",
+        "MAX % RUN",
         "DELAY S",
         "ALERT KINDS",
     ]
@@ -376,6 +380,7 @@ def print_report(result: dict[str, Any]) -> None:
             _fmt(r["right_layer"]),
             _fmt(r["delay_median"]),
             _fmt(r["delay_max"]),
+            _fmt(r["delay_share_max"], True),
             _fmt(r["delay_s_median"]),
             ", ".join(f"{k} {n}" for k, n in sorted(r["alert_kinds"].items())) or "-",
         ]
