@@ -5,6 +5,7 @@ PyTorch::
     import layrot
     handle = layrot.watch(model, optimizer, run="my-run")      # monitoring, one line
     optimizer = layrot.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    optimizer = layrot.Layca(layrot.SGD_AMom(model.parameters(), lr=0.1))  # AdaptCopy of an Adam run
 
 Keras / TensorFlow: ``layrot.keras.RotationCallback``, ``layrot.keras.Layca`` and
 ``layrot.tf.watch``. Framework modules load lazily, so ``import layrot`` (and the
@@ -18,16 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from layrot.core.version import __version__
 
-__all__ = ["watch", "Layca", "WatchHandle", "__version__"]
+__all__ = ["watch", "Layca", "SGD_AMom", "WatchHandle", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from layrot.hooks.layca_torch import Layca
+    from layrot.hooks.sgd_amom import SGD_AMom
     from layrot.hooks.torch_watch import WatchHandle, watch
 
 _LAZY = {
     "watch": ("layrot.hooks.torch_watch", "watch"),
     "WatchHandle": ("layrot.hooks.torch_watch", "WatchHandle"),
     "Layca": ("layrot.hooks.layca_torch", "Layca"),
+    "SGD_AMom": ("layrot.hooks.sgd_amom", "SGD_AMom"),
 }
 
 

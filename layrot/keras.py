@@ -7,7 +7,8 @@
     model.compile(optimizer=layrot.keras.Layca(keras.optimizers.SGD(0.1, momentum=0.9)), loss=...)
     model.fit(x, y, callbacks=[layrot.keras.RotationCallback(run="cnn", control=True)])
 
-``RotationCallback`` runs on the ``tensorflow`` and ``torch`` backends (``KERAS_BACKEND``;
+``SGD_AMom`` (SGD with Adam-style momentum, the base for AdaptCopy of an Adam run) runs on
+every backend. ``RotationCallback`` runs on the ``tensorflow`` and ``torch`` backends (``KERAS_BACKEND``;
 other backends are refused when it is constructed); ``Layca`` needs TensorFlow.
 
 On the TensorFlow backend, importing this module registers ``layrot>Layca`` with Keras,
@@ -23,8 +24,9 @@ import keras
 
 from layrot.core.rates import RateRule, RhoSchedule
 from layrot.hooks.keras_callback import RotationCallback
+from layrot.hooks.sgd_amom_keras import SGD_AMom
 
-__all__ = ["RotationCallback", "Layca", "RhoSchedule", "RateRule"]
+__all__ = ["RotationCallback", "Layca", "SGD_AMom", "RhoSchedule", "RateRule"]
 
 if keras.backend.backend() == "tensorflow":
     from layrot.hooks.layca_keras import Layca

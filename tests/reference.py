@@ -38,3 +38,47 @@ def eq1(alpha: float, L: int) -> np.ndarray:
     if alpha > 0:
         return np.array([(1 - alpha) ** (5 * (L - 1 - l) / (L - 1)) for l in range(L)])
     return np.array([(1 + alpha) ** (5 * l / (L - 1)) for l in range(L)])
+
+
+def sgd_amom_step(
+    w_prev: np.ndarray,
+    v_prev: np.ndarray,
+    grad: np.ndarray,
+    t: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+    bias_correction: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step t (>= 1) of the paper's Appendix B.4 (SGD with Adam-style momentum) in float64.
+
+    g_t = grad + weight_decay * w_{t-1};  v_t = m v_{t-1} + (1 - m) g_t  (v_0 = 0);
+    w_t = w_{t-1} - lr v_t  (lr v_t / (1 - m^t) with bias_correction). Returns (w_t, v_t).
+    """
+    w_prev = np.asarray(w_prev, dtype=np.float64)
+    g = np.asarray(grad, dtype=np.float64) + weight_decay * w_prev
+    v = momentum * np.asarray(v_prev, dtype=np.float64) + (1.0 - momentum) * g
+    v_used = v / (1.0 - momentum**t) if bias_correction else v
+    return w_prev - lr * v_used, v
+
+
+def sgd_amom(
+    w0: np.ndarray,
+    grads: list[np.ndarray],
+    lr: float | list[float],
+    momentum: float,
+    weight_decay: float = 0.0,
+    bias_correction: bool = False,
+) -> list[np.ndarray]:
+    """[w_0, w_1, ..., w_T] of :func:`sgd_amom_step` for given gradients (``grads[t - 1]`` at step t).
+
+    ``lr``: a constant or one rate per step.
+    """
+    w = np.asarray(w0, dtype=np.float64).copy()
+    v = np.zeros_like(w)
+    out = [w.copy()]
+    for t, grad in enumerate(grads, start=1):
+        rate = lr[t - 1] if isinstance(lr, list) else lr
+        w, v = sgd_amom_step(w, v, grad, t, rate, momentum, weight_decay, bias_correction)
+        out.append(w.copy())
+    return out
