@@ -114,7 +114,7 @@ def control_group() -> None:
     Then:
       layrot-agent control set my-run --alpha 0.5 --rho0 0.037 --milestones 0.8,0.9,0.97 --total-steps 20000
       layrot-agent control auto my-run --target 1.0 --total-steps 20000
-      layrot-agent control copy --from adam-run my-run
+      layrot-agent control copy --from adam-run my-run   # my-run: Layca(layrot.SGD_AMom(...))
       layrot-agent control status my-run
       layrot-agent control off my-run
     """
@@ -630,14 +630,24 @@ def copy_cmd(
     """AdaptCopy: replay RUN_A's measured per-layer, per-step rates in RUN.
 
     RUN_A is a monitored run (typically Adam or RMSprop); RUN runs Layca
-    (e.g. SGD + momentum) with control=True and the same layer names. Its
-    rho_l(t) becomes tan(step angle of layer l at step t in RUN_A). Short
-    replays go in one command; long ones as windows of steps sent ahead of
-    the job (this process keeps running until the last window is out).
+    with control=True and the same layer names. Its rho_l(t) becomes
+    tan(step angle of layer l at step t in RUN_A). Short replays go in one
+    command; long ones as windows of steps sent ahead of the job (this
+    process keeps running until the last window is out).
+
+    RUN builds its own optimizer. For an Adam-family RUN_A (Adam, AdamW,
+    Nadam...) its base optimizer must be SGD_AMom, SGD with Adam-style
+    momentum (the paper's Appendix B.4: v = m v + (1 - m) g, w -= lr v):
+    layrot.Layca(layrot.SGD_AMom(params, momentum=beta1)), or
+    layrot.keras.Layca(layrot.keras.SGD_AMom(momentum=beta_1)).
+    torch.optim.SGD(momentum=m, dampening=m) is a different rule (its
+    buffer starts at g_1). RMSprop / Adagrad sources keep plain SGD. When
+    the runs name their optimizers (watch(..., meta={"optimizer": "Adam"})),
+    this command says whether RUN's base fits.
 
     \b
     Example:
-      layrot-agent control copy --from resnet-adam resnet-sgd-layca
+      layrot-agent control copy --from resnet-adam resnet-sgd-amom-layca
     """
     from layrot.controllers.adaptcopy import AdaptCopy
 
@@ -646,9 +656,12 @@ def copy_cmd(
         return copy.run(interval=interval, wait=wait, stop=stop, echo=echo)
 
     def describe(summary: dict[str, Any]) -> str:
-        return (
+        text = (
             f"{'done' if summary['complete'] else 'stopped'}: {len(summary['versions'])} commands, "
             f"{summary['steps']} steps replayed in windows of {summary['window_steps']}"
         )
+        if summary.get("base_optimizer") == "SGD_AMom" and not summary.get("base_optimizer_ok"):
+            text += f"; warning: {summary['base_advice']}"
+        return text
 
     _run_controller(collector, token, as_json, click.ClickException, start, describe)

@@ -14,13 +14,23 @@ Target step t replays source step t (absolute alignment); steps the job took
 before the first window arrived ran on its own settings. Beyond a window
 (controller gone, or the source run was shorter) the job holds a constant,
 uniform rate: the median of the window's last row.
+
+The base optimizer: Layca keeps only the direction of the target's base step,
+so the copy reproduces the source's rates with the target's directions. For an
+Adam-family source that direction should follow Adam's average of gradients:
+the target's base optimizer should be ``layrot.SGD_AMom`` (the paper's Appendix
+B.4; ``torch.optim.SGD(momentum=m, dampening=m)`` is a different rule). The job
+builds its own optimizer, so the controller can only advise: it reads the
+optimizer names the runs declared in their metadata (``watch(...,
+meta={"optimizer": "Adam"})``) and says what the target should run
+(:func:`base_advice`). It simulates no optimizer itself.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,11 +38,12 @@ import numpy as np
 from layrot.client.query import CollectorError, History, QueryClient
 from layrot.controllers.profile import issuer
 from layrot.controllers.runs import wait_for_run
+from layrot.core.amom import OPTIMIZER_META_KEY, base_for, is_sgd_amom
 from layrot.proto import layrot_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_WINDOW_BYTES", "CopyPlan", "recorded_rates", "AdaptCopy"]
+__all__ = ["DEFAULT_WINDOW_BYTES", "CopyPlan", "recorded_rates", "BaseAdvice", "base_advice", "AdaptCopy"]
 
 # Table bytes per command: a quarter of the 16 MiB message limit.
 DEFAULT_WINDOW_BYTES = 4 << 20
@@ -89,13 +100,62 @@ def recorded_rates(h: History, rho_max: float = 1.0) -> CopyPlan:
     return CopyPlan(layer_names=list(h.layer_names), rates=rates, clipped=clipped, filled=filled)
 
 
+@dataclass
+class BaseAdvice:
+    """Which base optimizer the target should run under Layca, from the runs' metadata."""
+
+    source_optimizer: str  # as the source declared it ("" = not declared)
+    target_optimizer: str  # as the target declared it ("" = not declared)
+    recommended: str | None  # "SGD_AMom", "SGD", or None (unknown source optimizer)
+    matches: bool | None  # the target runs the recommended base; None = cannot tell
+    message: str
+
+
+def base_advice(source_meta: Mapping[str, str], target_meta: Mapping[str, str]) -> BaseAdvice:
+    """Advice on the target's base optimizer, from ``meta["optimizer"]`` of both runs.
+
+    An Adam-family source (Adam, AdamW, Nadam...) needs ``layrot.SGD_AMom`` as the
+    target's base (the paper's Appendix B.4); RMSprop / Adagrad / SGD sources keep
+    plain SGD. Names may carry the Layca wrapper (``"Layca(SGD_AMom)"``).
+    """
+    src = str(source_meta.get(OPTIMIZER_META_KEY, "")).strip()
+    dst = str(target_meta.get(OPTIMIZER_META_KEY, "")).strip()
+    rec = base_for(src) if src else None
+    matches: bool | None = None
+    if not src:
+        msg = (
+            "the source run does not name its optimizer (watch(..., meta={'optimizer': 'Adam'})); "
+            "if it was Adam-family, the target's base optimizer should be layrot.SGD_AMom (Appendix B.4)"
+        )
+    elif rec is None:
+        msg = f"source optimizer {src!r} is not one layrot knows; no advice on the target's base optimizer"
+    elif rec == "SGD_AMom":
+        if dst:
+            matches = is_sgd_amom(dst)
+        if matches:
+            msg = f"source ran {src}; the target's base {dst} is SGD_AMom, as Appendix B.4 needs"
+        else:
+            msg = (
+                f"source ran {src} (Adam-style momentum): the target's base optimizer should be "
+                f"layrot.SGD_AMom (Appendix B.4), not {dst or 'an undeclared optimizer'}; "
+                "torch SGD(momentum=m, dampening=m) is a different rule"
+            )
+    else:
+        if dst:
+            matches = base_for(dst) == "SGD" and not is_sgd_amom(dst)
+        msg = f"source ran {src} (no Adam-style momentum): plain SGD is the target's base optimizer"
+    return BaseAdvice(src, dst, rec, matches, msg)
+
+
 class AdaptCopy:
     """Replays ``source``'s recorded rates in ``target`` through the collector's control plane.
 
     Args:
         client: a QueryClient (with the token if the collector needs one).
         source, target: run ids; the target must run ``watch(..., control=True)``
-            with a ``layrot.Layca`` optimizer and have the same layer names.
+            with a ``layrot.Layca`` optimizer and have the same layer names. For an
+            Adam-family source, the target's base optimizer should be
+            ``layrot.SGD_AMom`` (see :func:`base_advice`).
         window_steps: steps per command; default as many as fit in ``window_bytes``.
         rho_max: rates above it are clipped (the job refuses commands above its own).
     """
@@ -180,6 +240,21 @@ class AdaptCopy:
         )
         return version
 
+    def advise(self, target_meta: Mapping[str, str]) -> BaseAdvice:
+        """:func:`base_advice` for the source's metadata (read from the collector) and ``target_meta``."""
+        try:
+            source_meta = self.client.get_run(self.source).get("meta") or {}
+        except CollectorError as exc:
+            # The history was readable a moment ago: a run the summary no longer has still copies.
+            log.warning("AdaptCopy: no metadata for %s: %s", self.source, exc)
+            source_meta = {}
+        advice = base_advice(source_meta, target_meta)
+        if advice.recommended == "SGD_AMom" and not advice.matches:
+            log.warning("AdaptCopy %s -> %s: %s", self.source, self.target, advice.message)
+        else:
+            log.info("AdaptCopy %s -> %s: %s", self.source, self.target, advice.message)
+        return advice
+
     # ------------------------------------------------------------ the loop
     def due(self, step: int) -> int | None:
         """Start of the window to send when the target reported ``step``, or None (nothing due)."""
@@ -209,11 +284,13 @@ class AdaptCopy:
         stop = stop or threading.Event()
         detail = wait_for_run(self.client, self.target, wait, stop)
         plan = self.load([lay["name"] for lay in detail["layers"]])
+        advice = self.advise(detail.get("meta") or {})
         echo(
             f"AdaptCopy {self.source} -> {self.target}: {plan.num_steps} steps x {len(detail['layers'])} layers, "
             f"window {self.window_steps} steps; clipped {plan.clipped} values to rho_max {self.rho_max:g}, "
             f"filled {plan.filled} unreported steps"
         )
+        echo(f"base optimizer: {advice.message}")
         seen_connected = detail["connected"]
         gaps = 0
         while not stop.is_set():
@@ -253,4 +330,8 @@ class AdaptCopy:
             "filled": plan.filled,
             "gaps": gaps,
             "complete": self.done,
+            "source_optimizer": advice.source_optimizer,
+            "base_optimizer": advice.recommended,
+            "base_optimizer_ok": advice.matches,
+            "base_advice": advice.message,
         }
