@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,25 +51,55 @@ def _csv_field(value: str) -> str:
     return buf.getvalue()[:-1]
 
 
+@dataclass(frozen=True)
+class _Dialect:
+    """How one record is spelled: ``start(run, step) + head(layer, index) + v0 + seps[0] + v1 + ... + end``."""
+
+    missing: str  # a NaN value
+    quote: Callable[[str], str]  # a run or layer name as the format writes it
+    start: str  # with {run} and {step}
+    head: str  # with {layer} and {index}; ends where the first value begins
+    seps: tuple[str, str, str]  # between the four values
+    end: str
+
+
+CSV = _Dialect("", _csv_field, "{run},{step}", ",{layer},{index},", (",", ",", ","), "\n")
+JSON = _Dialect(
+    "null",
+    json.dumps,
+    '{{"run": {run}, "step": {step}',
+    ', "layer": {layer}, "layer_index": {index}, "rotation": ',
+    (', "step_angle": ', ', "weight_norm": ', ', "rho": '),
+    "}",
+)
+
+
+def _records(parts: Iterable[History], d: _Dialect) -> Iterator[list[str]]:
+    """Per history chunk, its records spelled in dialect ``d`` (step-major, layers in order)."""
+    heads: list[str] = []
+    run_text, run, names = "", None, None
+    s1, s2, s3 = d.seps
+    for part in parts:
+        if part.layer_names != names or part.run != run:  # quoted once per layer table, not per record
+            run, names = part.run, list(part.layer_names)
+            run_text = d.quote(run)
+            heads = [d.head.format(layer=d.quote(n), index=i) for i, n in enumerate(names)]
+        L = len(heads)
+        cols = [_spell(getattr(part, key), d.missing) for key in COLUMNS]
+        lines: list[str] = []
+        for s, step in enumerate(part.steps.tolist()):
+            start = d.start.format(run=run_text, step=step)
+            rot, ang, norm, rho = (c[s * L : (s + 1) * L] for c in cols)
+            lines.extend(
+                f"{start}{h}{a}{s1}{b}{s2}{c}{s3}{v}{d.end}" for h, a, b, c, v in zip(heads, rot, ang, norm, rho)
+            )
+        yield lines
+
+
 def write_csv(parts: Iterable[History], out: IO[str]) -> None:
     """CSV with a header line; empty fields where a value is unknown (NaN)."""
     out.write(",".join(EXPORT_FIELDS) + "\n")
-    heads: list[str] = []
-    run = ""
-    names: list[str] = []
-    for part in parts:
-        if part.layer_names != names or part.run != run:
-            run, names = part.run, list(part.layer_names)
-            run_field = _csv_field(run)
-            heads = [f",{_csv_field(n)},{i}," for i, n in enumerate(names)]
-        L = len(names)
-        cols = [_spell(getattr(part, key), "") for key in COLUMNS]
-        lines: list[str] = []
-        for s, step in enumerate(part.steps.tolist()):
-            start = f"{run_field},{step}"
-            base = s * L
-            rot, ang, norm, rho = (c[base : base + L] for c in cols)
-            lines.extend(f"{start}{h}{a},{b},{c},{d}\n" for h, a, b, c, d in zip(heads, rot, ang, norm, rho))
+    for lines in _records(parts, CSV):
         out.write("".join(lines))
 
 
@@ -76,25 +107,7 @@ def write_json(parts: Iterable[History], out: IO[str]) -> None:
     """A JSON list, one record per line; null where a value is unknown (NaN)."""
     out.write("[")
     first = True
-    heads: list[str] = []
-    run = ""
-    names: list[str] = []
-    for part in parts:
-        if part.layer_names != names or part.run != run:
-            run, names = part.run, list(part.layer_names)
-            run_json = json.dumps(run)
-            heads = [f', "layer": {json.dumps(n)}, "layer_index": {i}, "rotation": ' for i, n in enumerate(names)]
-        L = len(names)
-        cols = [_spell(getattr(part, key), "null") for key in COLUMNS]
-        lines: list[str] = []
-        for s, step in enumerate(part.steps.tolist()):
-            start = f'{{"run": {run_json}, "step": {step}'
-            base = s * L
-            rot, ang, norm, rho = (c[base : base + L] for c in cols)
-            lines.extend(
-                f'{start}{h}{a}, "step_angle": {b}, "weight_norm": {c}, "rho": {d}}}'
-                for h, a, b, c, d in zip(heads, rot, ang, norm, rho)
-            )
+    for lines in _records(parts, JSON):
         if lines:
             out.write(("\n  " if first else ",\n  ") + ",\n  ".join(lines))
             first = False

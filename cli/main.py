@@ -39,7 +39,12 @@ from layrot.cli.cli_common import (
     table as _table,
 )
 from layrot.cli.export_format import EXPORT_FIELDS
-from layrot.cli.serve_options import serve_alert_options, serve_limit_options, serve_security_options
+from layrot.cli.serve_options import (
+    serve_alert_options,
+    serve_limit_options,
+    serve_metrics_options,
+    serve_security_options,
+)
 from layrot.client.errors import CollectorError
 
 # Start-up matters (every command is a new process): grpc, protobuf and numpy load
@@ -157,50 +162,7 @@ def check_db_path(db: str) -> None:
     "History survives restarts.",
 )
 @serve_security_options
-@click.option(
-    "--run-ttl",
-    default=3600.0,
-    show_default=True,
-    type=click.FloatRange(min=0.0),
-    metavar="SECONDS",
-    help="Seconds after its last report that a disconnected run leaves /metrics (its history is kept).",
-)
-@click.option(
-    "--max-series",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Cap on the per-layer series of /metrics (4 per layer: rotation, step angle, norm, rho). Runs beyond "
-    "it, connected and newest first, are exported as run-level aggregates only (min / mean / max / quantiles; "
-    "layrot_run_aggregate_only 1). 0 = no cap.",
-)
-@click.option(
-    "--aggregate-layers",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Export runs with more than N layers as run-level aggregates only (for huge models). 0 = never.",
-)
-@click.option(
-    "--rotation-target",
-    default=0.9,
-    show_default=True,
-    type=click.FloatRange(min=0.0, max=2.0, min_open=True),
-    metavar="X",
-    help="Generalization indicator: a layer is 'at target' once its rotation (cosine distance to its init) "
-    "reaches X (the paper's rule of thumb: every layer near 1). Shown by runs, show, /metrics, the web view.",
-)
-@click.option(
-    "--under-rotated-share",
-    default=0.5,
-    show_default=True,
-    type=click.FloatRange(min=0.0, max=1.0),
-    metavar="S",
-    help="Flag layers still below --rotation-target as under-rotated once a run is past this share of its "
-    "announced steps (watch(total_steps=...) and the Lightning / HF / Keras callbacks announce them).",
-)
+@serve_metrics_options
 @click.option(
     "--no-ui",
     "no_ui",
@@ -215,12 +177,8 @@ def serve(
     metrics_host: str,
     metrics_port: int,
     db: str,
-    run_ttl: float,
-    max_series: int,
-    aggregate_layers: int,
-    rotation_target: float,
-    under_rotated_share: float,
     no_ui: bool,
+    metrics_options: dict[str, Any],
     security_options: dict[str, Any],
     alert_options: dict[str, Any],
     limit_options: dict[str, Any],
@@ -266,12 +224,8 @@ def serve(
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         db_path=db,
-        run_ttl=run_ttl,
-        max_series=max_series,
-        aggregate_layers=aggregate_layers,
-        rotation_target=rotation_target,
-        under_rotated_share=under_rotated_share,
         ui=not no_ui,
+        **metrics_options,
         **security_options,
         **alert_options,
         **limit_options,

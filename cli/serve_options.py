@@ -346,3 +346,55 @@ def serve_limit_options(fn: Any) -> Any:
         ),
     ]
     return _option_group(fn, "limit_options", keys, options, _limit_options)
+
+
+def serve_metrics_options(fn: Any) -> Any:
+    """What ``/metrics`` exports and the generalization indicator; the command receives them as one
+    ``metrics_options`` dict of ``Collector`` keyword arguments."""
+    specs = (
+        (
+            "--run-ttl",
+            3600.0,
+            click.FloatRange(min=0.0),
+            "SECONDS",
+            "Seconds after its last report that a disconnected run leaves /metrics (its history is kept).",
+        ),
+        (
+            "--max-series",
+            0,
+            click.IntRange(min=0),
+            "N",
+            "Cap on the per-layer series of /metrics (4 per layer: rotation, step angle, norm, rho). Runs beyond "
+            "it, connected and newest first, are exported as run-level aggregates only (min / mean / max / "
+            "quantiles; layrot_run_aggregate_only 1). 0 = no cap.",
+        ),
+        (
+            "--aggregate-layers",
+            0,
+            click.IntRange(min=0),
+            "N",
+            "Export runs with more than N layers as run-level aggregates only (for huge models). 0 = never.",
+        ),
+        (
+            "--rotation-target",
+            0.9,
+            click.FloatRange(min=0.0, max=2.0, min_open=True),
+            "X",
+            "Generalization indicator: a layer is 'at target' once its rotation (cosine distance to its init) "
+            "reaches X (the paper's rule of thumb: every layer near 1). Shown by runs, show, /metrics, the web view.",
+        ),
+        (
+            "--under-rotated-share",
+            0.5,
+            click.FloatRange(min=0.0, max=1.0),
+            "S",
+            "Flag layers still below --rotation-target as under-rotated once a run is past this share of its "
+            "announced steps (watch(total_steps=...) and the Lightning / HF / Keras callbacks announce them).",
+        ),
+    )
+    keys = [flag[2:].replace("-", "_") for flag, *_ in specs]
+    options = [
+        click.option(flag, key, default=default, show_default=True, type=kind, metavar=metavar, help=text)
+        for key, (flag, default, kind, metavar, text) in zip(keys, specs)
+    ]
+    return _option_group(fn, "metrics_options", keys, options, dict)

@@ -207,17 +207,29 @@ class _Stride:
         return out
 
 
-def _int_arg(args: dict[str, list[str]], name: str, default: int = 0) -> int:
+def _number_arg(args: dict[str, list[str]], name: str, kind: type[int] | type[float]) -> Any:
+    """Query parameter ``name`` as a non-negative int (``kind`` int) or a finite float; 0 when absent."""
     values = args.get(name)
     if not values:
-        return default
+        return kind(0)
     try:
-        value = int(values[-1])
+        value = kind(values[-1])
     except ValueError:
-        raise ApiError("INVALID_ARGUMENT", f"{name} must be an integer, got {values[-1]!r}") from None
-    if value < 0 or value > 2**63 - 1:
+        what = "an integer" if kind is int else "a number"
+        raise ApiError("INVALID_ARGUMENT", f"{name} must be {what}, got {values[-1]!r}") from None
+    if kind is int and not 0 <= value <= 2**63 - 1:
         raise ApiError("INVALID_ARGUMENT", f"{name} {value} is out of range")
+    if kind is float and not math.isfinite(value):
+        raise ApiError("INVALID_ARGUMENT", f"{name} must be finite, got {values[-1]!r}")
     return value
+
+
+def _int_arg(args: dict[str, list[str]], name: str) -> int:
+    return int(_number_arg(args, name, int))
+
+
+def _float_arg(args: dict[str, list[str]], name: str) -> float:
+    return float(_number_arg(args, name, float))
 
 
 def _fields_arg(args: dict[str, list[str]]) -> tuple[str, ...]:
@@ -230,19 +242,6 @@ def _fields_arg(args: dict[str, list[str]]) -> tuple[str, ...]:
     if unknown:
         raise ApiError("INVALID_ARGUMENT", f"unknown fields {unknown}: choose from {', '.join(HISTORY_FIELDS)}")
     return tuple(f for f in HISTORY_FIELDS if f in wanted)
-
-
-def _float_arg(args: dict[str, list[str]], name: str, default: float = 0.0) -> float:
-    values = args.get(name)
-    if not values:
-        return default
-    try:
-        value = float(values[-1])
-    except ValueError:
-        raise ApiError("INVALID_ARGUMENT", f"{name} must be a number, got {values[-1]!r}") from None
-    if not math.isfinite(value):
-        raise ApiError("INVALID_ARGUMENT", f"{name} must be finite, got {values[-1]!r}")
-    return value
 
 
 class HttpApi:

@@ -136,6 +136,25 @@ _ERRORS = {
 }
 
 
+_ALERTS_RUN = _param("run", "query", {"type": "string"}, "one run (default: every run)")
+
+
+def _since(what: str) -> dict[str, Any]:
+    return _param("since", "query", {"type": "number"}, f"{what} from this time on (unix seconds)")
+
+
+def _get(summary: str, operation: str, parameters: list[dict[str, Any]], ok: dict[str, Any]) -> dict[str, Any]:
+    """A path's GET: its summary, operationId, parameters, the 200 answer and the shared error answers."""
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": operation,
+            "parameters": parameters,
+            "responses": {"200": ok, **_ERRORS},
+        }
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1``."""
     return {
@@ -152,89 +171,58 @@ def openapi_document() -> dict[str, Any]:
         "servers": [{"url": "/api/v1"}],
         "security": [{}, {"bearer": []}],
         "paths": {
-            "/runs": {
-                "get": {
-                    "summary": "Every run the collector knows, sorted by name",
-                    "operationId": "listRuns",
-                    "responses": {
-                        "200": _json_answer(_obj({"runs": {"type": "array", "items": _ref("RunSummary")}})),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/runs/{run}": {
-                "get": {
-                    "summary": "A run's summary and each layer's newest state",
-                    "operationId": "getRun",
-                    "parameters": [_RUN_PARAM],
-                    "responses": {"200": _json_answer(_ref("RunDetail")), **_ERRORS},
-                }
-            },
-            "/runs/{run}/history": {
-                "get": {
-                    "summary": "Per-step history of one rank, in columnar chunks (streamed)",
-                    "operationId": "getHistory",
-                    "parameters": [
-                        _RUN_PARAM,
-                        _param("since_step", "query", _STEP, "first step (inclusive); 0 = from the start"),
-                        _param("until_step", "query", _STEP, "last step (inclusive); 0 = to the end"),
-                        _param("rank", "query", _STEP, "which rank's rows (default 0)"),
-                        _param(
-                            "stride",
-                            "query",
-                            _STEP,
-                            "downsampling: of the steps in each window [k*stride, (k+1)*stride), only the first"
-                            " (0 or 1 = every step); windows are absolute, so since_step = (k+1)*stride continues",
-                        ),
-                        _param(
-                            "fields",
-                            "query",
-                            {"type": "string", "example": "rotation,step_angle"},
-                            "per-layer columns to send, comma-separated, of rotation, step_angle, weight_norm, rho"
-                            " (default all; steps, times and loss always come)",
-                        ),
-                    ],
-                    "responses": {"200": _json_answer(_ref("History")), **_ERRORS},
-                }
-            },
-            "/runs/{run}/control": {
-                "get": {
-                    "summary": "Requested vs applied Layca command, per-layer rates, audit trail",
-                    "operationId": "getControl",
-                    "parameters": [_RUN_PARAM],
-                    "responses": {"200": _json_answer(_ref("ControlStatus")), **_ERRORS},
-                }
-            },
-            "/alerts": {
-                "get": {
-                    "summary": "Kept alerts, oldest first",
-                    "operationId": "listAlerts",
-                    "parameters": [
-                        _param("run", "query", {"type": "string"}, "one run (default: every run)"),
-                        _param("limit", "query", _STEP, "the newest N (0 = all kept)"),
-                        _param("since", "query", {"type": "number"}, "only alerts at or after (unix seconds)"),
-                    ],
-                    "responses": {
-                        "200": _json_answer(_obj({"alerts": {"type": "array", "items": _ref("Alert")}})),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/alerts/stream": {
-                "get": {
-                    "summary": "Alerts as they are raised (server-sent events: one 'data: <Alert JSON>' each)",
-                    "operationId": "watchAlerts",
-                    "parameters": [
-                        _param("run", "query", {"type": "string"}, "one run (default: every run)"),
-                        _param("backlog", "query", _STEP, "first the newest N kept alerts"),
-                        _param("since", "query", {"type": "number"}, "backlog only from this time (unix seconds)"),
-                    ],
-                    "responses": {
-                        "200": {"description": "event stream", "content": {"text/event-stream": {}}},
-                        **_ERRORS,
-                    },
-                }
-            },
+            "/runs": _get(
+                "Every run the collector knows, sorted by name",
+                "listRuns",
+                [],
+                _json_answer(_obj({"runs": {"type": "array", "items": _ref("RunSummary")}})),
+            ),
+            "/runs/{run}": _get(
+                "A run's summary and each layer's newest state", "getRun", [_RUN_PARAM], _json_answer(_ref("RunDetail"))
+            ),
+            "/runs/{run}/history": _get(
+                "Per-step history of one rank, in columnar chunks (streamed)",
+                "getHistory",
+                [
+                    _RUN_PARAM,
+                    _param("since_step", "query", _STEP, "first step (inclusive); 0 = from the start"),
+                    _param("until_step", "query", _STEP, "last step (inclusive); 0 = to the end"),
+                    _param("rank", "query", _STEP, "which rank's rows (default 0)"),
+                    _param(
+                        "stride",
+                        "query",
+                        _STEP,
+                        "downsampling: of the steps in each window [k*stride, (k+1)*stride), only the first"
+                        " (0 or 1 = every step); windows are absolute, so since_step = (k+1)*stride continues",
+                    ),
+                    _param(
+                        "fields",
+                        "query",
+                        {"type": "string", "example": "rotation,step_angle"},
+                        "per-layer columns to send, comma-separated, of rotation, step_angle, weight_norm, rho"
+                        " (default all; steps, times and loss always come)",
+                    ),
+                ],
+                _json_answer(_ref("History")),
+            ),
+            "/runs/{run}/control": _get(
+                "Requested vs applied Layca command, per-layer rates, audit trail",
+                "getControl",
+                [_RUN_PARAM],
+                _json_answer(_ref("ControlStatus")),
+            ),
+            "/alerts": _get(
+                "Kept alerts, oldest first",
+                "listAlerts",
+                [_ALERTS_RUN, _param("limit", "query", _STEP, "the newest N (0 = all kept)"), _since("only alerts")],
+                _json_answer(_obj({"alerts": {"type": "array", "items": _ref("Alert")}})),
+            ),
+            "/alerts/stream": _get(
+                "Alerts as they are raised (server-sent events: one 'data: <Alert JSON>' each)",
+                "watchAlerts",
+                [_ALERTS_RUN, _param("backlog", "query", _STEP, "first the newest N kept alerts"), _since("backlog")],
+                {"description": "event stream", "content": {"text/event-stream": {}}},
+            ),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
