@@ -18,7 +18,6 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import click
 
@@ -105,13 +104,12 @@ def _connect(url: str, token: str | None, verify: bool, timeout: float):
         from grafana_client import GrafanaApi
     except ImportError:
         raise GrafanaPushError("grafana push needs grafana-client: pip install 'layrot[grafana]'") from None
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise GrafanaPushError(f"invalid Grafana URL {url!r}: expected http(s)://HOST[:PORT][/PATH]")
+    from layrot.client.http_query import split_http_url
+
     try:
-        port = parsed.port
-    except ValueError:
-        raise GrafanaPushError(f"invalid port in Grafana URL {url!r}") from None
+        parsed, port = split_http_url(url, "Grafana URL")
+    except ValueError as exc:
+        raise GrafanaPushError(str(exc)) from None
     # grafana-client appends "api" to the prefix verbatim: it needs a trailing slash.
     prefix = parsed.path.strip("/")
     prefix = prefix + "/" if prefix else ""

@@ -29,7 +29,7 @@ from layrot.client.history import History, concat_histories
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
 
-__all__ = ["API_PATH", "HttpQueryClient", "is_http_address"]
+__all__ = ["API_PATH", "HttpQueryClient", "is_http_address", "split_http_url"]
 
 API_PATH = "/api/v1"
 
@@ -63,6 +63,17 @@ def is_http_address(address: str | None) -> bool:
     return bool(address) and address.split("://", 1)[0].lower() in ("http", "https")  # type: ignore[union-attr]
 
 
+def split_http_url(url: str, what: str = "URL") -> tuple[urllib.parse.SplitResult, int | None]:
+    """``url`` split, and its port (None = the scheme's); ValueError naming ``what`` unless it is http(s)://HOST[:PORT]."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"bad {what} {url!r}: expected http(s)://HOST[:PORT][/PATH]")
+    try:
+        return parts, parts.port
+    except ValueError:
+        raise ValueError(f"bad port in the {what} {url!r}") from None
+
+
 def _restore_nan(obj: Any, key: str = "") -> Any:
     if obj is None:
         return _NAN if key in _FLOAT_KEYS else None
@@ -85,13 +96,10 @@ class HttpQueryClient:
         cert: str | None = None,
         key: str | None = None,
     ) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise CollectorError(f"bad collector URL {url!r}: expected http://HOST:PORT or https://HOST:PORT")
         try:
-            port = parts.port
-        except ValueError:
-            raise CollectorError(f"bad port in the collector URL {url!r}") from None
+            parts, port = split_http_url(url, "collector URL")
+        except ValueError as exc:
+            raise CollectorError(str(exc)) from None
         self.url = url
         self.address = f"{parts.scheme}://{parts.netloc}"
         self.https = parts.scheme == "https"

@@ -261,7 +261,7 @@ def test_bad_inputs_fail_before_any_request(tmp_path, grafana):
     (tmp_path / "b.json").write_text(json.dumps({"dashboard": {"uid": "same", "title": "B"}}))
     with pytest.raises(GrafanaPushError, match="both use dashboard uid 'same'"):
         push_dashboards(grafana.url, TOKEN, dashboards_dir=tmp_path)
-    with pytest.raises(GrafanaPushError, match="invalid Grafana URL"):
+    with pytest.raises(GrafanaPushError, match="bad Grafana URL"):
         push_dashboards("grafana:3000", TOKEN, dashboards_dir=DASHBOARD_DIR)
     assert grafana.requests == []
 
