@@ -1,6 +1,6 @@
 """``layrot-agent curves`` and ``layrot-agent compare``: the paper's layer rotation figures from a collector.
 
-The history is streamed and thinned (cli/curves.py), so a figure of any run
+The history is streamed and thinned (client/figures.py), so a figure of any run
 length takes bounded memory; matplotlib loads only here.
 """
 
@@ -14,7 +14,7 @@ from layrot.cli.cli_common import CONTEXT_SETTINGS, check_output_folder, client,
 from layrot.client.errors import CollectorError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from layrot.cli.curves import Curves
+    from layrot.client.figures import Curves
     from layrot.client.reader import ReadClient
 
 __all__ = ["compare_command", "curves_command"]
@@ -60,7 +60,7 @@ def _steps_per_epoch(x_axis: str, given: float | None, meta: dict[str, str]) -> 
 
 
 def _fetch(q: ReadClient, run: str, rank: int) -> Curves:
-    from layrot.cli.curves import decimated_curves
+    from layrot.client.figures import decimated_curves
 
     curves = decimated_curves(q.iter_history(run, rank=rank), run=run)
     if len(curves) == 0:
@@ -108,7 +108,7 @@ def curves_command(
       layrot-agent curves resnet-a -o a.png --x epoch --steps-per-epoch 391 --overlay loss
     """
     check_output_folder(output)
-    from layrot.cli.curves import plot_layer_rotation_curves
+    from layrot.client.figures import plot_layer_rotation_curves
 
     try:
         with client(collector, token) as q:
@@ -164,7 +164,7 @@ def compare_command(
     check_output_folder(output)
     if len(set(runs)) != len(runs):
         raise click.UsageError("a run is named twice")
-    from layrot.cli.curves import compare_figure
+    from layrot.client.figures import compare_figure
 
     try:
         with client(collector, token) as q:

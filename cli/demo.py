@@ -66,7 +66,7 @@ def run_demo(
     import torch
 
     import layrot
-    from layrot.cli.curves import plot_layer_rotation_curves
+    from layrot.client.figures import plot_layer_rotation_curves
     from layrot.client.query import QueryClient
     from layrot.server.app import Collector
 

@@ -8,8 +8,9 @@ PyTorch::
     optimizer = layrot.Layca(layrot.SGD_AMom(model.parameters(), lr=0.1))  # AdaptCopy of an Adam run
 
 Keras / TensorFlow: ``layrot.keras.RotationCallback``, ``layrot.keras.Layca`` and
-``layrot.tf.watch``. Framework modules load lazily, so ``import layrot`` (and the
-``layrot-agent`` CLI) never import torch or TensorFlow by themselves.
+``layrot.tf.watch``. From a notebook: ``layrot.Client("http://localhost:9400").runs()``.
+Framework modules load lazily, so ``import layrot`` (and the ``layrot-agent`` CLI) never
+import torch or TensorFlow by themselves.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from layrot.core.version import __version__
 
-__all__ = ["watch", "Layca", "SGD_AMom", "WatchHandle", "__version__"]
+__all__ = ["watch", "Layca", "SGD_AMom", "WatchHandle", "Client", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from layrot.client.notebook import Client
     from layrot.hooks.layca_torch import Layca
     from layrot.hooks.sgd_amom import SGD_AMom
     from layrot.hooks.torch_watch import WatchHandle, watch
@@ -31,6 +33,7 @@ _LAZY = {
     "WatchHandle": ("layrot.hooks.torch_watch", "WatchHandle"),
     "Layca": ("layrot.hooks.layca_torch", "Layca"),
     "SGD_AMom": ("layrot.hooks.sgd_amom", "SGD_AMom"),
+    "Client": ("layrot.client.notebook", "Client"),
 }
 
 

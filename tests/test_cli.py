@@ -192,7 +192,7 @@ def test_curves_writes_the_figure(fed, tmp_path):
 
 def test_curves_figure_carries_the_numbers():
     """The figure's lines carry the history's numbers (checked on the matplotlib objects, not the pixels)."""
-    from layrot.cli.curves import layer_rotation_figure
+    from layrot.client.figures import layer_rotation_figure
 
     steps = np.arange(1, 11)
     rot = np.linspace(0, 1, 10)[:, None] * np.array([[0.2, 0.5, 1.0]])

@@ -1,11 +1,11 @@
-"""cli/curves.py: the streamed, thinned rotation history behind ``layrot-agent curves``."""
+"""client/figures.py: the layer rotation figures, and the streamed, thinned history behind them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from layrot.cli.curves import decimated_rotation
+from layrot.client.figures import decimated_rotation
 from layrot.client.history import History
 
 
@@ -51,7 +51,7 @@ def test_epoch_axis_and_loss_overlay_carry_the_history(collector, ingest, sim_jo
     the history's numbers (checked on the matplotlib objects), and the files are written."""
     from click.testing import CliRunner
 
-    from layrot.cli.curves import compare_figure, decimated_curves, layer_rotation_figure
+    from layrot.client.figures import compare_figure, decimated_curves, layer_rotation_figure
     from layrot.cli.main import cli
     from layrot.client.query import QueryClient
 
