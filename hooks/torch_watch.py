@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from layrot.agent.measurement import PackedMeasurement
+from layrot.agent.measurement import DEVICE_ROWS, PackedMeasurement
 from layrot.agent.reporter import LayerSpec, ReporterStats, default_run_name, new_run_key
 from layrot.hooks.torch_distances import LayerDistances
 from layrot.hooks.torch_layers import (
@@ -243,10 +243,18 @@ class WatchHandle(WatchBase):
             reject_sharded_layca(self._layca.layers, lambda p: self._name_of.get(id(p), "?"))
         # FSDP2 layers: w(0), w(t-1) and the measurement are the rank's local shard.
         self._shards = ShardGroups(self._params, self._names)
-        with torch.no_grad():
-            self._w0 = [w.clone() for w in self._shards.local_views()]
-            self._prev = [w.clone() for w in self._w0]
         self._sharded = list(self._shards.sharded)
+        # Parameters frozen at watch() (gradual unfreezing, a frozen backbone, LoRA's base weights)
+        # cost nothing until they become trainable: no w(0) / w(t-1) copies (their w(0) is the
+        # parameter itself, unchanged while frozen), no measurement (their rows are exact zeros).
+        self._lazy = [
+            isinstance(p, nn.Parameter) and not p.requires_grad and not sh for p, sh in zip(self._params, self._sharded)
+        ]
+        with torch.no_grad():
+            views = self._shards.local_views()
+            self._w0 = [v if lazy else v.clone() for v, lazy in zip(views, self._lazy)]
+            self._prev = [v if lazy else w.clone() for v, w, lazy in zip(views, self._w0, self._lazy)]
+        self._sleeping = [i for i, lazy in enumerate(self._lazy) if lazy]
         # Where each layer lives (module, attribute) and the storage measured: model.to(), .half() or a
         # new Parameter after watch() are seen at the next measurement and re-bound (_check_bindings).
         self._slots = _owner_slots(model, self._params)
@@ -367,6 +375,8 @@ class WatchHandle(WatchBase):
             "w0": [w.detach().clone() for w in self._w0],
             "init_norms": list(self._init_norms),
             "sharded": list(self._sharded),
+            # frozen since watch(): w(0) is the parameter as it is (a resumed job keeps it lazy)
+            "frozen_since_watch": list(self._lazy),
             "rank": _dist_rank_world()[0],
             "world_size": _dist_rank_world()[1],
         }
@@ -381,9 +391,19 @@ class WatchHandle(WatchBase):
             state = {**state, "names": [stable_name(n) for n in state["names"]]}
         index = self._state_index(state)
         self._shards.check_resume(self._names, self._w0, state, index, _dist_rank_world())
+        saved_lazy = state.get("frozen_since_watch") or [False] * len(state["names"])
         with torch.no_grad():
             for i, n in enumerate(self._names):
+                if self._lazy[i] and saved_lazy[index[n]]:
+                    continue  # still frozen since the first run's watch(): its w(0) is the loaded weight itself
+                if self._lazy[i]:  # frozen here, trained before the checkpoint: it needs its own w(0)
+                    self._w0[i] = self._w0[i].clone()
+                    self._prev[i] = self._w0[i].clone()
+                    self._lazy[i] = False
                 self._w0[i].copy_(state["w0"][index[n]].to(self._w0[i].device))
+        self._sleeping = [i for i, lazy in enumerate(self._lazy) if lazy]
+        if self.reporter is not None:
+            self._build_distances()
         self.step = self._restore_common(state, index)
         self._prev_valid = False
         self._prev_is_w0 = False  # w(t-1) is whatever the model holds before the next step
@@ -407,7 +427,18 @@ class WatchHandle(WatchBase):
             recorder.remove()
         self._eager.release()
         order = self._in_forward_order(self._names)
-        for attr in ("_names", "_params", "_types", "_w0", "_prev", "_init_norms", "_sharded", "_slots", "_bound"):
+        for attr in (
+            "_names",
+            "_params",
+            "_types",
+            "_w0",
+            "_prev",
+            "_init_norms",
+            "_sharded",
+            "_slots",
+            "_bound",
+            "_lazy",
+        ):
             seq = getattr(self, attr)
             setattr(self, attr, [seq[i] for i in order])
         self._rho_index: np.ndarray | None = None  # set by _order_layca when Layca's layers differ
@@ -424,10 +455,11 @@ class WatchHandle(WatchBase):
         rank, world = _dist_rank_world()
         self._open_reporter(specs, "pytorch", torch.__version__, rank, world, self._meta)
         p0 = self._params[0]
-        self._shards = ShardGroups(self._params, self._names)  # forward order from here on
-        self._distances = LayerDistances(self._shards.local_views(), self._w0, self._prev)
-        self._init_norms_np = np.asarray(self._init_norms, dtype=np.float64)
         self._nan = torch.full((1,), float("nan"), dtype=torch.float64, device=p0.device)
+        self._sleeping = [i for i, lazy in enumerate(self._lazy) if lazy]  # forward order indices now
+        self._shards = ShardGroups(self._params, self._names)  # forward order from here on
+        self._build_distances()
+        self._init_norms_np = np.asarray(self._init_norms, dtype=np.float64)
 
     def _order_layca(self) -> None:
         """Give Layca the forward order and names of its layers, and map its rates to ours."""
@@ -453,6 +485,8 @@ class WatchHandle(WatchBase):
         # run yet: then the order is fixed after the step, when the closure has run.
         if self.reporter is None and not self._closed and self._recorder is not None and self._recorder.seen:
             self._finalize()
+        if self._sleeping:  # one requires_grad read per still-frozen layer, only while there are some
+            self._wake_unfrozen()
         if not self._prev_valid:
             self._check_bindings()
             self._refresh_effective()
@@ -461,7 +495,7 @@ class WatchHandle(WatchBase):
                     buf.copy_(view)
             else:
                 self._check_shards()
-                self._distances.copy_prev()
+                self._copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
 
@@ -482,7 +516,7 @@ class WatchHandle(WatchBase):
             self._report(t)
         elif (t + 1) % self.every == 0:
             # Keep w(t) as next step's w(t-1); one copy, no sync.
-            self._distances.copy_prev()
+            self._copy_prev()
             self._prev_valid = True
             self._prev_is_w0 = False
 
@@ -502,8 +536,8 @@ class WatchHandle(WatchBase):
         """
         moved = []
         for i, slot in enumerate(self._slots):
-            if slot is None or self._sharded[i]:
-                continue  # FSDP shards: _check_shards
+            if slot is None or self._sharded[i] or self._lazy[i]:
+                continue  # FSDP shards: _check_shards; lazy layers: bound when they wake
             p = slot[0]._parameters.get(slot[1])
             if p is None:
                 continue
@@ -548,17 +582,68 @@ class WatchHandle(WatchBase):
             log.info("layrot: re-bound %d more moved or cast layer(s) of run %s", len(changes), self.run)
         self._shards = ShardGroups(self._params, self._names)
         if self.reporter is not None:  # before the first step the distances are built by _finalize
-            self._distances = LayerDistances(self._shards.local_views(), self._w0, self._prev)
             self._nan = self._nan.to(self._params[0].device)
+            self._build_distances()
 
     def _check_shards(self) -> None:
         # FSDP re-allocates a local shard on model.to() or assign-loads: measure the new storage.
         if self._shards.any and self._shards.moved():
-            self._distances = LayerDistances(self._shards.refresh(), self._w0, self._prev)
+            self._build_distances(self._shards.refresh())
+
+    def _build_distances(self, views: Sequence[torch.Tensor] | None = None) -> None:
+        """The measurement over the layers that are not lazy (frozen since watch())."""
+        views = list(self._shards.local_views() if views is None else views)
+        active = [i for i, lazy in enumerate(self._lazy) if not lazy]
+        self._active = None if len(active) == len(views) else active
+        if self._active is None:
+            self._distances: LayerDistances | None = LayerDistances(views, self._w0, self._prev)
+            return
+        self._distances = (
+            LayerDistances([views[i] for i in active], [self._w0[i] for i in active], [self._prev[i] for i in active])
+            if active
+            else None
+        )
+        self._active_index = torch.tensor(active, dtype=torch.long, device=self._nan.device)
+
+    def _measure(self, refresh: bool) -> torch.Tensor:
+        if self._active is None:
+            assert self._distances is not None
+            return self._distances.measure(refresh_prev=refresh)
+        # Lazy layers did not move since watch(): d0 = ds = 0, their four sums are exact zeros.
+        rows = torch.zeros((len(DEVICE_ROWS), len(self._params)), dtype=torch.float64, device=self._nan.device)
+        if self._distances is not None:
+            rows.index_copy_(1, self._active_index, self._distances.measure(refresh_prev=refresh).to(rows.device))
+        return rows
+
+    def _copy_prev(self) -> None:
+        if self._distances is not None:
+            self._distances.copy_prev()
+
+    def _wake_unfrozen(self) -> None:
+        """Lazy layers that became trainable get their buffers before this step updates them."""
+        woken = [i for i in self._sleeping if self._params[i].requires_grad]
+        if not woken:
+            return
+        with torch.no_grad():
+            for i in woken:
+                slot = self._slots[i]
+                p = slot[0]._parameters.get(slot[1]) if slot is not None else None
+                if p is not None and tuple(p.shape) == tuple(self._params[i].shape):
+                    self._params[i] = p  # moved or cast while frozen: its current storage
+                view = self._params[i].detach()
+                self._w0[i] = view.clone()  # the weights of watch() time: frozen until now
+                self._prev[i] = view.clone()
+                self._bound[i] = _binding(view)
+                self._lazy[i] = False
+        self._sleeping = [i for i in self._sleeping if self._lazy[i]]
+        log.info("layrot: %d frozen layer(s) of run %s became trainable and are measured", len(woken), self.run)
+        if self.reporter is not None:
+            self._shards = ShardGroups(self._params, self._names)
+            self._build_distances()
 
     def _report(self, t: int) -> None:
         refresh = (t + 1) % self.every == 0
-        rows = self._distances.measure(refresh_prev=refresh)
+        rows = self._measure(refresh)
         # Sharded layers: one async all-reduce of their partial sums; the reporter thread waits.
         pending = self._shards.reduce_async(rows)
         prev_is_w0 = self._prev_is_w0
@@ -592,9 +677,13 @@ def _owner_slots(model: nn.Module, params: Sequence[torch.Tensor]) -> list[tuple
     return [where.get(id(p)) for p in params]
 
 
-def _binding(t: torch.Tensor) -> tuple[int, torch.dtype, torch.device]:
-    """What identifies the storage a layer is measured in."""
-    return (t.data_ptr(), t.dtype, t.device)
+def _binding(t: torch.Tensor) -> int:
+    """What identifies the storage a layer is measured in: its address.
+
+    A cast or a move allocates new storage, and the old one cannot be reused while
+    the hook's views keep it alive, so the address alone tells (one call per layer).
+    """
+    return t.data_ptr()
 
 
 def _as_layca(optimizer: Any) -> Any:
@@ -663,6 +752,8 @@ def watch(
             weight (``weight_norm``) is measured as the effective weight under the module's
             name (``l1.weight``), never its magnitude ``original0``. Forward order comes from
             the first step (module calls and the first backward; closures included).
+            Parameters frozen at ``watch()`` are layers too (gradual unfreezing): until they
+            become trainable they cost no copy and no measurement, and report rotation 0.
         collector: ``host:port``; default ``LAYROT_COLLECTOR`` or ``localhost:50051``;
             ``"offline"`` (or ``LAYROT_MODE=offline``) records to the spool only, for a
             later ``layrot-agent sync``.

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from reference import angle, cosine_distance, rel_err
+from torch import nn
 
 import layrot
 from layrot.client.query import QueryClient
@@ -116,3 +117,80 @@ def test_layca_learns_the_unfrozen_embeddings(collector):
     check(hist, rot, ang)
     # Layca: zero steps while frozen, arctan(rho) per step once unfrozen (first 3 columns: the embeddings)
     assert np.abs(ang[UNFREEZE:, :3] / np.arctan(rho) - 1).max() <= 1e-5
+
+
+class Probe(nn.Module):
+    """A 'backbone' (l1, l2) and a head; the backbone starts frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.l1 = nn.Linear(10, 24)
+        self.l2 = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+
+NAMES = ["l1.weight", "l2.weight", "head.weight"]
+
+
+def probe_steps(model, opt, handle, steps: int, unfreeze_at: int | None, saved: list) -> None:
+    g = torch.Generator().manual_seed(13 + len(saved))
+    params = dict(model.named_parameters())
+    for t in range(1, steps + 1):
+        if unfreeze_at is not None and t == unfreeze_at:
+            for p in [*model.l1.parameters(), *model.l2.parameters()]:
+                p.requires_grad_(True)
+        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        saved.append([params[n].detach().double().numpy().copy() for n in NAMES])
+
+
+def frozen_probe() -> nn.Module:
+    model = Probe()
+    for p in [*model.l1.parameters(), *model.l2.parameters()]:
+        p.requires_grad_(False)
+    return model
+
+
+def test_frozen_layers_cost_no_copies_and_resume_then_unfreeze_is_exact(collector, tmp_path):
+    model = frozen_probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    handle = layrot.watch(model, opt, run="probe-resume", every=2, collector=collector.grpc_address)
+    params = dict(model.named_parameters())
+    w0 = [params[n].detach().double().numpy().copy() for n in NAMES]
+    saved: list = []
+    probe_steps(model, opt, handle, 4, None, saved)
+    assert handle.layer_names == NAMES
+    # still frozen: w(0) is the parameter itself (no copy), and only the head is measured
+    assert handle._w0[0].data_ptr() == model.l1.weight.data_ptr()
+    assert handle._distances is not None and handle._distances.num_layers == 1
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "layrot": handle.state_dict()}
+    assert handle.flush(10.0)
+    handle.close()
+
+    model2 = frozen_probe()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.2, momentum=0.9)
+    handle2 = layrot.watch(model2, opt2, run="probe-resume", every=2, collector=collector.grpc_address)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    handle2.load_state_dict(ckpt["layrot"])
+    assert handle2._w0[0].data_ptr() == model2.l1.weight.data_ptr()  # resumed lazy, no copy
+    probe_steps(model2, opt2, handle2, 8, 3, saved)  # unfrozen at the 7th step overall: an unreported one
+    assert handle2.step == 12 and handle2.flush(10.0)
+    handle2.close()
+    hist = QueryClient(collector.grpc_address).history("probe-resume")
+    steps = [2, 4, 6, 8, 10, 12]
+    assert list(hist.steps) == steps
+    rot = np.array([[cosine_distance(w0[i], saved[t - 1][i]) for i in range(3)] for t in steps])
+    ang = np.array([[angle(saved[t - 2][i], saved[t - 1][i]) for i in range(3)] for t in steps])
+    assert np.all(hist.rotation[:3, :2] == 0) and np.all(rot[:3, :2] == 0)  # frozen through step 6
+    assert rot[-1, :2].min() > 1e-4
+    moving = rot > 0
+    assert rel_err(hist.rotation[moving], rot[moving]).max() <= 1e-6
+    assert rel_err(hist.step_angle[ang > 0], ang[ang > 0]).max() <= 1e-6
+    assert np.all(hist.step_angle[ang == 0] == 0)
