@@ -41,6 +41,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from layrot.agent.local_view import LayerReport, LocalView
 from layrot.agent.spool import DEFAULT_MAX_BYTES, Spool, default_spool_root, spool_dir_name
 from layrot.agent.transport import TLSConfig, check_address, explain_connection_error, open_channel
 from layrot.proto import layrot_pb2 as pb
@@ -203,6 +204,8 @@ class ReporterStats:
     hook_errors: int = 0
     #: Batches the exporter thread failed to pack (their steps count in ``dropped_bad_values``).
     export_errors: int = 0
+    #: Exceptions of ``on_report`` callbacks (logged once; reporting went on).
+    report_callback_errors: int = 0
     connected: bool = False
     refused: str = ""
     spool_dir: str = ""
@@ -362,6 +365,7 @@ class Reporter:
         loss: bool = False,
         meta: dict[str, str] | None = None,
         on_command: Callable[[pb.RateCommand], None] | None = None,
+        on_report: Callable[[LayerReport], object] | None = None,
         total_steps: int | None = None,
         spool: bool | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
@@ -387,6 +391,10 @@ class Reporter:
         self.num_layers = len(self.layers)
         self.stats = ReporterStats()
         self.on_command = on_command
+        # The job's own view of each reported step (agent/local_view.py): handle.latest(), on_report.
+        self.local = LocalView(run, [lay.name for lay in self.layers], [lay.init_norm for lay in self.layers])
+        if on_report is not None:
+            self.local.callbacks.append(on_report)
         self.run_key = run_key or new_run_key()
         self._key_restored = bool(run_key_restored and run_key)
         self._spool_on, self._spool_max = spool_settings(spool, spool_max_bytes)
@@ -726,6 +734,8 @@ class Reporter:
         if not rows:
             return
         arr = np.stack(rows, axis=1)  # (len(WIRE_ROWS), S, L): one packed array per wire row
+        self.local.observe(steps, times, losses, arr, rhos if have_rho else None)
+        self.stats.report_callback_errors = self.local.callback_errors
         payload = pb.StepBatch(
             steps=steps,
             times=times,

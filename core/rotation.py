@@ -35,6 +35,7 @@ __all__ = [
     "rotation",
     "step_angle",
     "radial_angle",
+    "layer_rotations",
 ]
 
 # Side lengths measured on a device (often in float32) may violate the
@@ -141,3 +142,29 @@ def radial_angle(ref_norm: ArrayLike, dist: ArrayLike, dot: ArrayLike) -> np.nda
         theta = np.arctan2(np.sqrt(np.maximum(q2, 0.0)), a + p)
         theta = np.where(inconsistent | ~(a > 0), np.nan, theta)
         return np.where(np.isfinite(a) & np.isfinite(c) & np.isfinite(p), theta, np.nan)
+
+
+def layer_rotations(
+    init_norm: ArrayLike,
+    norm: ArrayLike,
+    dist0: ArrayLike,
+    dstep: ArrayLike,
+    norm_prev: ArrayLike,
+    dot0: ArrayLike | None = None,
+    dotstep: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rotation, step angle) per layer from what a job measures: the radial split when the dots
+    are there (well conditioned for mostly radial steps), the triangle formulas otherwise.
+
+    The one place both the collector (server/derive.py) and the job's own view of its
+    numbers (agent/local_view.py) compute them, so the two always agree.
+    """
+    if dot0 is not None:
+        rot = cosine_distance(radial_angle(init_norm, dist0, dot0))
+    else:
+        rot = rotation(init_norm, norm, dist0)
+    if dotstep is not None:
+        angle = radial_angle(norm_prev, dstep, dotstep)
+    else:
+        angle = step_angle(norm_prev, norm, dstep)
+    return rot, angle

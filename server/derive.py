@@ -27,14 +27,9 @@ class Derived:
 
 def derive(batch: DecodedBatch, init_norm: np.ndarray) -> Derived:
     """Rotations against the session's ``init_norm`` (L,), step angles, and the non-finite mask."""
-    if batch.dot0 is not None:
-        rotation = rot.cosine_distance(rot.radial_angle(init_norm[None, :], batch.dist0, batch.dot0))
-    else:
-        rotation = rot.rotation(init_norm[None, :], batch.norm, batch.dist0)
-    if batch.dotstep is not None:
-        angle = rot.radial_angle(batch.norm_prev, batch.dstep, batch.dotstep)
-    else:
-        angle = rot.step_angle(batch.norm_prev, batch.norm, batch.dstep)
+    rotation, angle = rot.layer_rotations(
+        init_norm[None, :], batch.norm, batch.dist0, batch.dstep, batch.norm_prev, batch.dot0, batch.dotstep
+    )
     bad = ~(
         np.isfinite(batch.norm) & np.isfinite(batch.dist0) & np.isfinite(batch.dstep) & np.isfinite(batch.norm_prev)
     )
