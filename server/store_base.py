@@ -52,9 +52,11 @@ from layrot.server.store_api import (
 
 log = logging.getLogger(__name__)
 
-# Upper bound of rows per transaction, so one commit never holds callbacks
-# (acks) back for long under a flood.
+# Upper bounds of one transaction, so one commit never holds callbacks (acks) back
+# for long under a flood: rows, and bytes of the rows' per-layer columns (20,000 rows
+# of a 200-layer run would be 128 MB in one commit).
 MAX_ROWS_PER_COMMIT = 20_000
+MAX_BYTES_PER_COMMIT = 16 << 20
 
 # Columns of a step row, in the order ``records.step_rows`` builds them.
 STEP_COLUMNS = (
@@ -158,7 +160,16 @@ class Item:
     token: Any
     nrows: int
     done: threading.Event | None = None
+    nbytes: int = 0  # bytes of the rows' blob columns (the per-layer values)
     new_rows: int = 0  # step rows this item added (not replaced) in its last commit attempt
+
+
+def _blob_bytes(rows: Sequence[Sequence[Any]]) -> int:
+    """Bytes of the per-layer blob columns of step rows (every row of a batch has the same layers)."""
+    if not rows:
+        return 0
+    per_row = sum(len(v) for v in rows[0] if isinstance(v, (bytes, bytearray, memoryview)))
+    return per_row * len(rows)
 
 
 class QueuedStore:
@@ -178,8 +189,9 @@ class QueuedStore:
     then calls ``_start_writer``.
     """
 
-    # Rows (plus statements) the writer drains into one transaction at most.
+    # Rows (plus statements) and bytes of per-layer values the writer drains into one transaction at most.
     max_rows_per_commit = MAX_ROWS_PER_COMMIT
+    max_bytes_per_commit = MAX_BYTES_PER_COMMIT
 
     def __init__(
         self,
@@ -250,7 +262,7 @@ class QueuedStore:
     def submit_rows(self, rows: Sequence[Sequence[Any]], token: Any = None) -> None:
         """Queue step rows (``STEP_COLUMNS`` order); StoreValueError if a value is out of bounds."""
         check_step_rows(rows)
-        self._put(Item([(STEPS, rows, True)], token, len(rows)))
+        self._put(Item([(STEPS, rows, True)], token, len(rows), nbytes=_blob_bytes(rows)))
 
     def submit_batch(
         self,
@@ -269,7 +281,7 @@ class QueuedStore:
         if first_report is not None:
             check_params((first_report, run_id))
             ops.append((FIRST_REPORT, (first_report, run_id), False))
-        self._put(Item(ops, token, len(rows) + len(ops) - 1))
+        self._put(Item(ops, token, len(rows) + len(ops) - 1, nbytes=_blob_bytes(rows)))
 
     def barrier(self, token: Any) -> None:
         """Queue nothing but a token: it is released after everything queued before it commits."""
@@ -333,8 +345,8 @@ class QueuedStore:
             if first is None:
                 break
             items = [first]
-            nrows = first.nrows
-            while nrows < self.max_rows_per_commit:
+            nrows, nbytes = first.nrows, first.nbytes
+            while nrows < self.max_rows_per_commit and nbytes < self.max_bytes_per_commit:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -344,6 +356,7 @@ class QueuedStore:
                     break
                 items.append(nxt)
                 nrows += nxt.nrows
+                nbytes += nxt.nbytes
             outcome = self._commit_items(conn, items)
             with self._lock:
                 self._pending -= nrows

@@ -375,3 +375,33 @@ def test_open_store_picks_the_backend_from_the_db_value(tmp_path):
         == "postgresql://u@h/db?sslmode=require&password=***"
     )
     assert redact_url("/var/lib/layrot/a:b@c.db") == "/var/lib/layrot/a:b@c.db"  # a file path is left alone
+
+
+def test_one_commit_holds_at_most_its_byte_budget_of_rows(backend):
+    """Queued batches are drained into transactions of at most max_bytes_per_commit bytes of per-layer
+    values (a row count alone let one commit hold ~128 MB), and every batch is still stored."""
+    out = Outcomes()
+    store = backend.open(on_commit=out.on_commit, on_failure=out.on_failure)
+    commits: list[list] = []
+    orig = store.on_commit
+    store.on_commit = lambda tokens, new_rows=None: (commits.append(list(tokens)), orig(tokens, new_rows))
+    blob = b"\0" * 8 * 1000  # a 1,000-layer row: 8 kB per column, 48 kB per row (6 blob columns)
+    per_batch = 10 * 6 * len(blob)  # 10 rows
+    store.max_bytes_per_commit = int(2.5 * per_batch)
+    try:
+        store.create_run(run_record(1, "big"))
+        assert store.flush(10)
+        commits.clear()
+        with backend.locked():  # the writer waits on the lock while the batches queue up
+            store.submit_rows([step_row(1, 1, blob)], token="probe")  # the writer takes this one and waits
+            time.sleep(0.2)
+            for b in range(8):
+                store.submit_rows([step_row(1, 10 * b + k + 2, blob) for k in range(10)], token=b)
+            time.sleep(0.2)
+        assert store.flush(30)
+    finally:
+        store.close()
+    batches = [c for c in commits if "probe" not in c]
+    assert sorted(t for c in batches for t in c) == list(range(8))
+    assert max(len(c) for c in batches) == 3  # 2.5 batches' bytes: a third batch tips it over, never a fourth
+    assert backend.query("SELECT COUNT(*) FROM steps")[0][0] == 81
