@@ -206,6 +206,8 @@ class ReporterStats:
     export_errors: int = 0
     #: Exceptions of ``on_report`` callbacks (logged once; reporting went on).
     report_callback_errors: int = 0
+    #: Sessions the collector refused at its session limit (the job waited its retry hint, then came back).
+    admission_refusals: int = 0
     connected: bool = False
     refused: str = ""
     spool_dir: str = ""
@@ -222,6 +224,17 @@ class ReporterStats:
             + self.dropped_at_close
             + self.dropped_bad_values
         )
+
+
+def _retry_after(exc: grpc.RpcError) -> float:
+    """Seconds the collector asked a refused session to wait (``retry-after-ms`` trailing metadata), else 0."""
+    try:
+        for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+            if key == "retry-after-ms":
+                return max(0.0, min(float(value) / 1000.0, 300.0))
+    except Exception:  # no metadata on this error, or a malformed value
+        pass
+    return 0.0
 
 
 def _resolve(x: Any) -> Any:
@@ -841,6 +854,10 @@ class Reporter:
                     self.stats.last_error = f"{code.name if code else 'error'}: {_details(exc)}"
                     if code == grpc.StatusCode.UNAUTHENTICATED:
                         self._refuse("unauthenticated", self.stats.last_error)
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        # The collector is at its session limit: come back when it says, not sooner.
+                        delay = max(delay, _retry_after(exc))
+                        self.stats.admission_refusals += 1
             except Exception as exc:  # never let the connection thread die
                 self.stats.last_error = repr(exc)
                 log.debug("layrot: connection loop error", exc_info=True)

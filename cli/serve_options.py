@@ -270,6 +270,7 @@ LIMIT_DEFAULTS = {
     "max_name_length": 1024,
     "max_steps_per_batch": 10_000,
     "max_runs": 50_000,
+    "max_sessions": 20_000,
     "max_message_bytes": 16 * 1024 * 1024,
 }
 STORE_BUSY_TIMEOUT = 30.0
@@ -285,6 +286,7 @@ def _limit_options(o: dict[str, Any]) -> dict[str, Any]:
         max_name_length=o["max_name_length"],
         max_steps_per_batch=o["max_steps_per_batch"],
         max_runs=o["max_runs"],
+        max_sessions=o["max_sessions"],
         max_message_bytes=o["max_message_bytes"],
     )
     return {
@@ -327,6 +329,11 @@ def serve_limit_options(fn: Any) -> Any:
             "max_runs",
             "Runs this collector keeps, restored ones included; a Hello for a new run beyond it is refused "
             "(reason too_many_runs).",
+        ),
+        positive(
+            "max_sessions",
+            "Open ingest sessions (one per training process); one more is refused with RESOURCE_EXHAUSTED and a "
+            "retry hint (reason too_many_sessions): the job keeps its steps and comes back.",
         ),
         positive(
             "max_message_bytes",

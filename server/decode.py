@@ -46,6 +46,7 @@ class IngestLimits:
     max_run_name: int = MAX_RUN_NAME  # characters of a run name (bad_hello)
     max_steps_per_batch: int = 10_000  # steps in one StepBatch (too_many_steps)
     max_runs: int = 50_000  # runs a collector keeps, restored ones included (too_many_runs)
+    max_sessions: int = 20_000  # open Ingest sessions; one more is refused RESOURCE_EXHAUSTED (too_many_sessions)
     max_message_bytes: int = 16 * 1024 * 1024  # one message on the stream (too_large)
     max_meta: int = 256  # Hello.meta entries (bad_hello)
     max_world_size: int = 1 << 20  # Hello.world_size (bad_hello)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -81,6 +82,9 @@ log = logging.getLogger(__name__)
 # When the writer thread falls this far behind, stop reading from the
 # streams: gRPC flow control then pushes back to the jobs, whose bounded
 # queues drop (fail open) instead of the collector growing without limit.
+# Admission control (serve --max-sessions): how long a refused job is asked to wait, and where it is told.
+ADMISSION_RETRY_S = 5.0
+RETRY_AFTER_KEY = "retry-after-ms"
 MAX_PENDING_SAMPLES = 2_000_000  # layer-samples, ~9 float64 each stored: ~150 MB of queued rows
 # How long a closing session waits for its last commits before ending anyway.
 DRAIN_TIMEOUT = 10.0
@@ -292,6 +296,8 @@ class IngestServicer(pb_grpc.IngestServicer):
         # Tokens are checked for every service by one interceptor (server/auth.py).
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+        if len(self.sessions) >= self.limits.max_sessions:
+            await self._at_capacity(context)
         sess = LiveSession(asyncio.get_running_loop(), context.peer())
         self.sessions.add(sess)
         self.state.sessions_opened += 1
@@ -318,6 +324,22 @@ class IngestServicer(pb_grpc.IngestServicer):
                 self.state.sessions_lost += 1
                 self._lost(sess)
             self._detach(sess)
+
+    async def _at_capacity(self, context: grpc.aio.ServicerContext) -> None:
+        """Admission control: refuse one session more than ``max_sessions``, counted, with a retry hint.
+
+        RESOURCE_EXHAUSTED before the stream starts, never a silent cancel: the job keeps
+        its steps (spool, resend buffer) and comes back after the hint (``retry-after-ms``
+        trailing metadata), spread over a second so a crowd does not return at once.
+        """
+        self.state.reject("too_many_sessions")
+        hint_ms = int(1000 * (ADMISSION_RETRY_S + random.random()))
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(hint_ms)),))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the collector holds {len(self.sessions)} ingest sessions, its limit (serve --max-sessions);"
+            f" retry in {hint_ms / 1000:.1f} s",
+        )
 
     def _lost(self, sess: LiveSession) -> None:
         """A live job's session ended without Goodbye: the run_lost alert's grace period starts."""
