@@ -201,6 +201,7 @@ class WatchHandle(WatchBase):
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
         total_steps: int | None = None,
+        order: Sequence[str] | None = None,
     ) -> None:
         run, run_key = _shared_run(run)  # collective when torch.distributed runs: before anything can raise
         self._configure(
@@ -235,6 +236,7 @@ class WatchHandle(WatchBase):
         self._names = [n for n, _, _ in chosen]
         self._params = [p for _, p, _ in chosen]
         self._types = [t for _, _, t in chosen]
+        self._order = _check_order(order, self._names)
         # Names of every parameter (wrapper components dropped), so Layca's own layer set
         # can be put in forward order too.
         named = [(st, p) for _, st, p in stable_named_parameters(model)]
@@ -423,6 +425,10 @@ class WatchHandle(WatchBase):
             ranks = [self._forward_rank[n] for n in originals if n in self._forward_rank]
             if ranks:
                 self._forward_rank[name] = min(ranks)
+        if self._order:  # the job's own order first, then the recorded one
+            k = len(self._order)
+            recorded = {n: k + r for n, r in self._forward_rank.items() if n not in self._order}
+            self._forward_rank = {**{n: i for i, n in enumerate(self._order)}, **recorded}
         if recorder is not None:
             recorder.remove()
         self._eager.release()
@@ -667,6 +673,21 @@ class WatchHandle(WatchBase):
         reporter.submit(measured.record(t, rho=rho, command_version=version, time=time.time()))
 
 
+def _check_order(order: Sequence[str] | None, names: Sequence[str]) -> list[str]:
+    """``order=`` as a list of layer names; ValueError for a name that is no layer or a repeated one."""
+    if order is None:
+        return []
+    if isinstance(order, str):
+        raise ValueError("order= takes a sequence of layer names, not one string")
+    given = [stable_name(str(n)) if str(n) not in names else str(n) for n in order]
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise ValueError(f"order= names no layer: {unknown} (the layers: {list(names)})")
+    if len(set(given)) != len(given):
+        raise ValueError(f"order= names a layer twice: {given}")
+    return given
+
+
 def _owner_slots(model: nn.Module, params: Sequence[torch.Tensor]) -> list[tuple[nn.Module, str] | None]:
     """(module, attribute) holding each parameter (the first owner of a tied one); None if not found."""
     where: dict[int, tuple[nn.Module, str]] = {}
@@ -717,6 +738,7 @@ def watch(
     spool: bool | None = None,
     spool_max_bytes: int | None = None,
     total_steps: int | None = None,
+    order: Sequence[str] | None = None,
 ) -> WatchHandle:
     """Stream per-layer rotation of ``model`` to the layrot collector.
 
@@ -766,6 +788,9 @@ def watch(
             ``LAYROT_SPOOL=0`` turns it off); the folder is ``LAYROT_SPOOL_DIR`` or the user
             cache dir (``~/.cache/layrot/spool``).
         spool_max_bytes: the spool's bound (default 1 GiB, ``LAYROT_SPOOL_MAX_BYTES``).
+        order: layer names in forward order, for a model whose order the first step cannot
+            show (e.g. a forward that differs at the first step); the layers not listed follow
+            in the recorded order. Default: recorded.
         total_steps: the optimizer step the run plans to end at (None = unknown); the
             collector then judges ``not_learning`` at ``not_learning_share`` (5 %) of it
             instead of after ``not_learning_steps`` (100) reported steps.
@@ -773,7 +798,10 @@ def watch(
     Raises:
         ValueError: before training starts, for a run name the collector would refuse,
             a collector address that is not ``host:port``, an unreadable TLS file,
-            ``every < 1`` or a negative ``total_steps``.
+            ``every < 1``, a negative ``total_steps`` or an ``order`` naming no layer.
+        TypeError: for an ``optimizer`` that is not a ``torch.optim.Optimizer`` and wraps
+            none (Accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer``
+            are unwrapped).
 
     Returns:
         A :class:`WatchHandle` with ``close()``, ``state_dict()`` /

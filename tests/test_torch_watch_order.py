@@ -191,3 +191,27 @@ def test_lbfgs_closure_forward_order_and_exact(collector):
     ang = np.array([[angle(w0[i] if t == 1 else saved[t - 2][i], saved[t - 1][i]) for i in range(2)] for t in steps])
     assert rel_err(hist.rotation, rot).max() <= 1e-6
     assert rel_err(hist.step_angle, ang).max() <= 1e-6
+
+
+def test_order_override_puts_the_named_layers_first():
+    torch.manual_seed(5)
+    model = Attention()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = layrot.watch(model, opt, order=["head.weight", "ff.weight"], collector="offline")
+    ids = torch.randint(0, 20, (4, 6))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(ids), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    # the listed ones first, the others in recorded forward order
+    assert handle.layer_names == [
+        "head.weight",
+        "ff.weight",
+        "emb.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+    ]
+    handle.close(0.0)
+    with pytest.raises(ValueError, match="names no layer"):
+        layrot.watch(model, opt, order=["head.bias"], collector="offline")
+    with pytest.raises(ValueError, match="twice"):
+        layrot.watch(model, opt, order=["head.weight", "head.weight"], collector="offline")
