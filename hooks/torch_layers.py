@@ -286,29 +286,50 @@ class ForwardOrderRecorder:
     def order(self, names: Sequence[str]) -> list[int]:
         """Permutation of ``names`` into forward order.
 
-        Parameters whose module ran, in the order of those first calls; a parameter
-        seen only by the backward goes right after the parameter that precedes it in
-        the backward-derived order; parameters seen by neither go last, in the given
-        order.
+        The backward says when each parameter is first *read*: its gradient is complete
+        only after its earliest use, so the reversed completion order is the order of
+        first use, also for functional code (attention's ``out_proj``, a closure) and
+        for a module's own parameters read after its children ran (ViT's ``cls_token``
+        after the patch projection). The parameters one operation reads together (an
+        LSTM's flat weights) complete in no meaningful order among themselves, so the
+        parameters of one module stay together, in registration order, and the
+        modules' groups are ordered by their first-used parameter. Groups the backward
+        did not reach (frozen, or no backward yet) go by their module's first call,
+        right after the group whose module was called last before theirs; parameters
+        seen by neither go last, in the given order.
         """
         grad_rank = {n: i for i, n in enumerate(reversed(self._grad_order))}
-        placed = sorted((n for n in dict.fromkeys(names) if n in self._first_call), key=self._first_call.__getitem__)
-        only_grad = sorted(
-            (n for n in dict.fromkeys(names) if n not in self._first_call and n in grad_rank), key=grad_rank.__getitem__
+        group_of: dict[str, int] = {}
+        for g, owned in enumerate(self._by_module.values()):
+            for n in owned:
+                group_of.setdefault(n, g)
+        groups: dict[Any, list[str]] = {}
+        for n in dict.fromkeys(names):
+            groups.setdefault(group_of.get(n, ("param", n)), []).append(n)
+
+        def first(group: list[str], rank: dict[str, int]) -> int | None:
+            found = [rank[n] for n in group if n in rank]
+            return min(found) if found else None
+
+        by_grad = sorted(
+            (g for g in groups.values() if first(g, grad_rank) is not None), key=lambda g: first(g, grad_rank)
         )
-        for n in only_grad:
-            r = grad_rank[n]
-            before = [i for i, m in enumerate(placed) if grad_rank.get(m, r) < r]
-            if before:
-                # after the closest backward-order predecessor already placed
-                at = max(before, key=lambda i: grad_rank[placed[i]]) + 1
-            else:
-                later = [i for i, m in enumerate(placed) if grad_rank.get(m, -1) > r]
-                at = min(later) if later else len(placed)
-            placed.insert(at, n)
-        rank = {n: i for i, n in enumerate(placed)}
-        big = len(rank)
-        return sorted(range(len(names)), key=lambda i: (rank.get(names[i], big), i))
+        by_call = sorted(
+            (g for g in groups.values() if first(g, grad_rank) is None and first(g, self._first_call) is not None),
+            key=lambda g: first(g, self._first_call),
+        )
+        placed = list(by_grad)
+        for g in by_call:
+            c = first(g, self._first_call)
+            earlier = [
+                i
+                for i, h in enumerate(placed)
+                if (first(h, self._first_call) or -1) < c and first(h, self._first_call) is not None
+            ]
+            placed.insert(max(earlier) + 1 if earlier else 0, g)
+        rest = [g for g in groups.values() if all(g is not h for h in placed)]
+        rank = {n: i for i, n in enumerate(n for g in placed + rest for n in g)}
+        return sorted(range(len(names)), key=lambda i: (rank.get(names[i], len(rank)), i))
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
