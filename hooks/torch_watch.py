@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layrot.agent.local_view import LayerReport
 from layrot.agent.measurement import DEVICE_ROWS, PackedMeasurement
 from layrot.agent.reporter import LayerSpec, ReporterStats, default_run_name, new_run_key
 from layrot.hooks.torch_distances import LayerDistances
@@ -202,6 +203,7 @@ class WatchHandle(WatchBase):
         spool_max_bytes: int | None = None,
         total_steps: int | None = None,
         order: Sequence[str] | None = None,
+        on_report: Callable[[LayerReport], object] | None = None,
     ) -> None:
         run, run_key = _shared_run(run)  # collective when torch.distributed runs: before anything can raise
         self._configure(
@@ -217,6 +219,7 @@ class WatchHandle(WatchBase):
             spool,
             spool_max_bytes,
             total_steps=total_steps,
+            on_report=on_report,
         )
         optimizer = real_optimizer(optimizer)
         self._optimizer = optimizer
@@ -739,6 +742,7 @@ def watch(
     spool_max_bytes: int | None = None,
     total_steps: int | None = None,
     order: Sequence[str] | None = None,
+    on_report: Callable[[LayerReport], object] | None = None,
 ) -> WatchHandle:
     """Stream per-layer rotation of ``model`` to the layrot collector.
 
@@ -794,6 +798,12 @@ def watch(
         total_steps: the optimizer step the run plans to end at (None = unknown); the
             collector then judges ``not_learning`` at ``not_learning_share`` (5 %) of it
             instead of after ``not_learning_steps`` (100) reported steps.
+        on_report: called with each reported step's numbers (a
+            :class:`~layrot.agent.local_view.LayerReport`: per-layer rotation, step angle,
+            norm, rho and the loss, as the collector computes them) on the reporter's
+            thread, never the training thread, with or without a collector; an exception
+            it raises is logged once and counted (``stats.report_callback_errors``).
+            ``handle.latest()`` returns the newest one.
 
     Raises:
         ValueError: before training starts, for a run name the collector would refuse,

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from layrot.agent.local_view import LayerReport
 from layrot.agent.reporter import (
     LayerSpec,
     Reporter,
@@ -167,12 +168,16 @@ class WatchBase:
         spool_max_bytes: int | None,
         *,
         total_steps: int | None = None,
+        on_report: Callable[[LayerReport], object] | None = None,
     ) -> None:
         """Check and keep the settings every watch handle takes (ValueError before training starts).
 
         ``total_steps``: the optimizer step the job plans to end at (None = unknown); the
         collector judges ``not_learning`` at a share of it instead of after a fixed count.
+        ``on_report``: called on the reporter's thread with each reported step's numbers.
         """
+        if on_report is not None and not callable(on_report):
+            raise TypeError(f"on_report must be callable, got {type(on_report).__name__}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self._total_steps = check_total_steps(total_steps)
@@ -190,6 +195,8 @@ class WatchBase:
         self._token = token
         self._meta = dict(meta or {})
         self._reporter_options = dict(reporter_options or {})
+        if on_report is not None:
+            self._reporter_options["on_report"] = on_report
         self.reporter = None
         self._closed = False
 
@@ -244,6 +251,11 @@ class WatchBase:
         self._total_steps = check_total_steps(total_steps)
         if self.reporter is not None:
             self.reporter.set_total_steps(self._total_steps)
+
+    def latest(self) -> LayerReport | None:
+        """The newest reported step as the collector computes it (per-layer rotation, step angle, norm, rho,
+        the loss), from this process's own measurements: no collector needed; None before the first report."""
+        return self.reporter.local.latest if self.reporter is not None else None
 
     @property
     def layer_names(self) -> list[str]:

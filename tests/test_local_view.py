@@ -23,9 +23,7 @@ def train(collector: str, run: str, steps: int = 12, on_report=None):
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     got = []
-    handle = layrot.watch(
-        model, opt, run=run, collector=collector, reporter_options={"on_report": on_report or got.append}
-    )
+    handle = layrot.watch(model, opt, run=run, collector=collector, on_report=on_report or got.append)
     params = dict(model.named_parameters())
     names = handle.layer_names
     w0 = {n: params[n].detach().double().clone() for n in names}
@@ -44,6 +42,7 @@ def train(collector: str, run: str, steps: int = 12, on_report=None):
 
 def test_offline_reports_are_the_float64_truth():
     handle, got, names, w0, saved = train("offline", "local-offline")
+    assert handle.latest() is got[-1]  # the newest report, on the job side
     handle.close()
     assert [r.step for r in got] == list(range(1, 13))
     for r in got:
