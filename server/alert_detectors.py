@@ -677,9 +677,16 @@ class NotLearning:
         self._take(st, values[k + 1 :], None if angle is None else angle[k + 1 :])
         n = len(st.history)
         loss_at = th.not_learning_steps if share_at is None else max(th.not_learning_steps, share_at)
-        if not math.isfinite(loss_at) or n < max(loss_at, 2 * NL_RECENT):
+        need = max(loss_at, 2 * NL_RECENT)
+        if not math.isfinite(loss_at) or n < need:
             del st.history[NL_HISTORY_MAX:]
             return
+        # The step the needed loss came with (a batch may carry several steps past it): the alert's step.
+        if values.size == len(steps):
+            with_loss = np.asarray(steps)[np.isfinite(values)]
+            before = n - with_loss.size
+            if before < need <= n:
+                top = int(with_loss[int(math.ceil(need)) - before - 1])
         if not st.weights_judged:  # no announced length: the dead-weights test joins the loss test
             st.weights_judged = True
             row = None if rotation is None or not rotation.shape[0] else rotation[-1]

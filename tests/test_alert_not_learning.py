@@ -110,7 +110,8 @@ def test_a_long_run_does_the_loss_test_at_its_share_point():
 def test_without_a_length_frozen_weights_are_judged_with_the_loss_test():
     S, L = 200, 3
     got = engine_run(0, np.zeros((S, L)), flat_loss(S, 8), thresholds=Thresholds(not_learning_steps=70), sizes=(6,))
-    assert [a.step for a in got] == [72] and "frozen" in got[0].message
+    # Judged in the batch of steps 67-72, as of step 70: the step whose loss was the 70th.
+    assert [a.step for a in got] == [70] and "frozen" in got[0].message
 
 
 def test_the_share_is_a_per_run_threshold():
