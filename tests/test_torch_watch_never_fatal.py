@@ -185,6 +185,9 @@ def test_injected_failure_training_goes_on_with_the_same_weights(stage, collecto
     assert handle.stats.hook_errors >= 1 and handle.failed
     if stage in ("flush", "close"):
         assert not flushed if stage == "flush" else True
+        monkeypatch.undo()  # the reporter's threads would outlive the test (and its collector)
+        assert handle.reporter is not None
+        handle.reporter.close(1.0)
         return
     assert handle.stats.hook_errors == 1  # the handle stopped at the first error
     # what was handed over before the failure is stored and exact; nothing after it
