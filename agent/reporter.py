@@ -229,7 +229,7 @@ class ReporterStats:
 def _retry_after(exc: grpc.RpcError) -> float:
     """Seconds the collector asked a refused session to wait (``retry-after-ms`` trailing metadata), else 0."""
     try:
-        for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+        for key, value in exc.trailing_metadata() or ():
             if key == "retry-after-ms":
                 return max(0.0, min(float(value) / 1000.0, 300.0))
     except Exception:  # no metadata on this error, or a malformed value

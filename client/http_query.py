@@ -103,7 +103,7 @@ class HttpQueryClient:
         self.url = url
         self.address = f"{parts.scheme}://{parts.netloc}"
         self.https = parts.scheme == "https"
-        self.host = parts.hostname
+        self.host: str = parts.hostname or ""  # split_http_url refused a URL without one
         self.port = port or (443 if self.https else 80)
         # "http://host:9400", "http://host:9400/" and ".../api/v1" all mean the same API.
         base = parts.path.rstrip("/")

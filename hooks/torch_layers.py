@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -300,32 +301,26 @@ class ForwardOrderRecorder:
         """
         grad_rank = {n: i for i, n in enumerate(reversed(self._grad_order))}
         group_of: dict[str, int] = {}
-        for g, owned in enumerate(self._by_module.values()):
+        for gid, owned in enumerate(self._by_module.values()):
             for n in owned:
-                group_of.setdefault(n, g)
+                group_of.setdefault(n, gid)
         groups: dict[Any, list[str]] = {}
         for n in dict.fromkeys(names):
             groups.setdefault(group_of.get(n, ("param", n)), []).append(n)
+        never = sys.maxsize
 
-        def first(group: list[str], rank: dict[str, int]) -> int | None:
-            found = [rank[n] for n in group if n in rank]
-            return min(found) if found else None
+        def first(group: list[str], rank: Mapping[str, int]) -> int:
+            return min((rank[n] for n in group if n in rank), default=never)
 
-        by_grad = sorted(
-            (g for g in groups.values() if first(g, grad_rank) is not None), key=lambda g: first(g, grad_rank)
-        )
+        by_grad = sorted((g for g in groups.values() if first(g, grad_rank) < never), key=lambda g: first(g, grad_rank))
         by_call = sorted(
-            (g for g in groups.values() if first(g, grad_rank) is None and first(g, self._first_call) is not None),
+            (g for g in groups.values() if first(g, grad_rank) == never and first(g, self._first_call) < never),
             key=lambda g: first(g, self._first_call),
         )
         placed = list(by_grad)
         for g in by_call:
             c = first(g, self._first_call)
-            earlier = [
-                i
-                for i, h in enumerate(placed)
-                if (first(h, self._first_call) or -1) < c and first(h, self._first_call) is not None
-            ]
+            earlier = [i for i, h in enumerate(placed) if first(h, self._first_call) < c]
             placed.insert(max(earlier) + 1 if earlier else 0, g)
         rest = [g for g in groups.values() if all(g is not h for h in placed)]
         rank = {n: i for i, n in enumerate(n for g in placed + rest for n in g)}

@@ -51,8 +51,8 @@ def test_epoch_axis_and_loss_overlay_carry_the_history(collector, ingest, sim_jo
     the history's numbers (checked on the matplotlib objects), and the files are written."""
     from click.testing import CliRunner
 
-    from layrot.client.figures import compare_figure, decimated_curves, layer_rotation_figure
     from layrot.cli.main import cli
+    from layrot.client.figures import compare_figure, decimated_curves, layer_rotation_figure
     from layrot.client.query import QueryClient
 
     for run, angle in (("fast", 0.05), ("slow", 0.005)):
