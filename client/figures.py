@@ -224,25 +224,13 @@ def plot_layer_rotation_curves(
     rotation: np.ndarray,
     layer_names: Sequence[str] | None,
     path: str | Path,
-    title: str = "",
-    log_x: bool = False,
-    cmap: str = "viridis",
-    dpi: int = 120,
-    loss: np.ndarray | None = None,
-    steps_per_epoch: float | None = None,
+    **options: Any,
 ) -> Path:
-    """Write the layer rotation curves to ``path`` (format from the suffix: .png, .svg, .pdf)."""
-    fig = layer_rotation_figure(
-        steps,
-        rotation,
-        layer_names,
-        title=title,
-        log_x=log_x,
-        cmap=cmap,
-        dpi=dpi,
-        loss=loss,
-        steps_per_epoch=steps_per_epoch,
-    )
+    """Write the layer rotation curves to ``path`` (format from the suffix: .png, .svg, .pdf).
+
+    ``options``: those of :func:`layer_rotation_figure` (title, log_x, cmap, dpi, loss, steps_per_epoch).
+    """
+    fig = layer_rotation_figure(steps, rotation, layer_names, **options)
     path = Path(path)
     fig.savefig(path)
     return path

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from layrot.hooks.torch_watch import real_optimizer
+from layrot.hooks.watch_base import log_failure
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,7 @@ class FailureLog:
         self.failures += 1
         if len(self.errors) < 100:
             self.errors.append(f"{stage}: {type(exc).__name__}: {exc}")
-        if self.failures == 1:
-            log.warning(
-                "layrot: %s failed in %s (%s: %s); training continues, layrot monitoring of this job may stop",
-                self._where,
-                stage,
-                type(exc).__name__,
-                exc,
-                exc_info=exc,
-            )
-        else:
-            log.debug("layrot: %s failed again in %s: %r", self._where, stage, exc)
+        log_failure(self.failures == 1, self._where, stage, exc, "layrot monitoring of this job may stop")
 
 
 def never_fatal(method: _F) -> _F:

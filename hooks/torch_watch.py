@@ -51,7 +51,7 @@ from layrot.hooks.torch_layers import (
     stable_named_parameters,
 )
 from layrot.hooks.torch_shards import PendingSums, ShardGroups, reject_sharded_layca
-from layrot.hooks.watch_base import WatchBase, legacy_positionals
+from layrot.hooks.watch_base import WatchBase, legacy_positionals, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -361,17 +361,7 @@ class WatchHandle(WatchBase):
                 return
             except Exception as inner:  # the handler's own failure must not reach training either
                 log.debug("layrot: the on_error handler failed: %r", inner)
-        if first:
-            log.warning(
-                "layrot: watching run %s failed in %s (%s: %s); training continues, monitoring of this run stops",
-                self.run,
-                where,
-                type(exc).__name__,
-                exc,
-                exc_info=exc,
-            )
-        else:
-            log.debug("layrot: watching run %s failed again in %s: %r", self.run, where, exc)
+        log_failure(first, f"watching run {self.run}", where, exc, "monitoring of this run stops")
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs so a resumed job continues its rotation curves."""

@@ -134,6 +134,22 @@ class DeprecatedStateNames:
         self.load_state_dict(state)
 
 
+def log_failure(first: bool, who: str, where: str, exc: BaseException, consequence: str) -> None:
+    """The one warning (with its traceback) of the first failure a guard caught, a debug line for the others."""
+    if first:
+        log.warning(
+            "layrot: %s failed in %s (%s: %s); training continues, %s",
+            who,
+            where,
+            type(exc).__name__,
+            exc,
+            consequence,
+            exc_info=exc,
+        )
+    else:
+        log.debug("layrot: %s failed again in %s: %r", who, where, exc)
+
+
 class WatchBase:
     """Base of the watch handles; subclasses set the attributes below and may override :meth:`_detach`."""
 
