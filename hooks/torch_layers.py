@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -188,27 +189,45 @@ class EagerUntilOrdered:
     step; run eagerly, the first step compiles nothing, the second compiles exactly
     the graphs a run without the hook compiles, and the hooks see every module call
     (``torch.compile`` applied before or after ``watch`` alike). The stance is global,
-    so compiled functions of the job run eagerly until then too.
+    so compiled functions of the job run eagerly until then too, and several handles
+    (one per optimizer) share it: the first one in sets it, the last one out gives the
+    job's own stance back, whichever order they release in.
     """
 
+    _lock = threading.Lock()
+    _holders = 0
+    _ours: Any = None
+    _prior: Any = None
+
     def __init__(self) -> None:
-        self._ours: Any = None
-        self._prior: Any = None
-        try:
-            stance = torch.compiler.set_stance("force_eager")
-            self._ours, self._prior = stance.stance, stance.prev
-        except Exception as exc:  # an older torch, or called inside a compiled region
-            log.debug("layrot: cannot make torch.compile eager for the first step (%r)", exc)
+        self._held = False
+        cls = type(self)
+        with cls._lock:
+            if cls._holders == 0:
+                try:
+                    stance = torch.compiler.set_stance("force_eager")
+                except Exception as exc:  # an older torch, or called inside a compiled region
+                    log.debug("layrot: cannot make torch.compile eager for the first step (%r)", exc)
+                    return
+                cls._ours, cls._prior = stance.stance, stance.prev
+            cls._holders += 1
+            self._held = True
 
     def release(self) -> None:
-        """Give ``torch.compile`` back its prior stance (idempotent; kept if the job changed it meanwhile)."""
-        if self._ours is None:
-            return
-        ours, self._ours = self._ours, None
-        from torch._dynamo import eval_frame
+        """Let go (idempotent); the last holder gives back the prior stance, unless the job changed it meanwhile."""
+        cls = type(self)
+        with cls._lock:
+            if not self._held:
+                return
+            self._held = False
+            cls._holders -= 1
+            if cls._holders > 0:
+                return
+            ours, cls._ours = cls._ours, None
+            from torch._dynamo import eval_frame
 
-        if getattr(eval_frame, "_stance", None) is ours:
-            eval_frame._set_stance(self._prior)
+            if ours is not None and getattr(eval_frame, "_stance", None) is ours:
+                eval_frame._set_stance(cls._prior)
 
 
 _Wrap = Callable[[Callable[..., Any], str], Callable[..., Any]]

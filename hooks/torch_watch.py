@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -280,6 +281,8 @@ class WatchHandle(WatchBase):
         ]
         # torch.compile stays eager until the order is fixed, so removing the hooks recompiles nothing.
         self._eager = EagerUntilOrdered()
+        # The stance is global: a handle dropped before its first step must not leave the job eager.
+        weakref.finalize(self, self._eager.release)
 
     # ------------------------------------------------------------ public API
 
