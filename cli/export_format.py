@@ -10,8 +10,6 @@ output is the same, byte for byte, and about 10x faster (``benchmarks/export.py`
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -46,6 +44,9 @@ def _spell(a: np.ndarray, missing: str) -> list[str]:
 
 
 def _csv_field(value: str) -> str:
+    import csv  # here: `layrot-agent` reads EXPORT_FIELDS at start-up, a query command needs no csv
+    import io
+
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([value])
     return buf.getvalue()[:-1]

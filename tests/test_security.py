@@ -236,7 +236,7 @@ def test_token_file_errors_name_the_file(tmp_path):
 
 
 def test_serve_listens_on_loopback_by_default():
-    from layrot.cli.main import serve
+    from layrot.cli.serve_cli import serve
 
     defaults = {p.name: p.default for p in serve.params}
     assert defaults["grpc_host"] == "127.0.0.1" and defaults["metrics_host"] == "127.0.0.1"
