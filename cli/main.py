@@ -37,7 +37,6 @@ from layrot.cli.cli_common import (
 from layrot.cli.cli_common import (
     table as _table,
 )
-from layrot.cli.export_format import EXPORT_FIELDS
 from layrot.client.errors import CollectorError
 
 # Start-up matters (every command is a new process): grpc, protobuf and numpy load
@@ -47,7 +46,19 @@ from layrot.client.errors import CollectorError
 if TYPE_CHECKING:  # pragma: no cover
     from layrot.client.history import History
 
-__all__ = ["EXPORT_FIELDS", "cli", "main"]
+__all__ = ["EXPORT_FIELDS", "cli", "main"]  # noqa: F822  (EXPORT_FIELDS: module __getattr__ below)
+
+# Read commands that log nothing at the default level (see cli()).
+QUIET_COMMANDS = frozenset({"runs", "show", "export", "curves", "compare"})
+
+
+def __getattr__(name: str) -> Any:
+    # EXPORT_FIELDS lives with the writers; loaded on use, so a query command need not load them.
+    if name == "EXPORT_FIELDS":
+        from layrot.cli.export_format import EXPORT_FIELDS
+
+        return EXPORT_FIELDS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- group
@@ -95,7 +106,8 @@ class LazyGroup(click.Group):
     help="Logging level (logs go to stderr).",
 )
 @click.version_option(package_name="layrot", prog_name="layrot-agent")
-def cli(log_level: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str) -> None:
     """layrot: watch and steer layer rotation in running training jobs.
 
     \b
@@ -108,7 +120,9 @@ def cli(log_level: str) -> None:
     Or see everything end to end on a small model:
       layrot-agent demo
     """
-    import logging  # here, not at import: a query command starts faster without it
+    if log_level.lower() == "warning" and ctx.invoked_subcommand in QUIET_COMMANDS:
+        return  # nothing of these logs at the default level: they start without the logging package
+    import logging
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

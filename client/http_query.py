@@ -24,10 +24,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from layrot.client.errors import CollectorError
-from layrot.client.history import History, concat_histories
 
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
+
+    from layrot.client.history import History
 
 __all__ = ["API_PATH", "HttpQueryClient", "is_http_address", "split_http_url"]
 
@@ -253,6 +254,8 @@ class HttpQueryClient:
         """History in chunks (<= ~2000 steps each) as they stream in: one chunk in memory at a time."""
         import numpy as np
 
+        from layrot.client.history import History
+
         params = {"since_step": since_step, "until_step": until_step, "rank": rank}
         # No overall deadline: a long history may take a while to stream (a read still times out).
         with self._open(f"/runs/{self._segment(run)}/history", params, timeout=max(self.timeout, 60.0)) as resp:
@@ -281,6 +284,8 @@ class HttpQueryClient:
 
     def history(self, run: str, since_step: int = 0, until_step: int = 0, rank: int = 0) -> History:
         """Full history (inclusive step bounds; 0 = open) as numpy arrays."""
+        from layrot.client.history import concat_histories
+
         return concat_histories(run, list(self.iter_history(run, since_step, until_step, rank)))
 
     # ------------------------------------------------------------ writes: gRPC only
