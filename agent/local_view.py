@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,11 +60,17 @@ class LocalView:
         self.callbacks: list[Callable[[LayerReport], object]] = []
         self.callback_errors = 0
         self._latest: LayerReport | None = None
+        self._pending: tuple[Any, ...] | None = None  # the newest batch, not computed yet (no callbacks)
         self._lock = threading.Lock()
 
     @property
     def latest(self) -> LayerReport | None:
+        """The newest report, computed on demand from the newest batch when no callback computed it already."""
         with self._lock:
+            if self._latest is None and self._pending is not None:
+                reports = self._reports(*self._pending)
+                self._latest = reports[-1] if reports else None
+                self._pending = None
             return self._latest
 
     def observe(
@@ -74,29 +81,21 @@ class LocalView:
         wire: np.ndarray,
         rhos: Sequence[np.ndarray] | None,
     ) -> None:
-        """A packed batch: ``wire`` is (6, S, L) of norm, dist0, dstep, norm_prev, dot0, dotstep."""
-        try:
-            norm, dist0, dstep, norm_prev, dot0, dotstep = wire
-            rotation, angle = layer_rotations(self.init_norm[None, :], norm, dist0, dstep, norm_prev, dot0, dotstep)
-        except Exception as exc:  # a view of the numbers must never cost the report itself
-            self.callback_errors += 1
-            log.debug("layrot: the local view failed: %r", exc)
-            return
-        for s, step in enumerate(steps):
-            rho = None if rhos is None else np.asarray(rhos[s], dtype=np.float64)
-            report = LayerReport(
-                run=self.run,
-                step=int(step),
-                time=float(times[s]),
-                loss=float(losses[s]),
-                layer_names=self.layer_names,
-                rotation=rotation[s],
-                step_angle=angle[s],
-                weight_norm=norm[s],
-                rho=rho if rho is not None and np.isfinite(rho).any() else None,
-            )
+        """A packed batch: ``wire`` is (6, S, L) of norm, dist0, dstep, norm_prev, dot0, dotstep.
+
+        Without callbacks nothing is computed here: the batch is kept (a reference, no
+        copy) for :attr:`latest`, so a job that never asks pays nothing per report.
+        """
+        if not self.callbacks:
             with self._lock:
-                self._latest = report
+                self._pending = (steps, times, losses, wire, rhos)
+                self._latest = None
+            return
+        reports = self._reports(steps, times, losses, wire, rhos)
+        if reports:
+            with self._lock:
+                self._latest, self._pending = reports[-1], None
+        for report in reports:
             for cb in list(self.callbacks):
                 try:
                     cb(report)
@@ -104,3 +103,36 @@ class LocalView:
                     self.callback_errors += 1
                     if self.callback_errors == 1:
                         log.warning("layrot: an on_report callback raised %r; reports go on", exc, exc_info=exc)
+
+    def _reports(
+        self,
+        steps: Sequence[int],
+        times: Sequence[float],
+        losses: Sequence[float],
+        wire: np.ndarray,
+        rhos: Sequence[np.ndarray] | None,
+    ) -> list[LayerReport]:
+        try:
+            norm, dist0, dstep, norm_prev, dot0, dotstep = wire
+            rotation, angle = layer_rotations(self.init_norm[None, :], norm, dist0, dstep, norm_prev, dot0, dotstep)
+        except Exception as exc:  # a view of the numbers must never cost the report itself
+            self.callback_errors += 1
+            log.debug("layrot: the local view failed: %r", exc)
+            return []
+        out = []
+        for s, step in enumerate(steps):
+            rho = None if rhos is None else np.asarray(rhos[s], dtype=np.float64)
+            out.append(
+                LayerReport(
+                    run=self.run,
+                    step=int(step),
+                    time=float(times[s]),
+                    loss=float(losses[s]),
+                    layer_names=self.layer_names,
+                    rotation=rotation[s],
+                    step_angle=angle[s],
+                    weight_norm=norm[s],
+                    rho=rho if rho is not None and np.isfinite(rho).any() else None,
+                )
+            )
+        return out

@@ -18,12 +18,13 @@ from layrot.client.query import QueryClient
 torch.set_num_threads(1)
 
 
-def train(collector: str, run: str, steps: int = 12, on_report=None):
+def train(collector: str, run: str, steps: int = 12, on_report="collect"):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     got = []
-    handle = layrot.watch(model, opt, run=run, collector=collector, on_report=on_report or got.append)
+    callback = got.append if on_report == "collect" else on_report
+    handle = layrot.watch(model, opt, run=run, collector=collector, on_report=callback)
     params = dict(model.named_parameters())
     names = handle.layer_names
     w0 = {n: params[n].detach().double().clone() for n in names}
@@ -75,3 +76,12 @@ def test_live_reports_equal_the_collectors_history_and_a_bad_callback_costs_noth
     np.testing.assert_array_equal(np.stack([r.step_angle for r in seen]), h.step_angle)
     np.testing.assert_array_equal(np.array([r.loss for r in seen]), h.loss)
     assert stats.report_callback_errors == 1 and stats.dropped == 0
+
+
+def test_latest_without_a_callback_is_computed_on_demand():
+    handle, _, names, w0, saved = train("offline", "local-latest", on_report=None)
+    latest = handle.latest()
+    handle.close()
+    assert latest is not None and latest.step == 12
+    for i, n in enumerate(names):
+        assert rel_err(latest.rotation[i], cosine_distance(w0[n].numpy(), saved[12][n].numpy())) <= 1e-6
