@@ -68,7 +68,7 @@ class LocalView:
         """The newest report, computed on demand from the newest batch when no callback computed it already."""
         with self._lock:
             if self._latest is None and self._pending is not None:
-                reports = self._reports(*self._pending)
+                reports = self._reports(self._pending)
                 self._latest = reports[-1] if reports else None
                 self._pending = None
             return self._latest
@@ -91,7 +91,7 @@ class LocalView:
                 self._pending = (steps, times, losses, wire, rhos)
                 self._latest = None
             return
-        reports = self._reports(steps, times, losses, wire, rhos)
+        reports = self._reports((steps, times, losses, wire, rhos))
         if reports:
             with self._lock:
                 self._latest, self._pending = reports[-1], None
@@ -104,14 +104,9 @@ class LocalView:
                     if self.callback_errors == 1:
                         log.warning("layrot: an on_report callback raised %r; reports go on", exc, exc_info=exc)
 
-    def _reports(
-        self,
-        steps: Sequence[int],
-        times: Sequence[float],
-        losses: Sequence[float],
-        wire: np.ndarray,
-        rhos: Sequence[np.ndarray] | None,
-    ) -> list[LayerReport]:
+    def _reports(self, batch: tuple[Any, ...]) -> list[LayerReport]:
+        """One report per step of a batch ``(steps, times, losses, wire, rhos)`` as :meth:`observe` takes it."""
+        steps, times, losses, wire, rhos = batch
         try:
             norm, dist0, dstep, norm_prev, dot0, dotstep = wire
             rotation, angle = layer_rotations(self.init_norm[None, :], norm, dist0, dstep, norm_prev, dot0, dotstep)

@@ -733,18 +733,11 @@ class NotLearning:
                 "(scrambled, as by a far too large Layca rate)"
             )
         of = f" of {rs.total_steps}" if rs.total_steps else ""
-        self._fire(
-            rs,
-            st,
-            top,
-            before=middle,
-            now=last,
-            line=min(middle, last) - drop * abs(min(middle, last)),
-            text=(
-                f"not learning: at step {top}{of}, the loss {last:.4g} (median of the last third) has not fallen "
-                f"{100 * drop:g} % below {middle:.4g} (the middle third) and {why}"
-            ),
+        text = (
+            f"not learning: at step {top}{of}, the loss {last:.4g} (median of the last third) has not fallen "
+            f"{100 * drop:g} % below {middle:.4g} (the middle third) and {why}"
         )
+        self._fire(rs, st, top, middle, last, _below(min(middle, last), drop), text)
         return True
 
     def _loss_test(self, rs: RunState, st: LearningState, th: Thresholds, top: int) -> None:
@@ -765,19 +758,12 @@ class NotLearning:
         # Flat all the way: a run that fell well below u by halfway learned, and a bump of its loss now is not that.
         if not (now >= u - drop * abs(u) and now >= h - drop * abs(h) and h >= u - drop * abs(u)):
             return
-        self._fire(
-            rs,
-            st,
-            top,
-            before=u,
-            now=now,
-            line=min(u, h) - drop * abs(min(u, h)),
-            text=(
-                f"not learning: after {st.reported} reported steps with a loss, the loss is {now:.4g} (median of "
-                f"the last {NL_RECENT}): not {100 * drop:g} % below its untrained value {u:.4g} nor below its "
-                f"level halfway {h:.4g}"
-            ),
+        text = (
+            f"not learning: after {st.reported} reported steps with a loss, the loss is {now:.4g} (median of "
+            f"the last {NL_RECENT}): not {100 * drop:g} % below its untrained value {u:.4g} nor below its "
+            f"level halfway {h:.4g}"
         )
+        self._fire(rs, st, top, u, now, _below(min(u, h), drop), text)
 
     def _fire(
         self, rs: RunState, st: LearningState, top: int, before: float, now: float, line: float, text: str
@@ -976,3 +962,8 @@ class RejectionBursts:
                 ),
             )
         )
+
+
+def _below(level: float, drop: float) -> float:
+    """The loss the run must fall under to count as learning again: ``drop`` (relative) below ``level``."""
+    return level - drop * abs(level)
