@@ -455,11 +455,9 @@ class HttpApi:
             finally:
                 items.put(None)
 
-        # Validation errors (bad since, no alert engine) surface before the headers: one clean error answer.
-        if not math.isfinite(request.since):
-            raise ApiError("INVALID_ARGUMENT", f"since must be finite unix seconds, got {request.since}")
-        if servicer.alerts is None:
-            raise ApiError("UNIMPLEMENTED", "this collector has no alert engine")
+        # The servicer's own checks (bad since, no alert engine) before the headers: one clean error answer.
+        self._call(lambda s, c: s._check_since(request, c), peer)
+        self._call(lambda s, c: s._alert_hub(c), peer)
         task = asyncio.run_coroutine_threadsafe(pump(), loop)
         with self._lock:
             self._streams.add(task)
