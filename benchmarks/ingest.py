@@ -12,6 +12,18 @@ checked against the acknowledgements the clients received.
     python benchmarks/ingest.py --compare-spool  # the clients' spool on vs off
     python benchmarks/ingest.py --db postgresql://user@host/db   # PostgreSQL history
     python benchmarks/ingest.py --db postgresql://user@host/db --compare-db   # SQLite vs PostgreSQL
+    python benchmarks/ingest.py --db temp-postgresql --compare-db   # a throwaway PostgreSQL server of its own
+
+Many sessions (cheap grpc.aio clients speaking the real protocol, benchmarks/ingest_sessions.py):
+
+    python benchmarks/ingest.py --sessions 1000 --batch-interval 1 --duration 60 --layers 50
+    python benchmarks/ingest.py --sessions 5000 --batch-interval 10 --duration 60 --layers 50
+    python benchmarks/ingest.py --sessions 20 --batch-interval 0 --steps-per-batch 1   # one-step batches, saturated
+    python benchmarks/ingest.py --sessions 200 --batch-interval 0 --probe          # a light probe beside 200 saturated
+
+They print p50/p99 ack latency per kind of session, the errors the clients saw by
+code beside the collector's own refusal counters, throughput, the collector's
+peak RSS and its CPU time per layer-sample.
 
 With a PostgreSQL URL every measurement gets a schema of its own in that database
 (``layrot_bench_*``, dropped at its end), so the store check counts only its rows.
@@ -40,6 +52,33 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collector_proc import free_port, start_collector  # noqa: E402
+
+
+def scrape_labeled(url: str, name: str, label: str) -> dict[str, float]:
+    """The samples of metric ``name`` by the value of ``label`` (e.g. rejections by reason)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and label in s.labels:
+                out[s.labels[label]] = out.get(s.labels[label], 0.0) + s.value
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_peak_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of process ``pid`` in MB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -208,6 +247,119 @@ def _measure(args: argparse.Namespace, extra_serve_args: list[str], spool: bool,
         serve.wait(timeout=30)
 
 
+def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[str, object]:
+    """``--sessions``: many grpc.aio sessions at ``--batch-interval`` for ``--duration`` s (see ingest_sessions.py)."""
+    from ingest_sessions import SessionPlan, client_process, merge
+
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        db = stack.enter_context(postgres_schema(db)) if db else os.path.join(tmp, "ingest.db")
+        mport = free_port()
+        serve, address = start_collector(tmp, args.serve_arg, metrics_port=mport, db=db)
+        url = f"http://127.0.0.1:{mport}/metrics"
+        try:
+            for _ in range(300):
+                try:
+                    scrape(url)
+                    break
+                except Exception:
+                    time.sleep(0.1)
+            label = "saturated" if args.batch_interval == 0 else "light"
+            runs = [f"s-{i:05d}" for i in range(args.sessions)]
+            plans = []
+            for k in range(args.procs):
+                mine = runs[k :: args.procs]
+                plan = [SessionPlan(label, mine, args.layers, args.batch_interval, args.steps_per_batch)]
+                if args.probe and k == 0:
+                    plan.append(SessionPlan("probe", ["probe"], args.layers, 1.0, 1))
+                plans.append(plan)
+            ctx = mp.get_context("spawn")
+            q: mp.Queue = ctx.Queue()
+            procs = [
+                ctx.Process(target=client_process, args=(address, p, args.duration, args.sessions_per_channel, q))
+                for p in plans
+                if p[0].runs or len(p) > 1
+            ]
+            rej0 = scrape_labeled(url, "layrot_messages_rejected_total", "reason")
+            for p in procs:
+                p.start()
+            # Throughput and CPU over the middle of the run: not the sessions' start nor their goodbyes.
+            edge = min(5.0, args.duration / 5)
+            time.sleep(edge)
+            cpu0, m0, t0 = proc_cpu_s(serve.pid), scrape(url), time.monotonic()
+            time.sleep(max(0.5, args.duration - 2 * edge))
+            cpu1, m1, t1 = proc_cpu_s(serve.pid), scrape(url), time.monotonic()
+            summaries = [q.get(timeout=args.duration + 300) for _ in procs]
+            rej1 = scrape_labeled(url, "layrot_messages_rejected_total", "reason")
+            rss_mb = proc_rss_peak_mb(serve.pid)
+            for p in procs:
+                p.join(timeout=30)
+            key = "layrot_samples_ingested_total"
+            samples = m1.get(key, 0) - m0.get(key, 0)
+            stored = stored_steps_in(db)
+        finally:
+            serve.terminate()
+            serve.wait(timeout=30)
+    labels = merge(summaries)
+    return {
+        "labels": labels,
+        "samples": samples,
+        "samples_per_s": samples / (t1 - t0),
+        "cpu_us_per_sample": (cpu1 - cpu0) / max(samples, 1) * 1e6,
+        "collector_cpu_share": (cpu1 - cpu0) / (t1 - t0),
+        "rss_peak_mb": rss_mb,
+        "stored_steps": stored,
+        "steps_acked": sum(m["acked"] * args.steps_per_batch for m in labels.values()),
+        "collector_rejections": {k: v - rej0.get(k, 0) for k, v in rej1.items() if v - rej0.get(k, 0)},
+    }
+
+
+def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    load = os.getloadavg()
+    print(
+        f"{args.sessions} sessions x {args.layers} layers, a batch of {args.steps_per_batch} step(s) every "
+        f"{args.batch_interval:g} s (0: saturated), {args.duration:g} s, {args.procs} grpc.aio client processes; "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
+    )
+    for db_label, r in results.items():
+        print(
+            f"[{db_label}] {r['samples_per_s']:,.0f} layer-samples/s stored, collector CPU "
+            f"{r['cpu_us_per_sample']:.3f} us/sample ({r['collector_cpu_share'] * 100:.0f} % of a core), "
+            f"RSS peak {r['rss_peak_mb']:.0f} MB; store holds {r['stored_steps']:,} steps, clients got acks for "
+            f"{r['steps_acked']:,} ({'acked <= stored' if r['steps_acked'] <= r['stored_steps'] else 'MISMATCH'})"
+        )
+        for label, m in r["labels"].items():
+            print(
+                f"  {label:9} {m['served']:,}/{m['sessions']:,} sessions served, {m['acked']:,}/{m['sent']:,} "
+                f"batches acked; ack latency p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
+                f"max {m['max_ms']:.1f} ms; client errors {m['errors'] or 'none'}"
+            )
+        print(f"  collector's refusal counters over the run: {r['collector_rejections'] or 'none'}")
+        client_errors = sum(sum(m["errors"].values()) for m in r["labels"].values())
+        counted = sum(r["collector_rejections"].values())
+        print(
+            f"  errors: {client_errors} seen by clients, {counted:.0f} counted by the collector"
+            f"{'' if client_errors <= counted else '  (UNCOUNTED errors)'}"
+        )
+
+
+@contextlib.contextmanager
+def temp_postgresql() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (tests/postgres_server.py), removed at the end; yields a database URL."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from postgres_server import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("--db temp-postgresql: PostgreSQL's initdb / pg_ctl are not installed")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server.create_database()
+    finally:
+        server.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20)
@@ -231,11 +383,37 @@ def main() -> None:
         help="history in PostgreSQL: postgresql://user@host/db (default: a SQLite file in a temp dir)",
     )
     ap.add_argument("--compare-db", action="store_true", help="with --db: SQLite and PostgreSQL side by side")
+    ap.add_argument("--sessions", type=int, default=0, help="N grpc.aio sessions instead of --runs reporters")
+    ap.add_argument("--batch-interval", type=float, default=1.0, help="--sessions: s between batches (0: saturated)")
+    ap.add_argument("--duration", type=float, default=60.0, help="--sessions: seconds")
+    ap.add_argument("--steps-per-batch", type=int, default=1, help="--sessions: steps in each StepBatch")
+    ap.add_argument("--probe", action="store_true", help="--sessions: one light session more (a batch a second)")
+    ap.add_argument("--sessions-per-channel", type=int, default=50, help="--sessions: streams per gRPC connection")
+    ap.add_argument("--serve-arg", action="append", default=[], help="an extra `serve` argument (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     if args.compare_db and not args.db:
-        ap.error("--compare-db needs --db postgresql://...")
+        ap.error("--compare-db needs --db postgresql://... (or --db temp-postgresql)")
+    with contextlib.ExitStack() as stack:
+        if args.db == "temp-postgresql":
+            args.db = stack.enter_context(temp_postgresql())
+        _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
+    if args.sessions:
+        sess = {("postgresql" if args.db else "sqlite"): measure_sessions(args, args.db)}
+        if args.compare_db:
+            sess["sqlite"] = measure_sessions(args)
+        if args.json:
+            for r in sess.values():
+                for m in r["labels"].values():
+                    m.pop("latencies")
+            print(json.dumps(sess, indent=2))
+        else:
+            print_sessions(args, sess)
+        return
     results = {("postgresql" if args.db else "default"): measure(args, [], db=args.db)}
     if args.compare_db:
         results["sqlite"] = measure(args, [])

@@ -1,0 +1,228 @@
+"""Many ingest sessions against one collector: cheap grpc.aio clients speaking the real protocol.
+
+Used by ``benchmarks/ingest.py --sessions N``. Each client process runs one
+asyncio loop holding its share of the sessions; a session is one
+``Ingest.Session`` stream: Hello, then a StepBatch every ``interval`` seconds
+(``interval`` 0: saturated, as many batches as ``max_inflight`` unacknowledged
+ones allow), then Goodbye and the final Ack. The latency of a batch is the time
+from its send to the Ack that covers it (``Ack.seq`` or ``Ack.stored``).
+
+What the clients count, by code, is compared by the caller with the
+collector's own counters: an error that the collector did not count is an
+uncounted error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class SessionPlan:
+    """What one group of sessions does (every session of a group is alike)."""
+
+    label: str  # "light", "saturated", "probe": latencies are reported per label
+    runs: list[str]
+    layers: int
+    interval: float  # seconds between batches; 0 = saturated
+    steps_per_batch: int = 1
+    max_inflight: int = 8  # saturated sessions: unacknowledged batches at most
+
+
+@dataclass
+class SessionResult:
+    """One session's outcome."""
+
+    label: str
+    sent: int = 0
+    acked: int = 0
+    welcomed: bool = False
+    finished: bool = False  # the stream ended cleanly after Goodbye, every batch acked
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+
+
+def _hello(pb: Any, run: str, layers: int) -> Any:
+    return pb.Hello(
+        run=run,
+        world_size=1,
+        framework="pytorch",
+        framework_version="bench",
+        host="bench",
+        pid=1,
+        layers=[
+            pb.Layer(name=f"block{i}.weight", index=i, shape=[64, 64], init_norm=8.0, numel=4096) for i in range(layers)
+        ],
+        capabilities=pb.Capabilities(loss=False),
+        client_version="bench",
+        every=1,
+        session_id=f"bench-{run}",
+    )
+
+
+def _columns(layers: int, steps: int) -> dict[str, bytes]:
+    """Plausible measurements (norms 8, small distances), the same every batch: the collector's cost is the same."""
+    rng = np.random.default_rng(layers)
+    small = np.abs(rng.normal(size=(4, steps, layers))) * 0.01 + 0.001
+    full = np.full((steps, layers), 8.0)
+    return {
+        "norm": full.tobytes(),
+        "dist0": small[0].tobytes(),
+        "dstep": small[1].tobytes(),
+        "norm_prev": full.tobytes(),
+        "dot0": (-small[2]).tobytes(),
+        "dotstep": (-small[3]).tobytes(),
+    }
+
+
+async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, until: float) -> SessionResult:
+    res = SessionResult(plan.label)
+    cols = _columns(plan.layers, plan.steps_per_batch)
+    sent_at: dict[int, float] = {}
+    room = asyncio.Event()
+    room.set()
+    call = stub.Session()
+    try:
+        await call.write(pb.JobMessage(hello=_hello(pb, run, plan.layers)))
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
+            res.errors["no_welcome:" + (first.error.code if first is not grpc.aio.EOF else "eof")] += 1
+            call.cancel()
+            return res
+        res.welcomed = True
+
+        def settle(seq: int, now: float) -> None:
+            t = sent_at.pop(seq, None)
+            if t is not None:
+                res.latencies.append(now - t)
+                res.acked += 1
+
+        async def reader() -> None:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                kind = msg.WhichOneof("kind")
+                now = time.monotonic()
+                if kind == "ack":
+                    for seq in [s for s in sent_at if s <= msg.ack.seq] + list(msg.ack.stored):
+                        settle(seq, now)
+                    for nack in msg.ack.failed:
+                        res.errors["nack:" + nack.code] += 1
+                        sent_at.pop(nack.seq, None)
+                elif kind == "error":
+                    res.errors["session_error:" + msg.error.code] += 1
+                if len(sent_at) < plan.max_inflight:
+                    room.set()
+
+        read_task = asyncio.create_task(reader())
+        # Spread the sessions' first batches over one interval, as jobs started at different times are.
+        if plan.interval > 0:
+            await asyncio.sleep(random.random() * plan.interval)
+        step = 0
+        next_t = time.monotonic()
+        while time.monotonic() < until and not read_task.done():
+            if plan.interval > 0:
+                delay = next_t - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_t += plan.interval
+            else:
+                await room.wait()
+            res.sent += 1
+            steps = list(range(step + 1, step + 1 + plan.steps_per_batch))
+            step += plan.steps_per_batch
+            batch = pb.StepBatch(
+                seq=res.sent, steps=steps, times=[time.time()] * len(steps), num_layers=plan.layers, **cols
+            )
+            sent_at[res.sent] = time.monotonic()
+            await call.write(pb.JobMessage(steps=batch))
+            if len(sent_at) >= plan.max_inflight and plan.interval == 0:
+                room.clear()
+        await call.write(pb.JobMessage(goodbye=pb.Goodbye(last_seq=res.sent, reason="benchmark done")))
+        await call.done_writing()
+        await asyncio.wait_for(read_task, 60)
+        res.finished = not sent_at and res.acked == res.sent
+        if sent_at:
+            res.errors["unacked_at_end"] += len(sent_at)
+    except grpc.aio.AioRpcError as exc:
+        res.errors["rpc:" + exc.code().name] += 1
+    except asyncio.TimeoutError:
+        res.errors["final_ack_timeout"] += 1
+        call.cancel()
+    return res
+
+
+async def _run_plans(address: str, plans: list[SessionPlan], seconds: float, per_channel: int) -> list[SessionResult]:
+    import grpc
+
+    from layrot.proto import layrot_pb2 as pb
+    from layrot.proto import layrot_pb2_grpc as pb_grpc
+
+    until = time.monotonic() + seconds
+    channels: list[Any] = []
+    tasks = []
+    n = 0
+    opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    for plan in plans:
+        for run in plan.runs:
+            if n % per_channel == 0:
+                channels.append(grpc.aio.insecure_channel(address, options=opts))
+            n += 1
+            stub = pb_grpc.IngestStub(channels[-1])
+            tasks.append(asyncio.create_task(_session(stub, pb, grpc, plan, run, until)))
+            if n % 100 == 0:
+                await asyncio.sleep(0.01)  # open connections at a finite rate, as jobs start
+    results = list(await asyncio.gather(*tasks))
+    for ch in channels:
+        await ch.close()
+    return results
+
+
+def client_process(address: str, plans: list[SessionPlan], seconds: float, per_channel: int, result_q: Any) -> None:
+    """A client process: run every plan's sessions for ``seconds``, put a summary on ``result_q``."""
+    results = asyncio.run(_run_plans(address, plans, seconds, per_channel))
+    summary: dict[str, Any] = {"labels": {}}
+    for r in results:
+        s = summary["labels"].setdefault(
+            r.label, {"sessions": 0, "served": 0, "sent": 0, "acked": 0, "errors": Counter(), "latencies": []}
+        )
+        s["sessions"] += 1
+        s["served"] += int(r.welcomed and r.finished)
+        s["sent"] += r.sent
+        s["acked"] += r.acked
+        s["errors"].update(r.errors)
+        s["latencies"].extend(r.latencies)
+    for s in summary["labels"].values():
+        s["errors"] = dict(s["errors"])
+        s["latencies"] = np.asarray(s["latencies"], dtype=np.float64)
+    result_q.put(summary)
+
+
+def merge(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The client processes' summaries as one, per label."""
+    out: dict[str, dict[str, Any]] = {}
+    for summ in summaries:
+        for label, s in summ["labels"].items():
+            m = out.setdefault(
+                label, {"sessions": 0, "served": 0, "sent": 0, "acked": 0, "errors": Counter(), "latencies": []}
+            )
+            for k in ("sessions", "served", "sent", "acked"):
+                m[k] += s[k]
+            m["errors"].update(s["errors"])
+            m["latencies"].append(s["latencies"])
+    for m in out.values():
+        lat = np.concatenate(m["latencies"]) if m["latencies"] else np.zeros(0)
+        m["latencies"] = lat
+        m["p50_ms"] = float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan")
+        m["p99_ms"] = float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan")
+        m["max_ms"] = float(lat.max() * 1e3) if lat.size else float("nan")
+        m["errors"] = dict(m["errors"])
+    return out
