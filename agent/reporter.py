@@ -186,6 +186,8 @@ class ReporterStats:
 
     submitted: int = 0
     sent_steps: int = 0
+    #: StepBatch messages written to a live stream (resends included): fewer per step when the collector lags.
+    sent_batches: int = 0
     acked_steps: int = 0
     spooled_steps: int = 0
     spool_pending_steps: int = 0
@@ -352,7 +354,10 @@ class Reporter:
         max_unacked_bytes: bytes of unacknowledged batches kept in memory for resending;
             beyond it the oldest are read back from the spool when needed (without
             a spool they are dropped and counted).
-        flush_interval: seconds the exporter waits to fill a batch.
+        flush_interval: seconds the exporter waits to fill a batch while the collector keeps up;
+            each batch waiting for its ack lengthens the wait by as much again, up to
+            ``max_flush_interval``, so a loaded collector gets bigger batches, not more of them.
+        max_flush_interval: the longest wait (seconds) for a batch to fill.
         max_inflight: batches sent on a session and not yet acknowledged before sending pauses.
         welcome_timeout: seconds to wait for the collector's ``Welcome`` before sending
             batches anyway (a collector older than ``Welcome`` sends none).
@@ -387,6 +392,7 @@ class Reporter:
         max_unacked_bytes: int = 64 << 20,
         max_batch_bytes: int = 1 << 20,
         flush_interval: float = 0.05,
+        max_flush_interval: float = 2.0,
         backoff_initial: float = 0.25,
         backoff_max: float = 10.0,
         max_inflight: int = 256,
@@ -437,6 +443,7 @@ class Reporter:
         per_step = 8 * max(1, self.num_layers) * (len(WIRE_ROWS) + 1) + 64  # the wire rows and rho, float64
         self._batch_steps = max(1, min(256, max_batch_bytes // per_step))
         self._flush_interval = flush_interval
+        self._max_flush_interval = max(flush_interval, max_flush_interval)
         self._backoff = (backoff_initial, backoff_max)
         self._max_inflight = max(1, int(max_inflight))
         self._welcome_timeout = welcome_timeout
@@ -638,7 +645,8 @@ class Reporter:
         batch: list[StepRecord] = []
         first = 0.0
         while True:
-            timeout = self._flush_interval if not batch else max(0.0, first + self._flush_interval - time.monotonic())
+            interval = self._batch_wait()
+            timeout = interval if not batch else max(0.0, first + interval - time.monotonic())
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -657,9 +665,20 @@ class Reporter:
                 if not batch:
                     first = time.monotonic()
                 batch.append(item)  # type: ignore[arg-type]
-            if batch and (len(batch) >= self._batch_steps or time.monotonic() - first >= self._flush_interval):
+            if batch and (len(batch) >= self._batch_steps or time.monotonic() - first >= interval):
                 self._emit_guarded(batch)
                 batch = []
+
+    def _batch_wait(self) -> float:
+        """How long the exporter lets a batch fill: longer the more batches wait for their acks.
+
+        Unacknowledged batches pile up when the collector (or the path to it) is slow; more,
+        smaller messages would only add to its per-message cost. So each waiting batch adds one
+        ``flush_interval``, up to ``max_flush_interval`` (and a batch never exceeds its step
+        bound): under load the job sends fewer, bigger batches, and nothing is dropped for it.
+        """
+        waiting = len(self._entries)  # read without the lock: a hint, one len() of a dict
+        return min(self._max_flush_interval, self._flush_interval * (1 + waiting))
 
     def _emit_guarded(self, batch: list[StepRecord]) -> None:
         """``_emit``, but a failure loses this batch (counted, logged once) instead of the exporter thread."""
@@ -1017,6 +1036,7 @@ class Reporter:
                             setattr(self.stats, counter, getattr(self.stats, counter) + entry.steps)
                     continue
             self.stats.sent_steps += entry.steps
+            self.stats.sent_batches += 1
             yield frame_batch(payload, entry.seq)
 
     def _next_entry(self, wait: float) -> tuple[_Entry | None, float]:
