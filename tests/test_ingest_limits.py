@@ -80,7 +80,9 @@ def test_a_40000_layer_hello_is_refused_while_queries_are_answered(collector_fac
     finally:
         stop.set()
         t.join(10)
-    assert latencies and max(latencies) < 1.0
+    # Answered throughout, never stuck behind the refusals. Not a speed bound (this ran beside other
+    # work at 1.0 s once; a quiet run answers in ~2 ms): a hang or a loop blocked for seconds fails it.
+    assert latencies and max(latencies) < 5.0
     assert rejected(c, "bad_hello") == 3 and c.state.runs == {}
 
 
