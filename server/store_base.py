@@ -309,7 +309,10 @@ class QueuedStore:
     def _commit_items(self, conn: Any, items: list[Item]) -> list[tuple[Item, str | None]]:
         """Commit ``items`` in one transaction, else one by one; each item with None (stored) or the reason."""
         try:
-            self._execute(conn, items)
+            if len(items) > 1:
+                self._execute_coalesced(conn, items)
+            else:
+                self._execute(conn, items)
             self.commits += 1
             return [(it, None) for it in items]
         except Exception as exc:  # disk full, locked db, lost server, bad row: never kill the writer
@@ -336,6 +339,30 @@ class QueuedStore:
                 self._rollback(conn)
                 out.append((it, f"{type(exc).__name__}: {exc}"))
         return out
+
+    def _execute_coalesced(self, conn: Any, items: list[Item]) -> None:
+        """``_execute`` of several items with one progress UPDATE per run: the last one queued.
+
+        Every progress UPDATE sets the same columns of its run's row, so within one transaction
+        only the last one queued for a run decides what is stored; the earlier ones were one
+        statement per StepBatch for nothing (a run sending one-step batches paid one per step).
+        The items keep their own ops for the one-by-one retry after a failed transaction.
+        """
+        last: dict[Any, tuple[int, int]] = {}
+        for i, it in enumerate(items):
+            for j, (name, params, _many) in enumerate(it.ops):
+                if name == PROGRESS:
+                    last[params[2]] = (i, j)
+        keep = set(last.values())
+        saved = [it.ops for it in items]
+        try:
+            for i, it in enumerate(items):
+                if any(name == PROGRESS for name, _p, _m in it.ops):
+                    it.ops = [op for j, op in enumerate(it.ops) if op[0] != PROGRESS or (i, j) in keep]
+            self._execute(conn, items)
+        finally:
+            for it, ops in zip(items, saved):
+                it.ops = ops
 
     def _writer(self) -> None:
         conn = self._open_writer()
