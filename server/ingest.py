@@ -376,9 +376,11 @@ class IngestServicer(pb_grpc.IngestServicer):
                     await self._hello(msg.hello, sess)
                     continue
                 if kind == "steps":
-                    while self.pending_samples > self.max_pending_samples:
+                    while self.pending_samples > self.max_pending_samples and sess.inflight > 0:
                         # Backpressure: stop reading this stream until commits make room (gRPC's
                         # flow control then holds the job's sends), woken by the commit, not a timer.
+                        # A session with nothing in flight is always read (fair service: one batch
+                        # per session beyond the bound at most), so others' backlog never holds it.
                         self._room.clear()
                         await self._room.wait()
                     self._batch(msg.steps, sess)
@@ -620,6 +622,9 @@ class IngestServicer(pb_grpc.IngestServicer):
         n_samples = n_steps * sess.num_layers
         first = rs.view.first_report is None
         token = BatchToken(sess, seq, n_steps, n_samples, max(r[2] for r in rows))
+        # Fair service: the batch of a run with nothing else queued takes the store's fast lane, so
+        # a light job's ack waits for one transaction, not for the saturated jobs' backlog.
+        urgent = sess.inflight == 0 and all(s.inflight == 0 for s in rs.sessions)
         try:
             self.store.submit_batch(
                 rows,
@@ -628,6 +633,7 @@ class IngestServicer(pb_grpc.IngestServicer):
                 rs.nonfinite + nonfinite,
                 first_report=snap.time if first else None,
                 token=token,
+                urgent=urgent,
             )
         except StoreValueError as exc:  # decode_batch should have caught it: a bug, refuse this batch only
             self._refuse_batch(seq, sess, rs, SessionReject("bad_batch", f"cannot be stored: {exc}"))

@@ -38,6 +38,7 @@ import json
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +149,9 @@ def layer_params(run_id: int, lay: LayerRecord) -> tuple:
     )
 
 
+# What the fast lane puts into the writer's queue to wake it: the item itself waits in QueuedStore._urgent.
+_WAKE = object()
+
 # (statement name, parameters or rows, executemany?)
 Op = tuple[str, Sequence[Any], bool]
 
@@ -162,6 +166,7 @@ class Item:
     done: threading.Event | None = None
     nbytes: int = 0  # bytes of the rows' blob columns (the per-layer values)
     new_rows: int = 0  # step rows this item added (not replaced) in its last commit attempt
+    order: int = 0  # when it was queued (QueuedStore._put)
 
 
 def _blob_bytes(rows: Sequence[Sequence[Any]]) -> int:
@@ -205,7 +210,11 @@ class QueuedStore:
         self.failed_items = 0
         self._pending = 0
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item | object | None] = queue.SimpleQueue()
+        # The fast lane (submit_batch(urgent=True)): taken into the next transaction before
+        # anything waiting in _queue, so a light job's batch is not queued behind others' backlog.
+        self._urgent: deque[Item] = deque()
+        self._order = 0  # put order: a transaction runs its items in it, whatever their lane
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -248,12 +257,16 @@ class QueuedStore:
         """Rows (plus statements) queued but not yet committed."""
         return self._pending
 
-    def _put(self, item: Item) -> None:
+    def _put(self, item: Item, urgent: bool = False) -> None:
         if self._closed:
             raise RuntimeError("store is closed")
         with self._lock:
             self._pending += item.nrows
-        self._queue.put(item)
+            self._order += 1
+            item.order = self._order
+            if urgent:
+                self._urgent.append(item)
+        self._queue.put(_WAKE if urgent else item)
 
     def _submit(self, name: str, params: Sequence[Any], token: Any = None) -> None:
         check_params(params)
@@ -272,8 +285,14 @@ class QueuedStore:
         nonfinite: int,
         first_report: float | None = None,
         token: Any = None,
+        urgent: bool = False,
     ) -> None:
-        """Queue one StepBatch as one unit: its step rows and its run's progress commit together or not at all."""
+        """Queue one StepBatch as one unit: its step rows and its run's progress commit together or not at all.
+
+        ``urgent``: the fast lane, committed in the next transaction ahead of the queue's backlog.
+        The caller uses it for a run with nothing else queued (so its rows and progress do not
+        overtake its own earlier ones) and at most one item per session (so the lane stays short).
+        """
         check_step_rows(rows)
         progress = (last_seen, nonfinite, run_id)
         check_params(progress)
@@ -281,7 +300,7 @@ class QueuedStore:
         if first_report is not None:
             check_params((first_report, run_id))
             ops.append((FIRST_REPORT, (first_report, run_id), False))
-        self._put(Item(ops, token, len(rows) + len(ops) - 1, nbytes=_blob_bytes(rows)))
+        self._put(Item(ops, token, len(rows) + len(ops) - 1, nbytes=_blob_bytes(rows)), urgent=urgent)
 
     def barrier(self, token: Any) -> None:
         """Queue nothing but a token: it is released after everything queued before it commits."""
@@ -371,8 +390,18 @@ class QueuedStore:
             first = self._queue.get()
             if first is None:
                 break
-            items = [first]
-            nrows, nbytes = first.nrows, first.nbytes
+            items: list[Item] = []
+            nrows = nbytes = 0
+            with self._lock:
+                while self._urgent:
+                    it = self._urgent.popleft()
+                    items.append(it)
+                    nrows += it.nrows
+                    nbytes += it.nbytes
+            if isinstance(first, Item):
+                items.append(first)
+                nrows += first.nrows
+                nbytes += first.nbytes
             while nrows < self.max_rows_per_commit and nbytes < self.max_bytes_per_commit:
                 try:
                     nxt = self._queue.get_nowait()
@@ -381,9 +410,14 @@ class QueuedStore:
                 if nxt is None:
                     stop = True
                     break
+                if not isinstance(nxt, Item):
+                    continue  # a fast-lane wake-up: its item is in this transaction already (or the next)
                 items.append(nxt)
                 nrows += nxt.nrows
                 nbytes += nxt.nbytes
+            if not items:
+                continue
+            items.sort(key=lambda it: it.order)  # one transaction runs its items in the order they were queued
             outcome = self._commit_items(conn, items)
             with self._lock:
                 self._pending -= nrows
