@@ -52,6 +52,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # New calls gRPC may queue before the handler loop picks them up (default 1000).
 MAX_PENDING_CALLS = 65536
+# The HTTP/2 window of one stream: a job's batch (1 MiB at most by default) fits in one window.
+STREAM_WINDOW_BYTES = 1 << 20
 
 INGEST_SERVICE = "layrot.v1.Ingest"
 QUERY_SERVICE = "layrot.v1.Query"
@@ -346,6 +348,11 @@ class Collector:
                 # so allow a large backlog of new sessions.
                 ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                 ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+                # What gRPC buffers for a stream the servicer stops reading (backpressure) is its
+                # flow-control window: fixed at STREAM_WINDOW_BYTES (BDP probing would grow it per
+                # stream on a fast link), so 1,000 held streams cost at most ~1 GB, not more.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             ],
             interceptors=[TokenInterceptor(self.token, self.read_token, on_reject=self.state.reject)],
         )
