@@ -269,10 +269,11 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
             plans = []
             for k in range(args.procs):
                 mine = runs[k :: args.procs]
-                plan = [SessionPlan(label, mine, args.layers, args.batch_interval, args.steps_per_batch)]
-                if args.probe and k == 0:
-                    plan.append(SessionPlan("probe", ["probe"], args.layers, 1.0, 1))
-                plans.append(plan)
+                plans.append([SessionPlan(label, mine, args.layers, args.batch_interval, args.steps_per_batch)])
+            if args.probe:
+                # A process of its own: its latencies are the collector's, not those of a client loop
+                # busy building the saturated sessions' batches.
+                plans.append([SessionPlan("probe", ["probe"], args.layers, 1.0, 1)])
             ctx = mp.get_context("spawn")
             q: mp.Queue = ctx.Queue()
             procs = [
@@ -309,7 +310,7 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
         "collector_cpu_share": (cpu1 - cpu0) / (t1 - t0),
         "rss_peak_mb": rss_mb,
         "stored_steps": stored,
-        "steps_acked": sum(m["acked"] * args.steps_per_batch for m in labels.values()),
+        "steps_acked": sum(m["acked_steps"] for m in labels.values()),
         "collector_rejections": {k: v - rej0.get(k, 0) for k, v in rej1.items() if v - rej0.get(k, 0)},
     }
 

@@ -43,6 +43,7 @@ class SessionResult:
     label: str
     sent: int = 0
     acked: int = 0
+    acked_steps: int = 0
     welcomed: bool = False
     finished: bool = False  # the stream ended cleanly after Goodbye, every batch acked
     latencies: list[float] = field(default_factory=list)
@@ -103,6 +104,7 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
             if t is not None:
                 res.latencies.append(now - t)
                 res.acked += 1
+                res.acked_steps += plan.steps_per_batch
 
         async def reader() -> None:
             while True:
@@ -186,18 +188,21 @@ async def _run_plans(address: str, plans: list[SessionPlan], seconds: float, per
     return results
 
 
+def _tally() -> dict[str, Any]:
+    return {"sessions": 0, "served": 0, "sent": 0, "acked": 0, "acked_steps": 0, "errors": Counter(), "latencies": []}
+
+
 def client_process(address: str, plans: list[SessionPlan], seconds: float, per_channel: int, result_q: Any) -> None:
     """A client process: run every plan's sessions for ``seconds``, put a summary on ``result_q``."""
     results = asyncio.run(_run_plans(address, plans, seconds, per_channel))
     summary: dict[str, Any] = {"labels": {}}
     for r in results:
-        s = summary["labels"].setdefault(
-            r.label, {"sessions": 0, "served": 0, "sent": 0, "acked": 0, "errors": Counter(), "latencies": []}
-        )
+        s = summary["labels"].setdefault(r.label, _tally())
         s["sessions"] += 1
         s["served"] += int(r.welcomed and r.finished)
         s["sent"] += r.sent
         s["acked"] += r.acked
+        s["acked_steps"] += r.acked_steps
         s["errors"].update(r.errors)
         s["latencies"].extend(r.latencies)
     for s in summary["labels"].values():
@@ -211,10 +216,8 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for summ in summaries:
         for label, s in summ["labels"].items():
-            m = out.setdefault(
-                label, {"sessions": 0, "served": 0, "sent": 0, "acked": 0, "errors": Counter(), "latencies": []}
-            )
-            for k in ("sessions", "served", "sent", "acked"):
+            m = out.setdefault(label, _tally())
+            for k in ("sessions", "served", "sent", "acked", "acked_steps"):
                 m[k] += s[k]
             m["errors"].update(s["errors"])
             m["latencies"].append(s["latencies"])
