@@ -22,10 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# 2: runs.key_hash (run ownership). Tables added later use CREATE TABLE IF NOT EXISTS;
+# 2: runs.key_hash (run ownership). 3: steps split into steps (per rank) + samples (float32 values,
+# once per identical content: DDP dedup), raw inputs no longer stored.
+# Tables added later use CREATE TABLE IF NOT EXISTS;
 # bump SCHEMA_VERSION for any change an older layrot must not open, and add its
 # migration to both backends.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Bounds of every value that goes into SQL (check_params). SQLite integers and
 # PostgreSQL BIGINTs are signed 64-bit: a Python int beyond them fails the whole batch.

@@ -34,6 +34,7 @@ SQL that both dialects accept, written with ``?`` placeholders; a backend's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -42,6 +43,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from layrot.server.store_api import (
     INT64_MAX,
@@ -77,6 +80,92 @@ STEP_COLUMNS = (
     "dot0",
     "dotstep",
 )
+
+# Schema 3 stores a step in two tables (the input rows keep ``STEP_COLUMNS``; ``encode_steps`` splits them):
+# ``steps``: one row per (run, rank, step), what each rank has of its own, and the digest of its values;
+# ``samples``: the per-layer values, once per (run, step, digest), so DDP ranks replicating their
+# parameters (byte-identical measurements) share one. Values are float32: the derived quantities
+# are exact to float32's 6e-8 relative, far inside their 1e-6 use; float64 added bytes, not meaning.
+# The raw inputs (dist0, dstep, norm_prev, dot0, dotstep) are not stored: the API never offered them
+# and the derived values they gave are stored.
+STEP_TABLE_COLUMNS = ("run_id", "rank", "step", "time", "loss", "command_version", "digest")
+SAMPLE_COLUMNS = ("run_id", "step", "digest", "rotation", "step_angle", "weight_norm", "rho")
+# The float64 columns of an input row that go into ``samples`` (rotation, step_angle, weight_norm, rho).
+_VALUE_INDEX = (6, 7, 8, 9)
+DIGEST_BYTES = 16
+
+
+def _f32(blobs: list[bytes]) -> list[bytes]:
+    """Float64 blobs of equal length as float32 blobs (one conversion for them all)."""
+    if not blobs:
+        return []
+    n = len(blobs[0])
+    if any(len(b) != n for b in blobs):
+        return [np.frombuffer(b, dtype="<f8").astype("<f4").tobytes() for b in blobs]
+    with np.errstate(over="ignore"):  # a value beyond float32 (> 3.4e38) becomes inf, as non-finite input is
+        flat = np.frombuffer(b"".join(blobs), dtype="<f8").astype("<f4").tobytes()
+    m = n // 2
+    return [flat[i * m : (i + 1) * m] for i in range(len(blobs))]
+
+
+def encode_steps(rows: Sequence[Sequence[Any]]) -> tuple[list[tuple], list[tuple]]:
+    """Input rows (``STEP_COLUMNS``) as (``steps`` rows, ``samples`` rows) of schema 3.
+
+    One float32 conversion per column for all the rows (no per-layer Python); the digest
+    (blake2b of the float32 values) makes the samples of identical ranks one row.
+    """
+    if not rows:
+        return [], []
+    cols = []
+    for c in _VALUE_INDEX:
+        present = [r[c] for r in rows if r[c] is not None]
+        if len(present) == len(rows):
+            cols.append(_f32(present))
+        elif not present:
+            cols.append([None] * len(rows))
+        else:  # mixed (never from one batch): one by one
+            conv = iter(_f32(present))
+            cols.append([None if r[c] is None else next(conv) for r in rows])
+    steps, samples = [], []
+    for i, r in enumerate(rows):
+        rot, ang, wn, rho = cols[0][i], cols[1][i], cols[2][i], cols[3][i]
+        h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+        for v in (rot, ang, wn):
+            h.update(v or b"")
+            h.update(b"|")
+        h.update(b"-" if rho is None else rho)
+        d = h.digest()
+        steps.append((r[0], r[1], r[2], r[3], r[4], r[5], d))
+        samples.append((r[0], r[2], d, rot, ang, wn, rho))
+    return steps, samples
+
+
+def _f64(blob: Any) -> bytes | None:
+    """A stored float32 blob as the float64 blob the readers expect."""
+    if blob is None:
+        return None
+    return np.frombuffer(blob, dtype="<f4").astype("<f8").tobytes()
+
+
+def decode_values(row: Sequence[Any], start: int) -> tuple:
+    """``row`` with its four value columns from ``start`` on as float64 blobs."""
+    return (*row[:start], *(_f64(v) for v in row[start : start + 4]), *row[start + 4 :])
+
+
+# The reads of a step with its values: ``steps`` joined to its ``samples`` row.
+_SAMPLE_JOIN = "FROM steps s JOIN samples m ON m.run_id = s.run_id AND m.step = s.step AND m.digest = s.digest"
+
+
+def migrate_v2_rows(v2_rows: Sequence[Sequence[Any]]) -> tuple[list[tuple], list[tuple]]:
+    """Rows of a schema-2 ``steps`` table (``STEP_COLUMNS``) as schema-3 rows, samples deduplicated."""
+    out_steps: list[tuple] = []
+    out_samples: dict[tuple, tuple] = {}
+    for r in v2_rows:  # one at a time: rows of different runs have different layer counts
+        st, sa = encode_steps([tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)])
+        out_steps += st
+        out_samples.setdefault(sa[0][:3], sa[0])
+    return out_steps, list(out_samples.values())
+
 
 # Names of the statements an item may hold (each backend maps them to SQL; "steps" are step rows).
 STEPS = "steps"
@@ -555,20 +644,23 @@ class QueuedStore:
             if rank is not None:
                 rec.last_rank = rank
                 rows = self._fetchall(
-                    "SELECT step, time, loss, rotation, step_angle, weight_norm, rho FROM steps"
-                    " WHERE run_id=? AND rank=? ORDER BY step DESC LIMIT 1",
+                    "SELECT s.step, s.time, s.loss, m.rotation, m.step_angle, m.weight_norm, m.rho "
+                    + _SAMPLE_JOIN
+                    + " WHERE s.run_id=? AND s.rank=? ORDER BY s.step DESC LIMIT 1",
                     (rec.run_id, rank),
                 )
-                rec.last_row = tuple(rows[0]) if rows else None
+                rec.last_row = decode_values(rows[0], 3) if rows else None
         return out
 
     def history_page(self, run_id: int, rank: int, after_step: int, until_step: int, limit: int) -> list[tuple]:
         """Rows (step, time, loss, rotation, step_angle, weight_norm, rho) with after_step < step <= until_step."""
-        return self._fetchall(
-            "SELECT step, time, loss, rotation, step_angle, weight_norm, rho FROM steps"
-            " WHERE run_id=? AND rank=? AND step>? AND step<=? ORDER BY step LIMIT ?",
+        rows = self._fetchall(
+            "SELECT s.step, s.time, s.loss, m.rotation, m.step_angle, m.weight_norm, m.rho "
+            + _SAMPLE_JOIN
+            + " WHERE s.run_id=? AND s.rank=? AND s.step>? AND s.step<=? ORDER BY s.step LIMIT ?",
             (run_id, rank, after_step, until_step, limit),
         )
+        return [decode_values(r, 3) for r in rows]
 
     def ranks(self, run_id: int) -> list[int]:
         """Ranks with stored rows for a run."""

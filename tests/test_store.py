@@ -39,6 +39,11 @@ def step_row(run_id: int, step: int, blob: bytes = BLOB, rank: int = 0) -> tuple
     return (run_id, rank, step, 1.0, None, None, blob, blob, blob, None, blob, blob, blob, None, None)
 
 
+def f32_rounded(blob: bytes) -> bytes:
+    """Float64 bytes of ``blob``'s values rounded to float32: what schema 3 gives back."""
+    return np.frombuffer(blob, "<f8").astype("<f4").astype("<f8").tobytes()
+
+
 def run_record(run_id: int, name: str, numel: int = 4) -> RunRecord:
     layers = [LayerRecord(0, "w", [2, 2], 1.0, numel, "Linear")]
     return RunRecord(run_id, name, "pytorch", "2", "h", 1, 1, {}, {}, 0.0, None, None, 0, layers)
@@ -230,12 +235,19 @@ def test_a_resend_in_the_same_transaction_as_its_original(backend):
         store.close()
     assert out.stored == ["run", "first", "original", "resend"] and out.failed == []
     assert out.new_rows == [0, 0, 2, 1]
-    rows = backend.query("SELECT step, rotation FROM steps ORDER BY step")
-    assert [(r[0], bytes(r[1])) for r in rows] == [(1, old), (2, new), (3, new)]
+    rows = backend.query(
+        "SELECT s.step, m.rotation FROM steps s JOIN samples m"
+        " ON m.run_id = s.run_id AND m.step = s.step AND m.digest = s.digest ORDER BY s.step"
+    )
+    f32 = [np.frombuffer(b, "<f8").astype("<f4").tobytes() for b in (old, new)]  # stored as float32
+    assert [(r[0], bytes(r[1])) for r in rows] == [(1, f32[0]), (2, f32[1]), (3, f32[1])]
 
 
 def test_everything_stored_is_read_back_exactly(backend):
-    """Runs, layers, steps (float64 bytes), commands, audit, alerts and thresholds survive a reopen unchanged."""
+    """Runs, layers, steps, commands, audit, alerts and thresholds survive a reopen unchanged.
+
+    The per-layer values come back as float64 bytes of their float32 rounding (schema 3), within 6e-8 relative.
+    """
     rng = np.random.default_rng(0)
     cols = [rng.standard_normal(3).tobytes() for _ in range(8)]
     row = (1, 2, 7, 123.25, 0.5, 3, *cols[:3], None, *cols[3:7], cols[7])
@@ -273,7 +285,10 @@ def test_everything_stored_is_read_back_exactly(backend):
         assert got.layers == rec.layers and got.stored_steps == {2: 7} and got.last_rank == 2
         assert got.last_row is not None and [
             bytes(v) if isinstance(v, (bytes, memoryview)) else v for v in got.last_row
-        ] == [7, 123.25, 0.5, *cols[:3], None]
+        ] == [7, 123.25, 0.5, *(f32_rounded(c) for c in cols[:3]), None]
+        for c, v in zip(cols[:3], got.last_row[3:6]):
+            ref = np.frombuffer(c, "<f8")
+            assert np.abs(np.frombuffer(v, "<f8") / ref - 1).max() <= 6e-8
         assert store.ranks(1) == [2] and store.stored_steps(1, 2, [6, 7, 8]) == [7]
         assert store.recent_steps(1, 2, 5) == [(7, 123.25)]
         assert store.highest_run_id() == 1
