@@ -109,15 +109,16 @@ def test_torch_job_on_postgresql_exact_through_a_restart_and_a_locked_table(post
     assert list(hist.steps) == list(range(1, n + 1))
     assert rel_err(hist.rotation, rot_ref).max() <= TOL
     assert rel_err(hist.step_angle, ang_ref).max() <= TOL
-    # Straight from PostgreSQL, through a connection of our own: one row per step, the same float64 values.
+    # Straight from PostgreSQL, through a connection of our own: one row per step, the same (float32) values.
     with psycopg.connect(postgres_url) as conn:
         rows = conn.execute(
-            "SELECT step, rotation, step_angle FROM steps JOIN runs ON runs.id = steps.run_id"
-            " WHERE runs.run = 'pg-torch' ORDER BY step"
+            "SELECT s.step, m.rotation, m.step_angle FROM steps s JOIN runs ON runs.id = s.run_id"
+            " JOIN samples m ON m.run_id = s.run_id AND m.step = s.step AND m.digest = s.digest"
+            " WHERE runs.run = 'pg-torch' ORDER BY s.step"
         ).fetchall()
     assert [r[0] for r in rows] == list(range(1, n + 1))
-    db_rot = np.stack([np.frombuffer(r[1], dtype="<f8") for r in rows])
-    db_ang = np.stack([np.frombuffer(r[2], dtype="<f8") for r in rows])
+    db_rot = np.stack([np.frombuffer(r[1], dtype="<f4").astype("<f8") for r in rows])
+    db_ang = np.stack([np.frombuffer(r[2], dtype="<f4").astype("<f8") for r in rows])
     assert np.array_equal(db_rot, hist.rotation) and np.array_equal(db_ang, hist.step_angle)
 
 
