@@ -370,11 +370,31 @@ class Store(QueuedStore):
                     if new < len(steps):  # some steps were stored already: write their newest values
                         conn.executemany(INSERT_STEP, steps)
                     it.new_rows += new
+                elif name == sb.SQL:
+                    sql, args, counted = params
+                    n = conn.execute(sql, args).rowcount
+                    if counted:
+                        it.new_rows += max(n, 0)
                 elif many:
                     conn.executemany(STATEMENTS[name], params)
                 else:
                     conn.execute(STATEMENTS[name], params)
         conn.execute("COMMIT")
+
+    def reclaim(self) -> None:
+        """VACUUM on a connection of its own after a WAL checkpoint: the file shrinks to what it holds.
+
+        VACUUM rewrites the file and holds the write lock meanwhile: the writer's commits wait
+        (``busy_timeout``) and ingest backs off, so run it from ``compact``, not on every pass.
+        """
+        self.flush()
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         try:

@@ -179,6 +179,21 @@ COMMAND = "command"
 AUDIT = "audit"
 ALERT = "alert"
 THRESHOLDS = "thresholds"  # (run, overrides, updated)
+# Maintenance (retention, delete, compact: server/retention.py): (sql with ? placeholders, params, counted);
+# the rows a counted statement deletes go to the item's ``new_rows``. SQL both dialects accept.
+SQL = "sql"
+
+# What deleting a run removes, table by table (``?``: the run id; alerts and thresholds are keyed by name).
+DELETE_RUN_SQL = (
+    ("DELETE FROM steps WHERE run_id = ?", True),
+    ("DELETE FROM samples WHERE run_id = ?", False),
+    ("DELETE FROM layers WHERE run_id = ?", False),
+    ("DELETE FROM commands WHERE run_id = ?", False),
+    ("DELETE FROM audit WHERE run_id = ?", False),
+    ("DELETE FROM control_acks WHERE run_id = ?", False),
+    ("DELETE FROM runs WHERE id = ?", False),
+)
+DELETE_RUN_BY_NAME_SQL = ("DELETE FROM alerts WHERE run = ?", "DELETE FROM alert_thresholds WHERE run = ?")
 
 
 def check_step_rows(rows: Sequence[Sequence[Any]]) -> None:
@@ -391,6 +406,69 @@ class QueuedStore:
             ops.append((FIRST_REPORT, (first_report, run_id), False))
         self._put(Item(ops, token, len(rows) + len(ops) - 1, nbytes=_blob_bytes(rows)), urgent=urgent)
 
+    # ------------------------------------------------------------ maintenance (server/retention.py)
+    def _maintain(self, ops: list[Op]) -> int:
+        """Run maintenance statements as one item through the writer, wait for them; rows the counted ones deleted."""
+        for _n, (_sql, params, _c), _m in ops:
+            check_params(params)
+        done = threading.Event()
+        item = Item(ops, None, len(ops), done)
+        self._put(item)
+        done.wait()
+        return item.new_rows
+
+    def delete_steps(self, run_id: int, lo: int, hi: int, every: int = 0) -> int:
+        """Delete one run's steps lo <= step <= hi (all ranks) and their samples; with ``every`` > 1 only the
+        steps that are not multiples of it (downsampling). One transaction; the steps rows deleted."""
+        keep = " AND step % ? != 0" if every > 1 else ""
+        params = (run_id, lo, hi, every) if every > 1 else (run_id, lo, hi)
+        where = "WHERE run_id = ? AND step >= ? AND step <= ?" + keep
+        return self._maintain(
+            [
+                (SQL, ("DELETE FROM steps " + where, params, True), False),
+                (SQL, ("DELETE FROM samples " + where, params, False), False),
+            ]
+        )
+
+    def delete_run(self, run_id: int, run: str) -> int:
+        """Delete a run and everything stored under it (steps, samples, layers, commands, audit, acks, alerts,
+        thresholds). One transaction; the steps rows deleted."""
+        ops: list[Op] = [(SQL, (sql, (run_id,), counted), False) for sql, counted in DELETE_RUN_SQL]
+        ops += [(SQL, (sql, (run,), False), False) for sql in DELETE_RUN_BY_NAME_SQL]
+        return self._maintain(ops)
+
+    def delete_orphan_samples(self, run_id: int) -> int:
+        """Delete samples no steps row refers to any more (a resend that replaced a step with other values)."""
+        return self._maintain(
+            [
+                (
+                    SQL,
+                    (
+                        "DELETE FROM samples WHERE run_id = ? AND NOT EXISTS (SELECT 1 FROM steps s WHERE"
+                        " s.run_id = samples.run_id AND s.step = samples.step AND s.digest = samples.digest)",
+                        (run_id,),
+                        True,
+                    ),
+                    False,
+                )
+            ]
+        )
+
+    def step_span_before(self, run_id: int, before: float) -> tuple[int, int] | None:
+        """(lowest, highest) step of a run's rows reported before ``before`` (unix seconds), None when none."""
+        rows = self._fetchall("SELECT MIN(step), MAX(step) FROM steps WHERE run_id = ? AND time < ?", (run_id, before))
+        if not rows or rows[0][0] is None:
+            return None
+        return int(rows[0][0]), int(rows[0][1])
+
+    def run_ages(self) -> list[tuple[int, str, float | None, float | None]]:
+        """(run_id, run, last_seen, created) of every run."""
+        return [tuple(r) for r in self._fetchall("SELECT id, run, last_seen, created FROM runs ORDER BY id")]
+
+    def reclaim(self) -> None:
+        """Give freed pages back to the file system / the database (SQLite VACUUM, PostgreSQL VACUUM)."""
+        raise NotImplementedError
+
     def barrier(self, token: Any) -> None:
         """Queue nothing but a token: it is released after everything queued before it commits."""
         self._put(Item([], token, 0))
@@ -491,7 +569,10 @@ class QueuedStore:
                 items.append(first)
                 nrows += first.nrows
                 nbytes += first.nbytes
-            while nrows < self.max_rows_per_commit and nbytes < self.max_bytes_per_commit:
+            # A transaction with fast-lane items takes nothing more from the backlog: it stays small,
+            # so their acks wait for it and the one before, not for a full-size commit.
+            fast = len(items) > (1 if isinstance(first, Item) else 0)
+            while not fast and nrows < self.max_rows_per_commit and nbytes < self.max_bytes_per_commit:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:

@@ -441,6 +441,7 @@ class PostgresStore(QueuedStore):
         samples: dict[tuple[int, int, bytes], Sequence[Any]] = {}
         first: dict[tuple[int, int, int], Item] = {}
         others: list[tuple[str, Sequence[Any], bool]] = []
+        maint: list[tuple[Item, Sequence[Any]]] = []
         for it in items:
             it.new_rows = 0
             for name, params, many in it.ops:
@@ -452,6 +453,8 @@ class PostgresStore(QueuedStore):
                         key = (r[0], r[1], r[2])
                         rows[key] = r
                         first.setdefault(key, it)
+                elif name == sb.SQL:
+                    maint.append((it, params))
                 else:
                     others.append((name, params, many))
         with self._writers.connection() as db, db.transaction():
@@ -477,6 +480,10 @@ class PostgresStore(QueuedStore):
                                 copy.write_row(r)
                         for it in first.values():
                             it.new_rows += 1
+            for owner, (sql, args, counted) in maint:  # maintenance: one by one, for the rows each deletes
+                n = db.execute(_pg(sql), _plain(args)).rowcount
+                if counted:
+                    owner.new_rows += max(n, 0)
             if others:
                 with db.pipeline():
                     for name, params, many in others:
@@ -484,6 +491,17 @@ class PostgresStore(QueuedStore):
                             db.cursor().executemany(STATEMENTS[name], [_plain(p) for p in params])
                         else:
                             db.execute(STATEMENTS[name], _plain(params))
+
+    def reclaim(self) -> None:
+        """VACUUM (ANALYZE) of the history tables: freed rows become reusable (and the planner's view fresh).
+
+        Plain VACUUM, not FULL: it takes no lock that stops ingest; the space is reused by new
+        rows rather than given back to the file system.
+        """
+        self.flush()
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for table in ("steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks"):
+                conn.execute(f"VACUUM (ANALYZE) {table}")
 
     @staticmethod
     def _any_stored(cur: psycopg.Cursor, rows: dict[tuple[int, int, int], Sequence[Any]]) -> bool:
