@@ -312,6 +312,8 @@ class QueuedStore:
         self.errors = 0
         self.commits = 0
         self.failed_items = 0
+        self.deleted_steps = 0  # steps rows removed by retention, downsampling and delete (per rank)
+        self.deleted_runs = 0
         self._pending = 0
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Item | object | None] = queue.SimpleQueue()
@@ -423,19 +425,24 @@ class QueuedStore:
         keep = " AND step % ? != 0" if every > 1 else ""
         params = (run_id, lo, hi, every) if every > 1 else (run_id, lo, hi)
         where = "WHERE run_id = ? AND step >= ? AND step <= ?" + keep
-        return self._maintain(
+        n = self._maintain(
             [
                 (SQL, ("DELETE FROM steps " + where, params, True), False),
                 (SQL, ("DELETE FROM samples " + where, params, False), False),
             ]
         )
+        self.deleted_steps += n
+        return n
 
     def delete_run(self, run_id: int, run: str) -> int:
         """Delete a run and everything stored under it (steps, samples, layers, commands, audit, acks, alerts,
         thresholds). One transaction; the steps rows deleted."""
         ops: list[Op] = [(SQL, (sql, (run_id,), counted), False) for sql, counted in DELETE_RUN_SQL]
         ops += [(SQL, (sql, (run,), False), False) for sql in DELETE_RUN_BY_NAME_SQL]
-        return self._maintain(ops)
+        n = self._maintain(ops)
+        self.deleted_steps += n
+        self.deleted_runs += 1
+        return n
 
     def delete_orphan_samples(self, run_id: int) -> int:
         """Delete samples no steps row refers to any more (a resend that replaced a step with other values)."""
