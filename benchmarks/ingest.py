@@ -58,7 +58,7 @@ def scrape_labeled(url: str, name: str, label: str) -> dict[str, float]:
     """The samples of metric ``name`` by the value of ``label`` (e.g. rejections by reason)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = urllib.request.urlopen(url, timeout=60).read().decode()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -84,7 +84,8 @@ def proc_rss_peak_mb(pid: int) -> float:
 def scrape(url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    # A long timeout: a collector holding thousands of sessions may answer /metrics slowly.
+    text = urllib.request.urlopen(url, timeout=60).read().decode()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -292,6 +293,7 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
             cpu1, m1, t1 = proc_cpu_s(serve.pid), scrape(url), time.monotonic()
             summaries = [q.get(timeout=args.duration + 300) for _ in procs]
             rej1 = scrape_labeled(url, "layrot_messages_rejected_total", "reason")
+            m_end = scrape(url)
             rss_mb = proc_rss_peak_mb(serve.pid)
             for p in procs:
                 p.join(timeout=30)
@@ -312,6 +314,8 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
         "stored_steps": stored,
         "steps_acked": sum(m["acked_steps"] for m in labels.values()),
         "collector_rejections": {k: v - rej0.get(k, 0) for k, v in rej1.items() if v - rej0.get(k, 0)},
+        # Sessions that ended without Goodbye, as the collector counted them (a client error it saw).
+        "collector_sessions_lost": m_end.get("layrot_sessions_lost_total", 0) - m0.get("layrot_sessions_lost_total", 0),
     }
 
 
@@ -335,9 +339,12 @@ def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
                 f"batches acked; ack latency p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
                 f"max {m['max_ms']:.1f} ms; client errors {m['errors'] or 'none'}"
             )
-        print(f"  collector's refusal counters over the run: {r['collector_rejections'] or 'none'}")
+        print(
+            f"  collector's refusal counters over the run: {r['collector_rejections'] or 'none'}; "
+            f"sessions lost (no Goodbye): {r['collector_sessions_lost']:.0f}"
+        )
         client_errors = sum(sum(m["errors"].values()) for m in r["labels"].values())
-        counted = sum(r["collector_rejections"].values())
+        counted = sum(r["collector_rejections"].values()) + r["collector_sessions_lost"]
         print(
             f"  errors: {client_errors} seen by clients, {counted:.0f} counted by the collector"
             f"{'' if client_errors <= counted else '  (UNCOUNTED errors)'}"

@@ -148,6 +148,10 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
             await call.write(pb.JobMessage(steps=batch))
             if len(sent_at) >= plan.max_inflight and plan.interval == 0:
                 room.clear()
+        if read_task.done():  # the stream ended under us: its status is the error
+            read_task.result()
+            res.errors["stream_ended_early"] += 1
+            return res
         await call.write(pb.JobMessage(goodbye=pb.Goodbye(last_seq=res.sent, reason="benchmark done")))
         await call.done_writing()
         await asyncio.wait_for(read_task, 60)
@@ -156,6 +160,12 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
             res.errors["unacked_at_end"] += len(sent_at)
     except grpc.aio.AioRpcError as exc:
         res.errors["rpc:" + exc.code().name] += 1
+    except asyncio.InvalidStateError:  # a write after the stream ended: read its status
+        try:
+            code = call.code() if call.done() else None
+            res.errors["rpc:" + (await code).name if code is not None else "rpc:ended"] += 1
+        except Exception:
+            res.errors["rpc:ended"] += 1
     except asyncio.TimeoutError:
         res.errors["final_ack_timeout"] += 1
         call.cancel()
