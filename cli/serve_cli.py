@@ -11,6 +11,7 @@ from layrot.cli.serve_options import (
     serve_alert_options,
     serve_limit_options,
     serve_metrics_options,
+    serve_retention_options,
     serve_security_options,
 )
 
@@ -67,6 +68,7 @@ def check_db_path(db: str) -> None:
 )
 @serve_alert_options
 @serve_limit_options
+@serve_retention_options
 def serve_command(
     grpc_host: str,
     grpc_port: int,
@@ -78,6 +80,7 @@ def serve_command(
     security_options: dict[str, Any],
     alert_options: dict[str, Any],
     limit_options: dict[str, Any],
+    retention_options: dict[str, Any],
 ) -> None:
     """Run the collector daemon: gRPC ingest and queries, /metrics, history store.
 
@@ -125,6 +128,7 @@ def serve_command(
         **security_options,
         **alert_options,
         **limit_options,
+        **retention_options,
     )
     try:
         collector.start()

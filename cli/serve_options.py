@@ -405,3 +405,69 @@ def serve_metrics_options(fn: Any) -> Any:
         for key, (flag, default, kind, metavar, text) in zip(keys, specs)
     ]
     return _option_group(fn, "metrics_options", keys, options, dict)
+
+
+def _age(ctx: Any, param: Any, value: str | None) -> float | None:
+    """A click callback: '90d' / '12h' / seconds as seconds (None stays None)."""
+    if value is None:
+        return None
+    from layrot.server.retention import parse_age
+
+    try:
+        return parse_age(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _retention_options(o: dict[str, Any]) -> dict[str, Any]:
+    from layrot.server.retention import RetentionPolicy
+
+    if (o["downsample_after"] is None) != (o["downsample_every"] is None):
+        raise click.UsageError("--downsample-after and --downsample-every go together")
+    policy = RetentionPolicy(o["retention"], o["downsample_after"], o["downsample_every"] or 0)
+    return {"retention": policy, "retention_interval": o["retention_interval"]}
+
+
+def serve_retention_options(fn: Any) -> Any:
+    """History retention and downsampling of ``layrot-agent serve``; the command receives them as one
+    ``retention_options`` dict of ``Collector`` keyword arguments (retention, retention_interval)."""
+    options = [
+        click.option(
+            "--retention",
+            "retention",
+            default=None,
+            callback=_age,
+            metavar="AGE",
+            help="Delete history older than AGE (e.g. 90d, 12h, or seconds); a run whose last report is older "
+            "goes entirely (steps, layers, alerts, commands). Off by default: everything is kept.",
+        ),
+        click.option(
+            "--downsample-after",
+            "downsample_after",
+            default=None,
+            callback=_age,
+            metavar="AGE",
+            help="Of the steps reported more than AGE ago keep only every --downsample-every-th step "
+            "(multiples of it); newer steps stay whole. Alerts keep their own table.",
+        ),
+        click.option(
+            "--downsample-every",
+            "downsample_every",
+            default=None,
+            type=click.IntRange(min=2),
+            metavar="K",
+            help="With --downsample-after: the step interval kept in old history.",
+        ),
+        click.option(
+            "--retention-interval",
+            "retention_interval",
+            default=3600.0,
+            show_default=True,
+            type=click.FloatRange(min=1.0),
+            metavar="SECONDS",
+            help="How often retention and downsampling run (their own thread, bounded transactions of 1000 "
+            "steps, counted in layrot_history_deleted_steps_total / _runs_total).",
+        ),
+    ]
+    keys = ("retention", "downsample_after", "downsample_every", "retention_interval")
+    return _option_group(fn, "retention_options", keys, options, _retention_options)

@@ -196,6 +196,17 @@ class LayrotCollector(Collector):
             yield CounterMetricFamily(
                 "layrot_store_errors", "Failed history store transactions", value=self.store.errors
             )
+            # Retention, downsampling and delete (server/retention.py): steps rows per rank, whole runs.
+            yield CounterMetricFamily(
+                "layrot_history_deleted_steps",
+                "Step rows (per rank) deleted from the history by retention, downsampling or delete",
+                value=getattr(self.store, "deleted_steps", 0),
+            )
+            yield CounterMetricFamily(
+                "layrot_history_deleted_runs",
+                "Runs deleted from the history by retention or delete",
+                value=getattr(self.store, "deleted_runs", 0),
+            )
         if self.alerts is not None:  # layrot_alerts_total{run,layer,kind,severity} etc. (server/alert_hub.py)
             yield from self.alerts.hub.metric_families(rs.run for rs in runs)
 

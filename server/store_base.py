@@ -116,11 +116,11 @@ def encode_steps(rows: Sequence[Sequence[Any]]) -> tuple[list[tuple], list[tuple
     """
     if not rows:
         return [], []
-    cols = []
+    cols: list[list[bytes | None]] = []
     for c in _VALUE_INDEX:
-        present = [r[c] for r in rows if r[c] is not None]
+        present: list[bytes] = [r[c] for r in rows if r[c] is not None]
         if len(present) == len(rows):
-            cols.append(_f32(present))
+            cols.append(list(_f32(present)))
         elif not present:
             cols.append([None] * len(rows))
         else:  # mixed (never from one batch): one by one

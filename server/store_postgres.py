@@ -449,9 +449,9 @@ class PostgresStore(QueuedStore):
                     srows, sams = sb.encode_steps(params)
                     for sa in sams:
                         samples.setdefault((sa[0], sa[1], sa[2]), sa)
-                    for r in srows:
-                        key = (r[0], r[1], r[2])
-                        rows[key] = r
+                    for sr in srows:
+                        key = (sr[0], sr[1], sr[2])
+                        rows[key] = sr
                         first.setdefault(key, it)
                 elif name == sb.SQL:
                     maint.append((it, params))
@@ -462,8 +462,8 @@ class PostgresStore(QueuedStore):
                 with db.cursor() as cur:
                     with cur.copy(_COPY_SAMPLES_STAGE) as copy:
                         copy.set_types(_COPY_SAMPLE_TYPES)
-                        for sa in samples.values():
-                            copy.write_row(sa)
+                        for sv in samples.values():
+                            copy.write_row(sv)
                     cur.execute(_MERGE_SAMPLES)
                     if self._any_stored(cur, rows):
                         with cur.copy(_COPY_STAGE) as copy:
