@@ -38,6 +38,7 @@ from layrot.server.http_api import HttpApi
 from layrot.server.ingest import IngestLimits, IngestServicer, add_ingest_to_server, grpc_receive_limit
 from layrot.server.metrics import LayrotCollector, MetricsServer
 from layrot.server.query import QueryServicer
+from layrot.server.retention import Retention, RetentionPolicy
 from layrot.server.state import CollectorState
 from layrot.server.store_api import HistoryStore, is_url, open_store, redact_url
 from layrot.server.web import WebUI
@@ -107,6 +108,8 @@ class Collector:
         aggregate_layers: int = 0,
         rotation_target: float = DEFAULT_TARGET,
         under_rotated_share: float = DEFAULT_SHARE,
+        retention: RetentionPolicy | None = None,
+        retention_interval: float = 3600.0,
     ) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
@@ -135,6 +138,10 @@ class Collector:
         # What one job may send (server/decode.py); max_message_bytes is the one source of the message size.
         self.ingest_limits = dataclasses.replace(ingest_limits or IngestLimits(), max_message_bytes=max_message_bytes)
         self.store_busy_timeout = store_busy_timeout
+        # History retention and downsampling (server/retention.py), on a thread of its own.
+        self.retention_policy = retention or RetentionPolicy()
+        self.retention_interval = retention_interval
+        self.retention: Retention | None = None
         # Alerts (server/alerts.py, server/alertmanager.py): see _start_alerts.
         self.alerts_enabled = alerts
         self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds(**dict(thresholds or {}))
@@ -304,6 +311,17 @@ class Collector:
         store.on_commit = self.ingest.on_store_commit
         store.on_failure = self.ingest.on_store_failure
         self.query = QueryServicer(state, store, control, engine, indicator=self.indicator)
+        self.retention = Retention(
+            store, self.retention_policy, interval=self.retention_interval, on_run_deleted=self._forget_run
+        )
+        self.retention.start()
+
+    def _forget_run(self, run_id: int, run: str) -> None:
+        """A run deleted from the history (retention, delete) leaves the in-memory state too, unless live."""
+        with self.state.lock:
+            rs = self.state.runs.get(run)
+            if rs is not None and rs.run_id == run_id and not rs.sessions:
+                del self.state.runs[run]
 
     def _thread_main(self) -> None:
         loop = asyncio.new_event_loop()
@@ -410,6 +428,9 @@ class Collector:
         log.info("collector stopped")
 
     def _cleanup_side_services(self) -> None:
+        if self.retention is not None:
+            self.retention.stop()
+            self.retention = None
         self._stop_alerts()
         if self.metrics is not None:
             self.metrics.close()
