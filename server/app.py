@@ -55,6 +55,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_PENDING_CALLS = 65536
 # The HTTP/2 window of one stream: a job's batch (1 MiB at most by default) fits in one window.
 STREAM_WINDOW_BYTES = 1 << 20
+# Seconds a new call may wait for the handler loop before gRPC core cancels it.
+UNREQUESTED_CALL_WAIT_S = 600
 
 INGEST_SERVICE = "layrot.v1.Ingest"
 QUERY_SERVICE = "layrot.v1.Query"
@@ -366,6 +368,9 @@ class Collector:
                 # so allow a large backlog of new sessions.
                 ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                 ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+                # gRPC core cancels (uncounted, CANCELLED to the job) a new call the loop has not taken
+                # up within 30 s by default: thousands of jobs arriving at once wait for their turn instead.
+                ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_WAIT_S),
                 # What gRPC buffers for a stream the servicer stops reading (backpressure) is its
                 # flow-control window: fixed at STREAM_WINDOW_BYTES (BDP probing would grow it per
                 # stream on a fast link), so 1,000 held streams cost at most ~1 GB, not more.
