@@ -53,10 +53,12 @@ def check_db_path(db: str) -> None:
     "db",
     default="./layrot.db",
     show_default=True,
+    envvar="LAYROT_DB",
+    show_envvar=True,
     type=click.Path(dir_okay=False),
     help="History database: a SQLite file (created with its folders if missing), or a PostgreSQL URL "
     "postgresql://user[:password]@host[:port]/db (needs the postgres extra: pip install 'layrot[postgres]'). "
-    "History survives restarts.",
+    "History survives restarts. Give a URL with a password by LAYROT_DB, which keeps it out of the process list.",
 )
 @serve_security_options
 @serve_metrics_options

@@ -218,7 +218,8 @@ def test_postgres_tls_servicemonitor_values():
     assert "StatefulSet" not in kinds and "PersistentVolumeClaim" not in kinds
     secrets = {s["metadata"]["name"]: s for s in kinds["Secret"]}
     args, env = container["args"], container["env"]
-    assert expand(arg_value(args, "--db"), env, secrets) == PG_URL
+    assert "--db" not in args  # serve reads LAYROT_DB: the URL is in no process list
+    assert expand("$(LAYROT_DB)", env, secrets) == PG_URL
     assert PG_URL not in str(workload), "the PostgreSQL URL must stay in the Secret"
     assert {v["name"]: expand(f"$({v['name']})", env, secrets) for v in env if v["name"].endswith("TOKEN")} == {
         "LAYROT_TOKEN": "write-token",

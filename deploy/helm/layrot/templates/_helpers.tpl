@@ -81,11 +81,8 @@ spec:
         - {{ .Values.service.grpcPort | quote }}
         - --metrics-port
         - {{ .Values.service.httpPort | quote }}
+        {{- if not (include "layrot.postgres" .) }}
         - --db
-        {{- if include "layrot.postgres" . }}
-        # The kubelet expands $(LAYROT_DB_URL) from the env below (the URL stays in a Secret).
-        - $(LAYROT_DB_URL)
-        {{- else }}
         - /var/lib/layrot/history.db
         {{- end }}
         {{- if .Values.tls.enabled }}
@@ -105,7 +102,8 @@ spec:
       env:
         {{- end }}
         {{- if include "layrot.postgres" . }}
-        - name: LAYROT_DB_URL
+        # serve reads --db from LAYROT_DB: the URL stays in the Secret and out of the process list.
+        - name: LAYROT_DB
           valueFrom:
             secretKeyRef:
               name: {{ include "layrot.dbSecretName" . }}
