@@ -95,48 +95,45 @@ _VALUE_INDEX = (6, 7, 8, 9)
 DIGEST_BYTES = 16
 
 
-def _f32(blobs: list[bytes]) -> list[bytes]:
-    """Float64 blobs of equal length as float32 blobs (one conversion for them all)."""
-    if not blobs:
-        return []
-    n = len(blobs[0])
-    if any(len(b) != n for b in blobs):
-        return [np.frombuffer(b, dtype="<f8").astype("<f4").tobytes() for b in blobs]
-    with np.errstate(over="ignore"):  # a value beyond float32 (> 3.4e38) becomes inf, as non-finite input is
-        flat = np.frombuffer(b"".join(blobs), dtype="<f8").astype("<f4").tobytes()
-    m = n // 2
-    return [flat[i * m : (i + 1) * m] for i in range(len(blobs))]
-
-
 def encode_steps(rows: Sequence[Sequence[Any]]) -> tuple[list[tuple], list[tuple]]:
     """Input rows (``STEP_COLUMNS``) as (``steps`` rows, ``samples`` rows) of schema 3.
 
-    One float32 conversion per column for all the rows (no per-layer Python); the digest
-    (blake2b of the float32 values) makes the samples of identical ranks one row.
+    One float32 conversion for all the rows (no per-layer Python); the digest (SHA-1 of a
+    row's float32 values, 16 bytes: a content key, not a security boundary, since a job can
+    only ever confuse its own run's rows) makes the samples of identical ranks one row.
     """
     if not rows:
         return [], []
-    cols: list[list[bytes | None]] = []
-    for c in _VALUE_INDEX:
-        present: list[bytes] = [r[c] for r in rows if r[c] is not None]
-        if len(present) == len(rows):
-            cols.append(list(_f32(present)))
-        elif not present:
-            cols.append([None] * len(rows))
-        else:  # mixed (never from one batch): one by one
-            conv = iter(_f32(present))
-            cols.append([None if r[c] is None else next(conv) for r in rows])
+    r0 = rows[0]
+    n = len(r0[6])
+    nq = 3 + (r0[9] is not None)
+    uniform = all(
+        all(r[c] is not None and len(r[c]) == n for c in _VALUE_INDEX[:nq]) and (nq == 4 or r[9] is None) for r in rows
+    )
+    if not uniform:  # never from one batch (one layer table, rho or not for all): one row at a time
+        out = [encode_steps([r]) for r in rows[1:]]
+        st, sa = _encode_uniform([r0], n, nq)
+        return st + [x for o in out for x in o[0]], sa + [x for o in out for x in o[1]]
+    return _encode_uniform(rows, n, nq)
+
+
+def _encode_uniform(rows: Sequence[Sequence[Any]], n: int, nq: int) -> tuple[list[tuple], list[tuple]]:
+    S = len(rows)
+    with np.errstate(over="ignore"):  # a value beyond float32 (> 3.4e38) becomes inf, as non-finite input is
+        block = np.empty((S, nq, n // 8), dtype="<f4")
+        for q, c in enumerate(_VALUE_INDEX[:nq]):
+            block[:, q, :] = np.frombuffer(b"".join([r[c] for r in rows]), dtype="<f8").reshape(S, -1)
+    raw = block.tobytes()
+    row_bytes = nq * (n // 2)
+    m = n // 2
     steps, samples = [], []
+    sha1 = hashlib.sha1
     for i, r in enumerate(rows):
-        rot, ang, wn, rho = cols[0][i], cols[1][i], cols[2][i], cols[3][i]
-        h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-        for v in (rot, ang, wn):
-            h.update(v or b"")
-            h.update(b"|")
-        h.update(b"-" if rho is None else rho)
-        d = h.digest()
+        off = i * row_bytes
+        cut = raw[off : off + row_bytes]
+        d = sha1(cut).digest()[:DIGEST_BYTES] + bytes((nq,))  # nq: with rho or without, never alike
         steps.append((r[0], r[1], r[2], r[3], r[4], r[5], d))
-        samples.append((r[0], r[2], d, rot, ang, wn, rho))
+        samples.append((r[0], r[2], d, cut[:m], cut[m : 2 * m], cut[2 * m : 3 * m], cut[3 * m :] if nq == 4 else None))
     return steps, samples
 
 
