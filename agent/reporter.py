@@ -43,7 +43,15 @@ import numpy as np
 
 from layrot.agent.local_view import LayerReport, LocalView
 from layrot.agent.spool import DEFAULT_MAX_BYTES, Spool, default_spool_root, spool_dir_name
-from layrot.agent.transport import TLSConfig, check_address, explain_connection_error, open_channel
+from layrot.agent.transport import (
+    RUN_METADATA_KEY,
+    TLSConfig,
+    collector_order,
+    explain_connection_error,
+    header_value,
+    open_channel,
+    split_collectors,
+)
 from layrot.proto import layrot_pb2 as pb
 from layrot.proto.wire import pack
 
@@ -76,6 +84,9 @@ def default_run_name() -> str:
 
 def collector_address(collector: str | None = None) -> str:
     """The collector address: explicit, else ``LAYROT_COLLECTOR``, else localhost:50051.
+
+    It may be a list, ``a:50051,b:50051``: the job then picks one collector by its run
+    name (:func:`layrot.agent.transport.collector_order`) and fails over to the next.
 
     ``LAYROT_MODE=offline`` overrides everything (an operator switch that needs no code change).
     """
@@ -114,11 +125,14 @@ def spool_settings(spool: bool | None = None, max_bytes: int | None = None) -> t
 
 
 def check_collector(collector: str | None, tls: TLSConfig | None = None) -> str:
-    """The resolved collector address (or ``"offline"``), checked; raises ValueError before training starts."""
+    """The resolved collector address (or ``"offline"``), checked; raises ValueError before training starts.
+
+    A list ``a:50051,b:50051`` is checked address by address.
+    """
     address = collector_address(collector)
     if address == OFFLINE:
         return address
-    check_address(address)
+    split_collectors(address)
     tls = tls if tls is not None else TLSConfig.from_env()
     if tls.enabled:
         tls.credentials()  # reads the files now: a wrong path is a ValueError here, not a warning later
@@ -402,6 +416,11 @@ class Reporter:
 
         self.address = collector_address(collector)
         self.offline = self.address == OFFLINE
+        # Several collectors (``a:50051,b:50051``): one order per run name, the same in every process
+        # of the run, so its sessions land on one collector; ``self.address`` is the one tried now.
+        self._addresses = [self.address] if self.offline else collector_order(split_collectors(self.address), run)
+        self._pick = 0
+        self.address = self._addresses[0]
         self.token = token if token is not None else os.environ.get("LAYROT_TOKEN")
         self.tls = tls if tls is not None else TLSConfig.from_env()
         self.run = run
@@ -851,13 +870,18 @@ class Reporter:
     # ------------------------------------------------------------ connection thread
 
     def _metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")] if self.token else []
+        # The run name on every call lets an L7 proxy hash sessions of one run onto one collector.
+        md = [(RUN_METADATA_KEY, header_value(self.run))]
+        if self.token:
+            md.append(("authorization", f"Bearer {self.token}"))
+        return md
 
     def _connection_loop(self) -> None:
         self._ready.wait()
         delay = self._backoff[0]
         while not self._closing.is_set():
             got_response = False
+            self.address = self._addresses[self._pick % len(self._addresses)]
             try:
                 channel = open_channel(self.address, self.tls)
             except Exception as exc:  # e.g. an unreadable TLS file: watch() checked, the disk may have changed
@@ -885,6 +909,10 @@ class Reporter:
                     channel.close()
             if self._closing.is_set() or self.stats.refused or self._goodbye:
                 break
+            if not got_response and len(self._addresses) > 1:
+                # This collector did not answer: the next attempt tries the next one in the run's order
+                # (and comes back round to the first, so a run returns to its collector when it is back).
+                self._pick += 1
             if got_response:
                 delay = self._backoff[0]
                 log.warning(

@@ -16,6 +16,7 @@ the same addresses and the same TLS settings:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -34,7 +35,15 @@ __all__ = [
     "AddressError",
     "explain_connection_error",
     "speaks_tls",
+    "RUN_METADATA_KEY",
+    "split_collectors",
+    "collector_order",
+    "header_value",
 ]
+
+#: gRPC metadata key carrying the run name on every call, so an L7 proxy (nginx
+#: ``hash $http_x_layrot_run consistent;``) sends every session of a run to one collector.
+RUN_METADATA_KEY = "x-layrot-run"
 
 # Messages up to 16 MiB both ways (a StepBatch is at most ~1 MiB; history chunks are smaller).
 DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -66,6 +75,47 @@ def check_address(address: str) -> str:
     if not _HOST.match(host):
         raise AddressError(f"collector address {address!r}: {host!r} is not a host name or IP address")
     return address
+
+
+def split_collectors(value: str) -> list[str]:
+    """The addresses of ``a:50051,b:50051`` (one address is a list of one), each checked, no duplicates.
+
+    Raises :class:`AddressError` for an empty list or a bad address.
+    """
+    if not isinstance(value, str):
+        raise AddressError("the collector address must be a string of host:port[,host:port...]")
+    out: list[str] = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        check_address(part)
+        if part not in out:
+            out.append(part)
+    if not out:
+        raise AddressError("the collector address is empty (expected host:port, e.g. localhost:50051)")
+    return out
+
+
+def header_value(value: str) -> str:
+    """``value`` as a gRPC metadata value: printable ASCII kept, ``%`` and anything else percent-encoded (UTF-8)."""
+    return "".join(c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode()) for c in value)
+
+
+def _score(address: str, run: str) -> int:
+    digest = hashlib.sha256(f"{address}\0{run}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def collector_order(addresses: Sequence[str], run: str) -> list[str]:
+    """``addresses`` in the order a job of run ``run`` tries them (rendezvous hashing).
+
+    Every process of a run computes the same order, so all its sessions (every rank,
+    every reconnect) land on the same collector while it is up; a job fails over to the
+    next address only when the first does not answer. Adding or removing one collector
+    moves only the runs that hashed to it. Ties (impossible in practice) keep list order.
+    """
+    return sorted(addresses, key=lambda a: -_score(a, run))
 
 
 @dataclass(frozen=True)

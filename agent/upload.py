@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from layrot.agent.spool import Spool
+from layrot.agent.transport import RUN_METADATA_KEY, header_value
 from layrot.proto import layrot_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,11 @@ def upload_spool(
         if progress is not None:
             progress(steps)
 
-    md = [("authorization", f"Bearer {token}")] if token else None
+    # The run name as metadata, as the live reporter sends it, so an L7 proxy hashes the replay
+    # onto the collector that holds the run.
+    md = [(RUN_METADATA_KEY, header_value(hello.run))]
+    if token:
+        md.append(("authorization", f"Bearer {token}"))
     call = session_call(channel)(requests(), metadata=md)
 
     def watchdog() -> None:
