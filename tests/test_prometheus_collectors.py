@@ -1,0 +1,68 @@
+"""deploy/prometheus/collectors.yml: a real Prometheus scraping two real collectors sees every run once.
+
+Ten jobs choose one of two collectors by run name (``collector="a,b"``, rendezvous
+hashing); Prometheus scrapes both with the deploy config (targets filled in), and
+``layrot_run_step`` must show each run exactly once, at the step the job reported.
+The two collectors here have their own history stores (the shared-PostgreSQL holder
+is not part of this test); what is checked is the scrape config and the job-side spread.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_deploy import promql_query, start_prometheus
+
+from layrot.agent.reporter import Reporter
+from layrot.agent.transport import collector_order
+from tests.test_reporter import FAST, SPECS, record
+
+DEPLOY_CONF = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "collectors.yml"
+
+
+@pytest.mark.prometheus
+def test_prometheus_over_two_collectors_counts_every_run_once(collector_factory, tmp_path):
+    a = collector_factory(tmp_path / "a.db")
+    b = collector_factory(tmp_path / "b.db")
+    listed = f"{a.grpc_address},{b.grpc_address}"
+    runs = {f"prom-run-{i}": 3 + i for i in range(10)}  # run -> its last step
+    jobs = []  # live jobs: a collector exports the runs whose session it holds
+    for run, steps in runs.items():
+        r = Reporter(run, SPECS, collector=listed, **FAST)
+        jobs.append(r)
+        for t in range(1, steps + 1):
+            r.submit(record(t))
+        assert r.flush(15.0)
+    spread = [collector_order([a.grpc_address, b.grpc_address], run)[0] for run in runs]
+    print(f"spread: a={spread.count(a.grpc_address)} b={spread.count(b.grpc_address)}")
+
+    conf = yaml.safe_load(DEPLOY_CONF.read_text())
+    conf.pop("rule_files", None)
+    conf["global"]["scrape_interval"] = "1s"
+    (job,) = [j for j in conf["scrape_configs"] if j["job_name"] == "layrot"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{a.metrics_port}", f"127.0.0.1:{b.metrics_port}"]}]
+    prom_dir = tmp_path / "prometheus"
+    prom_dir.mkdir()
+    url, proc = start_prometheus(prom_dir, yaml.safe_dump(conf))
+    try:
+        deadline = time.monotonic() + 30
+        seen: dict[str, list[float]] = {}
+        while time.monotonic() < deadline:
+            status, body = promql_query(url, 'layrot_run_step{run=~"prom-run-.*"}')
+            assert status == 200
+            seen = {}
+            for s in body["data"]["result"]:
+                seen.setdefault(s["metric"]["run"], []).append(float(s["value"][1]))
+            if set(seen) == set(runs):
+                break
+            time.sleep(0.5)
+        assert set(seen) == set(runs)
+        assert {run: v for run, v in seen.items()} == {run: [float(n)] for run, n in runs.items()}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        for r in jobs:
+            r.close(timeout=2.0)
