@@ -205,6 +205,7 @@ class WatchHandle(WatchBase):
         total_steps: int | None = None,
         order: Sequence[str] | None = None,
         on_report: Callable[[LayerReport], object] | None = None,
+        log_to: Any = None,
     ) -> None:
         run, run_key = _shared_run(run)  # collective when torch.distributed runs: before anything can raise
         self._configure(
@@ -221,6 +222,8 @@ class WatchHandle(WatchBase):
             spool_max_bytes,
             total_steps=total_steps,
             on_report=on_report,
+            log_to=log_to,
+            make_writer=_summary_writer,
         )
         optimizer = real_optimizer(optimizer)
         self._optimizer = optimizer
@@ -712,6 +715,13 @@ def _as_layca(optimizer: Any) -> Any:
 
 
 #: The positional order after ``run`` of earlier releases (deprecated, still accepted).
+def _summary_writer(log_dir: str) -> Any:
+    """torch's SummaryWriter for ``log_to="tensorboard:DIR"`` (needs the tensorboard package)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir)
+
+
 _LEGACY_POSITIONALS = ("every", "layers", "collector")
 _DEFAULTS: dict[str, Any] = {"every": 1, "layers": None, "collector": None}
 
@@ -736,6 +746,7 @@ def watch(
     total_steps: int | None = None,
     order: Sequence[str] | None = None,
     on_report: Callable[[LayerReport], object] | None = None,
+    log_to: Any = None,
 ) -> WatchHandle:
     """Stream per-layer rotation of ``model`` to the layrot collector.
 
@@ -797,6 +808,12 @@ def watch(
             thread, never the training thread, with or without a collector; an exception
             it raises is logged once and counted (``stats.report_callback_errors``).
             ``handle.latest()`` returns the newest one.
+        log_to: forward the same per-layer rotation, step angle and indicator, from the
+            reporter's thread, at step = the optimizer step: ``"wandb"`` (the active
+            ``wandb.run``), a wandb Run, ``"mlflow"`` (the active MLflow run), a tuple
+            ``(MlflowClient, run_id)``, ``"tensorboard:DIR"``, a ``SummaryWriter``, or a
+            list of these (agent/bridges.py; names ``layrot/rotation/<layer>`` ...). A
+            failing target is logged once and counted (``handle.bridges[i].failures``).
 
     Raises:
         ValueError: before training starts, for a run name the collector would refuse,

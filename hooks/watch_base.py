@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from layrot.agent.bridges import Bridge, bridges_for, chain, close_bridges
 from layrot.agent.local_view import LayerReport
 from layrot.agent.reporter import (
     LayerSpec,
@@ -185,12 +186,17 @@ class WatchBase:
         *,
         total_steps: int | None = None,
         on_report: Callable[[LayerReport], object] | None = None,
+        log_to: Any = None,
+        make_writer: Callable[[str], Any] | None = None,
     ) -> None:
         """Check and keep the settings every watch handle takes (ValueError before training starts).
 
         ``total_steps``: the optimizer step the job plans to end at (None = unknown); the
         collector judges ``not_learning`` at a share of it instead of after a fixed count.
         ``on_report``: called on the reporter's thread with each reported step's numbers.
+        ``log_to``: W&B / MLflow / TensorBoard targets fed from the same reports
+        (agent/bridges.py); ``make_writer(dir)`` builds the framework's SummaryWriter
+        for ``"tensorboard:DIR"``.
         """
         if on_report is not None and not callable(on_report):
             raise TypeError(f"on_report must be callable, got {type(on_report).__name__}")
@@ -211,8 +217,10 @@ class WatchBase:
         self._token = token
         self._meta = dict(meta or {})
         self._reporter_options = dict(reporter_options or {})
-        if on_report is not None:
-            self._reporter_options["on_report"] = on_report
+        self.bridges: list[Bridge] = bridges_for(log_to, make_writer)
+        report_cb = chain([*self.bridges, *([on_report] if on_report is not None else [])])
+        if report_cb is not None:
+            self._reporter_options["on_report"] = report_cb
         self.reporter = None
         self._closed = False
 
@@ -300,6 +308,7 @@ class WatchBase:
                 pass
         if self.reporter is not None:
             self.reporter.close(timeout)
+        close_bridges(self.bridges)  # after the reporter: its last reports are logged first
 
     def _detach(self) -> None:
         """Remove framework hooks (nothing by default)."""
