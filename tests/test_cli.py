@@ -119,10 +119,10 @@ def test_export_json_exact_keys_and_values(fed, tmp_path):
         t = job.truth[rec["step"]]
         i = rec["layer_index"]
         assert rec["run"] == "cnn" and rec["layer"] == job.names[i]
-        assert rec["rotation"] == pytest.approx(t["rotation"][i], rel=1e-9)
-        assert rec["step_angle"] == pytest.approx(t["step_angle"][i], rel=1e-9)
-        assert rec["weight_norm"] == t["weight_norm"][i]
-        assert rec["rho"] == pytest.approx(math.tan(0.04), rel=1e-12)
+        assert rec["rotation"] == pytest.approx(t["rotation"][i], rel=1e-7)
+        assert rec["step_angle"] == pytest.approx(t["step_angle"][i], rel=1e-7)
+        assert rec["weight_norm"] == pytest.approx(t["weight_norm"][i], rel=6e-8)  # float32 in the store
+        assert rec["rho"] == pytest.approx(math.tan(0.04), rel=6e-8)
 
 
 def test_export_csv_and_step_bounds(fed):
@@ -139,7 +139,7 @@ def test_export_csv_and_step_bounds(fed):
     job = jobs["mlp"]
     for x in rows:
         assert float(x["rotation"]) == pytest.approx(
-            job.truth[int(x["step"])]["rotation"][int(x["layer_index"])], rel=1e-12
+            job.truth[int(x["step"])]["rotation"][int(x["layer_index"])], rel=1e-7
         )
 
 
@@ -157,7 +157,7 @@ def test_export_streams_long_runs_in_chunks(collector, ingest, sim_job, tmp_path
     assert len(rows) == 5000 * 2
     assert [int(x["step"]) for x in rows[::2]] == list(range(1, 5001))
     got = np.array([float(x["rotation"]) for x in rows]).reshape(5000, 2)
-    np.testing.assert_allclose(got, job.truth_array("rotation"), rtol=1e-12)
+    np.testing.assert_allclose(got, job.truth_array("rotation"), rtol=1e-7)
     assert "10000 records (5000 steps x 2 layers)" in r.output
 
 

@@ -85,10 +85,10 @@ def test_rotation_step_angle_norm_match_float64_truth(collector, ingest, sim_job
     steps = sorted(job.truth)
     assert h.steps.tolist() == steps
     assert h.layer_names == job.names
-    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-9)
-    np.testing.assert_allclose(h.step_angle, job.truth_array("step_angle"), rtol=1e-9)
-    np.testing.assert_array_equal(h.weight_norm, job.truth_array("weight_norm"))
-    np.testing.assert_allclose(h.rho, np.tan(0.03), rtol=1e-15)
+    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-7)
+    np.testing.assert_allclose(h.step_angle, job.truth_array("step_angle"), rtol=1e-7)
+    np.testing.assert_allclose(h.weight_norm, job.truth_array("weight_norm"), rtol=6e-8)  # float32 in the store
+    np.testing.assert_allclose(h.rho, np.tan(0.03), rtol=1e-7)
     np.testing.assert_allclose(h.loss, [1.0 / t for t in steps])
     # rotation grows as the layers keep turning in random directions
     assert (np.diff(h.rotation.mean(axis=1)) > 0).all()
@@ -130,11 +130,12 @@ def test_radial_dots_keep_float32_measurements_accurate(collector, ingest, sim_j
     assert err_norms > 1e-5  # the triangle from float32 norms alone cannot do this
     np.testing.assert_allclose(h_dots.rotation, with_dots.truth_array("rotation"), rtol=1e-4)
     conn = sqlite3.connect(collector.db_path)
-    stored = conn.execute(
-        "SELECT dot0, dotstep FROM steps JOIN runs ON runs.id = run_id WHERE run = 'dots' ORDER BY step"
+    stored = conn.execute(  # the raw dots are not stored (schema 3): the step angles computed from them are
+        "SELECT m.step_angle FROM steps s JOIN runs ON runs.id = s.run_id JOIN samples m"
+        " ON m.run_id = s.run_id AND m.step = s.step AND m.digest = s.digest WHERE run = 'dots' ORDER BY s.step"
     ).fetchall()
     conn.close()
-    assert len(stored) == 3 and all(a is not None and b is not None for a, b in stored)
+    assert len(stored) == 3 and all(a is not None for (a,) in stored)
 
 
 def test_nan_and_inf_are_stored_and_counted(collector, ingest, sim_job):
@@ -154,7 +155,7 @@ def test_nan_and_inf_are_stored_and_counted(collector, ingest, sim_job):
         detail = q.get_run("diverged")
     assert np.isfinite(h.rotation[0]).all()
     assert np.isnan(h.rotation[1, 1]) and np.isnan(h.rotation[1, 2])
-    np.testing.assert_allclose(h.rotation[1, 0], job.truth[2]["rotation"][0], rtol=1e-9)
+    np.testing.assert_allclose(h.rotation[1, 0], job.truth[2]["rotation"][0], rtol=1e-7)
     assert math.isnan(detail["layers"][1]["rotation"])
     m = scrape(collector)
     assert value(m, "layrot_run_nonfinite_samples_total", run="diverged") == 2
@@ -256,7 +257,7 @@ def test_idempotent_resend(collector, ingest, sim_job):
     assert rows_in_db(collector.db_path, "resend") == [1, 2, 3, 4, 5]
     with QueryClient(collector.grpc_address) as q:
         h = q.history("resend")
-    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-9)
+    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-7)
     assert q and scrape(collector)["layrot_run_step"][0][1] == 5
 
 
@@ -280,11 +281,20 @@ def test_history_survives_restart(collector_factory, ingest, sim_job, tmp_path):
         detail = q.get_run("persist")
         h = q.history("persist")
     assert [r["run"] for r in runs] == ["persist"]
-    for key in ("step", "num_layers", "framework", "host", "min_rotation", "mean_rotation", "last_report"):
+    for key in ("step", "num_layers", "framework", "host", "last_report"):
         assert runs[0][key] == before_runs[0][key], key
+    for key in ("min_rotation", "mean_rotation"):  # restored from the store: float32 values (schema 3)
+        assert runs[0][key] == pytest.approx(before_runs[0][key], rel=6e-8), key
     assert runs[0]["connected"] is False
-    assert detail["layers"] == before["layers"]
-    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-9)
+    # Restored from the store: the per-layer values as float32 (schema 3), the rest exactly.
+    approx = ("rotation", "step_angle", "weight_norm", "rho")
+    assert [{k: v for k, v in d.items() if k not in approx} for d in detail["layers"]] == [
+        {k: v for k, v in d.items() if k not in approx} for d in before["layers"]
+    ]
+    for d, b in zip(detail["layers"], before["layers"]):
+        for k in approx:
+            assert d[k] == pytest.approx(b[k], rel=6e-8), k
+    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-7)
     m = scrape(c2)
     assert value(m, "layrot_run_step", run="persist") == 7
     assert value(m, "layrot_layer_rho_applied", run="persist", index=0) == pytest.approx(np.tan(job.step_angle))
@@ -484,7 +494,7 @@ def test_ranks_are_stored_separately_and_run_metrics_use_rank0(collector, ingest
         h1 = q.history("ddp", rank=1)
         summary = q.list_runs()[0]
     assert h0.steps.tolist() == [1, 2] and h1.steps.tolist() == [1, 2, 3]
-    np.testing.assert_allclose(h1.step_angle, 0.2, rtol=1e-9)
+    np.testing.assert_allclose(h1.step_angle, 0.2, rtol=1e-7)
     assert summary["step"] == 2 and summary["sessions"] == 2 and summary["world_size"] == 2
     m = scrape(collector)
     assert value(m, "layrot_layer_step_angle_radians", run="ddp", index=0) == pytest.approx(0.01, rel=1e-9)
@@ -586,11 +596,11 @@ def test_history_chunks_and_bounds(collector, ingest, sim_job):
     steps = [x for c in chunks for x in c.steps]
     assert steps == list(range(1, 5001))
     rot = np.concatenate([np.frombuffer(c.rotation).reshape(-1, 2) for c in chunks])
-    np.testing.assert_allclose(rot, job.truth_array("rotation"), rtol=1e-9)
+    np.testing.assert_allclose(rot, job.truth_array("rotation"), rtol=1e-7)
     with QueryClient(collector.grpc_address) as q:
         part = q.history("long", since_step=1999, until_step=2002)
     assert part.steps.tolist() == [1999, 2000, 2001, 2002]
-    np.testing.assert_allclose(part.rotation, job.truth_array("rotation", [1999, 2000, 2001, 2002]), rtol=1e-9)
+    np.testing.assert_allclose(part.rotation, job.truth_array("rotation", [1999, 2000, 2001, 2002]), rtol=1e-7)
 
 
 def test_unknown_run_is_not_found(collector):
@@ -661,6 +671,6 @@ def test_ingest_counters_equal_the_rows_in_the_store_after_resends(collector, in
     assert value(m, "layrot_samples_ingested_total") == rows * L
     h = QueryClient(collector.grpc_address).history("resend")
     assert list(h.steps) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(h.weight_norm[-1], job.truth[6]["weight_norm"], rtol=1e-12)
+    np.testing.assert_allclose(h.weight_norm[-1], job.truth[6]["weight_norm"], rtol=1e-7)
     s.goodbye()
     s2.goodbye()
