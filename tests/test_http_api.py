@@ -109,7 +109,7 @@ def test_reads_equal_the_grpc_answers_and_the_float64_truth(collector):
     assert status == 200 and headers["Content-Type"] == "application/json"
     detail = json.loads(body, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert [lay["rho"] for lay in detail["layers"]] == [None] * len(via_grpc.layer_names)
-    assert detail["layers"][0]["rotation"] == pytest.approx(via_grpc.rotation[-1, 0], rel=0, abs=0)
+    assert detail["layers"][0]["rotation"] == pytest.approx(via_grpc.rotation[-1, 0], rel=6e-8)  # store: float32
 
     # An unknown run, bad arguments: the servicer's own refusals, as HTTP statuses with the same message.
     with pytest.raises(CollectorError) as e:

@@ -52,7 +52,7 @@ def test_runs_history_alerts_and_curves(fed, transport):
             "rho",
         ]
         rot = df.pivot(index="step", columns="layer_index", values="rotation").to_numpy()
-        np.testing.assert_allclose(rot, job.truth_array("rotation"), rtol=1e-9)
+        np.testing.assert_allclose(rot, job.truth_array("rotation"), rtol=1e-7)
         arrays = QueryClient(collector.grpc_address).history("nb")
         np.testing.assert_array_equal(df["step_angle"].to_numpy(), arrays.step_angle.ravel())
         assert list(df["layer"].cat.categories) == job.names
@@ -64,7 +64,7 @@ def test_runs_history_alerts_and_curves(fed, transport):
 
         fig = c.curves("nb", overlay_loss=True)
         lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() in job.names]
-        np.testing.assert_allclose(lines[0].get_data()[1][1:], job.truth_array("rotation")[:, 0], rtol=1e-9)
+        np.testing.assert_allclose(lines[0].get_data()[1][1:], job.truth_array("rotation")[:, 0], rtol=1e-7)
 
 
 def test_without_pandas_the_history_is_arrays(fed, monkeypatch):
@@ -81,4 +81,4 @@ def test_without_pandas_the_history_is_arrays(fed, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pandas)
     h = layrot.Client(collector.http_url).history("nb")
     assert h.rotation.shape == (26, 3)
-    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-9)
+    np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-7)
