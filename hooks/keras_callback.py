@@ -132,6 +132,7 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
         tls_key: str | None = None,
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
+        log_to: Any = None,
     ) -> None:
         if args:
             values = {"every": every, "layers": layers, "collector": collector, "control": control, "token": token}
@@ -151,6 +152,8 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
             "spool_max_bytes": spool_max_bytes,
         }
         watch_options(run, collector, **self._watch_kwargs)  # raises here, before fit, for bad settings
+        # W&B / MLflow targets of the handle's reports (agent/bridges.py), as layrot.watch(log_to=...).
+        self._log_to = log_to
         self.run = run
         self.every = int(every)
         self.layers = layers
@@ -238,6 +241,7 @@ class RotationCallback(DeprecatedStateNames, keras.callbacks.Callback):
             reporter_options=self.reporter_options,
             loss_tracker=tracker,
             start_step=start,
+            log_to=self._log_to,
             **self._watch_kwargs,
         )
         self._model_id = id(model)

@@ -160,10 +160,22 @@ class TFWatchHandle(DeprecatedStateNames, WatchBase):
         tls_key: str | None = None,
         spool: bool | None = None,
         spool_max_bytes: int | None = None,
+        log_to: Any = None,
     ) -> None:
         check_backend("layrot.tf.watch and layrot.keras.RotationCallback")
         self._configure(
-            run, collector, every, token, meta, reporter_options, tls_ca, tls_cert, tls_key, spool, spool_max_bytes
+            run,
+            collector,
+            every,
+            token,
+            meta,
+            reporter_options,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            spool,
+            spool_max_bytes,
+            log_to=log_to,  # W&B / MLflow / a SummaryWriter object (agent/bridges.py); no "tensorboard:DIR" here
         )
         self._run_key = new_run_key()  # LAYROT_RUN_KEY when a launcher sets one for every worker
         if optimizer is None:
@@ -361,6 +373,7 @@ def watch(
     tls_key: str | None = None,
     spool: bool | None = None,
     spool_max_bytes: int | None = None,
+    log_to: Any = None,
 ) -> TFWatchHandle:
     """Stream per-layer rotation of a TensorFlow / Keras model from a custom training loop.
 
