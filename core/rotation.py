@@ -137,6 +137,11 @@ def radial_angle(ref_norm: ArrayLike, dist: ArrayLike, dot: ArrayLike) -> np.nda
     with np.errstate(all="ignore"):
         p = np.asarray(dot, dtype=np.float64) / a
         q2 = (c - p) * (c + p)
+        if q2.size and a.size and q2.min() >= 0.0 and q2.max() < np.inf and a.min() > 0.0 and a.max() < np.inf:
+            # The common case, in four reductions instead of a dozen passes: q2 >= 0 everywhere is
+            # consistent, a finite q2 needs finite c and p, and a is finite and > 0, so every mask
+            # below is a no-op (a NaN anywhere fails these comparisons and takes the full path).
+            return np.asarray(np.arctan2(np.sqrt(np.maximum(q2, 0.0)), a + p))
         # Beyond rounding, |p| > ||d|| cannot come from real vectors.
         inconsistent = q2 < -((TRIANGLE_RTOL * np.maximum(c, np.abs(p))) ** 2)
         theta = np.arctan2(np.sqrt(np.maximum(q2, 0.0)), a + p)

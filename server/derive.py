@@ -7,6 +7,7 @@ steps; without them (older or minimal clients) the triangle formulas apply.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,18 @@ def derive(batch: DecodedBatch, init_norm: np.ndarray) -> Derived:
     rotation, angle = rot.layer_rotations(
         init_norm[None, :], batch.norm, batch.dist0, batch.dstep, batch.norm_prev, batch.dot0, batch.dotstep
     )
+    # A finite sum means every input is finite (NaN and Inf propagate; an overflow to Inf only
+    # sends a finite batch down the exact path below): a few passes fewer for the common case.
+    with np.errstate(all="ignore"):  # Inf - Inf and overflow are expected here, not warnings
+        total = batch.norm + batch.dist0
+        total += batch.dstep
+        total += batch.norm_prev
+        for extra in (batch.dot0, batch.dotstep):
+            if extra is not None:
+                total += extra
+        finite = math.isfinite(total.sum())
+    if finite:
+        return Derived(rotation, angle, np.zeros(batch.norm.shape, dtype=bool), 0)
     bad = ~(
         np.isfinite(batch.norm) & np.isfinite(batch.dist0) & np.isfinite(batch.dstep) & np.isfinite(batch.norm_prev)
     )
