@@ -372,7 +372,7 @@ class AbruptRotations:
         top = int(steps[-1]) if steps.shape[0] == 1 else int(steps.max())
         if top <= b.last_step:
             return  # a resent batch
-        if int(steps.min()) <= b.last_step:
+        if steps.shape[0] > 1 and int(steps.min()) <= b.last_step:  # one step: it is top, already newer
             keep = steps > b.last_step
             steps, angle, bad = steps[keep], angle[keep], bad[keep]
             rho = rho[keep] if rho is not None else None

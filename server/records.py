@@ -58,7 +58,8 @@ def step_rows(batch: DecodedBatch, derived: Derived, run_id: int, rank: int) -> 
 
 def newest_snapshot(batch: DecodedBatch, derived: Derived, rank: int) -> Snapshot:
     """The values of the batch's highest step (copies: the batch's buffers are not kept)."""
-    last = int(np.argmax(batch.steps))
+    # One step (the saturated case) needs no argmax, whose call costs more than the rest here.
+    last = 0 if batch.num_steps == 1 else int(np.argmax(batch.steps))
     loss = float(batch.loss[last]) if len(batch.loss) else float("nan")
     return Snapshot(
         rank=rank,
