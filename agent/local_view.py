@@ -3,7 +3,8 @@
 Computed on the reporter's exporter thread (never the training thread) from the
 same wire rows the collector gets, with the same math (``core.rotation.layer_rotations``),
 so ``handle.latest()`` and an ``on_report`` callback need no collector at all (offline
-runs included) and agree with the history. A callback that raises is logged once
+runs included) and agree with the history: the values are rounded as the history keeps
+them (``core.stored``, float32), so they equal what ``export`` gives bit for bit. A callback that raises is logged once
 and counted in ``handle.stats.report_callback_errors``; it never reaches training
 or stops reporting.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from layrot.core.rotation import layer_rotations
+from layrot.core.stored import as_stored
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,10 @@ __all__ = ["LayerReport", "LocalView"]
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One reported step of this process: per-layer arrays in forward order (float64, length L)."""
+    """One reported step of this process: per-layer arrays in forward order (length L).
+
+    float64 arrays holding the values as the history stores them (float32-rounded, ``core.stored``).
+    """
 
     run: str
     step: int
@@ -110,13 +115,14 @@ class LocalView:
         try:
             norm, dist0, dstep, norm_prev, dot0, dotstep = wire
             rotation, angle = layer_rotations(self.init_norm[None, :], norm, dist0, dstep, norm_prev, dot0, dotstep)
+            rotation, angle, norm = as_stored(rotation), as_stored(angle), as_stored(norm)
         except Exception as exc:  # a view of the numbers must never cost the report itself
             self.callback_errors += 1
             log.debug("layrot: the local view failed: %r", exc)
             return []
         out = []
         for s, step in enumerate(steps):
-            rho = None if rhos is None else np.asarray(rhos[s], dtype=np.float64)
+            rho = None if rhos is None else as_stored(rhos[s])
             out.append(
                 LayerReport(
                     run=self.run,

@@ -92,6 +92,8 @@ class LazyGroup(click.Group):
         "alerts": "layrot.cli.alerts_cli:alerts_command",
         "serve": "layrot.cli.serve_cli:serve_command",
         "compare": "layrot.cli.curves_cli:compare_command",
+        "compact": "layrot.cli.admin_cli:compact_command",
+        "delete": "layrot.cli.admin_cli:delete_command",
         "curves": "layrot.cli.curves_cli:curves_command",
         "control": "layrot.cli.control_cli:control_group",
         "grafana": "layrot.cli.grafana:grafana_group",

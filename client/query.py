@@ -176,6 +176,30 @@ class QueryClient:
             raise self._error(exc) from None
         return thresholds_dict(resp)
 
+    def delete_run(self, run: str) -> int:
+        """Delete ``run``'s whole history on the collector (write token); the steps rows deleted.
+
+        Refused (FAILED_PRECONDITION) while a job of the run is connected.
+        """
+        try:
+            resp = self._stub.DeleteRun(
+                pb.DeleteRunRequest(run=run), timeout=max(self.timeout, 600.0), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return int(resp.steps)
+
+    def compact(self) -> dict[str, int]:
+        """Apply the collector's retention now and reclaim the space (write token).
+
+        Returns {"steps", "runs", "orphan_samples", "bytes_before", "bytes_after"}.
+        """
+        try:
+            resp = self._stub.Compact(pb.CompactRequest(), timeout=max(self.timeout, 3600.0), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return {f.name: int(getattr(resp, f.name)) for f in resp.DESCRIPTOR.fields}
+
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run the collector knows, as dicts (see ``RunSummary`` in the proto)."""
         try:

@@ -259,6 +259,38 @@ class RateCommand(_message.Message):
     apply_at_step: int
     def __init__(self, version: _Optional[int] = ..., run: _Optional[str] = ..., mode: _Optional[str] = ..., alpha: _Optional[float] = ..., schedule: _Optional[_Union[RhoSchedule, _Mapping]] = ..., multipliers: _Optional[_Iterable[float]] = ..., layer_multipliers: _Optional[_Mapping[str, float]] = ..., table: _Optional[_Union[RateTable, _Mapping]] = ..., reason: _Optional[str] = ..., issued_by: _Optional[str] = ..., issued_at: _Optional[float] = ..., controller: _Optional[str] = ..., step_offset: _Optional[int] = ..., apply_at_step: _Optional[int] = ...) -> None: ...
 
+class DeleteRunRequest(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    def __init__(self, run: _Optional[str] = ...) -> None: ...
+
+class DeleteRunResponse(_message.Message):
+    __slots__ = ("run", "steps")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    steps: int
+    def __init__(self, run: _Optional[str] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CompactResponse(_message.Message):
+    __slots__ = ("steps", "runs", "orphan_samples", "bytes_before", "bytes_after")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    ORPHAN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    runs: int
+    orphan_samples: int
+    bytes_before: int
+    bytes_after: int
+    def __init__(self, steps: _Optional[int] = ..., runs: _Optional[int] = ..., orphan_samples: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ...) -> None: ...
+
 class ListRunsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

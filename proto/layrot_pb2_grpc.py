@@ -125,6 +125,16 @@ class QueryStub(object):
                 request_serializer=layrot_dot_proto_dot_layrot__pb2.SetThresholdsRequest.SerializeToString,
                 response_deserializer=layrot_dot_proto_dot_layrot__pb2.Thresholds.FromString,
                 )
+        self.DeleteRun = channel.unary_unary(
+                '/layrot.v1.Query/DeleteRun',
+                request_serializer=layrot_dot_proto_dot_layrot__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=layrot_dot_proto_dot_layrot__pb2.DeleteRunResponse.FromString,
+                )
+        self.Compact = channel.unary_unary(
+                '/layrot.v1.Query/Compact',
+                request_serializer=layrot_dot_proto_dot_layrot__pb2.CompactRequest.SerializeToString,
+                response_deserializer=layrot_dot_proto_dot_layrot__pb2.CompactResponse.FromString,
+                )
 
 
 class QueryServicer(object):
@@ -180,6 +190,19 @@ class QueryServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRun(self, request, context):
+        """Administration (write token): delete one run's history, or apply retention and reclaim space now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Compact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +245,16 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.SetThresholds,
                     request_deserializer=layrot_dot_proto_dot_layrot__pb2.SetThresholdsRequest.FromString,
                     response_serializer=layrot_dot_proto_dot_layrot__pb2.Thresholds.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=layrot_dot_proto_dot_layrot__pb2.DeleteRunRequest.FromString,
+                    response_serializer=layrot_dot_proto_dot_layrot__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=layrot_dot_proto_dot_layrot__pb2.CompactRequest.FromString,
+                    response_serializer=layrot_dot_proto_dot_layrot__pb2.CompactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -368,5 +401,39 @@ class Query(object):
         return grpc.experimental.unary_unary(request, target, '/layrot.v1.Query/SetThresholds',
             layrot_dot_proto_dot_layrot__pb2.SetThresholdsRequest.SerializeToString,
             layrot_dot_proto_dot_layrot__pb2.Thresholds.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/layrot.v1.Query/DeleteRun',
+            layrot_dot_proto_dot_layrot__pb2.DeleteRunRequest.SerializeToString,
+            layrot_dot_proto_dot_layrot__pb2.DeleteRunResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/layrot.v1.Query/Compact',
+            layrot_dot_proto_dot_layrot__pb2.CompactRequest.SerializeToString,
+            layrot_dot_proto_dot_layrot__pb2.CompactResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

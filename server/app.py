@@ -312,10 +312,10 @@ class Collector:
         self.ingest = IngestServicer(state, store, control, engine, limits=self.ingest_limits)
         store.on_commit = self.ingest.on_store_commit
         store.on_failure = self.ingest.on_store_failure
-        self.query = QueryServicer(state, store, control, engine, indicator=self.indicator)
         self.retention = Retention(
             store, self.retention_policy, interval=self.retention_interval, on_run_deleted=self._forget_run
         )
+        self.query = QueryServicer(state, store, control, engine, indicator=self.indicator, retention=self.retention)
         self.retention.start()
 
     def _forget_run(self, run_id: int, run: str) -> None:

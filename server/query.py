@@ -25,6 +25,7 @@ from layrot.server.store_api import HistoryStore
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
+    from layrot.server.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,14 @@ class QueryServicer(pb_grpc.QueryServicer):
         control: ControlPlane,
         alerts: AlertEngine | None = None,
         indicator: IndicatorSettings = DEFAULT_INDICATOR,
+        retention: Retention | None = None,
     ) -> None:
         self.state = state
         self.store = store
         self.control = control
         self.alerts = alerts
         self.indicator = indicator
+        self.retention = retention
 
     async def _run(self, name: str, context: grpc.aio.ServicerContext) -> RunState:
         rs = self.state.runs.get(name)
@@ -229,6 +232,49 @@ class QueryServicer(pb_grpc.QueryServicer):
                 yield alert
         except OverflowError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    async def DeleteRun(self, request: pb.DeleteRunRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRunResponse:
+        """Delete a run's whole history and forget it; refused while a job of the run is connected."""
+        rs = await self._run(request.run, context)
+        live = len(rs.sessions)
+        if live:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {rs.run!r} has {live} live session{'s' if live > 1 else ''}: stop the job first"
+                " (a deleted run would come back with its next report)",
+            )
+        with self.state.lock:
+            if self.state.runs.get(rs.run) is rs:
+                del self.state.runs[rs.run]
+        if self.alerts is not None:
+            self.alerts.runs.pop(rs.run, None)
+        # Queued here, on the loop, before any Hello of a new run of that name can queue its creation.
+        wait = self.store.begin_delete_run(rs.run_id, rs.run)
+        steps = await asyncio.get_running_loop().run_in_executor(None, wait)
+        log.warning("run %s deleted (%d steps rows) by %s", rs.run, steps, context.peer())
+        return pb.DeleteRunResponse(run=rs.run, steps=steps)
+
+    async def Compact(self, request: pb.CompactRequest, context: grpc.aio.ServicerContext) -> pb.CompactResponse:
+        """Apply retention and downsampling now, drop orphan samples, reclaim the space (VACUUM)."""
+        if self.retention is None:
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this collector runs no retention (no store)")
+        retention = self.retention
+
+        def compact() -> tuple[dict[str, int], int, int]:
+            before = self.store.history_bytes()
+            out = retention.compact()
+            return out, before, self.store.history_bytes()
+
+        out, before, after = await asyncio.get_running_loop().run_in_executor(None, compact)
+        log.info("compacted the history: %s, %d -> %d bytes", out, before, after)
+        return pb.CompactResponse(
+            steps=out["steps"],
+            runs=out["runs"],
+            orphan_samples=out.get("orphan_samples", 0),
+            bytes_before=before,
+            bytes_after=after,
+        )
 
     async def SetThresholds(self, request: pb.SetThresholdsRequest, context: grpc.aio.ServicerContext) -> pb.Thresholds:
         """Change a run's thresholds (run "" = collector defaults); returns the effective ones.

@@ -32,6 +32,7 @@ SQLite's own:
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -395,6 +396,10 @@ class Store(QueuedStore):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
+
+    def history_bytes(self) -> int:
+        """Bytes the history takes on disk: the database file and its WAL."""
+        return sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         try:

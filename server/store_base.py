@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from layrot.core.stored import HISTORY_DTYPE
 from layrot.server.store_api import (
     INT64_MAX,
     LayerRecord,
@@ -120,7 +121,7 @@ def encode_steps(rows: Sequence[Sequence[Any]]) -> tuple[list[tuple], list[tuple
 def _encode_uniform(rows: Sequence[Sequence[Any]], n: int, nq: int) -> tuple[list[tuple], list[tuple]]:
     S = len(rows)
     with np.errstate(over="ignore"):  # a value beyond float32 (> 3.4e38) becomes inf, as non-finite input is
-        block = np.empty((S, nq, n // 8), dtype="<f4")
+        block = np.empty((S, nq, n // 8), dtype=HISTORY_DTYPE)
         for q, c in enumerate(_VALUE_INDEX[:nq]):
             block[:, q, :] = np.frombuffer(b"".join([r[c] for r in rows]), dtype="<f8").reshape(S, -1)
     raw = block.tobytes()
@@ -141,7 +142,7 @@ def _f64(blob: Any) -> bytes | None:
     """A stored float32 blob as the float64 blob the readers expect."""
     if blob is None:
         return None
-    return np.frombuffer(blob, dtype="<f4").astype("<f8").tobytes()
+    return np.frombuffer(blob, dtype=HISTORY_DTYPE).astype("<f8").tobytes()
 
 
 def decode_values(row: Sequence[Any], start: int) -> tuple:
@@ -408,13 +409,21 @@ class QueuedStore:
     # ------------------------------------------------------------ maintenance (server/retention.py)
     def _maintain(self, ops: list[Op]) -> int:
         """Run maintenance statements as one item through the writer, wait for them; rows the counted ones deleted."""
+        return self._maintain_later(ops)()
+
+    def _maintain_later(self, ops: list[Op]) -> Callable[[], int]:
+        """Queue maintenance statements as one item now; the returned call waits for them (rows deleted)."""
         for _n, (_sql, params, _c), _m in ops:
             check_params(params)
         done = threading.Event()
         item = Item(ops, None, len(ops), done)
         self._put(item)
-        done.wait()
-        return item.new_rows
+
+        def wait() -> int:
+            done.wait()
+            return item.new_rows
+
+        return wait
 
     def delete_steps(self, run_id: int, lo: int, hi: int, every: int = 0) -> int:
         """Delete one run's steps lo <= step <= hi (all ranks) and their samples; with ``every`` > 1 only the
@@ -434,12 +443,22 @@ class QueuedStore:
     def delete_run(self, run_id: int, run: str) -> int:
         """Delete a run and everything stored under it (steps, samples, layers, commands, audit, acks, alerts,
         thresholds). One transaction; the steps rows deleted."""
+        return self.begin_delete_run(run_id, run)()
+
+    def begin_delete_run(self, run_id: int, run: str) -> Callable[[], int]:
+        """``delete_run`` queued now, in order with what is queued after it (a new run of the same name
+        created next is not deleted); the returned call waits for it and gives the steps rows deleted."""
         ops: list[Op] = [(SQL, (sql, (run_id,), counted), False) for sql, counted in DELETE_RUN_SQL]
         ops += [(SQL, (sql, (run,), False), False) for sql in DELETE_RUN_BY_NAME_SQL]
-        n = self._maintain(ops)
-        self.deleted_steps += n
-        self.deleted_runs += 1
-        return n
+        wait = self._maintain_later(ops)
+
+        def deleted() -> int:
+            n = wait()
+            self.deleted_steps += n
+            self.deleted_runs += 1
+            return n
+
+        return deleted
 
     def delete_orphan_samples(self, run_id: int) -> int:
         """Delete samples no steps row refers to any more (a resend that replaced a step with other values)."""

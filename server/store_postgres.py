@@ -503,6 +503,15 @@ class PostgresStore(QueuedStore):
             for table in ("steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks"):
                 conn.execute(f"VACUUM (ANALYZE) {table}")
 
+    def history_bytes(self) -> int:
+        """Bytes the history tables take (heap, TOAST and indexes of every table layrot keeps)."""
+        ((n,),) = self._fetchall(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " WHERE c.relkind = 'r' AND c.relname = ANY(%s)",
+            (["steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks"],),
+        )
+        return int(n)
+
     @staticmethod
     def _any_stored(cur: psycopg.Cursor, rows: dict[tuple[int, int, int], Sequence[Any]]) -> bool:
         """True when a stored step lies within the step range of any (run, rank) of ``rows`` (one query).

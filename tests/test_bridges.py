@@ -2,14 +2,15 @@
 
 A small real torch model trains under a real collector; each target's stored values are
 read back with the package's own reader and compared with the collector's history at
-the same steps. The collector stores float32 (store schema 3), the job reports float64:
-W&B and MLflow keep the job's float64 values (checked to 1e-12 against ``on_report``),
-TensorBoard scalars are float32 (exactly the float32-rounded values); in every target the
-per-layer values rounded to float32 are exactly the collector's export. The indicator is
+the same steps. The collector stores float32 (store schema 3) and the job rounds its own
+view the same way (``core.stored``), so in every target the per-layer values are exactly
+the collector's export (no tolerance), and equal ``on_report``'s. The indicator is
 checked against float64 numpy of the reported rotations.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -64,11 +65,11 @@ def expected(names, reports) -> dict[str, dict[int, float]]:
 
 
 def check_export(got: dict[str, dict[int, float]], names, h) -> None:
-    """The per-layer values are the collector's export (float32) at the same steps, after float32 rounding."""
+    """The per-layer values are exactly the collector's export at the same steps."""
     for i, n in enumerate(names):
         for key, col in (("rotation", h.rotation[:, i]), ("step_angle", h.step_angle[:, i])):
             by_step = got[metric_name(key, n)]
-            assert [float(np.float32(by_step[s])) for s in h.steps.tolist()] == col.tolist(), (key, n)
+            assert [by_step[s] for s in h.steps.tolist()] == col.tolist(), (key, n)
 
 
 def check(got: dict[str, dict[int, float]], want: dict[str, dict[int, float]], tol: float, f32: bool = False):
@@ -160,7 +161,10 @@ def test_wandb_offline(collector, tmp_path, monkeypatch):
         run.finish()
     files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    got = _wandb_history(files[0])
+    # wandb's core process may still be writing the file after finish() returns on a busy machine.
+    deadline = time.monotonic() + 30
+    while not (got := _wandb_history(files[0])) and time.monotonic() < deadline:
+        time.sleep(0.5)
     check(got, expected(names, reports), 1e-12)
     check_export(got, names, h)
 
