@@ -1,9 +1,10 @@
 """Bridges: the job's per-layer numbers forwarded into W&B, MLflow or TensorBoard (``watch(..., log_to=...)``).
 
 Built on the ``on_report`` mechanism (agent/local_view.py): every bridge is a callable
-taking a :class:`LayerReport`, so it runs on the reporter's exporter thread, never the
-training thread, with the numbers the collector computes (the same wire rows, the same
-math). One report is one logging call per target, at ``step`` = the optimizer step:
+taking a :class:`LayerReport` on the reporter's exporter thread, never the training
+thread, and logs it from a thread of its own (a slow target never holds back the reports
+to the collector), with the numbers the collector stores (the same wire rows, the same
+math, the same float32 rounding). One report is one logging call per target, at ``step`` = the optimizer step:
 
 * ``layrot/rotation/<layer>``, ``layrot/step_angle/<layer>`` per layer;
 * ``layrot/indicator/layers_at_target`` (share of layers with rotation >= the default
@@ -13,9 +14,8 @@ Names keep only the characters MLflow allows (letters, digits, ``_ - . / : `` an
 any other character becomes ``_`` (for every target, so the names agree everywhere).
 NaN values (a diverged layer, no finite rotation) are left out of that step.
 
-Precision: W&B and MLflow keep the float64 values exactly; TensorBoard scalars
-(``SummaryWriter.add_scalar``) are float32, so there the numbers are the float64 ones
-rounded to float32.
+Precision: the values are the history's (float32-rounded, ``core.stored``), which W&B,
+MLflow and TensorBoard's float32 scalars all keep exactly: every target shows ``export``'s numbers.
 
 A target that fails (package missing, run finished, disk full) is logged once, counted
 in :attr:`Bridge.failures` and never raises into training; the imports of wandb and
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,15 +63,51 @@ def report_metrics(report: LayerReport) -> dict[str, float]:
 
 
 class Bridge:
-    """One target: ``send(step, metrics)`` guarded so a failure is logged once, counted and swallowed."""
+    """One target, fed from a thread of its own through a bounded queue.
+
+    A metrics service can be slow (MLflow's first write creates its store, W&B's service may
+    lag): called on the reporter's exporter thread, it would hold back the job's reports to
+    the collector. So a report is only queued there (``__call__`` never waits) and
+    ``send(step, metrics)`` runs on the bridge's thread; a full queue drops the report,
+    counted in :attr:`dropped`. A failing ``send`` is logged once, counted in :attr:`failures`
+    and swallowed. :meth:`close` waits for what is queued.
+    """
+
+    #: reports waiting for a slow target before newer ones are dropped (counted)
+    MAX_QUEUED = 1024
 
     def __init__(self, target: str, send: Callable[[int, dict[str, float]], None]) -> None:
         self.target = target
         self._send = send
         self.failures = 0
         self.sent = 0
+        self.dropped = 0
+        self._queue: queue.Queue[LayerReport | None] = queue.Queue(self.MAX_QUEUED)
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     def __call__(self, report: LayerReport) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name=f"layrot-bridge-{self.target}", daemon=True)
+                    self._thread.start()
+        try:
+            self._queue.put_nowait(report)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("layrot: %s is not keeping up; reports for it are dropped (counted)", self.target)
+
+    def _loop(self) -> None:
+        while True:
+            report = self._queue.get()
+            if report is None:
+                return
+            self.send_now(report)
+
+    def send_now(self, report: LayerReport) -> None:
+        """Log one report to the target on this thread (guarded)."""
         try:
             metrics = report_metrics(report)
             if metrics:
@@ -87,6 +125,19 @@ class Bridge:
                 )
             else:
                 log.debug("layrot: logging to %s failed again: %r", self.target, exc)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait (up to ``timeout`` seconds) until every queued report is logged, then stop the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("layrot: %s still had reports to log after %.0f s; they are not logged", self.target, timeout)
 
 
 def _wandb(run: Any) -> Bridge:
@@ -191,8 +242,9 @@ def chain(callbacks: Sequence[Callable[[LayerReport], object]]) -> Callable[[Lay
 
 
 def close_bridges(bridges: Sequence[Bridge]) -> None:
-    """Close the writers the bridges opened themselves (``tensorboard:DIR``)."""
+    """Log what the bridges still hold, then close the writers they opened themselves (``tensorboard:DIR``)."""
     for b in bridges:
+        b.close()
         if getattr(b, "owned", False):
             try:
                 b.writer.close()  # type: ignore[attr-defined]

@@ -555,7 +555,7 @@ def test_remote_control_set_during_fit(collector):
     assert summary["layca"] and summary["control"]
     new = 0.06 * eq1(-0.5, 4)
     expected_rho = np.array([np.full(4, 0.03) if t < s_ack else new for t in range(1, 17)])
-    np.testing.assert_allclose(hist.rho, expected_rho, rtol=1e-12)  # reported rates, per step
+    np.testing.assert_allclose(hist.rho, expected_rho, rtol=6e-8)  # reported rates, per step (stored as float32)
     check_angle_law(saver.w0, saver.saved, KERNELS, lambda t: expected_rho[t - 1])  # what the weights did
 
 
