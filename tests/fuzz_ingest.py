@@ -289,7 +289,9 @@ def sessions(draw: Any, max_messages: int = 30) -> Session:
 
 
 # ---------------------------------------------------------------- queries
-QUERY_METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["Query"].methods}
+# Compact is left out: its request has no fields to garble, and each call is a VACUUM, slow by design
+# (seconds on a busy machine), which the fuzzer would count as a hang.
+QUERY_METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["Query"].methods if m.name != "Compact"}
 
 
 @st.composite

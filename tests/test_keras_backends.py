@@ -115,7 +115,7 @@ def test_torch_backend_fit_matches_float64_reference(collector, tmp_path):
     print("torch backend max relative errors:", errors)
     assert rel_err(hist.rotation, rot).max() <= 1e-6
     assert rel_err(hist.step_angle, ang).max() <= 1e-6
-    assert rel_err(hist.weight_norm, nrm).max() <= 1e-9
+    assert rel_err(hist.weight_norm, nrm).max() <= 6e-8  # stored as float32
     assert np.isfinite(hist.loss).all()
 
 

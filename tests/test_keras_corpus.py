@@ -95,7 +95,7 @@ def fit_and_check(
     }
     assert errors["rotation"] <= TOL, errors
     assert errors["step_angle"] <= TOL, errors
-    assert errors["weight_norm"] <= 1e-9, errors
+    assert errors["weight_norm"] <= 6e-8, errors  # stored as float32
     assert np.isfinite(hist.loss).all()
     # Nothing NaN reaches /metrics (the (heads, dim) attention biases, zero at init, did).
     nonfinite = {lab["run"]: v for lab, v in scrape(collector).get("layrot_run_nonfinite_samples", [])}
