@@ -351,21 +351,12 @@ def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
         )
 
 
-@contextlib.contextmanager
-def temp_postgresql() -> Iterator[str]:
+def temp_postgresql() -> contextlib.AbstractContextManager[str]:
     """A throwaway PostgreSQL cluster (tests/postgres_server.py), removed at the end; yields a database URL."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from postgres_server import PostgresServer, find_bindir
+    from postgres_server import temp_postgresql as make
 
-    bindir = find_bindir()
-    if bindir is None:
-        raise SystemExit("--db temp-postgresql: PostgreSQL's initdb / pg_ctl are not installed")
-    server = PostgresServer(bindir)
-    try:
-        server.start()
-        yield server.create_database()
-    finally:
-        server.remove()
+    return make()
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ private temp dir).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -104,6 +105,20 @@ class PostgresServer:
         except RuntimeError:
             pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def temp_postgresql() -> Iterator[str]:
+    """A throwaway cluster, removed at the end; yields a database URL (the benchmarks' ``--db temp-postgresql``)."""
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("--db temp-postgresql: PostgreSQL's initdb / pg_ctl are not installed")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server.create_database()
+    finally:
+        server.remove()
 
 
 @pytest.fixture(scope="session")
