@@ -297,6 +297,10 @@ def _plain(params: Sequence[Any]) -> tuple:
     return tuple(int(v) if type(v) is bool else v for v in params)
 
 
+# The tables VACUUM reclaims and history_bytes sizes.
+HISTORY_TABLES = ("steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks")
+
+
 class PostgresStore(QueuedStore):
     """The history in a PostgreSQL database. Thread-safe ``submit*`` calls; reads from a pool.
 
@@ -500,7 +504,7 @@ class PostgresStore(QueuedStore):
         """
         self.flush()
         with psycopg.connect(self.url, autocommit=True) as conn:
-            for table in ("steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks"):
+            for table in HISTORY_TABLES:
                 conn.execute(f"VACUUM (ANALYZE) {table}")
 
     def history_bytes(self) -> int:
@@ -508,7 +512,7 @@ class PostgresStore(QueuedStore):
         ((n,),) = self._fetchall(
             "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
             " WHERE c.relkind = 'r' AND c.relname = ANY(%s)",
-            (["steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks"],),
+            (list(HISTORY_TABLES),),
         )
         return int(n)
 
