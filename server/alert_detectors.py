@@ -880,7 +880,7 @@ class Stalls:
     def check(self, rs: RunState, now_m: float) -> None:
         """Timer: raise, resolve or forget the stall of one run."""
         ra = self.runs.get(rs.run)
-        if not rs.connected:
+        if not rs.sessions:  # open here: a run fed through another collector stalls there, not here
             if ra is not None:
                 ra.connected_since = None
                 if ra.stalled:

@@ -323,22 +323,38 @@ class ControlPlane:
             log.exception("control plane: cannot restore commands from the history store")
 
     def _restore(self) -> None:
+        n = self._load(list(self.state.runs.values()), None)
+        if n:
+            log.info("control plane: restored the current command of %d runs", n)
+
+    def load(self, runs: Sequence[RunState]) -> None:
+        """Load the control state of ``runs`` from the store (runs another collector created: server/cluster.py)."""
+        if runs:
+            try:
+                self._load(runs, [rs.run_id for rs in runs])
+            except (sqlite3.Error, StoreError):
+                log.exception("control plane: cannot load commands of %d runs from the history store", len(runs))
+
+    def reload(self, rs: RunState) -> None:
+        """Re-read one run's control state from the store: another collector holds its sessions and records
+        their answers there. Raises StoreError when the store cannot be read."""
+        rs.control.audit.clear()
+        rs.control.applied = {}
+        rs.control.rejected.clear()
+        self._load([rs], [rs.run_id])
+
+    def _load(self, runs: Sequence[RunState], run_ids: Sequence[int] | None) -> int:
+        """Current command, per-rank answers and recent audit of ``runs`` (``run_ids``: theirs, None: every run)."""
         store = self.store
-        by_id = {rs.run_id: rs for rs in self.state.runs.values()}
+        by_id = {rs.run_id: rs for rs in runs}
         n = 0
-        for run_id, version, blob in store.current_commands():
+        for run_id, version, blob in store.current_commands(run_ids):
             rs = by_id.get(run_id)
             if rs is None:
                 continue
-            cmd = pb.RateCommand()
-            cmd.ParseFromString(blob)
-            rc = rs.control
-            rc.current = cmd
-            rc.rule = _requested_rule(cmd, rs.names)
-            rc.last_version = max(rc.last_version, int(version))
-            rc.remember_apply_at(cmd.version, cmd.apply_at_step)
+            self._take(rs, blob, int(version))
             n += 1
-        for run_id, rank, version, step, t, reason in store.last_applied():
+        for run_id, rank, version, step, t, reason in store.last_applied(run_ids):
             rs = by_id.get(run_id)
             if rs is not None:
                 # A late (or early) application records the step it wanted in its audit reason.
@@ -346,7 +362,7 @@ class ControlPlane:
                 wanted = int(m.group(1)) if m else rs.control.wanted_step(int(version))
                 rc = rs.control
                 rc.applied = {**rc.applied, int(rank): Applied(int(version), int(step or 0), float(t or 0.0), wanted)}
-        for run_id, rank, version, reason in store.last_rejected():
+        for run_id, rank, version, reason in store.last_rejected(run_ids):
             rs = by_id.get(run_id)
             if rs is not None:
                 rs.control.rejected[int(rank)] = (int(version), reason or "")
@@ -364,8 +380,26 @@ class ControlPlane:
                         reason=reason or "",
                     )
                 )
-        if n:
-            log.info("control plane: restored the current command of %d runs", n)
+        return n
+
+    @staticmethod
+    def _take(rs: RunState, blob: bytes, version: int) -> pb.RateCommand:
+        """Make a stored command the run's current one."""
+        cmd = pb.RateCommand()
+        cmd.ParseFromString(blob)
+        rc = rs.control
+        rc.current = cmd
+        rc.rule = _requested_rule(cmd, rs.names)
+        rc.last_version = max(rc.last_version, version)
+        rc.remember_apply_at(cmd.version, cmd.apply_at_step)
+        return cmd
+
+    def adopt(self, rs: RunState, blob: bytes, version: int) -> None:
+        """A command another collector stored for a run whose sessions are here: current, and pushed to them."""
+        cmd = self._take(rs, blob, version)
+        log.info("control: run %s version %d (set through another collector) sent to its jobs", rs.run, cmd.version)
+        for sess in list(rs.sessions):
+            self._push(rs, sess, cmd, "set through another collector")
 
     # ------------------------------------------------------------ audit
     def _audit(

@@ -43,6 +43,7 @@ engine) from the composition root, server/app.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import random
@@ -71,10 +72,11 @@ from layrot.server.decode import (
 from layrot.server.derive import derive
 from layrot.server.records import newest_snapshot, step_rows
 from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot, hello_meta
-from layrot.server.store_api import HistoryStore, RunRecord, StoreValueError, hash_run_key
+from layrot.server.store_api import HistoryStore, RunRecord, StoreError, StoreValueError, hash_run_key
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
+    from layrot.server.cluster import Cluster
     from layrot.server.control import ControlPlane
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,8 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: set[LiveSession] = set()
         self.creating: dict[str, asyncio.Future] = {}  # run name -> its runs row commit (loop thread)
+        # Several collectors on one database (server/cluster.py): run ids from the database, runs made elsewhere.
+        self.cluster: Cluster | None = None
         # Never reuse a run id that rows of any table carry (orphans of older versions).
         state.next_run_id = max(state.next_run_id, store.highest_run_id() + 1)
 
@@ -355,6 +359,8 @@ class IngestServicer(pb_grpc.IngestServicer):
         if sess.run is not None:
             sess.run.sessions.discard(sess)
             log.info("session closed: run=%s rank=%d peer=%s", sess.run.run, sess.rank, sess.peer)
+            if self.cluster is not None and not sess.run.sessions:
+                self.cluster.poke()  # tell the other collectors soon that this one let the run go
 
     def _end(self, sess: LiveSession, code: str, reason: str, message: str) -> None:
         """Refuse the session: count, tell the job why, end the stream."""
@@ -459,8 +465,10 @@ class IngestServicer(pb_grpc.IngestServicer):
                     )
                 continue
             rs = await self._create_run(hello, layers, key_hash)
-            created = True
+            created = not rs.held_elsewhere
             break
+        if self.cluster is not None and not rs.sessions and (rs.held_elsewhere or rs.remote_sessions):
+            await self._refresh(rs)  # fed through another collector: its stored steps, newest values
         self._check_owner(hello, rs, key_hash)
         if hello.total_steps > 0 and not hello.replay:
             rs.total_steps = int(hello.total_steps)  # a resumed job may plan a longer run
@@ -509,6 +517,10 @@ class IngestServicer(pb_grpc.IngestServicer):
         if sess.replay:
             return  # history only: not connected, no commands
         rs.sessions.add(sess)
+        if self.cluster is not None:
+            if not rs.remote_sessions:
+                rs.held_elsewhere = False  # exported here from now on (the next cluster pass confirms)
+            self.cluster.poke()
         if self.alerts is not None:
             self.alerts.lost.on_hello(rs.run, sess.rank)  # a lost job is back
         self.control.on_hello(sess)
@@ -523,8 +535,16 @@ class IngestServicer(pb_grpc.IngestServicer):
                 "reuse a run name or ask the operator",
                 "too_many_runs",
             )
+        run_id = None
+        if self.cluster is not None:  # ids from the database's sequence: unique over every collector on it
+            try:
+                run_id = await asyncio.get_running_loop().run_in_executor(None, self.store.allocate_run_id)
+            except StoreError as exc:
+                raise SessionReject(
+                    "store_failed", f"the collector could not allocate a run id ({str(exc)[:300]}); try again later"
+                ) from None
         rec = RunRecord(
-            run_id=state.next_run_id,
+            run_id=state.next_run_id if run_id is None else run_id,
             run=hello.run,
             framework=hello.framework,
             framework_version=hello.framework_version,
@@ -552,6 +572,11 @@ class IngestServicer(pb_grpc.IngestServicer):
         finally:
             if self.creating.get(hello.run) is done:
                 del self.creating[hello.run]
+        if failure is not None and self.cluster is not None:
+            # Another collector of the database may have created the same run a moment earlier: join it.
+            joined = await self._stored_run(hello.run)
+            if joined is not None:
+                return joined
         if failure is not None:
             raise SessionReject(
                 "store_failed",
@@ -560,6 +585,31 @@ class IngestServicer(pb_grpc.IngestServicer):
             )
         log.info("new run %s: %d layers, framework=%s host=%s", rec.run, len(layers), rec.framework, rec.host)
         return state.runs[hello.run]
+
+    async def _stored_run(self, run: str) -> RunState | None:
+        """The run of that name as stored (created through another collector), now in the state; None if none."""
+        loop = asyncio.get_running_loop()
+        try:
+            recs = await loop.run_in_executor(None, functools.partial(self.store.load_runs, names=[run]))
+        except StoreError:
+            return None
+        if not recs:
+            return None
+        if run not in self.state.runs:
+            self.control.load(self.state.restore(recs, held_elsewhere=True))
+        log.info("run %s was created through another collector: joined", run)
+        return self.state.runs[run]
+
+    async def _refresh(self, rs: RunState) -> None:
+        """Take the stored steps and newest values of a run another collector fed (for the Welcome)."""
+        loop = asyncio.get_running_loop()
+        try:
+            recs = await loop.run_in_executor(None, functools.partial(self.store.load_runs, run_ids=[rs.run_id]))
+        except StoreError:
+            log.warning("run %s: cannot read its stored steps; the job may resend some", rs.run)
+            return
+        if recs:
+            rs.refresh(recs[0])
 
     @staticmethod
     def _check_owner(hello: pb.Hello, rs: RunState, key_hash: str | None) -> None:

@@ -21,7 +21,7 @@ from layrot.proto import layrot_pb2 as pb
 from layrot.proto import layrot_pb2_grpc as pb_grpc
 from layrot.server.control import ControlPlane, ControlRefused, check_command_args, client_who
 from layrot.server.state import CollectorState, RunState
-from layrot.server.store_api import HistoryStore
+from layrot.server.store_api import HistoryStore, StoreError
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
@@ -62,7 +62,7 @@ def run_summary(rs: RunState, settings: IndicatorSettings = DEFAULT_INDICATOR) -
         min_rotation=mn,
         mean_rotation=mean,
         connected=rs.connected,
-        sessions=len(rs.sessions),
+        sessions=len(rs.sessions) + rs.remote_sessions,
         layca=bool(rs.capabilities.get("layca")),
         control=bool(rs.capabilities.get("control")),
         first_report=rs.first_report or 0.0,
@@ -98,6 +98,8 @@ class QueryServicer(pb_grpc.QueryServicer):
         self.alerts = alerts
         self.indicator = indicator
         self.retention = retention
+        # Several collectors on one database (server/cluster.py): other collectors may hold a run's sessions.
+        self.clustered = False
 
     async def _run(self, name: str, context: grpc.aio.ServicerContext) -> RunState:
         rs = self.state.runs.get(name)
@@ -187,6 +189,7 @@ class QueryServicer(pb_grpc.QueryServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad command: {why}")
         rs = await self._run(request.run, context)
         plane = self.control
+        await self._reload_control(rs, context)
         who = client_who(request.command.issued_by, context.peer())
         try:
             plane.set_command(rs, request.command, who)
@@ -197,7 +200,17 @@ class QueryServicer(pb_grpc.QueryServicer):
     async def GetControl(self, request: pb.GetControlRequest, context: grpc.aio.ServicerContext) -> pb.ControlStatus:
         """Requested vs applied command of a run, per-layer rates, audit trail."""
         rs = await self._run(request.run, context)
+        await self._reload_control(rs, context)
         return self.control.status(rs)
+
+    async def _reload_control(self, rs: RunState, context: grpc.aio.ServicerContext) -> None:
+        """A run whose sessions are on another collector of the database: its control state as stored there
+        (its current version, the jobs' answers), so a command set here continues its versions."""
+        if self.clustered and not rs.sessions:
+            try:
+                self.control.reload(rs)
+            except StoreError as exc:
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot read the run's control state: {exc}")
 
     # ------------------------------------------------------------ alerts (server/alerts.py)
     async def _alert_hub(self, context: grpc.aio.ServicerContext) -> AlertEngine:
@@ -236,7 +249,7 @@ class QueryServicer(pb_grpc.QueryServicer):
     async def DeleteRun(self, request: pb.DeleteRunRequest, context: grpc.aio.ServicerContext) -> pb.DeleteRunResponse:
         """Delete a run's whole history and forget it; refused while a job of the run is connected."""
         rs = await self._run(request.run, context)
-        live = len(rs.sessions)
+        live = len(rs.sessions) + rs.remote_sessions  # open here or on another collector of the database
         if live:
             await _abort(
                 context,

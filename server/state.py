@@ -57,6 +57,22 @@ def _summary(snap: Snapshot | None) -> tuple[float, float]:
     return float(ok.min()), float(ok.mean())
 
 
+def snapshot_of(rec: RunRecord) -> Snapshot:
+    """The stored newest row of a run (``rec.last_row``, not None) as a Snapshot."""
+    assert rec.last_row is not None
+    step, t, loss, rot, ang, wn, rho = rec.last_row
+    return Snapshot(
+        rank=rec.last_rank or 0,
+        step=int(step),
+        time=float(t or 0.0),
+        loss=float("nan") if loss is None else float(loss),
+        rotation=np.frombuffer(rot, dtype="<f8"),
+        step_angle=np.frombuffer(ang, dtype="<f8"),
+        weight_norm=np.frombuffer(wn, dtype="<f8"),
+        rho=None if rho is None else np.frombuffer(rho, dtype="<f8"),
+    )
+
+
 class RunView(NamedTuple):
     """A run's progress as of its newest accepted batch; never changed, only replaced whole.
 
@@ -252,6 +268,10 @@ class RunState:
         self.stored_step: dict[int, int] = dict(rec.stored_steps)
         # Control plane: current command, per-rank answers, audit (server/control.py).
         self.control = RunControl()
+        # Several collectors on one database (server/cluster.py): open sessions of the run on the others,
+        # and whether another collector is the one that exports the run (then this one does not).
+        self.remote_sessions = 0
+        self.held_elsewhere = False
 
     @property
     def num_layers(self) -> int:
@@ -259,8 +279,23 @@ class RunState:
 
     @property
     def connected(self) -> bool:
-        """True while at least one session of the run is open."""
-        return bool(self.sessions)
+        """True while at least one session of the run is open (here, or on another collector of the database)."""
+        return bool(self.sessions) or self.remote_sessions > 0
+
+    def refresh(self, rec: RunRecord) -> None:
+        """Take a run's progress from the store (another collector fed it): newest row, report times, ranks."""
+        self.world_size = max(self.world_size, rec.world_size)
+        self.stored_step = {**self.stored_step, **{int(k): int(v) for k, v in rec.stored_steps.items()}}
+        v = self.view
+        last = v.last
+        if rec.last_row is not None and rec.layers:
+            snap = snapshot_of(rec)
+            last = self._with(last, snap)
+        primary = last[min(last)] if last else None
+        last_report = rec.last_seen if rec.last_seen is not None else v.last_report
+        self.view = RunView(
+            last, primary, rec.first_report or v.first_report, last_report, max(v.nonfinite, rec.nonfinite)
+        )
 
     @property
     def last(self) -> Mapping[int, Snapshot]:
@@ -345,28 +380,21 @@ class CollectorState:
     # The collector's AlertEngine (server/alerts.py), set by the composition root; None in bare states.
     alerts: AlertEngine | None = None
 
-    def restore(self, records: list[RunRecord]) -> None:
-        """Load runs from the history store (after a restart)."""
+    def restore(self, records: list[RunRecord], held_elsewhere: bool = False) -> list[RunState]:
+        """Load runs from the history store (after a restart; ``held_elsewhere``: runs another collector made)."""
+        out = []
         with self.lock:
             for rec in records:
                 rs = RunState(rec)
+                rs.held_elsewhere = held_elsewhere
                 if rec.last_row is not None and rec.layers:
-                    step, t, loss, rot, ang, wn, rho = rec.last_row
-                    rs.update(
-                        Snapshot(
-                            rank=rec.last_rank or 0,
-                            step=int(step),
-                            time=float(t or 0.0),
-                            loss=float("nan") if loss is None else float(loss),
-                            rotation=np.frombuffer(rot, dtype="<f8"),
-                            step_angle=np.frombuffer(ang, dtype="<f8"),
-                            weight_norm=np.frombuffer(wn, dtype="<f8"),
-                            rho=None if rho is None else np.frombuffer(rho, dtype="<f8"),
-                        )
-                    )
+                    rs.update(snapshot_of(rec))
                 self.runs[rec.run] = rs
                 self.next_run_id = max(self.next_run_id, rec.run_id + 1)
-        log.info("restored %d runs from the history store", len(records))
+                out.append(rs)
+        if not held_elsewhere:
+            log.info("restored %d runs from the history store", len(records))
+        return out
 
     def add_run(self, rec: RunRecord) -> RunState:
         """Register a new run (loop thread)."""

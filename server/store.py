@@ -181,6 +181,14 @@ CREATE TABLE IF NOT EXISTS audit (
     rank    INTEGER
 );
 CREATE INDEX IF NOT EXISTS audit_run ON audit (run_id, id);
+-- Which collector holds a run's sessions (several collectors on one PostgreSQL: server/cluster.py).
+CREATE TABLE IF NOT EXISTS holders (
+    run_id    INTEGER NOT NULL,
+    collector TEXT NOT NULL,
+    sessions  INTEGER NOT NULL,     -- open sessions of the run on that collector (0: released)
+    heartbeat REAL NOT NULL,        -- unix seconds of the collector's newest word on it
+    PRIMARY KEY (run_id, collector)
+);
 """
 
 INSERT_STEP = "INSERT OR REPLACE INTO steps (" + ", ".join(sb.STEP_TABLE_COLUMNS) + ") VALUES (?,?,?,?,?,?,?)"
@@ -345,6 +353,19 @@ class Store(QueuedStore):
 
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return self.reader().execute(sql, params).fetchall()
+
+    def _write_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(sql, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.close()
 
     def _close_readers(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -40,7 +40,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,8 +189,39 @@ DELETE_RUN_SQL = (
     ("DELETE FROM commands WHERE run_id = ?", False),
     ("DELETE FROM audit WHERE run_id = ?", False),
     ("DELETE FROM control_acks WHERE run_id = ?", False),
+    ("DELETE FROM holders WHERE run_id = ?", False),
     ("DELETE FROM runs WHERE id = ?", False),
 )
+
+
+def _runs_filter(column: str, run_ids: Sequence[int] | None) -> tuple[str, list[int]]:
+    """`` AND column IN (?, ...)`` for a read limited to ``run_ids`` (nothing for None; none for an empty list)."""
+    if run_ids is None:
+        return "", []
+    ids = [int(r) for r in run_ids]
+    if not ids:
+        return " AND 1 = 0", []
+    return f" AND {column} IN ({', '.join('?' * len(ids))})", ids
+
+
+# The highest run id in any table (highest_run_id), orphans included.
+HIGHEST_RUN_ID_SQL = tuple(
+    f"SELECT MAX({col}) FROM {table}"
+    for table, col in (
+        ("runs", "id"),
+        ("steps", "run_id"),
+        ("layers", "run_id"),
+        ("commands", "run_id"),
+        ("audit", "run_id"),  # no index on run_id: small tables
+        ("control_acks", "run_id"),
+    )
+)
+# A collector's heartbeat on one run (QueuedStore.heartbeat): (run_id, collector, sessions, heartbeat).
+HOLD_SQL = (
+    "INSERT INTO holders (run_id, collector, sessions, heartbeat) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (run_id, collector) DO UPDATE SET sessions = excluded.sessions, heartbeat = excluded.heartbeat"
+)
+
 DELETE_RUN_BY_NAME_SQL = ("DELETE FROM alerts WHERE run = ?", "DELETE FROM alert_thresholds WHERE run = ?")
 
 
@@ -696,12 +727,28 @@ class QueuedStore:
         self._submit(THRESHOLDS, (run, overrides, updated))
 
     # ------------------------------------------------------------ reads
-    def load_runs(self) -> list[RunRecord]:
-        """Every stored run with its layers and newest row (lowest rank), for restoring state."""
+    def load_runs(
+        self, after_id: int = 0, run_ids: Sequence[int] | None = None, names: Sequence[str] | None = None
+    ) -> list[RunRecord]:
+        """Stored runs with their layers and newest row (lowest rank), for restoring state.
+
+        Every run by default; with ``after_id`` only runs of a higher id, with ``run_ids`` /
+        ``names`` only those (the cluster's view of runs other collectors created or fed).
+        """
+        where, params = ["id > ?"], [after_id]
+        for col, values in (("id", run_ids), ("run", names)):
+            if values is not None:
+                if not values:
+                    return []
+                where.append(f"{col} IN ({', '.join('?' * len(values))})")
+                params += list(values)
         out = []
         for r in self._fetchall(
             "SELECT id, run, framework, framework_version, host, world_size, every, capabilities, meta,"
-            " created, last_seen, first_report, nonfinite, key_hash FROM runs ORDER BY id"
+            " created, last_seen, first_report, nonfinite, key_hash FROM runs WHERE "
+            + " AND ".join(where)
+            + " ORDER BY id",
+            params,
         ):
             out.append(
                 RunRecord(
@@ -756,6 +803,14 @@ class QueuedStore:
                 rec.last_row = decode_values(rows[0], 3) if rows else None
         return out
 
+    def run_ids(self) -> list[int]:
+        """Ids of every stored run."""
+        return [int(r) for (r,) in self._fetchall("SELECT id FROM runs")]
+
+    def runs_seen_since(self, since: float) -> list[int]:
+        """Ids of the runs whose newest report time (``last_seen``) is at or after ``since``."""
+        return [int(r) for (r,) in self._fetchall("SELECT id FROM runs WHERE last_seen >= ?", (since,))]
+
     def history_page(self, run_id: int, rank: int, after_step: int, until_step: int, limit: int) -> list[tuple]:
         """Rows (step, time, loss, rotation, step_angle, weight_norm, rho) with after_step < step <= until_step."""
         rows = self._fetchall(
@@ -777,14 +832,35 @@ class QueuedStore:
         layrot versions before the run-creation rule), so a new run never
         inherits them.
         """
-        top = 0
-        for table, col in (("runs", "id"), ("steps", "run_id"), ("layers", "run_id"), ("commands", "run_id")):
-            ((v,),) = self._fetchall(f"SELECT MAX({col}) FROM {table}")
-            top = max(top, v or 0)
-        for table in ("audit", "control_acks"):  # no index on run_id: small tables
-            ((v,),) = self._fetchall(f"SELECT MAX(run_id) FROM {table}")
-            top = max(top, v or 0)
-        return top
+        return max(int(v or 0) for ((v,),) in (self._fetchall(sql) for sql in HIGHEST_RUN_ID_SQL))
+
+    # ------------------------------------------------------------ several collectors (server/cluster.py)
+    def allocate_run_id(self) -> int | None:
+        """A run id no other collector on this database hands out, or None: the caller's own counter
+        (SQLite: one collector per file) is then the only source."""
+        return None
+
+    def heartbeat(self, collector: str, sessions: Mapping[int, int], now: float) -> None:
+        """Say that ``collector`` holds ``sessions[run_id]`` open sessions of each run (0: released) at ``now``.
+
+        Written at once on a connection of its own, not queued behind ingest's rows: a
+        collector saturated with ingest still tells the others it is alive.
+        """
+        if sessions:
+            self._write_now(HOLD_SQL, [(int(r), collector, int(n), float(now)) for r, n in sessions.items()])
+
+    def holders(self, since: float) -> list[tuple[int, str, int, float]]:
+        """(run_id, collector, sessions, heartbeat) of every holder row with a heartbeat at or after ``since``."""
+        return [
+            (int(r), str(c), int(n), float(h))
+            for r, c, n, h in self._fetchall(
+                "SELECT run_id, collector, sessions, heartbeat FROM holders WHERE heartbeat >= ?", (since,)
+            )
+        ]
+
+    def _write_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run ``sql`` (``?`` placeholders) for each of ``rows`` in one transaction of its own, now."""
+        raise NotImplementedError
 
     def stored_steps(self, run_id: int, rank: int, steps: Sequence[int]) -> list[int]:
         """Which of ``steps`` of one rank are in the history (tests, consistency checks)."""
@@ -794,28 +870,44 @@ class QueuedStore:
             if self._fetchall("SELECT 1 FROM steps WHERE run_id=? AND rank=? AND step=?", (run_id, rank, s))
         ]
 
-    def current_commands(self) -> list[tuple[int, int, bytes]]:
-        """(run_id, version, serialized command) of the newest command of every run."""
+    def current_commands(self, run_ids: Sequence[int] | None = None) -> list[tuple[int, int, bytes]]:
+        """(run_id, version, serialized command) of the newest command of every run (or of ``run_ids``)."""
+        where, params = _runs_filter("c.run_id", run_ids)
         return [
             (run_id, version, bytes(blob))
             for run_id, version, blob in self._fetchall(
                 "SELECT run_id, version, command FROM commands c WHERE version ="
-                " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)"
+                " (SELECT MAX(version) FROM commands WHERE run_id = c.run_id)" + where,
+                params,
             )
         ]
 
-    def last_applied(self) -> list[tuple]:
+    def command_versions(self, run_ids: Sequence[int]) -> dict[int, int]:
+        """run_id -> highest stored command version, for ``run_ids`` (runs without commands left out)."""
+        where, params = _runs_filter("run_id", run_ids)
+        return {
+            int(r): int(v)
+            for r, v in self._fetchall(
+                "SELECT run_id, MAX(version) FROM commands WHERE 1 = 1" + where + " GROUP BY run_id", params
+            )
+        }
+
+    def last_applied(self, run_ids: Sequence[int] | None = None) -> list[tuple]:
         """(run_id, rank, version, step, time, reason) of every rank's newest 'applied' audit entry."""
+        where, params = _runs_filter("a.run_id", run_ids)
         return self._fetchall(
             "SELECT run_id, rank, version, step, time, reason FROM audit a WHERE event = 'applied' AND id ="
-            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')"
+            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'applied')" + where,
+            params,
         )
 
-    def last_rejected(self) -> list[tuple]:
+    def last_rejected(self, run_ids: Sequence[int] | None = None) -> list[tuple]:
         """(run_id, rank, version, reason) of every rank's newest 'rejected' audit entry."""
+        where, params = _runs_filter("a.run_id", run_ids)
         return self._fetchall(
             "SELECT run_id, rank, version, reason FROM audit a WHERE event = 'rejected' AND id ="
-            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')"
+            " (SELECT MAX(id) FROM audit WHERE run_id = a.run_id AND rank = a.rank AND event = 'rejected')" + where,
+            params,
         )
 
     def recent_audit(self, run_id: int, limit: int) -> list[tuple]:

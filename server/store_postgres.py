@@ -155,6 +155,18 @@ SCHEMA = (
         rank    BIGINT
     )""",
     "CREATE INDEX IF NOT EXISTS audit_run ON audit (run_id, id)",
+    # Which collector holds a run's sessions (server/cluster.py): a row per (run, collector), kept fresh
+    # by that collector's heartbeat while it holds sessions of the run, left with sessions 0 after.
+    """CREATE TABLE IF NOT EXISTS holders (
+        run_id    BIGINT NOT NULL,
+        collector TEXT NOT NULL,
+        sessions  BIGINT NOT NULL,
+        heartbeat DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (run_id, collector)
+    )""",
+    "CREATE INDEX IF NOT EXISTS holders_heartbeat ON holders (heartbeat)",
+    # Run ids for every collector on this database (``allocate_run_id``), moved past any id in use at open.
+    "CREATE SEQUENCE IF NOT EXISTS run_ids",
     # A samples row of L layers holds 4 float32 columns of 4 L bytes: past ~2 kB PostgreSQL compresses
     # its largest values, then moves them out of line. Float bits barely compress: EXTERNAL skips
     # the attempt (its CPU cost was most of the ingest cost) and stores them out of line as they are.
@@ -398,6 +410,11 @@ class PostgresStore(QueuedStore):
                 changed = migrate(conn) or changed
             if changed:
                 log.info("history store %s: schema migrated to version %d", self.description, SCHEMA_VERSION)
+            # The sequence past every id in use (a database written before it existed, orphans too).
+            top = max(int(v or 0) for ((v,),) in (conn.execute(q).fetchall() for q in sb.HIGHEST_RUN_ID_SQL))
+            last, called = conn.execute("SELECT last_value, is_called FROM run_ids").fetchone()
+            if top > (last if called else last - 1):
+                conn.execute("SELECT setval('run_ids', %s)", (top,))
             conn.execute(
                 "INSERT INTO schema_info (key, value) VALUES ('version', %s)"
                 " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
@@ -430,6 +447,18 @@ class PostgresStore(QueuedStore):
 
     def _close_readers(self) -> None:
         self._readers.close()
+
+    def _write_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            with self._readers.connection() as conn, conn.transaction():
+                conn.cursor().executemany(_pg(sql), [_plain(r) for r in rows])
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreError(f"{self.description}: {type(exc).__name__}: {exc}") from exc
+
+    def allocate_run_id(self) -> int:
+        """The next id of the database's ``run_ids`` sequence: unique over every collector on the database."""
+        ((n,),) = self._fetchall("SELECT nextval('run_ids')")
+        return int(n)
 
     def _open_writer(self) -> None:
         return None  # each transaction borrows the writer pool's connection (replaced when broken)
