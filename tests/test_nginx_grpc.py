@@ -6,11 +6,13 @@ Jobs through nginx must land each run on exactly one collector (nginx hashes on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,11 +52,12 @@ def test_deploy_conf_hashes_on_the_run_metadata():
     assert "grpc_pass grpc://layrot_collectors;" in text
 
 
-def test_runs_through_nginx_land_on_one_collector_each(recording, tmp_path):  # noqa: F811
+@contextlib.contextmanager
+def nginx_in_front(tmp_path: Path, addr_a: str, addr_b: str) -> Iterator[str]:
+    """deploy/nginx/layrot-grpc.conf with Debian's nginx in front of two collectors; yields its address."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if binary is None:
         pytest.skip("nginx not installed")
-    (a, addr_a), (b, addr_b) = recording(), recording()
     port = _free_port()
     conf = (
         CONF.read_text()
@@ -77,10 +80,20 @@ def test_runs_through_nginx_land_on_one_collector_each(recording, tmp_path):  # 
                 assert proc.poll() is None, (tmp_path / "nginx.out").read_text()
                 assert time.monotonic() < deadline, "nginx did not listen"
                 time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_runs_through_nginx_land_on_one_collector_each(recording, tmp_path):  # noqa: F811
+    (a, addr_a), (b, addr_b) = recording(), recording()
+    with nginx_in_front(tmp_path, addr_a, addr_b) as front:
         runs = [f"nginx-run-{i}" for i in range(12)]
         for run in runs:
-            _send(run, f"127.0.0.1:{port}", steps=3)
-            _send(run, f"127.0.0.1:{port}", steps=3)  # a second session of the same run (a reconnect)
+            _send(run, front, steps=3)
+            _send(run, front, steps=3)  # a second session of the same run (a reconnect)
         on_a = {md.get(RUN_METADATA_KEY) for md in a.metadata}
         on_b = {md.get(RUN_METADATA_KEY) for md in b.metadata}
         assert on_a | on_b == set(runs)
@@ -89,7 +102,3 @@ def test_runs_through_nginx_land_on_one_collector_each(recording, tmp_path):  # 
         # 12 runs over two collectors: all on one happens with probability ~2**-11 under a fair hash.
         assert on_a and on_b, f"spread a={len(on_a)} b={len(on_b)}"
         print(f"spread over two collectors through nginx: a={len(on_a)} b={len(on_b)}")
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()

@@ -108,6 +108,11 @@ spec:
             secretKeyRef:
               name: {{ include "layrot.dbSecretName" . }}
               key: {{ .Values.postgresql.existingSecretKey }}
+        # Replicas share the database (server/cluster.py): each pod is one collector, named after itself.
+        - name: LAYROT_COLLECTOR_ID
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
         {{- end }}
         {{- if include "layrot.hasAuth" . }}
         - name: LAYROT_TOKEN
