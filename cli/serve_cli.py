@@ -68,6 +68,15 @@ def check_db_path(db: str) -> None:
     is_flag=True,
     help="Do not serve the web view at / of the metrics port (/metrics, /healthz, /readyz and /api/v1 stay).",
 )
+@click.option(
+    "--ui-port",
+    "ui_port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve the web view on a port of its own (with /api/v1; on --metrics-host, same TLS and tokens), "
+    "/metrics then only on --metrics-port: e.g. --ui-port 9401 (0 = any free port).",
+)
 @serve_alert_options
 @serve_limit_options
 @serve_retention_options
@@ -78,6 +87,7 @@ def serve_command(
     metrics_port: int,
     db: str,
     no_ui: bool,
+    ui_port: int | None,
     metrics_options: dict[str, Any],
     security_options: dict[str, Any],
     alert_options: dict[str, Any],
@@ -100,7 +110,8 @@ def serve_command(
 
     A web view (runs, live layer rotation curves, step-angle heatmap, alerts,
     Layca rates, run comparison) is at http://METRICS-HOST:METRICS-PORT/ unless
-    --no-ui; with --read-token it asks for the token (kept in the browser tab).
+    --no-ui, or at http://METRICS-HOST:UI-PORT/ with --ui-port; with --read-token
+    it asks for the token (kept in the browser tab).
 
     \b
     Examples:
@@ -115,8 +126,17 @@ def serve_command(
       # queries need a token too (the read token or the write token)
       LAYROT_TOKEN=w LAYROT_READ_TOKEN=r layrot-agent serve --grpc-host 0.0.0.0
       layrot-agent serve --alertmanager http://alertmanager:9093 --alert-abs-angle 0.25
+      # the web view on a port of its own: http://HOST:9401/ (/metrics stays on 9400)
+      layrot-agent serve --metrics-host 0.0.0.0 --ui-port 9401 --read-token-file /etc/layrot/read
     """
     check_db_path(db)
+    if ui_port is not None and no_ui:
+        raise click.UsageError("--ui-port serves the web view, which --no-ui turns off: give one of them, not both")
+    if ui_port and ui_port in (metrics_port, grpc_port):
+        raise click.UsageError(
+            f"--ui-port {ui_port} is taken by --{'metrics' if ui_port == metrics_port else 'grpc'}-port:"
+            " the web view needs a port of its own"
+        )
     from layrot.server.app import Collector  # the daemon's dependencies only load here
 
     collector = Collector(
@@ -126,6 +146,7 @@ def serve_command(
         metrics_port=metrics_port,
         db_path=db,
         ui=not no_ui,
+        ui_port=ui_port,
         **metrics_options,
         **security_options,
         **alert_options,
@@ -157,6 +178,7 @@ def serve_command(
     click.echo(
         f"layrot collector: gRPC {grpc_host}:{collector.grpc_port}, metrics {collector.metrics_url}, "
         f"{f'JSON API {collector.http_url}/api/v1, ' if getattr(collector, 'http_url', None) else ''}"
+        f"{f'web view {collector.ui_url}, ' if getattr(collector, 'ui_url', None) else ''}"
         f"db {collector.store.description if collector.store else db} ({collector.security_summary})",
         err=True,
     )

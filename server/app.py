@@ -36,7 +36,15 @@ from layrot.server.auth import ServerTLS, TokenInterceptor, is_loopback
 from layrot.server.control import ControlPlane
 from layrot.server.http_api import HttpApi
 from layrot.server.ingest import IngestLimits, IngestServicer, add_ingest_to_server, grpc_receive_limit
-from layrot.server.metrics import LayrotCollector, MetricsServer
+from layrot.server.metrics import (
+    METRICS_PORT_ROUTES,
+    UI_PORT_ROUTES,
+    HttpPort,
+    LayrotCollector,
+    MetricsServer,
+    Routes,
+    not_found,
+)
 from layrot.server.query import QueryServicer
 from layrot.server.retention import Retention, RetentionPolicy
 from layrot.server.state import CollectorState
@@ -69,8 +77,12 @@ class Collector:
     ...     print(c.grpc_address, c.metrics_url)
 
     ``grpc_port=0`` / ``metrics_port=0`` pick free ports; ``metrics_port=None``
-    disables ``/metrics`` (and the HTTP API and web view with it; ``ui=False``
-    turns off only the web view at ``/``). ``token`` protects ingest and every write call
+    disables ``/metrics`` (and the HTTP API and web view with it, unless ``ui_port``
+    is given; ``ui=False`` turns off only the web view at ``/``). ``ui_port``
+    (``serve --ui-port``; 0 = a free port) moves the web view to a port of its own on
+    ``metrics_host``, with the same TLS and tokens, which serves the JSON API and
+    the health checks too, never ``/metrics``; the metrics port then keeps
+    ``/metrics``, ``/healthz``, ``/readyz`` and ``/api/v1``. ``token`` protects ingest and every write call
     (``authorization: Bearer <token>`` metadata); ``read_token`` protects the
     queries too (without it they stay open); health checks are always open
     (server/auth.py). ``tls_cert`` + ``tls_key`` (PEM files) serve gRPC and
@@ -92,6 +104,7 @@ class Collector:
         token: str | None = None,
         read_token: str | None = None,
         ui: bool = True,
+        ui_port: int | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         tls_client_ca: str | Path | None = None,
@@ -117,6 +130,9 @@ class Collector:
         self.grpc_port = grpc_port
         self.metrics_host = metrics_host
         self.metrics_port = metrics_port
+        if ui_port is not None and not ui:
+            raise ValueError("ui_port serves the web view, which ui=False turns off: give one of them")
+        self.ui_port = ui_port
         self.db_path = str(db_path)
         self.token = token or None
         self.read_token = read_token or None
@@ -166,8 +182,10 @@ class Collector:
         self.health: health_aio.HealthServicer | None = None
         self.metrics: MetricsServer | None = None
         self.http_api: HttpApi | None = None
+        # The web view's own port (serve --ui-port): the router of the metrics port with other routes.
+        self.ui_server: HttpPort | None = None
         # The web view's files at / and /ui/ of the HTTP port (server/web.py); ui=False (serve --no-ui): 404 there.
-        self.web: WebUI | None = WebUI() if ui and metrics_port is not None else None
+        self.web: WebUI | None = WebUI() if ui and (metrics_port is not None or ui_port is not None) else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -198,6 +216,14 @@ class Collector:
         """``http(s)://host:port`` of the HTTP port: /metrics, /healthz, /readyz, /api/v1 (None when off)."""
         return self.metrics.base_url if self.metrics is not None else None
 
+    @property
+    def ui_url(self) -> str | None:
+        """``http(s)://host:port/`` of the web view: its own port (``ui_port``) or the metrics port (None when off)."""
+        if self.web is None:
+            return None
+        port = self.ui_server or self.metrics
+        return f"{port.base_url}/" if port is not None else None
+
     # ------------------------------------------------------------ what the HTTP API needs (server/http_api.py)
     def is_ready(self) -> bool:
         """True while the collector serves (started, loop running, not stopping)."""
@@ -211,9 +237,38 @@ class Collector:
         else:
             self.state.reject(reason)
 
-    def _http_app(self, metrics_app: Any) -> HttpApi:
+    def _http_app(self, metrics_app: Any) -> Any:
+        """The metrics port's app: the HTTP router, made here once; without the web view when ``ui_port`` is set."""
         self.http_api = HttpApi(metrics_app, self, token=self.token, read_token=self.read_token)
-        return self.http_api
+        if self.ui_port is None:
+            return self.http_api
+        return Routes(
+            self.http_api, METRICS_PORT_ROUTES, lambda: f"the web view is on port {self.ui_port} (serve --ui-port)"
+        )
+
+    def _start_ui_port(self, ssl_context: Any) -> None:
+        """The web view's own port: the metrics port's router (and tokens), with the web view and without /metrics."""
+        if self.http_api is None:  # metrics_port=None: a router whose /metrics the UI port never reaches
+
+            def no_metrics(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+                return not_found(environ, start_response, "/metrics is off on this collector")
+
+            self.http_api = HttpApi(no_metrics, self, token=self.token, read_token=self.read_token)
+
+        def elsewhere() -> str:
+            if self.metrics is None:
+                return "the metrics port is off"
+            return f"it is on the metrics port {self.metrics_port}"
+
+        self.ui_server = HttpPort(
+            Routes(self.http_api, UI_PORT_ROUTES, elsewhere),
+            self.metrics_host,
+            self.ui_port or 0,
+            ssl_context=ssl_context,
+            what="the web view (--ui-port)",
+            thread_name="layrot-ui",
+        )
+        self.ui_port = self.ui_server.port
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> Collector:
@@ -224,6 +279,7 @@ class Collector:
         self.tls = ServerTLS.load(*self.tls_files) if self.tls_files else None
         self._wire()
         try:
+            ssl_context = self.tls.ssl_context() if self.tls else None
             if self.metrics_port is not None:
                 self.metrics = MetricsServer(
                     LayrotCollector(
@@ -237,10 +293,12 @@ class Collector:
                     ),
                     self.metrics_host,
                     self.metrics_port,
-                    ssl_context=self.tls.ssl_context() if self.tls else None,
+                    ssl_context=ssl_context,
                     wrap=self._http_app,
                 )
                 self.metrics_port = self.metrics.port
+            if self.ui_port is not None:
+                self._start_ui_port(ssl_context)
             self._ready.clear()
             self._thread = threading.Thread(target=self._thread_main, name="layrot-collector", daemon=True)
             self._thread.start()
@@ -251,12 +309,14 @@ class Collector:
             self._cleanup_side_services()
             raise
         self._running = True
+        api_port = self.metrics or self.ui_server  # the JSON API is on both ports
         log.info(
-            "collector listening: grpc %s (%s), metrics %s, JSON API %s, db %s",
+            "collector listening: grpc %s (%s), metrics %s, JSON API %s, web view %s, db %s",
             self.grpc_address,
             self.security_summary,
             self.metrics_url,
-            f"{self.http_url}/api/v1" if self.http_url else None,
+            f"{api_port.base_url}/api/v1" if api_port is not None else None,
+            self.ui_url,
             redact_url(self.db_path),  # a URL may carry a password
         )
         self._warn_exposed()
@@ -287,12 +347,14 @@ class Collector:
                     self.grpc_host or "*",
                     self.grpc_port,
                 )
-        if self.metrics is not None and self.tls is None and not is_loopback(self.metrics_host):
-            log.warning(
-                "/metrics listens on %s:%s without TLS (serve --tls-cert FILE --tls-key FILE)",
-                self.metrics_host or "*",
-                self.metrics_port,
-            )
+        for what, port in (("/metrics", self.metrics), ("the web view", self.ui_server)):
+            if port is not None and self.tls is None and not is_loopback(self.metrics_host):
+                log.warning(
+                    "%s listens on %s:%s without TLS (serve --tls-cert FILE --tls-key FILE)",
+                    what,
+                    self.metrics_host or "*",
+                    port.port,
+                )
 
     def _wire(self) -> None:
         """Create the collector's parts in dependency order, each restored from the store."""
@@ -437,6 +499,9 @@ class Collector:
             self.retention.stop()
             self.retention = None
         self._stop_alerts()
+        if self.ui_server is not None:
+            self.ui_server.close()
+            self.ui_server = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

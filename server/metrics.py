@@ -7,6 +7,11 @@ through a ``prometheus_client`` custom collector on a ``CollectorRegistry`` of
 each collector instance (several collectors can share a test process), with
 the process, platform and ``layrot_build_info`` series.
 
+The collector's HTTP listeners are here too: ``HttpPort`` (one threaded WSGI server, HTTP or
+HTTPS), ``MetricsServer`` (the metrics port) and ``Routes``, which of the router's path groups
+(``/metrics``, health, ``/api/v1``, the web view) a port serves: all of them on the metrics
+port, or with ``serve --ui-port`` the web view and the API on a port of their own.
+
 Labels: ``run``, ``layer``, ``index``, ``reason``, ``framework``, ``host``;
 never ``job`` (Prometheus attaches its own ``job`` and ``instance``).
 Per-run numbers come from the lowest reporting rank (rank 0).
@@ -14,7 +19,9 @@ Per-run numbers come from the lowest reporting rank (rank 0).
 
 from __future__ import annotations
 
+import errno
 import gzip
+import json
 import logging
 import socket
 import ssl
@@ -31,9 +38,11 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from layrot.core.indicator import IndicatorSettings
+from layrot.server.http_api import API_PREFIX
 from layrot.server.metrics_render import LAYER_FAMILIES, RunSeries, series_budget
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store_api import HistoryStore
+from layrot.server.web import WebUI
 
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
@@ -252,7 +261,7 @@ class _Server(ThreadingWSGIServer):
         # A scraper speaking plain HTTP to the TLS port, a port scan, a client that
         # hangs up: one debug line, not a traceback on stderr per connection.
         # handle_error runs inside socketserver's except block: the error is sys.exc_info().
-        log.debug("/metrics request from %s failed: %r", client_address, sys.exc_info()[1])
+        log.debug("HTTP request from %s failed: %r", client_address, sys.exc_info()[1])
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -269,17 +278,145 @@ class _QuietHandler(WSGIRequestHandler):
         return env
 
 
-class MetricsServer:
-    """``/metrics`` over HTTP, or HTTPS with ``ssl_context``, on its own registry and thread.
+# ---------------------------------------------------------------- which port serves which paths
+# The paths of the collector's HTTP router (server/http_api.py HttpApi) in groups; a port serves
+# some groups (Routes). One port (the default) serves them all; with ``serve --ui-port`` the web
+# view moves to a port of its own, which serves the JSON API too (the page reads it from its own
+# origin), while the CLI and notebooks (layrot.Client) keep reading the API on the metrics port.
+METRICS = "metrics"  # /metrics
+HEALTH = "health"  # /healthz, /readyz
+API = "api"  # /api/v1 and below, its OpenAPI document included
+WEB = "web"  # the web view's files: /, /index.html, /ui/*
+EVERY_ROUTE = frozenset({METRICS, HEALTH, API, WEB})
+METRICS_PORT_ROUTES = frozenset({METRICS, HEALTH, API})  # the metrics port next to a --ui-port
+UI_PORT_ROUTES = frozenset({WEB, API, HEALTH})  # the --ui-port: no /metrics
 
-    ``wrap`` turns the ``/metrics`` WSGI app into the app the port serves (the
-    collector passes the HTTP API of server/http_api.py, which routes ``/metrics``
-    back to it); without it every path answers the metrics.
+
+def route_of(path: str) -> str | None:
+    """The group of a request path (None: a path no group owns, which the router answers with a 404)."""
+    if path == "/metrics":
+        return METRICS
+    if path in ("/healthz", "/readyz"):
+        return HEALTH
+    if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
+        return API
+    if WebUI.owns(path):
+        return WEB
+    return None
+
+
+def not_found(environ: dict[str, Any], start_response: Callable[..., Any], message: str) -> list[bytes]:
+    """A 404 with the JSON error body of the HTTP API (``{"error": {"status", "message"}}``)."""
+    body = json.dumps({"error": {"status": "NOT_FOUND", "message": message}}, separators=(",", ":")).encode()
+    start_response(
+        "404 Not Found",
+        [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")],
+    )
+    return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+
+class Routes:
+    """WSGI: ``app`` (the router) for the paths of ``groups``; a 404 for the paths of the other groups.
+
+    Paths of no group go to ``app`` too, which answers them as it always does. ``elsewhere``
+    returns the sentence a refused request reads (where that path is served instead), or None.
+    """
+
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        groups: frozenset[str] = EVERY_ROUTE,
+        elsewhere: Callable[[], str | None] | None = None,
+    ) -> None:
+        unknown = set(groups) - EVERY_ROUTE
+        if unknown:
+            raise ValueError(f"unknown route groups {sorted(unknown)}: choose from {sorted(EVERY_ROUTE)}")
+        self.app = app
+        self.groups = frozenset(groups)
+        self.elsewhere = elsewhere
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("layrot.raw_path") or environ.get("PATH_INFO") or "/"
+        group = route_of(path)
+        if group is None or group in self.groups:
+            return self.app(environ, start_response)
+        hint = self.elsewhere() if self.elsewhere is not None else None
+        message = f"{path!r} is not served on this port" + (f": {hint}" if hint else "")
+        return not_found(environ, start_response, message)
+
+
+class HttpPort:
+    """One HTTP listener of the collector, or HTTPS with ``ssl_context``, serving ``app`` on its own thread.
+
+    The metrics port (:class:`MetricsServer`) and the web view's port (``serve --ui-port``) are
+    both one: the same server, handler and TLS, each with the app (the one router behind its
+    :class:`Routes`) it is given. ``what`` names the port in the error of a failed bind.
 
     Same server as ``prometheus_client.start_http_server`` but with a short
     poll interval, so stopping a collector takes milliseconds, not 0.5 s. TLS
     is the stdlib's ``ssl`` module, as in ``start_http_server(certfile=...)``
     (prometheus_client 0.19), and works with any prometheus_client the cli extra allows.
+    """
+
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        what: str = "the HTTP port",
+        thread_name: str = "layrot-http",
+    ) -> None:
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+        class _LayrotHttpServer(_Server):
+            address_family = family
+
+        try:
+            self._httpd = make_server(host, port, app, _LayrotHttpServer, handler_class=_QuietHandler)
+        except OSError as exc:
+            why = (
+                f"port {port} is already in use (another collector?)"
+                if exc.errno == errno.EADDRINUSE
+                else (exc.strerror or str(exc))
+            )
+            raise RuntimeError(f"cannot bind {what} to {host or '*'}:{port}: {why}") from exc
+        if ssl_context is not None:
+            # The handshake runs on the first read, in the request's own thread: with the
+            # default (handshake inside accept) one client that connects and sends nothing
+            # would block every other scrape.
+            self._httpd.socket = ssl_context.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self.scheme = "https" if ssl_context is not None else "http"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=thread_name, daemon=True
+        )
+        self._thread.start()
+        self.host = host
+        self.port: int = self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """``http(s)://host:port`` of the port (``127.0.0.1`` when bound to all interfaces)."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+
+class MetricsServer(HttpPort):
+    """``/metrics`` over HTTP, or HTTPS with ``ssl_context``, on its own registry and thread.
+
+    ``wrap`` turns the ``/metrics`` WSGI app into the app the port serves (the
+    collector passes the HTTP API of server/http_api.py, which routes ``/metrics``
+    back to it); without it every path answers the metrics.
     """
 
     def __init__(
@@ -298,44 +435,11 @@ class MetricsServer:
         Info("layrot_build", "The collector's version and its main libraries", registry=self.registry).info(
             build_labels()
         )
-        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-
-        class _LayrotMetricsServer(_Server):
-            address_family = family
-
         app = metrics_app(collector, self.registry)
         if wrap is not None:
             app = wrap(app)
-        self._httpd = make_server(host, port, app, _LayrotMetricsServer, handler_class=_QuietHandler)
-        if ssl_context is not None:
-            # The handshake runs on the first read, in the request's own thread: with the
-            # default (handshake inside accept) one client that connects and sends nothing
-            # would block every other scrape.
-            self._httpd.socket = ssl_context.wrap_socket(
-                self._httpd.socket, server_side=True, do_handshake_on_connect=False
-            )
-        self.scheme = "https" if ssl_context is not None else "http"
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="layrot-metrics", daemon=True
-        )
-        self._thread.start()
-        self.host = host
-        self.port: int = self._httpd.server_address[1]
-
-    @property
-    def base_url(self) -> str:
-        """``http(s)://host:port`` of the port (``127.0.0.1`` when bound to all interfaces)."""
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{self.scheme}://{host}:{self.port}"
+        super().__init__(app, host, port, ssl_context, what="the metrics port", thread_name="layrot-metrics")
 
     @property
     def url(self) -> str:
         return f"{self.base_url}/metrics"
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5)

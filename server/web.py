@@ -1,5 +1,8 @@
 """The web view's static files on the collector's HTTP port: ``/`` and ``/ui/*``.
 
+That is the metrics port, or with ``serve --ui-port`` a port of their own, which serves the
+JSON API the page reads too, and never ``/metrics`` (server/metrics.py ``Routes``).
+
 The page (server/webui/src, bundled with uPlot by esbuild into server/webui/dist, which the
 wheel ships as package data) reads only the JSON API (server/http_api.py), so this module
 serves a handful of fixed files and nothing else:
