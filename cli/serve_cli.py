@@ -9,6 +9,7 @@ import click
 from layrot.cli.cli_common import CONTEXT_SETTINGS
 from layrot.cli.serve_options import (
     serve_alert_options,
+    serve_cluster_options,
     serve_limit_options,
     serve_metrics_options,
     serve_retention_options,
@@ -80,6 +81,7 @@ def check_db_path(db: str) -> None:
 @serve_alert_options
 @serve_limit_options
 @serve_retention_options
+@serve_cluster_options
 def serve_command(
     grpc_host: str,
     grpc_port: int,
@@ -93,6 +95,7 @@ def serve_command(
     alert_options: dict[str, Any],
     limit_options: dict[str, Any],
     retention_options: dict[str, Any],
+    cluster_options: dict[str, Any],
 ) -> None:
     """Run the collector daemon: gRPC ingest and queries, /metrics, history store.
 
@@ -152,6 +155,7 @@ def serve_command(
         **alert_options,
         **limit_options,
         **retention_options,
+        **cluster_options,
     )
     try:
         collector.start()

@@ -471,3 +471,32 @@ def serve_retention_options(fn: Any) -> Any:
     ]
     keys = ("retention", "downsample_after", "downsample_every", "retention_interval")
     return _option_group(fn, "retention_options", keys, options, _retention_options)
+
+
+def serve_cluster_options(fn: Any) -> Any:
+    """Several collectors on one PostgreSQL database (server/cluster.py); the command receives them as one
+    ``cluster_options`` dict of ``Collector`` keyword arguments (collector_id, cluster_interval)."""
+    options = [
+        click.option(
+            "--collector-id",
+            "collector_id",
+            default=None,
+            envvar="LAYROT_COLLECTOR_ID",
+            show_envvar=True,
+            metavar="ID",
+            help="This collector's name among those on one postgresql:// --db (default: HOSTNAME:GRPC-PORT, "
+            "a pod's name under Kubernetes). Each collector exports to /metrics only the runs it holds; all "
+            "see every run. Must differ between collectors.",
+        ),
+        click.option(
+            "--cluster-interval",
+            "cluster_interval",
+            default=2.0,
+            show_default=True,
+            type=click.FloatRange(min=0.1),
+            metavar="SECONDS",
+            help="With a postgresql:// --db: how often this collector tells the others which runs it holds, and "
+            "learns the runs, reports and control commands that reached them.",
+        ),
+    ]
+    return _option_group(fn, "cluster_options", ("collector_id", "cluster_interval"), options, dict)

@@ -65,6 +65,26 @@ def _pb_num(x: float | None) -> float:
     return NAN if x is None else float(x)
 
 
+def _from_row(r: Sequence[Any]) -> pb.Alert:
+    """A stored alert row (``HistoryStore.recent_alerts`` columns) as an Alert."""
+    return pb.Alert(
+        run=r[0],
+        layer=r[1] or "",
+        step=r[2] or 0,
+        kind=r[3],
+        severity=r[4],
+        angle=_pb_num(r[5]),
+        baseline=_pb_num(r[6]),
+        time=r[7] or 0.0,
+        message=r[8] or "",
+        loss_before=_pb_num(r[9]),
+        loss_after=_pb_num(r[10]),
+        last_step=r[2] or 0,
+        updated=r[7] or 0.0,
+        layers=[r[1]] if r[1] else [],
+    )
+
+
 class AlertHub:
     """Where alerts go: memory (ListAlerts), the store, counters (/metrics), watchers, Alertmanager pushers."""
 
@@ -90,31 +110,28 @@ class AlertHub:
             self._counts.update(self.store.alert_counts())
         runs = self.store.alert_runs()
         for run in runs:
-            rows = self.store.recent_alerts(run, KEEP_PER_RUN)
-            dq = self.recent.setdefault(run, collections.deque(maxlen=KEEP_PER_RUN))
-            for r in reversed(rows):
-                self._keep(
-                    dq,
-                    pb.Alert(
-                        run=r[0],
-                        layer=r[1] or "",
-                        step=r[2] or 0,
-                        kind=r[3],
-                        severity=r[4],
-                        angle=_pb_num(r[5]),
-                        baseline=_pb_num(r[6]),
-                        time=r[7] or 0.0,
-                        message=r[8] or "",
-                        loss_before=_pb_num(r[9]),
-                        loss_after=_pb_num(r[10]),
-                        last_step=r[2] or 0,
-                        updated=r[7] or 0.0,
-                        layers=[r[1]] if r[1] else [],
-                    ),
-                    restored=True,
-                )
+            self._keep_rows(run, self.store.recent_alerts(run, KEEP_PER_RUN))
         if runs:
             log.info("restored alerts of %d runs", len(runs))
+
+    def _keep_rows(self, run: str, rows: Sequence[tuple]) -> list[pb.Alert]:
+        """Keep stored alert rows (``recent_alerts`` order: newest first) of a run; returns those not kept before."""
+        dq = self.recent.setdefault(run, collections.deque(maxlen=KEEP_PER_RUN))
+        known = {(a.kind, a.step, a.layer, a.severity) for a in dq}
+        new = []
+        for r in reversed(rows):
+            alert = _from_row(r)
+            if (alert.kind, alert.step, alert.layer, alert.severity) in known:
+                continue
+            self._keep(dq, alert, restored=True)
+            new.append(alert)
+        return new
+
+    def take_stored(self, run: str, rows: Sequence[tuple]) -> None:
+        """Alerts another collector raised for a run it holds (server/cluster.py): kept for ``list``, sent to
+        this collector's watchers; not counted, stored or pushed again (the collector that raised them did)."""
+        for alert in self._keep_rows(run, rows):
+            self._notify(alert)
 
     # ------------------------------------------------------------ publish
     def _incident_id(self, alert: pb.Alert) -> str:
@@ -194,15 +211,7 @@ class AlertHub:
                 )
             except RuntimeError:  # store closed during shutdown
                 pass
-        for w in list(self.watchers):
-            if w.run and w.run != alert.run:
-                continue
-            if w.queue.qsize() >= WATCH_QUEUE:  # a stuck client must not hold memory forever
-                w.overflowed = True
-                self.watchers.discard(w)
-                w.queue.put_nowait(None)
-            else:
-                w.queue.put_nowait(alert)
+        self._notify(alert)
         for p in self.pushers:
             p.fire(alert, hold=hold)
         log.warning(
@@ -215,6 +224,18 @@ class AlertHub:
             alert.step,
             alert.message,
         )
+
+    def _notify(self, alert: pb.Alert) -> None:
+        """Send an alert to the WatchAlerts streams that follow its run."""
+        for w in list(self.watchers):
+            if w.run and w.run != alert.run:
+                continue
+            if w.queue.qsize() >= WATCH_QUEUE:  # a stuck client must not hold memory forever
+                w.overflowed = True
+                self.watchers.discard(w)
+                w.queue.put_nowait(None)
+            else:
+                w.queue.put_nowait(alert)
 
     def resolve(self, run: str, layer: str, kind: str) -> None:
         """End a held alert in Alertmanager (e.g. a stalled run reports again)."""

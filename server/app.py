@@ -33,6 +33,8 @@ from layrot.server.alert_lost import DEFAULT_GRACE
 from layrot.server.alertmanager import AlertmanagerPusher
 from layrot.server.alerts import AlertEngine, AlertHub, Thresholds
 from layrot.server.auth import ServerTLS, TokenInterceptor, is_loopback
+from layrot.server.cluster import DEFAULT_INTERVAL as DEFAULT_CLUSTER_INTERVAL
+from layrot.server.cluster import Cluster, default_collector_id
 from layrot.server.control import ControlPlane
 from layrot.server.http_api import HttpApi
 from layrot.server.ingest import IngestLimits, IngestServicer, add_ingest_to_server, grpc_receive_limit
@@ -48,7 +50,7 @@ from layrot.server.metrics import (
 from layrot.server.query import QueryServicer
 from layrot.server.retention import Retention, RetentionPolicy
 from layrot.server.state import CollectorState
-from layrot.server.store_api import HistoryStore, is_url, open_store, redact_url
+from layrot.server.store_api import HistoryStore, is_postgres_url, is_url, open_store, redact_url
 from layrot.server.web import WebUI
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,8 @@ class Collector:
         under_rotated_share: float = DEFAULT_SHARE,
         retention: RetentionPolicy | None = None,
         retention_interval: float = 3600.0,
+        collector_id: str | None = None,
+        cluster_interval: float = DEFAULT_CLUSTER_INTERVAL,
     ) -> None:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
@@ -160,6 +164,10 @@ class Collector:
         self.retention_policy = retention or RetentionPolicy()
         self.retention_interval = retention_interval
         self.retention: Retention | None = None
+        # Several collectors on one PostgreSQL database (server/cluster.py): always on a postgresql:// --db.
+        self.collector_id = collector_id
+        self.cluster_interval = cluster_interval
+        self.cluster: Cluster | None = None
         # Alerts (server/alerts.py, server/alertmanager.py): see _start_alerts.
         self.alerts_enabled = alerts
         self.thresholds = thresholds if isinstance(thresholds, Thresholds) else Thresholds(**dict(thresholds or {}))
@@ -363,7 +371,10 @@ class Collector:
         # A SQLite file, or a postgresql:// URL (server/store_api.py).
         store = self.store = open_store(self.db_path, busy_timeout=self.store_busy_timeout)
         state = self.state = CollectorState()
-        state.restore(store.load_runs())
+        clustered = is_postgres_url(self.db_path)
+        # On a shared database a stored run is another collector's to export until the first cluster pass
+        # (before the first scrape) says which ones this collector held last.
+        state.restore(store.load_runs(), held_elsewhere=clustered)
         control = self.control = ControlPlane(state, store)
         control.restore()
         engine = self.alert_engine = self._start_alerts(store)
@@ -378,6 +389,11 @@ class Collector:
             store, self.retention_policy, interval=self.retention_interval, on_run_deleted=self._forget_run
         )
         self.query = QueryServicer(state, store, control, engine, indicator=self.indicator, retention=self.retention)
+        if clustered:
+            # Its id needs the bound gRPC port: the composition is finished in _serve.
+            self.cluster = Cluster(state, store, control, "", interval=self.cluster_interval, run_ttl=self.run_ttl)
+            self.ingest.cluster = self.cluster
+            self.query.clustered = True
         self.retention.start()
 
     def _forget_run(self, run_id: int, run: str) -> None:
@@ -459,6 +475,10 @@ class Collector:
                 " or the address is not one of this machine's"
             )
         self.grpc_port = port
+        if self.cluster is not None:
+            self.cluster.collector_id = self.collector_id = self.collector_id or default_collector_id(port)
+            await self.cluster.sync()  # who exports what, runs made elsewhere: known before the first job or scrape
+            self.cluster.start()
         await server.start()
         for service in ("", INGEST_SERVICE, QUERY_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -473,6 +493,8 @@ class Collector:
         # end of stream, so jobs reconnect instead of seeing an abort.
         await self.ingest.close_all(timeout=min(5.0, grace if grace is not None else 5.0))
         await server.stop(grace)
+        if self.cluster is not None:
+            await self.cluster.stop()
 
     def stop(self, grace: float | None = 2.0) -> None:
         """Stop serving (``grace`` seconds for open calls), flush and close the store."""

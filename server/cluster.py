@@ -18,7 +18,10 @@ database. Each runs a ``Cluster`` on its loop that, every ``interval`` seconds:
 4. refreshes the newest values of runs **fed elsewhere** (their
    ``last_seen`` moved since the previous pass);
 5. picks up **commands** stored by another collector (``control set`` sent
-   there) for the runs it holds and pushes them to their jobs, as if set here.
+   there) for the runs it holds and pushes them to their jobs, as if set here;
+6. takes the **alerts** the others raised for the runs they hold into its own
+   list and alert streams (``alerts``, the web view); only the collector that
+   raised an alert counts, stores and pushes it to Alertmanager.
 
 Run ids come from a database sequence (``HistoryStore.allocate_run_id``), and
 a run created by two collectors at once is created once (the ``runs.run``
@@ -39,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from layrot.server.alert_hub import KEEP_PER_RUN
 from layrot.server.control import ControlPlane
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store_api import HistoryStore, RunRecord, StoreError
@@ -59,12 +63,14 @@ def default_collector_id(grpc_port: int) -> str:
 class _Read:
     """What one pass read from the database (on the executor)."""
 
+    known: set[int]  # run ids in this collector's state when the pass began
     ids: set[int]
     holders: list[tuple[int, str, int, float]]
     new_runs: list[RunRecord]
     fed: list[RunRecord]
     versions: dict[int, int]
     commands: list[tuple[int, int, bytes]] = field(default_factory=list)
+    alerts: dict[str, list[tuple]] = field(default_factory=dict)  # run -> its newest stored alerts
 
 
 class Cluster:
@@ -92,6 +98,7 @@ class Cluster:
         self.errors = 0
         self._held: dict[int, int] = {}  # run_id -> sessions told in the previous heartbeat
         self._seen_since = 0.0  # last_seen of runs fed elsewhere: read those at or after it
+        self._alert_id: int | None = None  # newest alert id read (None: not yet: take the newest as the start)
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
 
@@ -149,14 +156,15 @@ class Cluster:
             if n and run_id not in held:
                 beat[run_id] = 0  # released since the previous pass: said once
         known = {rs.run_id for rs in runs}
+        local = {rs.run for rs in runs if rs.sessions}  # their alerts are raised here
         # The version each held run runs now: a higher stored one was set through another collector.
         have = {rs.run_id: rs.control.current.version if rs.control.current else 0 for rs in runs if rs.sessions}
-        read = await loop.run_in_executor(None, self._read, beat, now, known, have)
+        read = await loop.run_in_executor(None, self._read, beat, now, known, have, local)
         self._held = held
         self._apply(read, now)
         self.passes += 1
 
-    def _read(self, beat: dict[int, int], now: float, known: set[int], have: dict[int, int]) -> _Read:
+    def _read(self, beat: dict[int, int], now: float, known: set[int], have: dict[int, int], local: set[str]) -> _Read:
         """The database side of a pass (executor thread)."""
         store = self.store
         store.heartbeat(self.collector_id, beat, now)
@@ -168,10 +176,18 @@ class Cluster:
         fed_ids = [r for r in store.runs_seen_since(since) if r in known and r not in have]
         fed = store.load_runs(run_ids=fed_ids) if fed_ids else []
         versions = store.command_versions(sorted(have)) if have else {}
-        out = _Read(ids, holders, new_runs, fed, versions)
+        out = _Read(known, ids, holders, new_runs, fed, versions)
         wanted = [r for r, v in versions.items() if v > have.get(r, 0)]
         if wanted:
             out.commands = store.current_commands(wanted)
+        if self.state.alerts is not None:
+            # Restored at start: only alerts stored after the first pass are news.
+            newest = store.alerts_after(self._alert_id or 0)
+            if self._alert_id is not None:
+                for run, _ in newest:
+                    if run not in local:
+                        out.alerts[run] = store.recent_alerts(run, KEEP_PER_RUN)
+            self._alert_id = max([self._alert_id or 0] + [i for _, i in newest])
         # Reports are stamped by the jobs' clocks: a margin, so a skewed or late one is still read next time.
         self._seen_since = now - max(self.stale, 10.0)
         return out
@@ -191,13 +207,20 @@ class Cluster:
             if rs is not None and not rs.sessions:
                 rs.refresh(rec)
         self._decide(by_id, read.holders, now)
-        gone = [rs for run_id, rs in by_id.items() if run_id not in read.ids and not rs.sessions]
+        # Only runs known before the read: one added meanwhile (a run just created or joined) is not gone.
+        gone = [
+            rs for run_id, rs in by_id.items() if run_id in read.known and run_id not in read.ids and not rs.sessions
+        ]
         if gone:
             with state.lock:
                 for rs in gone:
                     if state.runs.get(rs.run) is rs:
                         del state.runs[rs.run]
             log.info("cluster: %d runs deleted on other collectors", len(gone))
+        engine = state.alerts
+        if engine is not None:
+            for run, rows in read.alerts.items():
+                engine.hub.take_stored(run, rows)
         for run_id, version, blob in read.commands:
             rs = by_id.get(run_id)
             if rs is not None and rs.sessions:

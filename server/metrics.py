@@ -123,10 +123,12 @@ class LayrotCollector(Collector):
         self._scrape: _Scrape | None = None
 
     def visible_runs(self) -> list[RunState]:
-        """Runs that are connected or reported within ``run_ttl`` seconds."""
+        """Runs that are connected or reported within ``run_ttl`` seconds (and not exported by another collector)."""
         now = self.clock()
         out = []
         for rs in self.state.snapshot_runs():
+            if rs.held_elsewhere:  # another collector of the database exports it (server/cluster.py)
+                continue
             last_report = rs.view.last_report
             last = last_report if last_report is not None else rs.created
             if rs.connected or (now - last) <= self.run_ttl:

@@ -735,8 +735,10 @@ class QueuedStore:
         Every run by default; with ``after_id`` only runs of a higher id, with ``run_ids`` /
         ``names`` only those (the cluster's view of runs other collectors created or fed).
         """
-        where, params = ["id > ?"], [after_id]
-        for col, values in (("id", run_ids), ("run", names)):
+        where: list[str] = ["id > ?"]
+        params: list[Any] = [after_id]
+        filters: tuple[tuple[str, Sequence[Any] | None], ...] = (("id", run_ids), ("run", names))
+        for col, values in filters:
             if values is not None:
                 if not values:
                     return []
@@ -936,6 +938,13 @@ class QueuedStore:
                 " GROUP BY run, COALESCE(layer, ''), kind, severity"
             )
         }
+
+    def alerts_after(self, after_id: int) -> list[tuple[str, int]]:
+        """(run, newest alert id) of the runs with alerts stored after id ``after_id`` (the primary key's order)."""
+        return [
+            (str(r), int(i))
+            for r, i in self._fetchall("SELECT run, MAX(id) FROM alerts WHERE id > ? GROUP BY run", (after_id,))
+        ]
 
     def alert_runs(self) -> list[str]:
         """Runs with stored alerts."""

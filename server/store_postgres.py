@@ -412,7 +412,9 @@ class PostgresStore(QueuedStore):
                 log.info("history store %s: schema migrated to version %d", self.description, SCHEMA_VERSION)
             # The sequence past every id in use (a database written before it existed, orphans too).
             top = max(int(v or 0) for ((v,),) in (conn.execute(q).fetchall() for q in sb.HIGHEST_RUN_ID_SQL))
-            last, called = conn.execute("SELECT last_value, is_called FROM run_ids").fetchone()
+            seq = conn.execute("SELECT last_value, is_called FROM run_ids").fetchone()
+            assert seq is not None  # a sequence has exactly one row
+            last, called = seq
             if top > (last if called else last - 1):
                 conn.execute("SELECT setval('run_ids', %s)", (top,))
             conn.execute(

@@ -188,3 +188,44 @@ def test_a_run_live_on_one_collector_cannot_be_deleted_through_the_other(pair, i
     with QueryClient(b.grpc_address) as q:
         assert q.delete_run("keep") == 2
     wait_for(lambda: "keep" not in runs_of(a), what="a to forget the deleted run")
+
+
+def test_alerts_raised_by_the_holder_are_listed_and_streamed_by_the_other(pair, ingest, sim_job):
+    a, b = pair
+    job = sim_job(run="jumpy", layer_sizes=(30, 30))
+    s = open_job(ingest, a, job)
+    s.send(job.batch(25, angle=0.01, loss=False))
+    s.wait_ack(job.seq)
+    wait_for(lambda: "jumpy" in b.state.runs, what="b to know the run")
+    got: list[dict] = []
+    ready = threading.Event()
+
+    def consume() -> None:
+        with QueryClient(b.grpc_address) as q:
+            stream = q.watch_alerts("jumpy")
+            ready.set()
+            for alert in stream:
+                got.append(alert)
+                stream.close()
+                return
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    assert ready.wait(5)
+    time.sleep(3 * INTERVAL)
+    s.send(job.batch(1, angle=1.2, loss=False))  # step 26: an abrupt rotation, raised by a
+    s.wait_ack(job.seq)
+    t.join(10)
+    assert [x["step"] for x in got] == [26] and got[0]["kind"] == "abrupt_rotation"
+    with QueryClient(b.grpc_address) as q:
+        (listed,) = q.list_alerts("jumpy")
+    with QueryClient(a.grpc_address) as q:
+        (raised,) = q.list_alerts("jumpy")
+    assert (listed["step"], listed["severity"], listed["kind"]) == (raised["step"], raised["severity"], raised["kind"])
+    # Counted once: by the collector that raised it (and exports the run).
+    counts = {
+        c.collector_id: [v for lab, v in scrape(c).get("layrot_alerts_total", []) if lab.get("run") == "jumpy"]
+        for c in (a, b)
+    }
+    assert counts == {"a": [1.0], "b": []}, counts
+    s.goodbye(last_seq=job.seq)
