@@ -4,12 +4,12 @@ Jobs reach one of several collectors (nginx hashing on ``x-layrot-run``, or
 ``LAYROT_COLLECTOR=a:50051,b:50051``); the collectors share nothing but the
 database. Each runs a ``Cluster`` on its loop that, every ``interval`` seconds:
 
-1. writes its **heartbeat**: a ``holders`` row (run, this collector, open
-   sessions, now) for every run it holds sessions of, and once more with 0
-   sessions when the last one closed;
+1. writes its **heartbeat** (``collectors``: its id, now), and a ``holders``
+   row (run, this collector, open sessions, now) for every run whose count of
+   sessions here changed since the previous pass (0 when the last one closed);
 2. reads the holder rows and decides, per run, which collector **exports** it:
-   the lowest collector id among those holding live sessions of it (a fresh
-   heartbeat), else the collector that held it last. Only that one puts the
+   the lowest collector id among those holding sessions of it with a fresh
+   heartbeat, else the collector that held it last. Only that one puts the
    run in ``/metrics`` (``RunState.held_elsewhere`` on the others), so a
    Prometheus scraping every collector sees each run once;
 3. learns the runs other collectors **created** (the ``runs`` ids it does not
@@ -65,7 +65,7 @@ class _Read:
 
     known: set[int]  # run ids in this collector's state when the pass began
     ids: set[int]
-    holders: list[tuple[int, str, int, float]]
+    holders: list[tuple[int, str, int, float, bool]]
     new_runs: list[RunRecord]
     fed: list[RunRecord]
     versions: dict[int, int]
@@ -116,7 +116,7 @@ class Cluster:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        released = {r: 0 for r, n in self._held.items() if n}
+        released = dict.fromkeys(self._held, 0)
         if released:
             try:
                 await asyncio.get_running_loop().run_in_executor(
@@ -151,24 +151,33 @@ class Cluster:
         now = self.clock()
         runs = self.state.snapshot_runs()
         held = {rs.run_id: len(rs.sessions) for rs in runs if rs.sessions}
-        beat = dict(held)
-        for run_id, n in self._held.items():
-            if n and run_id not in held:
+        start = self.passes == 0  # a restart: sessions this collector had before it are gone
+        beat = {r: n for r, n in held.items() if start or self._held.get(r) != n}
+        for run_id in self._held:
+            if run_id not in held:
                 beat[run_id] = 0  # released since the previous pass: said once
         known = {rs.run_id for rs in runs}
         local = {rs.run for rs in runs if rs.sessions}  # their alerts are raised here
         # The version each held run runs now: a higher stored one was set through another collector.
         have = {rs.run_id: rs.control.current.version if rs.control.current else 0 for rs in runs if rs.sessions}
-        read = await loop.run_in_executor(None, self._read, beat, now, known, have, local)
+        read = await loop.run_in_executor(None, self._read, beat, now, known, have, local, start)
         self._held = held
         self._apply(read, now)
         self.passes += 1
 
-    def _read(self, beat: dict[int, int], now: float, known: set[int], have: dict[int, int], local: set[str]) -> _Read:
+    def _read(
+        self,
+        beat: dict[int, int],
+        now: float,
+        known: set[int],
+        have: dict[int, int],
+        local: set[str],
+        start: bool,
+    ) -> _Read:
         """The database side of a pass (executor thread)."""
         store = self.store
-        store.heartbeat(self.collector_id, beat, now)
-        holders = store.holders(now - max(self.run_ttl, self.stale))
+        store.heartbeat(self.collector_id, beat, now, start=start)
+        holders = store.holders(now - max(self.run_ttl, self.stale), now - self.stale)
         ids = set(store.run_ids())
         new = sorted(ids - known)
         new_runs = store.load_runs(run_ids=new) if new else []
@@ -226,12 +235,12 @@ class Cluster:
             if rs is not None and rs.sessions:
                 self.control.adopt(rs, blob, int(version))
 
-    def _decide(self, by_id: dict[int, RunState], holders: list[tuple[int, str, int, float]], now: float) -> None:
+    def _decide(self, by_id: dict[int, RunState], holders: list[tuple[int, str, int, float, bool]], now: float) -> None:
         """Which collector exports each run, and how many sessions the others hold of it."""
         me = self.collector_id
-        rows: dict[int, list[tuple[str, int, float]]] = {}
-        for run_id, collector, n, beat in holders:
-            rows.setdefault(run_id, []).append((collector, n, beat))
+        rows: dict[int, list[tuple[str, int, float, bool]]] = {}
+        for run_id, collector, n, changed, alive in holders:
+            rows.setdefault(run_id, []).append((collector, n, changed, alive))
         for run_id, rs in by_id.items():
             mine = rows.get(run_id)
             if not mine:
@@ -240,14 +249,14 @@ class Cluster:
                     rs.held_elsewhere = False
                 rs.remote_sessions = 0
                 continue
-            live = [(c, n) for c, n, beat in mine if n > 0 and now - beat <= self.stale]
+            live = [(c, n) for c, n, _, alive in mine if n > 0 and alive]
             rs.remote_sessions = sum(n for c, n in live if c != me)
             if live:
                 exporter = min(c for c, _ in live)
             elif rs.sessions:
                 exporter = me
             else:
-                exporter = max(mine, key=lambda r: r[2])[0]
+                exporter = max(mine, key=lambda r: r[2])[0]  # the last to change its row: the last holder
             rs.held_elsewhere = exporter != me
 
 

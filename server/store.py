@@ -186,8 +186,12 @@ CREATE TABLE IF NOT EXISTS holders (
     run_id    INTEGER NOT NULL,
     collector TEXT NOT NULL,
     sessions  INTEGER NOT NULL,     -- open sessions of the run on that collector (0: released)
-    heartbeat REAL NOT NULL,        -- unix seconds of the collector's newest word on it
+    heartbeat REAL NOT NULL,        -- unix seconds at which that collector last changed the row
     PRIMARY KEY (run_id, collector)
+);
+CREATE TABLE IF NOT EXISTS collectors (
+    id        TEXT PRIMARY KEY,
+    heartbeat REAL NOT NULL         -- unix seconds of the collector's newest pass: alive while recent
 );
 """
 
@@ -354,12 +358,13 @@ class Store(QueuedStore):
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return self.reader().execute(sql, params).fetchall()
 
-    def _write_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _write_now(self, ops: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(sql, rows)
+                for sql, rows in ops:
+                    conn.executemany(sql, rows)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

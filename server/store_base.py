@@ -216,10 +216,13 @@ HIGHEST_RUN_ID_SQL = tuple(
         ("control_acks", "run_id"),
     )
 )
-# A collector's heartbeat on one run (QueuedStore.heartbeat): (run_id, collector, sessions, heartbeat).
+# A collector's sessions of one run (QueuedStore.heartbeat): (run_id, collector, sessions, heartbeat).
 HOLD_SQL = (
     "INSERT INTO holders (run_id, collector, sessions, heartbeat) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (run_id, collector) DO UPDATE SET sessions = excluded.sessions, heartbeat = excluded.heartbeat"
+)
+BEAT_SQL = (
+    "INSERT INTO collectors (id, heartbeat) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat"
 )
 
 DELETE_RUN_BY_NAME_SQL = ("DELETE FROM alerts WHERE run = ?", "DELETE FROM alert_thresholds WHERE run = ?")
@@ -842,26 +845,38 @@ class QueuedStore:
         (SQLite: one collector per file) is then the only source."""
         return None
 
-    def heartbeat(self, collector: str, sessions: Mapping[int, int], now: float) -> None:
-        """Say that ``collector`` holds ``sessions[run_id]`` open sessions of each run (0: released) at ``now``.
+    def heartbeat(self, collector: str, changed: Mapping[int, int], now: float, start: bool = False) -> None:
+        """``collector`` is alive at ``now``; it holds ``changed[run_id]`` open sessions of those runs now (0:
+        released). ``start``: every other run it had sessions of (before a restart) is released.
 
         Written at once on a connection of its own, not queued behind ingest's rows: a
-        collector saturated with ingest still tells the others it is alive.
+        collector saturated with ingest still tells the others it is alive. One row per
+        collector per pass, plus one per run whose count changed.
         """
-        if sessions:
-            self._write_now(HOLD_SQL, [(int(r), collector, int(n), float(now)) for r, n in sessions.items()])
+        ops: list[tuple[str, list[tuple]]] = [(BEAT_SQL, [(collector, float(now))])]
+        if start:
+            release = "UPDATE holders SET sessions = 0, heartbeat = ? WHERE collector = ? AND sessions > 0"
+            ops.append((release, [(now, collector)]))
+        if changed:
+            ops.append((HOLD_SQL, [(int(r), collector, int(n), float(now)) for r, n in changed.items()]))
+        self._write_now(ops)
 
-    def holders(self, since: float) -> list[tuple[int, str, int, float]]:
-        """(run_id, collector, sessions, heartbeat) of every holder row with a heartbeat at or after ``since``."""
+    def holders(self, since: float, alive_since: float) -> list[tuple[int, str, int, float, bool]]:
+        """(run_id, collector, sessions, changed, alive) of the holder rows changed at or after ``since``, and of
+        those with open sessions on a collector whose heartbeat is at or after ``alive_since`` (``alive``)."""
         return [
-            (int(r), str(c), int(n), float(h))
-            for r, c, n, h in self._fetchall(
-                "SELECT run_id, collector, sessions, heartbeat FROM holders WHERE heartbeat >= ?", (since,)
+            (int(r), str(c), int(n), float(h), bool(a))
+            for r, c, n, h, a in self._fetchall(
+                "SELECT h.run_id, h.collector, h.sessions, h.heartbeat,"
+                " CASE WHEN c.heartbeat >= ? THEN 1 ELSE 0 END"
+                " FROM holders h LEFT JOIN collectors c ON c.id = h.collector"
+                " WHERE h.heartbeat >= ? OR (h.sessions > 0 AND c.heartbeat >= ?)",
+                (alive_since, since, alive_since),
             )
         ]
 
-    def _write_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run ``sql`` (``?`` placeholders) for each of ``rows`` in one transaction of its own, now."""
+    def _write_now(self, ops: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Run each (sql with ``?`` placeholders, rows) for each of its rows, in one transaction of its own, now."""
         raise NotImplementedError
 
     def stored_steps(self, run_id: int, rank: int, steps: Sequence[int]) -> list[int]:

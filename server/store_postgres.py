@@ -155,8 +155,9 @@ SCHEMA = (
         rank    BIGINT
     )""",
     "CREATE INDEX IF NOT EXISTS audit_run ON audit (run_id, id)",
-    # Which collector holds a run's sessions (server/cluster.py): a row per (run, collector), kept fresh
-    # by that collector's heartbeat while it holds sessions of the run, left with sessions 0 after.
+    # Which collector holds a run's sessions (server/cluster.py): a row per (run, collector), written when
+    # that collector's count of the run's sessions changes (0: released); the collector is alive while
+    # its ``collectors`` heartbeat is recent.
     """CREATE TABLE IF NOT EXISTS holders (
         run_id    BIGINT NOT NULL,
         collector TEXT NOT NULL,
@@ -165,6 +166,7 @@ SCHEMA = (
         PRIMARY KEY (run_id, collector)
     )""",
     "CREATE INDEX IF NOT EXISTS holders_heartbeat ON holders (heartbeat)",
+    "CREATE TABLE IF NOT EXISTS collectors (id TEXT PRIMARY KEY, heartbeat DOUBLE PRECISION NOT NULL)",
     # Run ids for every collector on this database (``allocate_run_id``), moved past any id in use at open.
     "CREATE SEQUENCE IF NOT EXISTS run_ids",
     # A samples row of L layers holds 4 float32 columns of 4 L bytes: past ~2 kB PostgreSQL compresses
@@ -310,7 +312,7 @@ def _plain(params: Sequence[Any]) -> tuple:
 
 
 # The tables VACUUM reclaims and history_bytes sizes.
-HISTORY_TABLES = ("steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks")
+HISTORY_TABLES = ("steps", "samples", "layers", "runs", "alerts", "audit", "commands", "control_acks", "holders")
 
 
 class PostgresStore(QueuedStore):
@@ -450,10 +452,11 @@ class PostgresStore(QueuedStore):
     def _close_readers(self) -> None:
         self._readers.close()
 
-    def _write_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _write_now(self, ops: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         try:
             with self._readers.connection() as conn, conn.transaction():
-                conn.cursor().executemany(_pg(sql), [_plain(r) for r in rows])
+                for sql, rows in ops:
+                    conn.cursor().executemany(_pg(sql), [_plain(r) for r in rows])
         except (psycopg.Error, PoolTimeout) as exc:
             raise StoreError(f"{self.description}: {type(exc).__name__}: {exc}") from exc
 
