@@ -17,20 +17,16 @@ collectors sharing one real PostgreSQL database. Checked:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from postgres_server import postgres_server, postgres_url  # noqa: F401  (fixtures)
 from reference import eq1
 from test_control import Job, answered, command
-from test_deploy import promql_query, start_prometheus
 from test_nginx_grpc import nginx_in_front
+from test_prometheus_collectors import prometheus_over, runs_seen_once
 
 from layrot.client.query import QueryClient
-
-DEPLOY_CONF = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "collectors.yml"
 
 
 def holder(collectors, run: str):
@@ -72,30 +68,9 @@ def test_two_collectors_on_one_postgresql_behind_nginx(collector_factory, postgr
                 assert all(got[r]["connected"] and got[r]["sessions"] == 1 for r in runs)
 
             # Prometheus over both collectors: every run once.
-            conf = yaml.safe_load(DEPLOY_CONF.read_text())
-            conf.pop("rule_files", None)
-            conf["global"]["scrape_interval"] = "1s"
-            (pj,) = [j for j in conf["scrape_configs"] if j["job_name"] == "layrot"]
-            pj["static_configs"] = [{"targets": [f"127.0.0.1:{a.metrics_port}", f"127.0.0.1:{b.metrics_port}"]}]
-            prom_dir = tmp_path / "prometheus"
-            prom_dir.mkdir()
-            url, proc = start_prometheus(prom_dir, yaml.safe_dump(conf))
-            try:
-                deadline = time.monotonic() + 30
-                while True:
-                    status, body = promql_query(url, 'layrot_run_step{run=~"e2e-.*"}')
-                    assert status == 200
-                    seen: dict[str, list[float]] = {}
-                    for s in body["data"]["result"]:
-                        seen.setdefault(s["metric"]["run"], []).append(float(s["value"][1]))
-                    if set(seen) == set(runs):
-                        break
-                    assert time.monotonic() < deadline, f"Prometheus sees {sorted(seen)}"
-                    time.sleep(0.5)
-                assert seen == {run: [float(j.t)] for run, j in runs.items()}
-            finally:
-                proc.terminate()
-                proc.wait(20)
+            with prometheus_over(tmp_path, [a, b]) as url:
+                seen = runs_seen_once(url, 'layrot_run_step{run=~"e2e-.*"}', set(runs))
+            assert seen == {run: [float(j.t)] for run, j in runs.items()}
 
             # A command through the collector that does not hold the job's session.
             run = next(r for r in runs if on[r] is a)

@@ -12,6 +12,7 @@ import fnmatch
 import gzip
 import hashlib
 import http.client
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "server" / "webui" / "dist"
 
 
-def request(url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
-    host_port = url.split("//", 1)[1]
-    conn = http.client.HTTPConnection(host_port, timeout=10)
+def request(
+    url: str,
+    path: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, Any, bytes]:
+    """(status, headers, body) of one request to ``url`` (``http(s)://host:port``)."""
+    scheme, host_port = url.rstrip("/").split("://", 1)
+    conn: http.client.HTTPConnection
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(host_port, timeout=10, context=context)
+    else:
+        conn = http.client.HTTPConnection(host_port, timeout=10)
     try:
         conn.request(method, path, headers=headers or {})
         r = conn.getresponse()

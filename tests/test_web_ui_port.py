@@ -23,6 +23,7 @@ import pytest
 from certs import make_pki
 from click.testing import CliRunner
 from metrics_text import scrape
+from test_web import request
 
 from layrot.client.query import QueryClient
 from layrot.server.app import Collector
@@ -30,27 +31,6 @@ from layrot.server.metrics import EVERY_ROUTE, METRICS_PORT_ROUTES, UI_PORT_ROUT
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "server" / "webui" / "dist"
-
-
-def request(
-    base: str,
-    path: str,
-    method: str = "GET",
-    headers: dict[str, str] | None = None,
-    context: ssl.SSLContext | None = None,
-) -> tuple[int, Any, bytes]:
-    scheme, host_port = base.rstrip("/").split("://", 1)
-    conn: http.client.HTTPConnection
-    if scheme == "https":
-        conn = http.client.HTTPSConnection(host_port, timeout=10, context=context)
-    else:
-        conn = http.client.HTTPConnection(host_port, timeout=10)
-    try:
-        conn.request(method, path, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, r.headers, r.read()
-    finally:
-        conn.close()
 
 
 def ui_base(c: Any) -> str:
