@@ -674,9 +674,10 @@ class IngestServicer(pb_grpc.IngestServicer):
         token = BatchToken(sess, seq, n_steps, n_samples, max(r[2] for r in rows))
         # Fair service: the batch of a run with nothing else queued takes the store's fast lane, so
         # a light job's ack waits for one transaction, not for the saturated jobs' backlog.
-        # Never a run's first batch: its run row (queued by the Hello) must commit first, and an acked
-        # earlier batch of the session proves it has.
-        urgent = not first and sess.inflight == 0 and all(s.inflight == 0 for s in rs.sessions)
+        # A run's first batch too (a light job's first ack is its first batch's): its run row is
+        # committed already, since a run is in the state only once its row is (_create_run waits
+        # for that commit before the Welcome, on_store_commit adds it).
+        urgent = sess.inflight == 0 and all(s.inflight == 0 for s in rs.sessions)
         try:
             self.store.submit_batch(
                 rows,
