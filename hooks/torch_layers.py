@@ -194,7 +194,11 @@ class EagerUntilOrdered:
     job's own stance back, whichever order they release in.
     """
 
-    _lock = threading.Lock()
+    # Reentrant: a handle's finalizer calls ``release`` whenever the garbage collector runs, which
+    # can be inside this lock on the same thread (an allocation in set_stance or an import below);
+    # a plain Lock then deadlocks the training thread. Re-entered there, ``release`` finds nothing
+    # to do or a consistent count (every change of ``_holders`` is one statement).
+    _lock = threading.RLock()
     _holders = 0
     _ours: Any = None
     _prior: Any = None

@@ -215,3 +215,26 @@ def test_on_error_replaces_the_handles_own_warning(collector, monkeypatch, caplo
     handle.close(1.0)
     assert seen == [("watch hook (optimizer step post-hook)", "injected failure")]
     assert not [r for r in caplog.records if "injected" in r.getMessage()]
+
+
+def test_a_release_run_by_the_garbage_collector_inside_the_lock_does_not_hang():
+    """A handle's finalizer releases its eager stance when the GC runs, which may be while the same thread holds
+    the stance lock (an allocation inside set_stance): CI once hung a training thread there for 300 s."""
+    import threading
+
+    from layrot.hooks.torch_layers import EagerUntilOrdered
+
+    first, second = EagerUntilOrdered(), EagerUntilOrdered()
+    done = threading.Event()
+
+    def gc_inside_the_lock() -> None:
+        with EagerUntilOrdered._lock:  # what __init__ / release hold when the collector runs a finalizer
+            second.release()
+        done.set()
+
+    t = threading.Thread(target=gc_inside_the_lock, daemon=True)
+    t.start()
+    t.join(5)
+    assert done.is_set(), "release() deadlocked inside the stance lock"
+    first.release()
+    assert EagerUntilOrdered._holders == 0
