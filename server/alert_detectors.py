@@ -97,6 +97,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -791,7 +792,9 @@ class NotLearning:
         self.hub.publish(st.alert, hold=True)
 
     def _resolve_if_learning(self, rs: RunState, st: LearningState, top: int) -> None:
-        now = float(np.median(st.recent))
+        # Every batch while the alert is open: the median of a few floats in Python (the same value as
+        # numpy's: the middle one, or the mean of the two middle ones) costs ~1 us where np.median took ~70.
+        now = float(statistics.median(st.recent))
         if st.alert is not None and now < st.line:
             alert = st.alert
             st.alert = None
