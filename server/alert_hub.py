@@ -110,26 +110,21 @@ class AlertHub:
             self._counts.update(self.store.alert_counts())
         runs = self.store.alert_runs()
         for run in runs:
-            self._keep_rows(run, self.store.recent_alerts(run, KEEP_PER_RUN))
+            self._keep_rows(run, reversed(self.store.recent_alerts(run, KEEP_PER_RUN)))
         if runs:
             log.info("restored alerts of %d runs", len(runs))
 
-    def _keep_rows(self, run: str, rows: Sequence[tuple]) -> list[pb.Alert]:
-        """Keep stored alert rows (``recent_alerts`` order: newest first) of a run; returns those not kept before."""
+    def _keep_rows(self, run: str, rows: Iterable[tuple]) -> list[pb.Alert]:
+        """Keep stored alert rows (``recent_alerts``' columns) of a run, oldest first; returns them as Alerts."""
         dq = self.recent.setdefault(run, collections.deque(maxlen=KEEP_PER_RUN))
-        known = {(a.kind, a.step, a.layer, a.severity) for a in dq}
-        new = []
-        for r in reversed(rows):
-            alert = _from_row(r)
-            if (alert.kind, alert.step, alert.layer, alert.severity) in known:
-                continue
+        out = [_from_row(r) for r in rows]
+        for alert in out:
             self._keep(dq, alert, restored=True)
-            new.append(alert)
-        return new
+        return out
 
-    def take_stored(self, run: str, rows: Sequence[tuple]) -> None:
-        """Alerts another collector raised for a run it holds (server/cluster.py): kept for ``list``, sent to
-        this collector's watchers; not counted, stored or pushed again (the collector that raised them did)."""
+    def take_stored(self, run: str, rows: Iterable[tuple]) -> None:
+        """Alerts another collector raised for a run it holds (server/cluster.py), oldest first: kept for ``list``,
+        sent to this collector's watchers; not counted, stored or pushed again (the collector that raised them did)."""
         for alert in self._keep_rows(run, rows):
             self._notify(alert)
 

@@ -70,7 +70,7 @@ class _Read:
     fed: list[RunRecord]
     versions: dict[int, int]
     commands: list[tuple[int, int, bytes]] = field(default_factory=list)
-    alerts: dict[str, list[tuple]] = field(default_factory=dict)  # run -> its newest stored alerts
+    alerts: dict[str, list[tuple]] = field(default_factory=dict)  # run -> its alerts stored since, oldest first
 
 
 class Cluster:
@@ -190,13 +190,14 @@ class Cluster:
         if wanted:
             out.commands = store.current_commands(wanted)
         if self.state.alerts is not None:
-            # Restored at start: only alerts stored after the first pass are news.
-            newest = store.alerts_after(self._alert_id or 0)
-            if self._alert_id is not None:
-                for run, _ in newest:
-                    if run not in local:
-                        out.alerts[run] = store.recent_alerts(run, KEEP_PER_RUN)
-            self._alert_id = max([self._alert_id or 0] + [i for _, i in newest])
+            # Restored at start: only alerts stored after the first pass are news, read once each.
+            if self._alert_id is None:
+                ((self._alert_id,),) = store.alerts_after(-1, 0)
+            else:
+                for row in store.alerts_after(self._alert_id, KEEP_PER_RUN):
+                    self._alert_id = int(row[0])
+                    if row[1] not in local:
+                        out.alerts.setdefault(row[1], []).append(row[1:])
         # Reports are stamped by the jobs' clocks: a margin, so a skewed or late one is still read next time.
         self._seen_since = now - max(self.stale, 10.0)
         return out

@@ -954,12 +954,17 @@ class QueuedStore:
             )
         }
 
-    def alerts_after(self, after_id: int) -> list[tuple[str, int]]:
-        """(run, newest alert id) of the runs with alerts stored after id ``after_id`` (the primary key's order)."""
-        return [
-            (str(r), int(i))
-            for r, i in self._fetchall("SELECT run, MAX(id) FROM alerts WHERE id > ? GROUP BY run", (after_id,))
-        ]
+    def alerts_after(self, after_id: int, limit: int) -> list[tuple]:
+        """(id, then ``recent_alerts``' columns) of at most ``limit`` alerts stored after id ``after_id``, oldest
+        first; with ``after_id`` < 0 only the newest alert's id (as the start of a reader that wants news)."""
+        if after_id < 0:
+            ((top,),) = self._fetchall("SELECT MAX(id) FROM alerts")
+            return [(int(top or 0),)]
+        return self._fetchall(
+            "SELECT id, run, layer, step, kind, severity, angle, baseline, time, message, loss_before, loss_after"
+            " FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        )
 
     def alert_runs(self) -> list[str]:
         """Runs with stored alerts."""
