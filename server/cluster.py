@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from layrot.server.alert_hub import KEEP_PER_RUN
-from layrot.server.control import ControlPlane
+from layrot.server.control import ControlPlane, StoredControl
 from layrot.server.state import CollectorState, RunState
 from layrot.server.store_api import HistoryStore, RunRecord, StoreError
 
@@ -70,6 +70,7 @@ class _Read:
     fed: list[RunRecord]
     versions: dict[int, int]
     commands: list[tuple[int, int, bytes]] = field(default_factory=list)
+    control: StoredControl | None = None  # of ``new_runs``
     alerts: dict[str, list[tuple]] = field(default_factory=dict)  # run -> its alerts stored since, oldest first
 
 
@@ -181,11 +182,12 @@ class Cluster:
         ids = set(store.run_ids())
         new = sorted(ids - known)
         new_runs = store.load_runs(run_ids=new) if new else []
+        control = self.control.read_stored(new, new) if new else None
         since = self._seen_since
         fed_ids = [r for r in store.runs_seen_since(since) if r in known and r not in have]
         fed = store.load_runs(run_ids=fed_ids) if fed_ids else []
         versions = store.command_versions(sorted(have)) if have else {}
-        out = _Read(known, ids, holders, new_runs, fed, versions)
+        out = _Read(known, ids, holders, new_runs, fed, versions, control=control)
         wanted = [r for r, v in versions.items() if v > have.get(r, 0)]
         if wanted:
             out.commands = store.current_commands(wanted)
@@ -208,8 +210,9 @@ class Cluster:
         if read.new_runs:
             fresh = [rec for rec in read.new_runs if rec.run not in state.runs]
             if fresh:
-                state.restore(fresh, held_elsewhere=True)
-                self.control.load([state.runs[rec.run] for rec in fresh])
+                added = state.restore(fresh, held_elsewhere=True)
+                if read.control is not None:
+                    self.control.apply_stored(added, read.control)
                 log.info("cluster: %d runs created on other collectors", len(fresh))
         by_id = {rs.run_id: rs for rs in state.snapshot_runs()}
         for rec in read.fed:

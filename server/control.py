@@ -87,6 +87,15 @@ RATE_REPORTS = 64
 APPLY_AT_KEEP = 4096
 
 
+class StoredControl(NamedTuple):
+    """What the history store holds of some runs' control state (``ControlPlane.read_stored``)."""
+
+    commands: list[tuple[int, int, bytes]]  # (run_id, version, serialized command): each run's newest
+    applied: list[tuple]  # (run_id, rank, version, step, time, reason): each rank's newest 'applied'
+    rejected: list[tuple]  # (run_id, rank, version, reason): each rank's newest 'rejected'
+    audit: dict[int, list[tuple]]  # run_id -> its newest audit rows, newest first
+
+
 class ControlRefused(Exception):
     """SetControl cannot be accepted for this run (e.g. the job did not opt in)."""
 
@@ -323,38 +332,41 @@ class ControlPlane:
             log.exception("control plane: cannot restore commands from the history store")
 
     def _restore(self) -> None:
-        n = self._load(list(self.state.runs.values()), None)
+        runs = list(self.state.runs.values())
+        n = self.apply_stored(runs, self.read_stored(None, [rs.run_id for rs in runs]))
         if n:
             log.info("control plane: restored the current command of %d runs", n)
 
-    def load(self, runs: Sequence[RunState]) -> None:
-        """Load the control state of ``runs`` from the store (runs another collector created: server/cluster.py)."""
-        if runs:
-            try:
-                self._load(runs, [rs.run_id for rs in runs])
-            except (sqlite3.Error, StoreError):
-                log.exception("control plane: cannot load commands of %d runs from the history store", len(runs))
-
-    def reload(self, rs: RunState) -> None:
-        """Re-read one run's control state from the store: another collector holds its sessions and records
-        their answers there. Raises StoreError when the store cannot be read."""
-        rs.control.audit.clear()
-        rs.control.applied = {}
-        rs.control.rejected.clear()
-        self._load([rs], [rs.run_id])
-
-    def _load(self, runs: Sequence[RunState], run_ids: Sequence[int] | None) -> int:
-        """Current command, per-rank answers and recent audit of ``runs`` (``run_ids``: theirs, None: every run)."""
+    def read_stored(self, run_ids: Sequence[int] | None, audit_of: Sequence[int]) -> StoredControl:
+        """What the store holds of the control state of ``run_ids`` (None: every run), and the recent audit
+        of the runs ``audit_of``. Reads only: any thread (the executor, so the loop never waits on the
+        database); ``apply_stored`` takes the result on the loop. Raises StoreError (or sqlite3.Error)."""
         store = self.store
+        return StoredControl(
+            store.current_commands(run_ids),
+            store.last_applied(run_ids),
+            store.last_rejected(run_ids),
+            {run_id: store.recent_audit(run_id, AUDIT_KEEP) for run_id in audit_of},
+        )
+
+    def apply_stored(self, runs: Sequence[RunState], stored: StoredControl, replace: bool = False) -> int:
+        """Make ``stored`` (``read_stored``) the control state of ``runs`` (loop thread); returns the runs with
+        a current command. ``replace``: forget their answers and audit first (a run another collector holds,
+        whose answers are recorded there)."""
         by_id = {rs.run_id: rs for rs in runs}
+        if replace:
+            for run in runs:
+                run.control.audit.clear()
+                run.control.applied = {}
+                run.control.rejected.clear()
         n = 0
-        for run_id, version, blob in store.current_commands(run_ids):
+        for run_id, version, blob in stored.commands:
             rs = by_id.get(run_id)
             if rs is None:
                 continue
             self._take(rs, blob, int(version))
             n += 1
-        for run_id, rank, version, step, t, reason in store.last_applied(run_ids):
+        for run_id, rank, version, step, t, reason in stored.applied:
             rs = by_id.get(run_id)
             if rs is not None:
                 # A late (or early) application records the step it wanted in its audit reason.
@@ -362,12 +374,14 @@ class ControlPlane:
                 wanted = int(m.group(1)) if m else rs.control.wanted_step(int(version))
                 rc = rs.control
                 rc.applied = {**rc.applied, int(rank): Applied(int(version), int(step or 0), float(t or 0.0), wanted)}
-        for run_id, rank, version, reason in store.last_rejected(run_ids):
+        for run_id, rank, version, reason in stored.rejected:
             rs = by_id.get(run_id)
             if rs is not None:
                 rs.control.rejected[int(rank)] = (int(version), reason or "")
-        for rs in by_id.values():
-            rows = store.recent_audit(rs.run_id, AUDIT_KEEP)
+        for run_id, rows in stored.audit.items():
+            rs = by_id.get(run_id)
+            if rs is None:
+                continue
             for version, t, who, what, event, step, reason in reversed(rows):
                 rs.control.audit.append(
                     pb.AuditEntry(
@@ -663,6 +677,7 @@ __all__ = [
     "ControlPlane",
     "ControlRefused",
     "RunControl",
+    "StoredControl",
     "attach",
     "client_who",
     "command_lead",

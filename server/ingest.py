@@ -77,7 +77,7 @@ from layrot.server.store_api import HistoryStore, RunRecord, StoreError, StoreVa
 if TYPE_CHECKING:
     from layrot.server.alerts import AlertEngine
     from layrot.server.cluster import Cluster
-    from layrot.server.control import ControlPlane
+    from layrot.server.control import ControlPlane, StoredControl
 
 log = logging.getLogger(__name__)
 
@@ -588,15 +588,20 @@ class IngestServicer(pb_grpc.IngestServicer):
 
     async def _stored_run(self, run: str) -> RunState | None:
         """The run of that name as stored (created through another collector), now in the state; None if none."""
-        loop = asyncio.get_running_loop()
+
+        def read() -> tuple[list[RunRecord], StoredControl | None]:
+            recs = self.store.load_runs(names=[run])
+            ids = [rec.run_id for rec in recs]
+            return recs, self.control.read_stored(ids, ids) if recs else None
+
         try:
-            recs = await loop.run_in_executor(None, functools.partial(self.store.load_runs, names=[run]))
+            recs, control = await asyncio.get_running_loop().run_in_executor(None, read)
         except StoreError:
             return None
-        if not recs:
+        if not recs or control is None:
             return None
         if run not in self.state.runs:
-            self.control.load(self.state.restore(recs, held_elsewhere=True))
+            self.control.apply_stored(self.state.restore(recs, held_elsewhere=True), control)
         log.info("run %s was created through another collector: joined", run)
         return self.state.runs[run]
 

@@ -207,10 +207,12 @@ class QueryServicer(pb_grpc.QueryServicer):
         """A run whose sessions are on another collector of the database: its control state as stored there
         (its current version, the jobs' answers), so a command set here continues its versions."""
         if self.clustered and not rs.sessions:
+            ids = [rs.run_id]
             try:
-                self.control.reload(rs)
+                stored = await asyncio.get_running_loop().run_in_executor(None, self.control.read_stored, ids, ids)
             except StoreError as exc:
                 await _abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot read the run's control state: {exc}")
+            self.control.apply_stored([rs], stored, replace=True)
 
     # ------------------------------------------------------------ alerts (server/alerts.py)
     async def _alert_hub(self, context: grpc.aio.ServicerContext) -> AlertEngine:
