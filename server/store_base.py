@@ -271,13 +271,18 @@ def run_params(rec: RunRecord) -> tuple:
     )
 
 
+def shape_json(shape: Sequence[int]) -> str:
+    """``json.dumps(list(shape))`` for a shape of ints, a few times faster (a Hello of 5,000 layers pays it per layer)."""
+    return "[" + ", ".join([str(int(d)) for d in shape]) + "]"
+
+
 def layer_params(run_id: int, lay: LayerRecord) -> tuple:
     """One ``layers`` row, in ``LAYER`` column order."""
     return (
         run_id,
         lay.index,
         lay.name,
-        json.dumps(list(lay.shape)),
+        shape_json(lay.shape),
         lay.init_norm,
         lay.numel,
         lay.module_type,
@@ -682,11 +687,14 @@ class QueuedStore:
         this run's creation instead of hanging its layers on another run.
         StoreValueError when a value is out of bounds.
         """
-        ops: list[Op] = [(RUN, run_params(rec), False)]
-        ops += [(LAYER, layer_params(rec.run_id, lay), False) for lay in rec.layers]
-        for _, params, _ in ops:
+        run = run_params(rec)
+        layers = [layer_params(rec.run_id, lay) for lay in rec.layers]
+        check_params(run)
+        for params in layers:
             check_params(params)
-        self._put(Item(ops, token, len(ops)))
+        # The layer table as one executemany: one statement per layer cost the writer a call each.
+        ops: list[Op] = [(RUN, run, False), (LAYER, layers, True)]
+        self._put(Item(ops, token, 1 + len(layers)))
 
     def insert_run(self, rec: RunRecord) -> None:
         """Queue a new run and its layer table (no token; see ``create_run``)."""
