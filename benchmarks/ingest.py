@@ -351,7 +351,8 @@ def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
             print(
                 f"  {label:9} {m['served']:,}/{m['sessions']:,} sessions served, {m['acked']:,}/{m['sent']:,} "
                 f"batches acked; ack latency p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
-                f"max {m['max_ms']:.1f} ms; client errors {m['errors'] or 'none'}"
+                f"max {m['max_ms']:.1f} ms (p99 after each session's first batch {m['p99_later_ms']:.1f} ms); "
+                f"client errors {m['errors'] or 'none'}"
             )
         print(
             f"  collector's refusal counters over the run: {r['collector_rejections'] or 'none'}; "
@@ -430,6 +431,7 @@ def _main(args: argparse.Namespace) -> None:
             for r in sess.values():
                 for m in r["labels"].values():
                     m.pop("latencies")
+                    m.pop("later")
             print(json.dumps(sess, indent=2))
         else:
             print_sessions(args, sess)

@@ -47,6 +47,7 @@ class SessionResult:
     welcomed: bool = False
     finished: bool = False  # the stream ended cleanly after Goodbye, every batch acked
     latencies: list[float] = field(default_factory=list)
+    later: list[float] = field(default_factory=list)  # latencies of every batch but the session's first
     errors: Counter = field(default_factory=Counter)
 
 
@@ -103,6 +104,8 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
             t = sent_at.pop(seq, None)
             if t is not None:
                 res.latencies.append(now - t)
+                if seq > 1:  # the first batch meets the start-up burst of every session's Hello
+                    res.later.append(now - t)
                 res.acked += 1
                 res.acked_steps += plan.steps_per_batch
 
@@ -199,7 +202,16 @@ async def _run_plans(address: str, plans: list[SessionPlan], seconds: float, per
 
 
 def _tally() -> dict[str, Any]:
-    return {"sessions": 0, "served": 0, "sent": 0, "acked": 0, "acked_steps": 0, "errors": Counter(), "latencies": []}
+    return {
+        "sessions": 0,
+        "served": 0,
+        "sent": 0,
+        "acked": 0,
+        "acked_steps": 0,
+        "errors": Counter(),
+        "latencies": [],
+        "later": [],
+    }
 
 
 def client_process(address: str, plans: list[SessionPlan], seconds: float, per_channel: int, result_q: Any) -> None:
@@ -215,9 +227,11 @@ def client_process(address: str, plans: list[SessionPlan], seconds: float, per_c
         s["acked_steps"] += r.acked_steps
         s["errors"].update(r.errors)
         s["latencies"].extend(r.latencies)
+        s["later"].extend(r.later)
     for s in summary["labels"].values():
         s["errors"] = dict(s["errors"])
         s["latencies"] = np.asarray(s["latencies"], dtype=np.float64)
+        s["later"] = np.asarray(s["later"], dtype=np.float64)
     result_q.put(summary)
 
 
@@ -231,11 +245,15 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 m[k] += s[k]
             m["errors"].update(s["errors"])
             m["latencies"].append(s["latencies"])
+            m["later"].append(s["later"])
     for m in out.values():
         lat = np.concatenate(m["latencies"]) if m["latencies"] else np.zeros(0)
         m["latencies"] = lat
         m["p50_ms"] = float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan")
         m["p99_ms"] = float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan")
         m["max_ms"] = float(lat.max() * 1e3) if lat.size else float("nan")
+        later = np.concatenate(m["later"]) if m["later"] else np.zeros(0)
+        m["later"] = later
+        m["p99_later_ms"] = float(np.percentile(later, 99) * 1e3) if later.size else float("nan")
         m["errors"] = dict(m["errors"])
     return out

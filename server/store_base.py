@@ -272,7 +272,7 @@ def run_params(rec: RunRecord) -> tuple:
 
 
 def shape_json(shape: Sequence[int]) -> str:
-    """``json.dumps(list(shape))`` for a shape of ints, a few times faster (a Hello of 5,000 layers pays it per layer)."""
+    """``json.dumps(list(shape))`` for a shape of ints, a few times faster (a Hello pays it per layer)."""
     return "[" + ", ".join([str(int(d)) for d in shape]) + "]"
 
 
