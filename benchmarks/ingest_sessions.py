@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+# The SessionResult fields of per-batch ack latencies, gathered alike over sessions and processes.
+LATENCY_KEYS = ("latencies", "later")
+
 
 @dataclass
 class SessionPlan:
@@ -209,8 +212,7 @@ def _tally() -> dict[str, Any]:
         "acked": 0,
         "acked_steps": 0,
         "errors": Counter(),
-        "latencies": [],
-        "later": [],
+        **{key: [] for key in LATENCY_KEYS},
     }
 
 
@@ -226,12 +228,12 @@ def client_process(address: str, plans: list[SessionPlan], seconds: float, per_c
         s["acked"] += r.acked
         s["acked_steps"] += r.acked_steps
         s["errors"].update(r.errors)
-        s["latencies"].extend(r.latencies)
-        s["later"].extend(r.later)
+        for key in LATENCY_KEYS:
+            s[key].extend(getattr(r, key))
     for s in summary["labels"].values():
         s["errors"] = dict(s["errors"])
-        s["latencies"] = np.asarray(s["latencies"], dtype=np.float64)
-        s["later"] = np.asarray(s["later"], dtype=np.float64)
+        for key in LATENCY_KEYS:
+            s[key] = np.asarray(s[key], dtype=np.float64)
     result_q.put(summary)
 
 
@@ -244,16 +246,15 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for k in ("sessions", "served", "sent", "acked", "acked_steps"):
                 m[k] += s[k]
             m["errors"].update(s["errors"])
-            m["latencies"].append(s["latencies"])
-            m["later"].append(s["later"])
+            for key in LATENCY_KEYS:
+                m[key].append(s[key])
     for m in out.values():
-        lat = np.concatenate(m["latencies"]) if m["latencies"] else np.zeros(0)
-        m["latencies"] = lat
+        for key in LATENCY_KEYS:
+            m[key] = np.concatenate(m[key]) if m[key] else np.zeros(0)
+        lat, later = m["latencies"], m["later"]
         m["p50_ms"] = float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan")
         m["p99_ms"] = float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan")
         m["max_ms"] = float(lat.max() * 1e3) if lat.size else float("nan")
-        later = np.concatenate(m["later"]) if m["later"] else np.zeros(0)
-        m["later"] = later
         m["p99_later_ms"] = float(np.percentile(later, 99) * 1e3) if later.size else float("nan")
         m["errors"] = dict(m["errors"])
     return out
