@@ -195,6 +195,11 @@ CREATE TABLE IF NOT EXISTS collectors (
 );
 """
 
+# 16 kB pages hold several samples rows of a 200-layer run (4 kB pages held one each and wasted the
+# rest); the WAL is checkpointed every WAL_CHECKPOINT_BYTES, whatever the page size.
+PAGE_SIZE = 16384
+WAL_CHECKPOINT_BYTES = 4 << 20
+
 INSERT_STEP = "INSERT OR REPLACE INTO steps (" + ", ".join(sb.STEP_TABLE_COLUMNS) + ") VALUES (?,?,?,?,?,?,?)"
 # Identical values of another rank (or a resend) are stored already: one samples row for them all.
 INSERT_SAMPLE = "INSERT OR IGNORE INTO samples (" + ", ".join(sb.SAMPLE_COLUMNS) + ") VALUES (?,?,?,?,?,?,?)"
@@ -339,10 +344,14 @@ class Store(QueuedStore):
     # ------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None)
-        # A new file only (a no-op on an existing one): 16 kB pages hold several samples rows of a
-        # 200-layer run where 4 kB pages held one each and wasted the rest (~25% of the file).
-        conn.execute("PRAGMA page_size=16384")
+        # The page size applies to a new file only (a no-op on an existing one).
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
+        # SQLite's default checkpoints the WAL every 1000 pages: 16 MB of 16 kB pages. On a disk
+        # that fills, a WAL that large can take the last free bytes and stay there (only a commit
+        # checkpoints it, and every commit then fails): bounded in bytes, as with 4 kB pages.
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(1, WAL_CHECKPOINT_BYTES // PAGE_SIZE)}")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_CHECKPOINT_BYTES}")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return conn
