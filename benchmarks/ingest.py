@@ -324,6 +324,9 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
         "samples_per_s": samples / (t1 - t0),
         "cpu_us_per_sample": (cpu1 - cpu0) / max(samples, 1) * 1e6,
         "collector_cpu_share": (cpu1 - cpu0) / (t1 - t0),
+        # StepBatches the collector took together in one pipeline pass (one turn of its loop).
+        "batches_per_pass": (m1.get("layrot_pipeline_batches_total", 0) - m0.get("layrot_pipeline_batches_total", 0))
+        / max(1.0, m1.get("layrot_pipeline_passes_total", 0) - m0.get("layrot_pipeline_passes_total", 0)),
         "rss_peak_mb": rss_mb,
         "stored_steps": stored,
         "steps_acked": sum(m["acked_steps"] for m in labels.values()),
@@ -343,8 +346,9 @@ def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
     for db_label, r in results.items():
         print(
             f"[{db_label}] {r['samples_per_s']:,.0f} layer-samples/s stored, collector CPU "
-            f"{r['cpu_us_per_sample']:.3f} us/sample ({r['collector_cpu_share'] * 100:.0f} % of a core), "
-            f"RSS peak {r['rss_peak_mb']:.0f} MB; store holds {r['stored_steps']:,} steps, clients got acks for "
+            f"{r['cpu_us_per_sample']:.3f} us/sample ({r['collector_cpu_share'] * 100:.0f} % of a core, "
+            f"{r['batches_per_pass']:.1f} batches per pipeline pass), RSS peak {r['rss_peak_mb']:.0f} MB; "
+            f"store holds {r['stored_steps']:,} steps, clients got acks for "
             f"{r['steps_acked']:,} ({'acked <= stored' if r['steps_acked'] <= r['stored_steps'] else 'MISMATCH'})"
         )
         for label, m in r["labels"].items():

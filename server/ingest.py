@@ -62,14 +62,14 @@ from layrot.server.decode import (
     DEFAULT_LIMITS,
     INT64_MAX,
     MAX_RUN_NAME,
+    DecodedBatch,
     IngestLimits,
     SessionReject,
     capabilities,
-    check_physics,
     decode_batch,
     validate_hello,
 )
-from layrot.server.derive import derive
+from layrot.server.derive import derive_many
 from layrot.server.records import newest_snapshot, step_rows
 from layrot.server.state import ACK, END, CollectorState, LiveSession, RunState, Snapshot, hello_meta
 from layrot.server.store_api import HistoryStore, RunRecord, StoreError, StoreValueError, hash_run_key
@@ -216,6 +216,9 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: set[LiveSession] = set()
         self.creating: dict[str, asyncio.Future] = {}  # run name -> its runs row commit (loop thread)
+        # StepBatches read this turn of the loop, not yet through the pipeline (_take, drain_inbox).
+        self._inbox: list[tuple[pb.StepBatch, LiveSession]] = []
+        self._drain_scheduled = False
         # Several collectors on one database (server/cluster.py): run ids from the database, runs made elsewhere.
         self.cluster: Cluster | None = None
         # Never reuse a run id that rows of any table carry (orphans of older versions).
@@ -389,8 +392,10 @@ class IngestServicer(pb_grpc.IngestServicer):
                         # per session beyond the bound at most), so others' backlog never holds it.
                         self._room.clear()
                         await self._room.wait()
-                    self._batch(msg.steps, sess)
-                elif kind == "control_ack":
+                    self._take(msg.steps, sess)
+                    continue
+                self.drain_inbox()  # what follows a batch on the stream sees it accepted
+                if kind == "control_ack":
                     self._control_ack(msg.control_ack, sess)
                 elif kind == "goodbye":
                     sess.said_goodbye = True
@@ -425,6 +430,7 @@ class IngestServicer(pb_grpc.IngestServicer):
             self._stream_error(sess, exc)
         except Exception as exc:  # a bug of ours or of gRPC: the session ends, the collector goes on
             self._stream_error(sess, exc)
+        self.drain_inbox()
         await self._close(sess)
 
     def _stream_error(self, sess: LiveSession, exc: BaseException) -> None:
@@ -632,11 +638,13 @@ class IngestServicer(pb_grpc.IngestServicer):
         )
 
     # ------------------------------------------------------------ StepBatch
-    def _batch(self, b: pb.StepBatch, sess: LiveSession) -> None:
-        """The StepBatch pipeline: decode -> derive -> alerts -> rows and run state."""
-        rs = sess.run
-        init_norm = sess.init_norm
-        assert rs is not None and init_norm is not None  # both set by the session's Hello
+    def _take(self, b: pb.StepBatch, sess: LiveSession) -> None:
+        """A StepBatch read from ``sess``: check its seq now, run the pipeline with the others read this turn.
+
+        The batches every stream delivers in one turn of the loop go through ``_batches``
+        together, at the start of the next turn (or before the next non-batch message
+        of their stream, ``drain_inbox``), in the order they were read.
+        """
         seq = b.seq
         if seq <= sess.last_seq:
             # Acks are by seq: a seq that does not increase would make them ambiguous.
@@ -644,21 +652,56 @@ class IngestServicer(pb_grpc.IngestServicer):
                 "bad_seq", f"batch seq {seq} after seq {sess.last_seq}: seqs start at 1 and increase in a session"
             )
         sess.last_seq = seq
-        try:
-            batch = decode_batch(b, sess.num_layers, self.limits)
-            check_physics(batch, init_norm)
-        except SessionReject as exc:
-            self._refuse_batch(seq, sess, rs, exc)
+        self._inbox.append((b, sess))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self.drain_inbox)
+
+    def drain_inbox(self) -> None:
+        """Run the StepBatch pipeline on every batch taken and not yet processed."""
+        self._drain_scheduled = False
+        if not self._inbox:
             return
-        derived = derive(batch, init_norm)
+        inbox, self._inbox = self._inbox, []
+        self.state.pipeline_batches += len(inbox)
+        self.state.pipeline_passes += 1
+        self._batches(inbox)
+
+    def _batch(self, b: pb.StepBatch, sess: LiveSession) -> None:
+        """One StepBatch through the whole pipeline now (seq check included)."""
+        self._take(b, sess)
+        self.drain_inbox()
+
+    def _batches(self, items: list[tuple[pb.StepBatch, LiveSession]]) -> None:
+        """The StepBatch pipeline: decode -> check and derive (stacked over the batches) -> alerts -> rows, state."""
+        decoded: list[tuple[LiveSession, int, DecodedBatch]] = []
+        for b, sess in items:
+            try:
+                decoded.append((sess, b.seq, decode_batch(b, sess.num_layers, self.limits)))
+            except SessionReject as exc:
+                self._refuse_batch(b.seq, sess, sess.run, exc)  # type: ignore[arg-type]
+        if not decoded:
+            return
+        derived_all = derive_many([d[2] for d in decoded], [d[0].init_norm for d in decoded])  # type: ignore[misc]
         alerts = self.alerts
-        if alerts is not None and alerts.enabled:  # vectorised, never raises
-            alerts.observe(
-                rs, sess.rank, batch.steps, derived.angle, derived.bad, batch.rho, batch.loss, derived.rotation
-            )
-        rows = step_rows(batch, derived, rs.run_id, sess.rank)
-        snap = newest_snapshot(batch, derived, sess.rank)
-        self._record(seq, sess, batch.num_steps, rows, snap, derived.nonfinite)
+        observe = alerts is not None and alerts.enabled
+        for (sess, seq, batch), derived in zip(decoded, derived_all):
+            rs = sess.run
+            assert rs is not None  # set by the session's Hello
+            if isinstance(derived, SessionReject):
+                self._refuse_batch(seq, sess, rs, derived)
+                continue
+            try:
+                if observe:  # vectorised, never raises
+                    alerts.observe(  # type: ignore[union-attr]
+                        rs, sess.rank, batch.steps, derived.angle, derived.bad, batch.rho, batch.loss, derived.rotation
+                    )
+                rows = step_rows(batch, derived, rs.run_id, sess.rank)
+                snap = newest_snapshot(batch, derived, sess.rank)
+                self._record(seq, sess, batch.num_steps, rows, snap, derived.nonfinite)
+            except Exception as exc:  # a bug of ours: this session ends (its job resends), the others go on
+                log.exception("run %s rank %d: batch seq=%d failed in the pipeline", rs.run, sess.rank, seq)
+                self._end(sess, "internal", "internal_error", f"the collector failed on batch seq={seq}: {exc}")
 
     def _refuse_batch(self, seq: int, sess: LiveSession, rs: RunState, exc: SessionReject) -> None:
         self.state.reject(exc.reason, rs)

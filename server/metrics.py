@@ -189,6 +189,17 @@ class LayrotCollector(Collector):
         for reason, n in sorted(dict(st.rejected).items()):
             rejected.add_metric([reason], n)
         yield rejected
+        yield CounterMetricFamily(
+            "layrot_pipeline_passes",
+            "Passes of the StepBatch pipeline (the batches read in one turn of the collector's loop go"
+            " through it together)",
+            value=st.pipeline_passes,
+        )
+        yield CounterMetricFamily(
+            "layrot_pipeline_batches",
+            "StepBatches through the pipeline (per pass: batches taken together)",
+            value=st.pipeline_batches,
+        )
         yield GaugeMetricFamily("layrot_sessions_active", "Open Ingest sessions", value=st.sessions_active)
         yield CounterMetricFamily("layrot_sessions_opened", "Ingest sessions opened", value=st.sessions_opened)
         yield CounterMetricFamily(

@@ -373,6 +373,9 @@ class CollectorState:
     sessions_opened: int = 0
     sessions_active: int = 0
     sessions_lost: int = 0
+    # StepBatch pipeline passes and the batches they took (server/ingest.py): batches per pass under load.
+    pipeline_passes: int = 0
+    pipeline_batches: int = 0
     rejected: collections.Counter = field(default_factory=collections.Counter)
     next_run_id: int = 1
     # The collector's ControlPlane (server/control.py), set by the composition root (server/app.py).
