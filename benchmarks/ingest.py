@@ -284,7 +284,13 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
             plans = []
             for k in range(args.procs):
                 mine = runs[k :: args.procs]
-                plans.append([SessionPlan(label, mine, args.layers, args.batch_interval, args.steps_per_batch)])
+                plans.append(
+                    [
+                        SessionPlan(
+                            label, mine, args.layers, args.batch_interval, args.steps_per_batch, args.max_inflight
+                        )
+                    ]
+                )
             if args.probe:
                 # A process of its own: its latencies are the collector's, not those of a client loop
                 # busy building the saturated sessions' batches.
@@ -358,6 +364,8 @@ def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
                 f"max {m['max_ms']:.1f} ms (p99 after each session's first batch {m['p99_later_ms']:.1f} ms); "
                 f"client errors {m['errors'] or 'none'}"
             )
+            if m["slow_sent_s"]:
+                print(f"  {'':9} acks over 1 s, by when sent (5 s bins from the first): {m['slow_sent_s']}")
         print(
             f"  collector's refusal counters over the run: {r['collector_rejections'] or 'none'}; "
             f"sessions lost (no Goodbye): {r['collector_sessions_lost']:.0f}"
@@ -412,6 +420,12 @@ def main() -> None:
     ap.add_argument("--batch-interval", type=float, default=1.0, help="--sessions: s between batches (0: saturated)")
     ap.add_argument("--duration", type=float, default=60.0, help="--sessions: seconds")
     ap.add_argument("--steps-per-batch", type=int, default=1, help="--sessions: steps in each StepBatch")
+    ap.add_argument(
+        "--max-inflight",
+        type=int,
+        default=8,
+        help="--sessions, saturated: unacknowledged batches per session at most (the real reporter allows 256)",
+    )
     ap.add_argument("--probe", action="store_true", help="--sessions: one light session more (a batch a second)")
     ap.add_argument("--sessions-per-channel", type=int, default=50, help="--sessions: streams per gRPC connection")
     ap.add_argument("--serve-arg", action="append", default=[], help="an extra `serve` argument (repeatable)")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 # The SessionResult fields of per-batch ack latencies, gathered alike over sessions and processes.
-LATENCY_KEYS = ("latencies", "later")
+LATENCY_KEYS = ("latencies", "later", "sent_times")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class SessionResult:
     finished: bool = False  # the stream ended cleanly after Goodbye, every batch acked
     latencies: list[float] = field(default_factory=list)
     later: list[float] = field(default_factory=list)  # latencies of every batch but the session's first
+    sent_times: list[float] = field(default_factory=list)  # unix time each batch of ``latencies`` was sent
     errors: Counter = field(default_factory=Counter)
 
 
@@ -107,6 +108,7 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
             t = sent_at.pop(seq, None)
             if t is not None:
                 res.latencies.append(now - t)
+                res.sent_times.append(time.time() - (now - t))
                 if seq > 1:  # the first batch meets the start-up burst of every session's Hello
                     res.later.append(now - t)
                 res.acked += 1
@@ -256,5 +258,10 @@ def merge(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         m["p99_ms"] = float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan")
         m["max_ms"] = float(lat.max() * 1e3) if lat.size else float("nan")
         m["p99_later_ms"] = float(np.percentile(later, 99) * 1e3) if later.size else float("nan")
+        # When the slow acks (over 1 s) were sent, in 5 s bins from the first batch: a start-up burst, or when.
+        sent = m["sent_times"]
+        slow = sent[lat > 1.0] - sent.min() if lat.size else np.zeros(0)
+        edges = np.arange(0.0, (sent.max() - sent.min() if lat.size else 0.0) + 5.0, 5.0)
+        m["slow_sent_s"] = np.histogram(slow, bins=edges)[0].tolist() if slow.size else []
         m["errors"] = dict(m["errors"])
     return out
