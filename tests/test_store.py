@@ -243,6 +243,46 @@ def test_a_resend_in_the_same_transaction_as_its_original(backend):
     assert [(r[0], bytes(r[1])) for r in rows] == [(1, f32[0]), (2, f32[1]), (3, f32[1])]
 
 
+def test_batches_queued_together_are_stored_alike(backend):
+    """Batches of two runs (3 and 2 layers) drained into one transaction: every row, value and progress as queued."""
+    out = Outcomes()
+    store = backend.open(on_commit=out.on_commit, on_failure=out.on_failure)
+    rng = np.random.default_rng(5)
+    vals = {(run, s): rng.normal(size=3 if run == 1 else 2).tobytes() for run in (1, 2) for s in (1, 2, 3)}
+    try:
+        store.create_run(run_record(1, "a"), token="run-a")
+        store.create_run(run_record(2, "b"), token="run-b")
+        assert store.flush()
+        commits = store.commits
+        with backend.locked():
+            store.update_progress(1, 0.5, 0, token="first")  # the writer waits on the lock with this one
+            for s in (1, 2, 3):
+                for run in (1, 2):
+                    store.submit_batch(
+                        [step_row(run, s, vals[run, s])],
+                        run,
+                        10.0 * run + s,
+                        s,
+                        first_report=10.0 * run if s == 1 else None,
+                        token=(run, s),
+                    )
+            time.sleep(0.3)
+        assert store.flush()
+        assert store.commits - commits == 2  # the progress update alone, then the six batches in one
+    finally:
+        store.close()
+    assert out.failed == [] and out.stored[3:] == [(run, s) for s in (1, 2, 3) for run in (1, 2)]
+    assert out.new_rows[3:] == [1] * 6
+    rows = backend.query(
+        "SELECT s.run_id, s.step, m.rotation FROM steps s JOIN samples m"
+        " ON m.run_id = s.run_id AND m.step = s.step AND m.digest = s.digest ORDER BY s.run_id, s.step"
+    )
+    f32 = {k: np.frombuffer(v, "<f8").astype("<f4").tobytes() for k, v in vals.items()}
+    assert [(r[0], r[1], bytes(r[2])) for r in rows] == [(run, s, f32[run, s]) for run in (1, 2) for s in (1, 2, 3)]
+    progress = backend.query("SELECT id, last_seen, nonfinite, first_report FROM runs ORDER BY id")
+    assert [tuple(r) for r in progress] == [(1, 13.0, 3, 10.0), (2, 23.0, 3, 20.0)]
+
+
 def test_everything_stored_is_read_back_exactly(backend):
     """Runs, layers, steps, commands, audit, alerts and thresholds survive a reopen unchanged.
 
