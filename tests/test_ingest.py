@@ -674,3 +674,25 @@ def test_ingest_counters_equal_the_rows_in_the_store_after_resends(collector, in
     np.testing.assert_allclose(h.weight_norm[-1], job.truth[6]["weight_norm"], rtol=1e-7)
     s.goodbye()
     s2.goodbye()
+
+
+def test_batches_of_many_sessions_in_one_pipeline_pass_are_each_stored_exactly(collector, ingest, sim_job):
+    """Batches read in one turn of the loop (held busy meanwhile) share a pass: each run keeps its own truth."""
+    jobs = [sim_job(run=f"pass-{i}", layer_sizes=(8 + i, 16), dots=i % 2 == 0, seed=i) for i in range(6)]
+    sessions = [open_job(ingest, collector, job) for job in jobs]
+    for s in sessions:
+        assert s.recv().WhichOneof("kind") == "welcome"
+    passes0, batches0 = collector.state.pipeline_passes, collector.state.pipeline_batches
+    collector.loop.call_soon_threadsafe(time.sleep, 0.5)  # what arrives meanwhile waits for the same turn
+    for _ in range(3):
+        for s, job in zip(sessions, jobs):
+            s.send(job.batch())
+    for s in sessions:
+        assert errors(s.wait_ack(3)) == []
+    passes, batches = collector.state.pipeline_passes - passes0, collector.state.pipeline_batches - batches0
+    assert batches == 18 and passes < batches
+    with QueryClient(collector.grpc_address) as q:
+        for job in jobs:
+            h = q.history(job.run)
+            np.testing.assert_allclose(h.rotation, job.truth_array("rotation"), rtol=1e-5)
+            np.testing.assert_allclose(h.step_angle, job.truth_array("step_angle"), rtol=1e-5)
