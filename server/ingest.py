@@ -18,13 +18,15 @@ row is ever stored under a run id without its run.
 
 Everything runs on one asyncio loop (grpc.aio): thousands of sessions cost
 coroutines, not threads. Validation is linear in the message size and bounded
-by ``IngestLimits`` (server/decode.py), so no client can stall the loop. A
-StepBatch goes through a pipeline of plain steps, each a handful of
-vectorised numpy calls over the (steps x layers) arrays:
+by ``IngestLimits`` (server/decode.py), so no client can stall the loop. The
+StepBatches that every stream delivers in one turn of the loop go through a
+pipeline of plain steps together (one-step batches are the common case, and
+a dozen numpy calls then serve them all, not each):
 
-1. ``decode_batch`` / ``check_physics`` (server/decode.py): validate, view
-   the bytes as arrays, refuse impossible values;
-2. ``derive`` (server/derive.py): rotations, step angles, non-finite mask;
+1. ``decode_batch`` (server/decode.py): validate, view the bytes as arrays;
+2. ``derive_many`` (server/derive.py): ``check_physics`` (refuse impossible
+   values), rotations, step angles and the non-finite mask, over the batches'
+   values stacked (a refusal still names its own batch only);
 3. ``AlertEngine.observe`` (server/alerts.py): alert evaluation;
 4. ``step_rows`` / ``newest_snapshot`` (server/records.py): history rows and
    the run's newest values, then the run-state update and one queue put to
