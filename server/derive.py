@@ -12,6 +12,7 @@ steps; without them (older or minimal clients) the triangle formulas apply.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,27 +91,17 @@ def derive_many(batches: Sequence[DecodedBatch], init_norms: Sequence[np.ndarray
         inits = [init_norms[i] if b.num_steps == 1 else np.tile(init_norms[i], b.num_steps) for i, b in zip(idx, group)]
         init = np.concatenate(inits)
         g0 = group[0]
-        stacked = DecodedBatch(
-            1,
-            init.shape[0],
-            g0.steps,
-            g0.times,
-            (),
-            (),
-            _joined([b.raw_norm for b in group]),
-            _joined([b.raw_dist0 for b in group]),
-            _joined([b.raw_dstep for b in group]),
-            _joined([b.raw_norm_prev for b in group]),
-            None,  # rho: not used by the checks or the math
-            None if g0.dot0 is None else _joined([b.raw_dot0 for b in group]),  # type: ignore[misc]
-            None if g0.dotstep is None else _joined([b.raw_dotstep for b in group]),  # type: ignore[misc]
-            b"",
-            b"",
-            b"",
-            b"",
-            None,
-            None,
-            None,
+        # What check_physics and derive read, stacked; the other fields (rho, the raw bytes) are g0's, unused.
+        stacked = dataclasses.replace(
+            g0,
+            num_steps=1,
+            num_layers=init.shape[0],
+            norm=_joined([b.raw_norm for b in group]),
+            dist0=_joined([b.raw_dist0 for b in group]),
+            dstep=_joined([b.raw_dstep for b in group]),
+            norm_prev=_joined([b.raw_norm_prev for b in group]),
+            dot0=None if g0.dot0 is None else _joined([b.raw_dot0 for b in group]),  # type: ignore[misc]
+            dotstep=None if g0.dotstep is None else _joined([b.raw_dotstep for b in group]),  # type: ignore[misc]
         )
         try:
             check_physics(stacked, init)

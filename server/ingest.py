@@ -669,11 +669,6 @@ class IngestServicer(pb_grpc.IngestServicer):
         self.state.pipeline_passes += 1
         self._batches(inbox)
 
-    def _batch(self, b: pb.StepBatch, sess: LiveSession) -> None:
-        """One StepBatch through the whole pipeline now (seq check included)."""
-        self._take(b, sess)
-        self.drain_inbox()
-
     def _batches(self, items: list[tuple[pb.StepBatch, LiveSession]]) -> None:
         """The StepBatch pipeline: decode -> check and derive (stacked over the batches) -> alerts -> rows, state."""
         decoded: list[tuple[LiveSession, int, DecodedBatch]] = []

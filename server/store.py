@@ -433,10 +433,9 @@ class Store(QueuedStore):
     def _insert_batches(self, conn: sqlite3.Connection, group: list[Item]) -> None:
         """StepBatch items (rows, progress) in a few statements for them all, not three or four per item.
 
-        Each statement is a C loop with the GIL released while SQLite works, and retaking
-        the GIL behind a busy ingest loop costs up to a switch interval (5 ms): one-step
-        batches paid that per item. When some step is stored already (a resend), the
-        items go one by one instead, which writes the newest values and counts new rows.
+        One-step batches paid the Python of each statement, and a GIL hand-off around it
+        behind the busy ingest loop, per item. When some step is stored already (a resend),
+        the items go one by one instead, which writes the newest values and counts new rows.
         """
         if len(group) < 2:
             for it in group:
