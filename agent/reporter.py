@@ -70,6 +70,10 @@ _STOP = object()
 #: measurement contract (:mod:`layrot.agent.measurement`) re-exports them: hooks compute its
 #: ``DEVICE_ROWS`` on the device, and these wire rows are derived from them on the host.
 WIRE_ROWS = ("norm", "dist0", "dstep", "norm_prev", "dot0", "dotstep")
+# The exporter's batching (Reporter's flush_interval / max_flush_interval / max_batch_bytes defaults).
+FLUSH_INTERVAL = 0.05
+MAX_FLUSH_INTERVAL = 2.0
+MAX_BATCH_BYTES = 1 << 20
 ROWS = WIRE_ROWS  # the former name, still imported by older code
 
 
@@ -185,6 +189,22 @@ class StepRecord:
     loss: Callable[[], float | None] | float | None = None
     rho: np.ndarray | None = None
     command_version: int = 0
+
+
+def batch_wait(flush_interval: float, max_flush_interval: float, waiting: int) -> float:
+    """Seconds the exporter lets a batch fill while ``waiting`` batches wait for their acks.
+
+    Each waiting batch adds one ``flush_interval``, up to ``max_flush_interval``: a job
+    sends one-step batches while the collector keeps up, and fewer, bigger ones when
+    it falls behind (see ``Reporter._batch_wait``).
+    """
+    return min(max_flush_interval, flush_interval * (1 + waiting))
+
+
+def batch_step_bound(num_layers: int, max_batch_bytes: int = MAX_BATCH_BYTES) -> int:
+    """Steps a batch holds at most: ``max_batch_bytes`` of wire rows and rho (float64), 256 at most."""
+    per_step = 8 * max(1, num_layers) * (len(WIRE_ROWS) + 1) + 64
+    return max(1, min(256, max_batch_bytes // per_step))
 
 
 @dataclass
@@ -404,9 +424,9 @@ class Reporter:
         spool_max_bytes: int | None = None,
         max_queue: int = 4096,
         max_unacked_bytes: int = 64 << 20,
-        max_batch_bytes: int = 1 << 20,
-        flush_interval: float = 0.05,
-        max_flush_interval: float = 2.0,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
+        flush_interval: float = FLUSH_INTERVAL,
+        max_flush_interval: float = MAX_FLUSH_INTERVAL,
         backoff_initial: float = 0.25,
         backoff_max: float = 10.0,
         max_inflight: int = 256,
@@ -459,8 +479,7 @@ class Reporter:
         )
         self._queue: queue.Queue[StepRecord | object] = queue.Queue(maxsize=max_queue)
         self._max_unacked_bytes = max_unacked_bytes
-        per_step = 8 * max(1, self.num_layers) * (len(WIRE_ROWS) + 1) + 64  # the wire rows and rho, float64
-        self._batch_steps = max(1, min(256, max_batch_bytes // per_step))
+        self._batch_steps = batch_step_bound(self.num_layers, max_batch_bytes)
         self._flush_interval = flush_interval
         self._max_flush_interval = max(flush_interval, max_flush_interval)
         self._backoff = (backoff_initial, backoff_max)
@@ -697,7 +716,7 @@ class Reporter:
         bound): under load the job sends fewer, bigger batches, and nothing is dropped for it.
         """
         waiting = len(self._entries)  # read without the lock: a hint, one len() of a dict
-        return min(self._max_flush_interval, self._flush_interval * (1 + waiting))
+        return batch_wait(self._flush_interval, self._max_flush_interval, waiting)
 
     def _emit_guarded(self, batch: list[StepRecord]) -> None:
         """``_emit``, but a failure loses this batch (counted, logged once) instead of the exporter thread."""

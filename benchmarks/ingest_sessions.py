@@ -37,6 +37,10 @@ class SessionPlan:
     interval: float  # seconds between batches; 0 = saturated
     steps_per_batch: int = 1
     max_inflight: int = 8  # saturated sessions: unacknowledged batches at most
+    # > 0: a job making this many steps a second, batched as the job's Reporter batches them
+    # (layrot.agent.reporter.batch_wait: one-step batches while the collector keeps up, bigger
+    # ones while batches wait for their acks); ``interval`` and ``steps_per_batch`` are unused.
+    step_rate: float = 0.0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class SessionResult:
     later: list[float] = field(default_factory=list)  # latencies of every batch but the session's first
     sent_times: list[float] = field(default_factory=list)  # unix time each batch of ``latencies`` was sent
     errors: Counter = field(default_factory=Counter)
+    sent_steps: dict[int, int] = field(default_factory=dict)  # seq -> steps, until acked
 
 
 def _hello(pb: Any, run: str, layers: int) -> Any:
@@ -71,6 +76,59 @@ def _hello(pb: Any, run: str, layers: int) -> Any:
         every=1,
         session_id=f"bench-{run}",
     )
+
+
+async def _send(
+    call: Any, pb: Any, plan: SessionPlan, res: SessionResult, sent_at: dict, steps: list[int], cols: dict
+) -> None:
+    res.sent += 1
+    batch = pb.StepBatch(seq=res.sent, steps=steps, times=[time.time()] * len(steps), num_layers=plan.layers, **cols)
+    sent_at[res.sent] = time.monotonic()
+    res.sent_steps[res.sent] = len(steps)
+    await call.write(pb.JobMessage(steps=batch))
+
+
+async def _paced_job(
+    call: Any, pb: Any, plan: SessionPlan, res: SessionResult, sent_at: dict, read_task: Any, until: float
+) -> None:
+    """A job at ``plan.step_rate`` steps/s whose steps are batched by the Reporter's own rule."""
+    from layrot.agent.reporter import FLUSH_INTERVAL, MAX_FLUSH_INTERVAL, batch_step_bound, batch_wait
+
+    bound = batch_step_bound(plan.layers)
+    cols: dict[int, dict[str, bytes]] = {}
+    dt = 1.0 / plan.step_rate
+    made = 0  # steps the job has made and handed over
+    t0 = time.monotonic() + random.random() * dt  # jobs started at different times
+    while not read_task.done():
+        first = t0 + made * dt  # when the next batch's first step is made
+        if first >= until:
+            return
+        while True:  # the exporter's wait, recomputed as acks come back (as Reporter._export_loop does)
+            due = first + batch_wait(FLUSH_INTERVAL, MAX_FLUSH_INTERVAL, len(sent_at))
+            now = time.monotonic()
+            if now >= due or int((now - t0) / dt) + 1 - made >= bound:
+                break
+            await asyncio.sleep(min(due - now, 0.05))
+        n = max(1, min(bound, int((time.monotonic() - t0) / dt) + 1 - made))
+        if n not in cols:
+            cols[n] = _columns(plan.layers, n)
+        await _send(call, pb, plan, res, sent_at, list(range(made + 1, made + 1 + n)), cols[n])
+        made += n
+
+
+async def _finish(call: Any, pb: Any, res: SessionResult, sent_at: dict, read_task: Any) -> SessionResult:
+    """Goodbye, then the final Ack: every batch sent must be acknowledged."""
+    if read_task.done():  # the stream ended under us: its status is the error
+        read_task.result()
+        res.errors["stream_ended_early"] += 1
+        return res
+    await call.write(pb.JobMessage(goodbye=pb.Goodbye(last_seq=res.sent, reason="benchmark done")))
+    await call.done_writing()
+    await asyncio.wait_for(read_task, 60)
+    res.finished = not sent_at and res.acked == res.sent
+    if sent_at:
+        res.errors["unacked_at_end"] += len(sent_at)
+    return res
 
 
 def _columns(layers: int, steps: int) -> dict[str, bytes]:
@@ -112,7 +170,7 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
                 if seq > 1:  # the first batch meets the start-up burst of every session's Hello
                     res.later.append(now - t)
                 res.acked += 1
-                res.acked_steps += plan.steps_per_batch
+                res.acked_steps += res.sent_steps.pop(seq, 0)
 
         async def reader() -> None:
             while True:
@@ -133,6 +191,9 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
                     room.set()
 
         read_task = asyncio.create_task(reader())
+        if plan.step_rate > 0:
+            await _paced_job(call, pb, plan, res, sent_at, read_task, until)
+            return await _finish(call, pb, res, sent_at, read_task)
         # Spread the sessions' first batches over one interval, as jobs started at different times are.
         if plan.interval > 0:
             await asyncio.sleep(random.random() * plan.interval)
@@ -146,26 +207,12 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
                 next_t += plan.interval
             else:
                 await room.wait()
-            res.sent += 1
             steps = list(range(step + 1, step + 1 + plan.steps_per_batch))
             step += plan.steps_per_batch
-            batch = pb.StepBatch(
-                seq=res.sent, steps=steps, times=[time.time()] * len(steps), num_layers=plan.layers, **cols
-            )
-            sent_at[res.sent] = time.monotonic()
-            await call.write(pb.JobMessage(steps=batch))
+            await _send(call, pb, plan, res, sent_at, steps, cols)
             if len(sent_at) >= plan.max_inflight and plan.interval == 0:
                 room.clear()
-        if read_task.done():  # the stream ended under us: its status is the error
-            read_task.result()
-            res.errors["stream_ended_early"] += 1
-            return res
-        await call.write(pb.JobMessage(goodbye=pb.Goodbye(last_seq=res.sent, reason="benchmark done")))
-        await call.done_writing()
-        await asyncio.wait_for(read_task, 60)
-        res.finished = not sent_at and res.acked == res.sent
-        if sent_at:
-            res.errors["unacked_at_end"] += len(sent_at)
+        return await _finish(call, pb, res, sent_at, read_task)
     except grpc.aio.AioRpcError as exc:
         res.errors["rpc:" + exc.code().name] += 1
     except asyncio.InvalidStateError:  # a write after the stream ended: read its status
