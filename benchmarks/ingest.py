@@ -21,6 +21,7 @@ Many sessions (cheap grpc.aio clients speaking the real protocol, benchmarks/ing
     python benchmarks/ingest.py --sessions 5000 --batch-interval 10 --duration 60 --layers 50
     python benchmarks/ingest.py --sessions 20 --batch-interval 0 --steps-per-batch 1   # one-step batches, saturated
     python benchmarks/ingest.py --sessions 200 --batch-interval 0 --probe          # a light probe beside 200 saturated
+    python benchmarks/ingest.py --sessions 300 --step-rate 20 --duration 40    # jobs whose batches are one step at idle
 
 They print p50/p99 ack latency per kind of session, the errors the clients saw by
 code beside the collector's own refusal counters, throughput, the collector's
@@ -105,6 +106,8 @@ def client(
     unacked: int,
     result_q: mp.Queue,
     step_rate: float = 0.0,
+    ready: mp.Queue | None = None,
+    go: object = None,
 ) -> None:
     from layrot.agent.reporter import LayerSpec, Reporter, StepRecord
 
@@ -120,18 +123,29 @@ def client(
     base = np.abs(rng.normal(size=(6, layers))) + 1.0
     base[0] = 8.0
     base[3] = 8.0
+    if ready is not None:
+        # Every client process starts its load together, once all have their reporters: a
+        # process still building 150 reporters would otherwise fall into the measured window.
+        ready.put(os.getpid())
+        go.wait(300)  # type: ignore[attr-defined]
     deadline = time.monotonic() + seconds
     step = [0] * len(reporters)
     if step_rate > 0:  # paced jobs: one step per reporter every 1/step_rate s, staggered
+        # The schedule in numpy and a sleep until the next step is due: a Python loop over every
+        # reporter each millisecond would cost this process more than its reporters do.
         t0 = time.monotonic()
         n = len(reporters)
+        offset = np.arange(n) / n
+        done = np.zeros(n, dtype=np.int64)
         while (now := time.monotonic()) < deadline:
-            for i, r in enumerate(reporters):
-                due = int((now - t0) * step_rate + i / n)
-                while step[i] < due:
-                    step[i] += 1
-                    r.submit(StepRecord(step=step[i], time=time.time(), values=base))
-            time.sleep(0.002)
+            due = ((now - t0) * step_rate + offset).astype(np.int64)
+            for i in np.flatnonzero(due > done).tolist():
+                r = reporters[i]
+                for s in range(int(done[i]) + 1, int(due[i]) + 1):
+                    r.submit(StepRecord(step=s, time=time.time(), values=base))
+                done[i] = step[i] = int(due[i])
+            wake = t0 + float(((done + 1 - offset) / step_rate).min())
+            time.sleep(max(0.001, wake - time.monotonic()))
     while step_rate <= 0 and time.monotonic() < deadline:
         busy = True
         for i, r in enumerate(reporters):
@@ -214,8 +228,10 @@ def _measure(args: argparse.Namespace, extra_serve_args: list[str], spool: bool,
                 time.sleep(0.1)
         runs = [f"ingest-{i:02d}" for i in range(args.runs)]
         groups = [runs[i :: args.procs] for i in range(args.procs)]
-        q: mp.Queue = mp.get_context("spawn").Queue()
         ctx = mp.get_context("spawn")
+        q: mp.Queue = ctx.Queue()
+        ready: mp.Queue = ctx.Queue()
+        go = ctx.Event()
         spool_dir = os.path.join(tmp, "spool")
         procs = [
             ctx.Process(
@@ -230,6 +246,8 @@ def _measure(args: argparse.Namespace, extra_serve_args: list[str], spool: bool,
                     args.max_unacked_steps,
                     q,
                     args.step_rate,
+                    ready,
+                    go,
                 ),
             )
             for g in groups
@@ -237,6 +255,9 @@ def _measure(args: argparse.Namespace, extra_serve_args: list[str], spool: bool,
         ]
         for p in procs:
             p.start()
+        for _ in procs:
+            ready.get(timeout=300)
+        go.set()
         time.sleep(args.warmup)
         m0, t0 = scrape(url), time.monotonic()
         time.sleep(args.seconds)
@@ -279,7 +300,7 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
                     break
                 except Exception:
                     time.sleep(0.1)
-            label = "saturated" if args.batch_interval == 0 else "light"
+            label = "paced" if args.step_rate > 0 else "saturated" if args.batch_interval == 0 else "light"
             runs = [f"s-{i:05d}" for i in range(args.sessions)]
             plans = []
             for k in range(args.procs):
@@ -287,7 +308,14 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
                 plans.append(
                     [
                         SessionPlan(
-                            label, mine, args.layers, args.batch_interval, args.steps_per_batch, args.max_inflight
+                            label,
+                            mine,
+                            args.layers,
+                            args.batch_interval,
+                            args.steps_per_batch,
+                            # A paced job keeps as many batches in flight as its Reporter would.
+                            256 if args.step_rate > 0 else args.max_inflight,
+                            step_rate=args.step_rate,
                         )
                     ]
                 )
@@ -344,10 +372,15 @@ def measure_sessions(args: argparse.Namespace, db: str | None = None) -> dict[st
 
 def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
     load = os.getloadavg()
+    what = (
+        f"jobs of {args.step_rate:g} steps/s batched by the Reporter's rule (one step a batch while acks keep up), "
+        f"offered {args.sessions * args.step_rate * args.layers:,.0f} layer-samples/s"
+        if args.step_rate > 0
+        else f"a batch of {args.steps_per_batch} step(s) every {args.batch_interval:g} s (0: saturated)"
+    )
     print(
-        f"{args.sessions} sessions x {args.layers} layers, a batch of {args.steps_per_batch} step(s) every "
-        f"{args.batch_interval:g} s (0: saturated), {args.duration:g} s, {args.procs} grpc.aio client processes; "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
+        f"{args.sessions} sessions x {args.layers} layers, {what}, {args.duration:g} s, {args.procs} grpc.aio "
+        f"client processes; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
     )
     for db_label, r in results.items():
         print(
@@ -362,7 +395,7 @@ def print_sessions(args: argparse.Namespace, results: dict[str, dict]) -> None:
                 f"  {label:9} {m['served']:,}/{m['sessions']:,} sessions served, {m['acked']:,}/{m['sent']:,} "
                 f"batches acked; ack latency p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
                 f"max {m['max_ms']:.1f} ms (p99 after each session's first batch {m['p99_later_ms']:.1f} ms); "
-                f"client errors {m['errors'] or 'none'}"
+                f"{m['acked_steps'] / max(1, m['acked']):.2f} steps per batch; client errors {m['errors'] or 'none'}"
             )
             if m["slow_sent_s"]:
                 print(f"  {'':9} acks over 1 s, by when sent (5 s bins from the first): {m['slow_sent_s']}")
