@@ -154,6 +154,11 @@ def _deg(x: float) -> str:
 # ---------------------------------------------------------------- per-run state
 
 
+def _log_angles(a: np.ndarray) -> np.ndarray:
+    """log(max(a, TINY_ANGLE)) in ``a``'s dtype (float32 for the ring)."""
+    return np.log(np.maximum(a, TINY_ANGLE))
+
+
 class Baseline:
     """Ring buffer of one rank's recent step angles (layers x window, float32) and its cached limits.
 
@@ -164,6 +169,9 @@ class Baseline:
         self.rank = rank
         self.L = num_layers
         self.ring = np.zeros((num_layers, window), dtype=np.float32)
+        # log(max(angle, TINY_ANGLE)) of each column, taken once when it is pushed: refresh
+        # runs every few steps over the whole window and would otherwise take every log again.
+        self.lring = np.zeros((num_layers, window), dtype=np.float32)
         self.pos = 0  # next column to write
         self.count = 0  # columns filled (<= window)
         self.reported = 0  # steps observed (warm-up counter)
@@ -190,6 +198,7 @@ class Baseline:
         self.ring = np.zeros((self.L, window), dtype=np.float32)
         n = keep.shape[1]
         self.ring[:, :n] = keep
+        self.lring = _log_angles(self.ring)
         self.count = n
         self.pos = n % window
         self.valid = False
@@ -204,18 +213,24 @@ class Baseline:
         """Append (S, L) angles (non-finite already replaced)."""
         W = self.window
         S = angles.shape[0]
+        ring, lring = self.ring, self.lring
         if S >= W:
-            self.ring[:] = angles[-W:].T
+            ring[:] = angles[-W:].T
+            lring[:] = _log_angles(ring)
             self.pos = 0
             self.count = W
         else:
-            end = self.pos + S
+            pos = self.pos
+            end = pos + S
             if end <= W:
-                self.ring[:, self.pos : end] = angles.T
+                ring[:, pos:end] = angles.T
+                lring[:, pos:end] = _log_angles(ring[:, pos:end])
             else:
-                k = W - self.pos
-                self.ring[:, self.pos :] = angles[:k].T
-                self.ring[:, : S - k] = angles[k:].T
+                k = W - pos
+                ring[:, pos:] = angles[:k].T
+                ring[:, : S - k] = angles[k:].T
+                lring[:, pos:] = _log_angles(ring[:, pos:])
+                lring[:, : S - k] = _log_angles(ring[:, : S - k])
             self.pos = end % W
             self.count = min(W, self.count + S)
         self.stale += S
@@ -234,7 +249,7 @@ class Baseline:
             # The median of the log angles is the log of the median angle (log is monotonic);
             # the spread is the MAD of the log angles, so a rule reads "x times the usual angle".
             lmed = np.log(np.maximum(med, TINY_ANGLE))
-            lr = np.log(np.maximum(r, TINY_ANGLE))
+            lr = self.lring[:, :n]
             dev = np.sort(np.abs(lr - lmed.astype(np.float32)[:, None]), axis=1)
             mad = 0.5 * (dev[:, lo].astype(np.float64) + dev[:, hi])
             spread = np.maximum(MAD_SCALE * mad, SPREAD_FLOOR)
