@@ -106,9 +106,10 @@ async def _paced_job(
         while True:  # the exporter's wait, recomputed as acks come back (as Reporter._export_loop does)
             due = first + batch_wait(FLUSH_INTERVAL, MAX_FLUSH_INTERVAL, len(sent_at))
             now = time.monotonic()
-            if now >= due or int((now - t0) / dt) + 1 - made >= bound:
+            full = int((now - t0) / dt) + 1 - made >= bound
+            if (now >= due or full) and len(sent_at) < plan.max_inflight:  # the Reporter's in-flight bound too
                 break
-            await asyncio.sleep(min(due - now, 0.05))
+            await asyncio.sleep(min(max(due - now, 0.005), 0.05))
         n = max(1, min(bound, int((time.monotonic() - t0) / dt) + 1 - made))
         if n not in cols:
             cols[n] = _columns(plan.layers, n)
