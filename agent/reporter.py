@@ -74,6 +74,8 @@ WIRE_ROWS = ("norm", "dist0", "dstep", "norm_prev", "dot0", "dotstep")
 FLUSH_INTERVAL = 0.05
 MAX_FLUSH_INTERVAL = 2.0
 MAX_BATCH_BYTES = 1 << 20
+# Weight of the newest ack's latency in the smoothed one (an exponential moving average).
+ACK_LATENCY_WEIGHT = 0.2
 ROWS = WIRE_ROWS  # the former name, still imported by older code
 
 
@@ -191,14 +193,15 @@ class StepRecord:
     command_version: int = 0
 
 
-def batch_wait(flush_interval: float, max_flush_interval: float, waiting: int) -> float:
+def batch_wait(flush_interval: float, max_flush_interval: float, waiting: int, ack_latency: float = 0.0) -> float:
     """Seconds the exporter lets a batch fill while ``waiting`` batches wait for their acks.
 
-    Each waiting batch adds one ``flush_interval``, up to ``max_flush_interval``: a job
-    sends one-step batches while the collector keeps up, and fewer, bigger ones when
-    it falls behind (see ``Reporter._batch_wait``).
+    Each waiting batch adds one ``flush_interval``, and the wait is never shorter than
+    the recent ``ack_latency`` (seconds from a batch's send to its ack), up to
+    ``max_flush_interval``: a job sends one-step batches while the collector keeps up,
+    and fewer, bigger ones when it falls behind (see ``Reporter._batch_wait``).
     """
-    return min(max_flush_interval, flush_interval * (1 + waiting))
+    return min(max_flush_interval, max(flush_interval * (1 + waiting), ack_latency))
 
 
 def batch_step_bound(num_layers: int, max_batch_bytes: int = MAX_BATCH_BYTES) -> int:
@@ -338,6 +341,7 @@ class _Entry:
     payload: bytes | None  # serialized StepBatch without seq; None: only on disk
     rid: int | None  # spool record id; None: only in memory
     seq: int = 0  # seq on the current session while in flight, 0 otherwise
+    sent_at: float = 0.0  # monotonic time it was handed to the stream (its ack latency's start)
     lost: str = ""  # counter to charge if it must be resent but cannot be (no payload, no record)
     refused: bool = False  # an old collector's SessionError named it; its later Ack is not a store
 
@@ -389,8 +393,9 @@ class Reporter:
             beyond it the oldest are read back from the spool when needed (without
             a spool they are dropped and counted).
         flush_interval: seconds the exporter waits to fill a batch while the collector keeps up;
-            each batch waiting for its ack lengthens the wait by as much again, up to
-            ``max_flush_interval``, so a loaded collector gets bigger batches, not more of them.
+            each batch waiting for its ack lengthens the wait by as much again, and the wait
+            is never shorter than the recent ack latency, up to ``max_flush_interval``, so a
+            loaded collector gets bigger batches, not more of them.
         max_flush_interval: the longest wait (seconds) for a batch to fill.
         max_inflight: batches sent on a session and not yet acknowledged before sending pauses.
         welcome_timeout: seconds to wait for the collector's ``Welcome`` before sending
@@ -491,6 +496,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # key order = send order
+        self._ack_latency = 0.0  # seconds from send to ack, smoothed (batch_wait's lower bound)
         self._by_rid: dict[int, _Entry] = {}
         self._mem_order: deque[_Entry] = deque()  # entries holding a payload, oldest first
         self._mem_bytes = 0
@@ -712,11 +718,14 @@ class Reporter:
 
         Unacknowledged batches pile up when the collector (or the path to it) is slow; more,
         smaller messages would only add to its per-message cost. So each waiting batch adds one
-        ``flush_interval``, up to ``max_flush_interval`` (and a batch never exceeds its step
-        bound): under load the job sends fewer, bigger batches, and nothing is dropped for it.
+        ``flush_interval``, and the wait is never shorter than the recent ack latency, up to
+        ``max_flush_interval`` (and a batch never exceeds its step bound): under load the job
+        sends fewer, bigger batches, and nothing is dropped for it. The latency bound matters for
+        slow jobs: one whose steps come further apart than the acks take has few batches waiting
+        however loaded the collector is, and would otherwise go on sending one step per message.
         """
-        waiting = len(self._entries)  # read without the lock: a hint, one len() of a dict
-        return batch_wait(self._flush_interval, self._max_flush_interval, waiting)
+        waiting = len(self._entries)  # read without the lock: hints, one len() of a dict and a float
+        return batch_wait(self._flush_interval, self._max_flush_interval, waiting, self._ack_latency)
 
     def _emit_guarded(self, batch: list[StepRecord]) -> None:
         """``_emit``, but a failure loses this batch (counted, logged once) instead of the exporter thread."""
@@ -1060,6 +1069,7 @@ class Reporter:
                 if entry is not None:
                     sess.seq += 1
                     entry.seq = sess.seq
+                    entry.sent_at = time.monotonic()
                     entry.refused = False  # a SessionError named its previous seq, not this one
                     sess.inflight[sess.seq] = entry
                     payload = entry.payload
@@ -1125,14 +1135,18 @@ class Reporter:
 
     def _on_ack(self, ack: pb.Ack, sess: _Session) -> None:
         released: list[int] = []
+        now = time.monotonic()
         with self._cond:
             stored = [s for s in sess.inflight if s <= ack.seq]
             stored += [s for s in ack.stored if s in sess.inflight]
+            latency = n_latency = 0.0
             for seq in stored:
                 e = sess.inflight.pop(seq, None)
                 if e is None:
                     continue
                 e.seq = 0
+                latency += now - e.sent_at
+                n_latency += 1
                 if e.key not in self._entries:
                     continue
                 if e.rid is not None:
@@ -1160,6 +1174,10 @@ class Reporter:
                     counter = e.lost if nack.retry else "dropped_refused"
                     setattr(self.stats, counter, getattr(self.stats, counter) + e.steps)
                 self._warn_code(nack.code, f"batch not stored ({nack.code}): {nack.message}", nack.retry)
+            if n_latency:
+                # Smoothed over a few acks: one slow commit should not make the next batches long.
+                sample = latency / n_latency
+                self._ack_latency += ACK_LATENCY_WEIGHT * (sample - self._ack_latency)
             self._cond.notify_all()
         if self._spool is not None:
             for rid in released:  # disk I/O off the lock

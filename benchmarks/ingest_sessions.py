@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from layrot.agent.reporter import ACK_LATENCY_WEIGHT
+
 # The SessionResult fields of per-batch ack latencies, gathered alike over sessions and processes.
 LATENCY_KEYS = ("latencies", "later", "sent_times")
 
@@ -58,6 +60,7 @@ class SessionResult:
     sent_times: list[float] = field(default_factory=list)  # unix time each batch of ``latencies`` was sent
     errors: Counter = field(default_factory=Counter)
     sent_steps: dict[int, int] = field(default_factory=dict)  # seq -> steps, until acked
+    ack_latency: float = 0.0  # smoothed as the Reporter smooths it (paced sessions' batch_wait)
 
 
 def _hello(pb: Any, run: str, layers: int) -> Any:
@@ -104,7 +107,7 @@ async def _paced_job(
         if first >= until:
             return
         while True:  # the exporter's wait, recomputed as acks come back (as Reporter._export_loop does)
-            due = first + batch_wait(FLUSH_INTERVAL, MAX_FLUSH_INTERVAL, len(sent_at))
+            due = first + batch_wait(FLUSH_INTERVAL, MAX_FLUSH_INTERVAL, len(sent_at), res.ack_latency)
             now = time.monotonic()
             full = int((now - t0) / dt) + 1 - made >= bound
             if (now >= due or full) and len(sent_at) < plan.max_inflight:  # the Reporter's in-flight bound too
@@ -181,7 +184,11 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
                 kind = msg.WhichOneof("kind")
                 now = time.monotonic()
                 if kind == "ack":
-                    for seq in [s for s in sent_at if s <= msg.ack.seq] + list(msg.ack.stored):
+                    acked = [s for s in sent_at if s <= msg.ack.seq] + [s for s in msg.ack.stored if s in sent_at]
+                    if acked:
+                        sample = sum(now - sent_at[s] for s in acked) / len(acked)
+                        res.ack_latency += ACK_LATENCY_WEIGHT * (sample - res.ack_latency)
+                    for seq in acked:
                         settle(seq, now)
                     for nack in msg.ack.failed:
                         res.errors["nack:" + nack.code] += 1

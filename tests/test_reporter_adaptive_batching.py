@@ -53,3 +53,41 @@ def test_a_slow_collector_gets_fewer_bigger_batches_and_every_step(collector_fac
     q = QueryClient(c.grpc_address)
     for run in ("adaptive", "pinned"):
         assert q.history(run).steps.tolist() == list(range(1, STEPS + 1))
+
+
+def test_a_slow_job_batches_by_the_ack_latency(collector_factory, monkeypatch, tmp_path):
+    """A job whose steps come further apart than its acks take has few batches waiting, however slow
+    the collector: only the ack-latency bound of the wait makes it send several steps a message."""
+    real_execute = Store._execute
+
+    def slow_execute(self, conn, items):
+        time.sleep(0.3)
+        return real_execute(self, conn, items)
+
+    monkeypatch.setattr(Store, "_execute", slow_execute)
+    c = collector_factory()
+    steps = 50
+    specs = [LayerSpec(name=f"l{i}.weight", index=i, shape=(8, 8), init_norm=2.0, numel=64) for i in range(LAYERS)]
+    rows = np.tile(np.array([[2.0], [0.5], [0.1], [2.0], [0.1], [0.01]]), (1, LAYERS))
+    reps = {
+        run: Reporter(
+            run, specs, collector=c.grpc_address, every=1, spool_dir=tmp_path / run, flush_interval=0.01, **kw
+        )
+        for run, kw in (("slow-adaptive", {}), ("slow-pinned", {"max_flush_interval": 0.01}))
+    }
+    for t in range(1, steps + 1):
+        for rep in reps.values():
+            assert rep.submit(StepRecord(step=t, time=time.time(), values=rows))
+        time.sleep(0.1)  # a step every 100 ms: at most 3-4 batches wait for a 0.3 s commit
+    for rep in reps.values():
+        assert rep.flush(30)
+        rep.close()
+        assert rep.stats.dropped == 0 and rep.stats.acked_steps == steps
+    per_step = {run: rep.stats.sent_batches / steps for run, rep in reps.items()}
+    # Pinned: one step a message. By waiting batches alone (0.01 s x (1 + 4) < 0.1 s) the adaptive
+    # one would be too; with the wait at least the ~0.3 s ack latency, it sends about 3 steps a message.
+    assert per_step["slow-pinned"] > 0.9, per_step
+    assert per_step["slow-adaptive"] < 0.6 * per_step["slow-pinned"], per_step
+    q = QueryClient(c.grpc_address)
+    for run in reps:
+        assert q.history(run).steps.tolist() == list(range(1, steps + 1))
