@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from layrot.agent.reporter import LayerSpec, Reporter, StepRecord
 from layrot.client.query import QueryClient
@@ -19,6 +20,18 @@ from layrot.server.store import Store
 
 STEPS = 600
 LAYERS = 4
+
+
+@pytest.fixture
+def slow_commits(monkeypatch):
+    """The collector's history store takes 0.3 s per commit (its writer thread slowed; the rest is real)."""
+    real_execute = Store._execute
+
+    def slow_execute(self, conn, items):
+        time.sleep(0.3)
+        return real_execute(self, conn, items)
+
+    monkeypatch.setattr(Store, "_execute", slow_execute)
 
 
 def _feed(address: str, run: str, tmp_path, **kw) -> Reporter:
@@ -31,14 +44,7 @@ def _feed(address: str, run: str, tmp_path, **kw) -> Reporter:
     return rep
 
 
-def test_a_slow_collector_gets_fewer_bigger_batches_and_every_step(collector_factory, monkeypatch, tmp_path):
-    real_execute = Store._execute
-
-    def slow_execute(self, conn, items):
-        time.sleep(0.3)
-        return real_execute(self, conn, items)
-
-    monkeypatch.setattr(Store, "_execute", slow_execute)
+def test_a_slow_collector_gets_fewer_bigger_batches_and_every_step(collector_factory, slow_commits, tmp_path):
     c = collector_factory()
     adaptive = _feed(c.grpc_address, "adaptive", tmp_path)
     pinned = _feed(c.grpc_address, "pinned", tmp_path, max_flush_interval=0.02)
@@ -55,16 +61,9 @@ def test_a_slow_collector_gets_fewer_bigger_batches_and_every_step(collector_fac
         assert q.history(run).steps.tolist() == list(range(1, STEPS + 1))
 
 
-def test_a_slow_job_batches_by_the_ack_latency(collector_factory, monkeypatch, tmp_path):
+def test_a_slow_job_batches_by_the_ack_latency(collector_factory, slow_commits, tmp_path):
     """A job whose steps come further apart than its acks take has few batches waiting, however slow
     the collector: only the ack-latency bound of the wait makes it send several steps a message."""
-    real_execute = Store._execute
-
-    def slow_execute(self, conn, items):
-        time.sleep(0.3)
-        return real_execute(self, conn, items)
-
-    monkeypatch.setattr(Store, "_execute", slow_execute)
     c = collector_factory()
     steps = 50
     specs = [LayerSpec(name=f"l{i}.weight", index=i, shape=(8, 8), init_norm=2.0, numel=64) for i in range(LAYERS)]
