@@ -204,6 +204,14 @@ def batch_wait(flush_interval: float, max_flush_interval: float, waiting: int, a
     return min(max_flush_interval, max(flush_interval * (1 + waiting), ack_latency))
 
 
+def smoothed_ack_latency(current: float, sample: float) -> float:
+    """The smoothed ack latency after one more ack's ``sample`` (an exponential moving average).
+
+    Smoothed over a few acks: one slow commit should not make the next batches long.
+    """
+    return current + ACK_LATENCY_WEIGHT * (sample - current)
+
+
 def batch_step_bound(num_layers: int, max_batch_bytes: int = MAX_BATCH_BYTES) -> int:
     """Steps a batch holds at most: ``max_batch_bytes`` of wire rows and rho (float64), 256 at most."""
     per_step = 8 * max(1, num_layers) * (len(WIRE_ROWS) + 1) + 64
@@ -1175,9 +1183,7 @@ class Reporter:
                     setattr(self.stats, counter, getattr(self.stats, counter) + e.steps)
                 self._warn_code(nack.code, f"batch not stored ({nack.code}): {nack.message}", nack.retry)
             if n_latency:
-                # Smoothed over a few acks: one slow commit should not make the next batches long.
-                sample = latency / n_latency
-                self._ack_latency += ACK_LATENCY_WEIGHT * (sample - self._ack_latency)
+                self._ack_latency = smoothed_ack_latency(self._ack_latency, latency / n_latency)
             self._cond.notify_all()
         if self._spool is not None:
             for rid in released:  # disk I/O off the lock

@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from layrot.agent.reporter import ACK_LATENCY_WEIGHT
+from layrot.agent.reporter import (
+    FLUSH_INTERVAL,
+    MAX_FLUSH_INTERVAL,
+    batch_step_bound,
+    batch_wait,
+    smoothed_ack_latency,
+)
 
 # The SessionResult fields of per-batch ack latencies, gathered alike over sessions and processes.
 LATENCY_KEYS = ("latencies", "later", "sent_times")
@@ -95,13 +101,15 @@ async def _paced_job(
     call: Any, pb: Any, plan: SessionPlan, res: SessionResult, sent_at: dict, read_task: Any, until: float
 ) -> None:
     """A job at ``plan.step_rate`` steps/s whose steps are batched by the Reporter's own rule."""
-    from layrot.agent.reporter import FLUSH_INTERVAL, MAX_FLUSH_INTERVAL, batch_step_bound, batch_wait
-
     bound = batch_step_bound(plan.layers)
     cols: dict[int, dict[str, bytes]] = {}
     dt = 1.0 / plan.step_rate
     made = 0  # steps the job has made and handed over
     t0 = time.monotonic() + random.random() * dt  # jobs started at different times
+
+    def unsent() -> int:  # steps made by now and not yet sent
+        return int((time.monotonic() - t0) / dt) + 1 - made
+
     while not read_task.done():
         first = t0 + made * dt  # when the next batch's first step is made
         if first >= until:
@@ -109,11 +117,10 @@ async def _paced_job(
         while True:  # the exporter's wait, recomputed as acks come back (as Reporter._export_loop does)
             due = first + batch_wait(FLUSH_INTERVAL, MAX_FLUSH_INTERVAL, len(sent_at), res.ack_latency)
             now = time.monotonic()
-            full = int((now - t0) / dt) + 1 - made >= bound
-            if (now >= due or full) and len(sent_at) < plan.max_inflight:  # the Reporter's in-flight bound too
+            if (now >= due or unsent() >= bound) and len(sent_at) < plan.max_inflight:  # its in-flight bound too
                 break
             await asyncio.sleep(min(max(due - now, 0.005), 0.05))
-        n = max(1, min(bound, int((time.monotonic() - t0) / dt) + 1 - made))
+        n = max(1, min(bound, unsent()))
         if n not in cols:
             cols[n] = _columns(plan.layers, n)
         await _send(call, pb, plan, res, sent_at, list(range(made + 1, made + 1 + n)), cols[n])
@@ -187,7 +194,7 @@ async def _session(stub: Any, pb: Any, grpc: Any, plan: SessionPlan, run: str, u
                     acked = [s for s in sent_at if s <= msg.ack.seq] + [s for s in msg.ack.stored if s in sent_at]
                     if acked:
                         sample = sum(now - sent_at[s] for s in acked) / len(acked)
-                        res.ack_latency += ACK_LATENCY_WEIGHT * (sample - res.ack_latency)
+                        res.ack_latency = smoothed_ack_latency(res.ack_latency, sample)
                     for seq in acked:
                         settle(seq, now)
                     for nack in msg.ack.failed:

@@ -34,12 +34,14 @@ def slow_commits(monkeypatch):
     monkeypatch.setattr(Store, "_execute", slow_execute)
 
 
+SPECS = [LayerSpec(name=f"l{i}.weight", index=i, shape=(8, 8), init_norm=2.0, numel=64) for i in range(LAYERS)]
+ROWS = np.tile(np.array([[2.0], [0.5], [0.1], [2.0], [0.1], [0.01]]), (1, LAYERS))
+
+
 def _feed(address: str, run: str, tmp_path, **kw) -> Reporter:
-    specs = [LayerSpec(name=f"l{i}.weight", index=i, shape=(8, 8), init_norm=2.0, numel=64) for i in range(LAYERS)]
-    rep = Reporter(run, specs, collector=address, every=1, spool_dir=tmp_path / run, flush_interval=0.02, **kw)
-    rows = np.tile(np.array([[2.0], [0.5], [0.1], [2.0], [0.1], [0.01]]), (1, LAYERS))
+    rep = Reporter(run, SPECS, collector=address, every=1, spool_dir=tmp_path / run, flush_interval=0.02, **kw)
     for t in range(1, STEPS + 1):
-        assert rep.submit(StepRecord(step=t, time=time.time(), values=rows))
+        assert rep.submit(StepRecord(step=t, time=time.time(), values=ROWS))
         time.sleep(0.003)  # ~2 s of training, a step every 3 ms
     return rep
 
@@ -66,17 +68,15 @@ def test_a_slow_job_batches_by_the_ack_latency(collector_factory, slow_commits, 
     the collector: only the ack-latency bound of the wait makes it send several steps a message."""
     c = collector_factory()
     steps = 50
-    specs = [LayerSpec(name=f"l{i}.weight", index=i, shape=(8, 8), init_norm=2.0, numel=64) for i in range(LAYERS)]
-    rows = np.tile(np.array([[2.0], [0.5], [0.1], [2.0], [0.1], [0.01]]), (1, LAYERS))
     reps = {
         run: Reporter(
-            run, specs, collector=c.grpc_address, every=1, spool_dir=tmp_path / run, flush_interval=0.01, **kw
+            run, SPECS, collector=c.grpc_address, every=1, spool_dir=tmp_path / run, flush_interval=0.01, **kw
         )
         for run, kw in (("slow-adaptive", {}), ("slow-pinned", {"max_flush_interval": 0.01}))
     }
     for t in range(1, steps + 1):
         for rep in reps.values():
-            assert rep.submit(StepRecord(step=t, time=time.time(), values=rows))
+            assert rep.submit(StepRecord(step=t, time=time.time(), values=ROWS))
         time.sleep(0.1)  # a step every 100 ms: at most 3-4 batches wait for a 0.3 s commit
     for rep in reps.values():
         assert rep.flush(30)
